@@ -1,0 +1,1 @@
+"""User-facing doors: the `slimtrain` CLI and (later) the HTTP API."""

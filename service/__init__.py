@@ -1,0 +1,1 @@
+"""Domain and orchestration: the job spec, settings, artifact store, job store and scheduler."""

@@ -1,0 +1,266 @@
+"""The artifact store: where checkpoints, exported models and reports live.
+
+One interface, a local-folder implementation (the default) and an S3 one (`s3://bucket/prefix`).
+Every key a job touches goes through `job_key`, which refuses anything that could leave the job's
+prefix (`..`, absolute paths, backslashes, NUL, empty segments, odd characters), so no artifact
+name can escape its job whatever the caller passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+from service.errors import ArtifactKeyError, ArtifactNotFound
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=-]{0,254}$")
+MANIFEST = "manifest.json"
+CHUNK = 1024 * 1024
+
+
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id) or ".." in job_id:
+        raise ArtifactKeyError(f"invalid job id {job_id!r}")
+    return job_id
+
+
+def check_name(name: str) -> str:
+    """A relative artifact name inside a job: segments of [A-Za-z0-9._=-], not starting with '.'."""
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise ArtifactKeyError("artifact name must be 1-1024 characters")
+    parts = name.split("/")
+    for part in parts:
+        if not _SEGMENT_RE.fullmatch(part) or part in (".", ".."):
+            raise ArtifactKeyError(
+                f"invalid artifact name {name!r}: segments are letters, digits, '.', '_', '=', '-' "
+                "and may not start with '.'"
+            )
+    return name
+
+
+def job_key(job_id: str, name: str) -> str:
+    return f"{check_job_id(job_id)}/{check_name(name)}"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ArtifactStore(ABC):
+    """Keys are '/'-separated, relative to the store's root; callers build them with `job_key`."""
+
+    uri: str
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def open_read(self, key: str) -> BinaryIO:
+        """A readable binary stream; raises ArtifactNotFound."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Objects under `prefix` (a folder: 'job/checkpoints/'), sorted by key."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    @abstractmethod
+    def ray_storage(self, prefix: str) -> tuple[str, object | None]:
+        """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+
+    # Generic helpers built on the primitives above.
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open_read(key) as f:
+            return f.read()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.open_read(key).close()
+            return True
+        except ArtifactNotFound:
+            return False
+
+    def put_json(self, key: str, obj) -> None:
+        self.put_bytes(key, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def get_json(self, key: str):
+        return json.loads(self.get_bytes(key))
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        self.put_bytes(key, Path(path).read_bytes())
+
+    def sha256(self, key: str) -> str:
+        h = hashlib.sha256()
+        with self.open_read(key) as f:
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def download_prefix(self, prefix: str, dest: Path) -> list[Path]:
+        """Copy every object under `prefix` into `dest`, keeping relative paths."""
+        out = []
+        for obj in self.list(prefix):
+            rel = obj.key[len(prefix) :]
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.open_read(obj.key) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
+            out.append(target)
+        return out
+
+
+class LocalArtifactStore(ArtifactStore):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = self.root.as_uri()
+
+    def path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        # Defense in depth behind check_name: also refuses keys that resolve through a symlink.
+        if p != self.root and self.root not in p.parents:
+            raise ArtifactKeyError(f"key {key!r} escapes the store")
+        return p
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # Write-then-rename: a reader never sees a half-written object.
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def open_read(self, key: str) -> BinaryIO:
+        p = self.path(key)
+        if not p.is_file():
+            raise ArtifactNotFound(f"no artifact {key!r}")
+        return open(p, "rb")
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        base = self.path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for fn in files:
+                if fn.startswith(".tmp-"):
+                    continue
+                fp = Path(dirpath) / fn
+                out.append(ObjectInfo(fp.relative_to(self.root).as_posix(), fp.stat().st_size))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        p = self.path(prefix.rstrip("/"))
+        if p == self.root:
+            raise ArtifactKeyError("refusing to delete the store root")
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+    def ray_storage(self, prefix: str) -> tuple[str, object | None]:
+        p = self.path(prefix.rstrip("/"))
+        p.mkdir(parents=True, exist_ok=True)
+        return str(p), None
+
+
+def open_store(uri: str, s3_endpoint_url: str | None = None) -> ArtifactStore:
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return LocalArtifactStore(parsed.path if parsed.scheme else uri)
+    if parsed.scheme == "s3":
+        from service.s3_store import S3ArtifactStore
+
+        return S3ArtifactStore(uri, endpoint_url=s3_endpoint_url)
+    raise ValueError(f"artifact URI {uri!r}: scheme must be file:// or s3://")
+
+
+class JobArtifacts:
+    """The artifacts of one job: names relative to the job's prefix, checked on every access."""
+
+    def __init__(self, store: ArtifactStore, job_id: str):
+        self.store = store
+        self.job_id = check_job_id(job_id)
+
+    def key(self, name: str) -> str:
+        return job_key(self.job_id, name)
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self.store.put_bytes(self.key(name), data)
+
+    def put_json(self, name: str, obj) -> None:
+        self.store.put_json(self.key(name), obj)
+
+    def get_bytes(self, name: str) -> bytes:
+        return self.store.get_bytes(self.key(name))
+
+    def get_json(self, name: str):
+        return self.store.get_json(self.key(name))
+
+    def open_read(self, name: str) -> BinaryIO:
+        return self.store.open_read(self.key(name))
+
+    def exists(self, name: str) -> bool:
+        return self.store.exists(self.key(name))
+
+    def list(self, sub: str = "") -> list[ObjectInfo]:
+        prefix = f"{self.job_id}/" + (check_name(sub.strip("/")) + "/" if sub.strip("/") else "")
+        return self.store.list(prefix)
+
+    def name_of(self, key: str) -> str:
+        return key[len(self.job_id) + 1 :]
+
+    def write_manifest(self, exclude_prefixes: tuple[str, ...] = ("checkpoints/",)) -> dict:
+        """List every artifact with size and sha256; written last, so a reader that finds the
+        manifest knows the job's artifacts are complete."""
+        entries = []
+        for obj in self.list():
+            name = self.name_of(obj.key)
+            if name == MANIFEST or name.startswith(exclude_prefixes):
+                continue
+            entries.append({"name": name, "size": obj.size, "sha256": self.store.sha256(obj.key)})
+        manifest = {"job_id": self.job_id, "artifacts": entries}
+        self.put_json(MANIFEST, manifest)
+        return manifest
+
+    def verify_manifest(self) -> list[str]:
+        """Names whose size or checksum disagree with the manifest (empty when all verify)."""
+        manifest = self.get_json(MANIFEST)
+        bad = []
+        for e in manifest["artifacts"]:
+            try:
+                ok = self.store.sha256(self.key(e["name"])) == e["sha256"]
+            except ArtifactNotFound:
+                ok = False
+            if not ok:
+                bad.append(e["name"])
+        return bad
+
+
+def iter_file_chunks(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        yield from iter(lambda: f.read(CHUNK), b"")

@@ -1,0 +1,67 @@
+"""The typed error hierarchy. Errors are plain picklable exceptions (they cross Ray process
+boundaries); only `api/` maps them to HTTP status codes and the CLI maps them to exit codes."""
+
+from __future__ import annotations
+
+
+class SlimtrainError(Exception):
+    """Base class. `code` is a stable machine-readable identifier."""
+
+    code = "error"
+    retryable = False
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):  # keep subclasses picklable with their message only
+        return (self.__class__, (self.message,))
+
+
+class SpecError(SlimtrainError):
+    """The job spec is invalid. `errors` is a list of {"field": ..., "message": ...}."""
+
+    code = "invalid_spec"
+
+    def __init__(self, message: str, errors: list[dict] | None = None):
+        super().__init__(message)
+        self.errors = errors or []
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.errors))
+
+
+class ConfigError(SlimtrainError):
+    """The spec is valid but cannot run as given (e.g. a schedule beyond the job's last step, a
+    model that cannot take the dataset's input). Never retried: retrying cannot fix it."""
+
+    code = "config_error"
+
+
+class MaskMismatchError(SlimtrainError):
+    """Ranks disagree on their pruning masks: continuing would train diverging models."""
+
+    code = "mask_mismatch"
+
+
+class CheckpointError(SlimtrainError):
+    """A checkpoint is missing, corrupt or incomplete."""
+
+    code = "checkpoint_error"
+    retryable = True
+
+
+class ArtifactKeyError(SlimtrainError):
+    """An artifact name that would escape its job's prefix, or is otherwise not allowed."""
+
+    code = "invalid_artifact_name"
+
+
+class ArtifactNotFound(SlimtrainError):
+    code = "artifact_not_found"
+
+
+class TrainingFailed(SlimtrainError):
+    """Training failed after exhausting its retries."""
+
+    code = "training_failed"

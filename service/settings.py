@@ -1,0 +1,55 @@
+"""The one settings object (pydantic-settings, env prefix SLIMTRAIN_). Every default works with
+zero configuration on one machine: data under ./slimtrain-data, SQLite, a local artifact folder,
+an embedded Ray head."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLIMTRAIN_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("./slimtrain-data"), description="Where local state lives.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/slimtrain.db"
+    )
+    artifact_uri: str | None = Field(
+        default=None, description="file:///path or s3://bucket/prefix; default <data_dir>/artifacts"
+    )
+    s3_endpoint_url: str | None = Field(default=None, description="MinIO or any S3-compatible endpoint.")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster address; unset starts an embedded local head."
+    )
+    ray_dashboard_port: int = Field(default=8265, description="Embedded head's dashboard/Jobs API port.")
+    api_tokens: str | None = Field(default=None, description="token:tenant,token:tenant")
+    host: str = Field(default="127.0.0.1")
+    port: int = Field(default=8000)
+
+    # Limits a job must stay within (422 at submit when above them).
+    max_workers: int = Field(default=64, ge=1)
+    max_epochs: int = Field(default=1000, ge=1)
+    max_steps: int = Field(default=1_000_000, ge=1)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _abs(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'slimtrain.db'}"
+
+    @property
+    def resolved_artifact_uri(self) -> str:
+        return self.artifact_uri or (self.data_dir / "artifacts").as_uri()
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,352 @@
+"""The job spec: the single source of truth for what a job is (DESIGN.md, "Contracts").
+
+Strict pydantic v2 models: unknown fields are rejected, every field but `name`, `model` and `data`
+has a documented default, and cross-field rules report the field they are about. Steps are
+optimizer steps of the global batch, so a schedule means the same thing at any worker count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from service import catalog
+from service.errors import SpecError
+
+SPEC_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(Strict):
+    name: str = Field(
+        description="Registry model: "
+        + ", ".join(catalog.BUILTIN_MODELS)
+        + ", or one installed through the `slimtrain.models` entry points."
+    )
+    args: dict[str, Any] = Field(default_factory=dict, description="Arguments of that model.")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        names = catalog.model_names()
+        if v not in names:
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(names)}")
+        return v
+
+    @model_validator(mode="after")
+    def _args(self) -> ModelSpec:
+        self.args = _validated_args(catalog.model_args_schema(self.name), self.args)
+        return self
+
+
+class DataSpec(Strict):
+    name: str | None = Field(
+        default=None,
+        description="Registry dataset: " + ", ".join(catalog.BUILTIN_DATASETS) + ". Exclusive with `uri`.",
+    )
+    uri: str | None = Field(
+        default=None,
+        description="An .npz with arrays X and y: `s3://bucket/key.npz` or "
+        "`store://datasets/<name>.npz` (a key in the artifact store).",
+    )
+    args: dict[str, Any] = Field(default_factory=dict, description="Arguments of that dataset.")
+    val_fraction: float = Field(
+        default=0.2, gt=0.0, le=0.5, description="Share of the data held out for validation."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None and v not in catalog.BUILTIN_DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(catalog.dataset_names())}")
+        return v
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        m = re.fullmatch(r"(s3|store)://([^\s]+)", v)
+        if not m or not v.endswith(".npz"):
+            raise ValueError("must be s3://bucket/key.npz or store://datasets/<name>.npz")
+        if m.group(1) == "store" and not re.fullmatch(r"datasets/[A-Za-z0-9._/-]+", m.group(2)):
+            raise ValueError("store:// datasets live under datasets/ in the artifact store")
+        if ".." in m.group(2).split("/"):
+            raise ValueError("must not contain '..' segments")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.name is None) == (self.uri is None):
+            raise ValueError("give exactly one of `name` or `uri`")
+        if self.uri is not None and self.args:
+            raise ValueError("args: not allowed with `uri`")
+        if self.name is not None:
+            schema = catalog.BUILTIN_DATASETS[self.name]
+            self.args = _validated_args(schema, self.args)
+        return self
+
+    @property
+    def kind(self) -> str | None:
+        """image | vector | tokens; None when only the data itself can tell (uri)."""
+        if self.name is None:
+            return None
+        if self.name == "synthetic":
+            side = math.isqrt(self.args["n_features"])
+            return "image" if side * side == self.args["n_features"] else "vector"
+        return catalog.DATASET_KIND[self.name]
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(default=10, ge=1, le=100_000, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (before the epochs end)."
+    )
+    batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=1_000_000,
+        description="Global batch size, split evenly across data-parallel workers.",
+    )
+    optimizer: Literal["sgd", "adamw"] = Field(default="sgd")
+    lr: float = Field(default=0.05, gt=0.0, le=10.0, description="Peak learning rate.")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum (adamw: beta1).")
+    weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
+    lr_schedule: Literal["constant", "cosine", "step"] = Field(default="cosine")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up from 0 to `lr`.")
+    lr_step_size: int | None = Field(
+        default=None, ge=1, description="`step` schedule: steps between decays (default: a third of the run)."
+    )
+    lr_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="`step` schedule: decay factor.")
+    grad_clip_norm: float | None = Field(default=None, gt=0.0, description="Clip the gradient norm.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    log_every_steps: int = Field(default=10, ge=1, description="Metrics cadence in steps.")
+    eval_every_steps: int | None = Field(
+        default=None, ge=1, description="Evaluate every N steps (default: at each epoch's end)."
+    )
+
+
+class ParallelSpec(Strict):
+    strategy: Literal["ddp", "fsdp", "pipeline"] = Field(default="ddp")
+    workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (one process each).")
+    gpus_per_worker: float = Field(
+        default=0, ge=0, le=8, description="0 trains on CPU (gloo); > 0 needs GPUs in the cluster (NCCL)."
+    )
+    pipeline_microbatches: int = Field(default=4, ge=1, le=1024)
+    pipeline_schedule: Literal["gpipe", "1f1b"] = Field(default="1f1b")
+
+    @model_validator(mode="after")
+    def _rules(self) -> ParallelSpec:
+        if self.strategy == "pipeline" and self.workers < 2:
+            raise ValueError("workers: strategy `pipeline` needs at least 2 workers (one per stage)")
+        return self
+
+
+class PruningSpec(Strict):
+    schedule: Literal["cubic", "linear", "oneshot", "threshold"] = Field(
+        default="cubic",
+        description="cubic (Zhu & Gupta), linear, oneshot (all at start_step), or threshold "
+        "(prune |w| < theta * std(layer), theta ramped up cubically).",
+    )
+    initial_sparsity: float = Field(default=0.0, ge=0.0, lt=1.0)
+    final_sparsity: float = Field(default=0.5, ge=0.0, lt=1.0)
+    threshold: float | None = Field(
+        default=None, gt=0.0, le=10.0, description="`threshold` schedule: theta in units of the layer's std."
+    )
+    start_step: int = Field(default=0, ge=0)
+    end_step: int = Field(default=1000, ge=0)
+    frequency: int = Field(default=100, ge=1, description="Steps between mask updates.")
+    scope: Literal["global", "layer"] = Field(default="global")
+    structure: Literal["unstructured", "channel"] = Field(default="unstructured")
+    exclude: list[str] = Field(
+        default_factory=list, description="Layer names (or fnmatch patterns) never pruned."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> PruningSpec:
+        if self.schedule == "threshold":
+            if self.threshold is None:
+                raise ValueError("threshold: required when schedule is `threshold`")
+            if self.structure != "unstructured":
+                raise ValueError("structure: the `threshold` schedule prunes unstructured weights only")
+        elif self.threshold is not None:
+            raise ValueError("threshold: only used by schedule `threshold`")
+        if self.schedule in ("cubic", "linear", "threshold") and self.end_step <= self.start_step:
+            raise ValueError(f"end_step: must be greater than start_step ({self.start_step})")
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(f"initial_sparsity: must not exceed final_sparsity ({self.final_sparsity})")
+        return self
+
+
+class ClippingSpec(Strict):
+    max_abs: float = Field(gt=0.0, description="Weights are clamped to [-max_abs, max_abs] after each step.")
+
+
+class QuantizationSpec(Strict):
+    mode: Literal["none", "ptq", "qat", "fixed"] = Field(default="none")
+    bits: Literal[8, 4] = Field(default=8, description="8, or 4 for weight-only where supported.")
+    start_step: int = Field(default=0, ge=0, description="`qat`: the step fake quantization begins.")
+    scale: float | None = Field(default=None, gt=0.0, description="`fixed`: w_q = round(w*scale)/scale.")
+
+
+class CompressionSpec(Strict):
+    pruning: PruningSpec | None = None
+    clipping: ClippingSpec | None = None
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+
+
+class CheckpointSpec(Strict):
+    every_steps: int = Field(default=100, ge=1)
+    keep: int = Field(default=3, ge=1, le=100)
+
+
+Precision = Literal["fp32", "fp16", "bf16"]
+JobName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Letters, digits, '.', '_' and '-', up to 100.",
+    ),
+]
+
+
+class JobSpec(Strict):
+    """A training job with its compression plan."""
+
+    name: JobName
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    precision: Precision = Field(default="fp32")
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    retries: int = Field(default=2, ge=0, le=20, description="Restarts from the last checkpoint.")
+    priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> JobSpec:
+        p, t = self.parallel, self.train
+        if p.strategy == "pipeline":
+            if t.batch_size % p.pipeline_microbatches:
+                raise ValueError(
+                    f"train.batch_size: {t.batch_size} is not divisible by "
+                    f"parallel.pipeline_microbatches ({p.pipeline_microbatches})"
+                )
+        elif t.batch_size % p.workers:
+            raise ValueError(
+                f"train.batch_size: {t.batch_size} is not divisible by parallel.workers ({p.workers})"
+            )
+        if self.model.name in catalog.MODEL_INPUT_KIND and self.data.kind is not None:
+            accepts = catalog.MODEL_INPUT_KIND[self.model.name]
+            if self.data.kind not in accepts:
+                raise ValueError(
+                    f"model.name: {self.model.name!r} takes {' or '.join(sorted(accepts))} "
+                    f"data; dataset gives {self.data.kind}"
+                )
+        if self.model.name == "gpt":
+            a = self.model.args
+            if a["n_embd"] % a["n_head"]:
+                raise ValueError(
+                    f"model.args.n_embd: {a['n_embd']} is not divisible by n_head ({a['n_head']})"
+                )
+        return self
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.parallel.gpus_per_worker > 0
+
+
+def _validated_args(schema: type[BaseModel], args: dict) -> dict:
+    try:
+        return schema.model_validate(args).model_dump()
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        msg = "unknown argument" if first["type"] == "extra_forbidden" else _clean(first["msg"])
+        raise ValueError(f"args.{loc}: {msg}") from None
+
+
+# --- loading and error reporting ---------------------------------------------------------------
+
+_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_.]*): (.*)$", re.S)
+
+
+def _clean(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+def format_errors(exc: ValidationError, root: str = "") -> list[dict[str, str]]:
+    """Turn pydantic errors into [{field, message}], naming the field a cross-field rule is about."""
+    out = []
+    for err in exc.errors():
+        loc = [str(x) for x in err["loc"]]
+        msg = _clean(err["msg"])
+        m = _FIELD_PREFIX.match(msg)
+        if m:  # a cross-field rule names its field relative to the model it is on
+            inner, msg = m.groups()
+            loc.append(inner)
+        field = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        if err["type"] == "missing":
+            msg = "required field missing"
+        out.append({"field": (root + field) or "(spec)", "message": msg})
+    return out
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a decoded spec; raise SpecError naming each bad field."""
+    if not isinstance(data, dict):
+        raise SpecError("a job spec must be a mapping", [{"field": "(spec)", "message": "must be a mapping"}])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        errors = format_errors(e)
+        raise SpecError("; ".join(f"{x['field']}: {x['message']}" for x in errors), errors) from None
+
+
+def load_spec_text(text: str) -> JobSpec:
+    """YAML or JSON (JSON is YAML, but try it first for exact number handling)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SpecError(
+                f"not valid YAML or JSON: {e}", [{"field": "(spec)", "message": str(e)}]
+            ) from None
+    return parse_spec(data)
+
+
+def load_spec_file(path: str | Path) -> JobSpec:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read {p}: {e.strerror}", [{"field": "(file)", "message": str(e)}]) from None
+    return load_spec_text(text)
+
+
+def json_schema() -> dict:
+    """The JSON Schema of the job spec, for the API's OpenAPI document and the dashboard editor."""
+    schema = JobSpec.model_json_schema()
+    schema["$id"] = f"https://slimtrain.dev/schemas/jobspec-v{SPEC_VERSION}.json"
+    return schema

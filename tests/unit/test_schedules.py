@@ -1,0 +1,75 @@
+"""Every schedule, value by value, before start, inside, at and after the end."""
+
+import pytest
+
+from service.spec import PruningSpec
+from workers.compression import schedules as S
+
+
+def cfg(**kw):
+    base = dict(
+        schedule="cubic", initial_sparsity=0.0, final_sparsity=0.9, start_step=100, end_step=500, frequency=50
+    )
+    base.update(kw)
+    return PruningSpec(**base)
+
+
+@pytest.mark.parametrize(
+    "step,expected",
+    [
+        (0, 0.0),
+        (99, 0.0),
+        (100, 0.0),  # s_f + (s_i - s_f) * 1^3 = s_i
+        (200, 0.9 + (0.0 - 0.9) * (1 - 100 / 400) ** 3),
+        (300, 0.9 - 0.9 * 0.5**3),
+        (400, 0.9 - 0.9 * 0.25**3),
+        (500, 0.9),
+        (501, 0.9),
+        (10_000, 0.9),
+    ],
+)
+def test_cubic_matches_zhu_gupta(step, expected):
+    assert S.target_sparsity(cfg(), step) == pytest.approx(expected, abs=1e-12)
+
+
+def test_cubic_with_initial_sparsity():
+    c = cfg(initial_sparsity=0.2, final_sparsity=0.8)
+    assert S.target_sparsity(c, 50) == 0.0
+    assert S.target_sparsity(c, 100) == pytest.approx(0.2)
+    assert S.target_sparsity(c, 300) == pytest.approx(0.8 + (0.2 - 0.8) * 0.125)
+    assert S.target_sparsity(c, 500) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("step,expected", [(99, 0.0), (100, 0.1), (300, 0.5), (500, 0.9), (900, 0.9)])
+def test_linear(step, expected):
+    c = cfg(schedule="linear", initial_sparsity=0.1)
+    assert S.target_sparsity(c, step) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.0), (99, 0.0), (100, 0.9), (101, 0.9), (5000, 0.9)])
+def test_oneshot(step, expected):
+    assert S.target_sparsity(cfg(schedule="oneshot"), step) == expected
+
+
+@pytest.mark.parametrize(
+    "step,expected", [(0, 0.0), (100, 0.0), (300, 2.0 * (1 - 0.5**3)), (500, 2.0), (800, 2.0)]
+)
+def test_threshold_theta_ramps_cubically(step, expected):
+    c = cfg(schedule="threshold", threshold=2.0, initial_sparsity=0.0, final_sparsity=0.0)
+    assert S.threshold_at(c, step) == pytest.approx(expected)
+
+
+def test_update_steps():
+    c = cfg(end_step=520)
+    updates = [t for t in range(0, 700) if S.is_update_step(c, t)]
+    assert updates == [100, 150, 200, 250, 300, 350, 400, 450, 500, 520]
+    assert [t for t in range(0, 700) if S.is_update_step(cfg(schedule="oneshot"), t)] == [100]
+
+
+def test_scheduled_sparsity_holds_last_update_value():
+    c = cfg()
+    assert S.scheduled_sparsity(c, 99) == 0.0
+    assert S.scheduled_sparsity(c, 149) == S.target_sparsity(c, 100)
+    assert S.scheduled_sparsity(c, 150) == S.target_sparsity(c, 150)
+    assert S.scheduled_sparsity(c, 499) == S.target_sparsity(c, 450)
+    assert S.scheduled_sparsity(c, 10_000) == pytest.approx(0.9)

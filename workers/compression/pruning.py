@@ -1,0 +1,301 @@
+"""Magnitude pruning with masks that every rank agrees on and no optimizer can undo.
+
+Masks are hard: the pruned entries of a weight are multiplied by zero after every optimizer step
+(including steps the fp16 GradScaler skipped), their gradients are zeroed before the step, and
+the optimizer's running state (momentum, Adam moments) is zeroed at pruned positions when masks
+change, so neither momentum nor weight decay can revive a pruned weight.
+
+Thresholds are found by bisection over the bit patterns of the (non-negative, float32) scores:
+each probe counts the scores at or below a candidate, optionally summed across ranks with
+`reduce_sum`. The same code gives the exact k-th smallest score whether a rank holds all the
+weights (DDP), a shard of them (FSDP) or a pipeline stage's, so every strategy derives the same
+masks from the same weights without gathering them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.errors import ConfigError, MaskMismatchError
+from service.spec import PruningSpec
+from workers.compression import schedules
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly sharded DTensor) parameter that lives on this rank."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def prunable_weights(
+    model: nn.Module, exclude: list[str] = (), skip: tuple[str, ...] = ()
+) -> OrderedDict[str, nn.Parameter]:
+    """Weights of Linear and Conv layers, by module name. Biases and norms are never pruned."""
+    out: OrderedDict[str, nn.Parameter] = OrderedDict()
+    for name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE) or name in skip:
+            continue
+        if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+            continue
+        out[name] = module.weight
+    return out
+
+
+# --- thresholds (pure) --------------------------------------------------------------------------
+
+
+def kth_smallest(
+    scores: list[torch.Tensor],
+    k: float,
+    weights: list[torch.Tensor] | None = None,
+    reduce_sum: ReduceSum | None = None,
+) -> float:
+    """Smallest tau with sum(weight * [score <= tau]) >= k, over non-negative float32 scores.
+
+    Bisection on the float32 bit pattern (monotonic for non-negative floats) makes it exact in
+    at most 32 probes; `reduce_sum` sums each probe's count across ranks."""
+    bits = [s.detach().float().contiguous().view(torch.int32) for s in scores]
+    w = [None] * len(bits) if weights is None else [x.double() for x in weights]
+
+    def count(tau_bits: int) -> float:
+        c = torch.zeros((), dtype=torch.float64)
+        for b, wt in zip(bits, w, strict=True):
+            sel = b <= tau_bits
+            c += sel.sum() if wt is None else wt[sel].sum()
+        return float(reduce_sum(c) if reduce_sum else c)
+
+    lo, hi = 0, 0x7F800000  # 0.0 .. +inf
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(mid) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(torch.tensor(lo, dtype=torch.int32).view(torch.float32))
+
+
+def unstructured_masks(
+    weights: dict[str, torch.Tensor], sparsity: float, scope: str, reduce_sum: ReduceSum | None = None
+) -> dict[str, torch.Tensor]:
+    """Keep |w| > tau, tau the k-th smallest |w| with k = round(sparsity * n)."""
+    scores = {n: _local(w).detach().abs() for n, w in weights.items()}
+    groups = [list(scores)] if scope == "global" else [[n] for n in scores]
+    masks = {}
+    for names in groups:
+        n_total = _total([scores[n].numel() for n in names], reduce_sum)
+        k = round(sparsity * n_total)
+        if k <= 0:
+            masks.update({n: torch.ones_like(scores[n], dtype=torch.bool) for n in names})
+            continue
+        tau = kth_smallest([scores[n] for n in names], k, reduce_sum=reduce_sum)
+        masks.update({n: scores[n] > tau for n in names})
+    return masks
+
+
+def channel_masks(
+    weights: dict[str, torch.Tensor], sparsity: float, scope: str, reduce_sum: ReduceSum | None = None
+) -> dict[str, torch.Tensor]:
+    """Prune whole output channels (rows of a Linear, filters of a Conv) by RMS norm.
+
+    RMS (L2 / sqrt(fan-in)) rather than L2 makes channels of layers with different fan-in
+    comparable under global scope; the target counts weights, so a channel weighs its size.
+    Every layer keeps at least its strongest channel."""
+    rms, sizes = {}, {}
+    for n, w in weights.items():
+        lw = _local(w).detach().float()
+        flat = lw.reshape(lw.shape[0], -1)
+        rms[n] = flat.pow(2).mean(dim=1).sqrt()
+        sizes[n] = torch.full((flat.shape[0],), float(flat.shape[1]))
+    groups = [list(rms)] if scope == "global" else [[n] for n in rms]
+    keep: dict[str, torch.Tensor] = {}
+    for names in groups:
+        if scope == "global":  # the target counts weights: a channel weighs its fan-in
+            wts = [sizes[n] for n in names]
+            k = sparsity * _total([float(sizes[n].sum()) for n in names], reduce_sum)
+        else:  # whole channels of this layer: round(sparsity * channels)
+            wts = None
+            k = round(sparsity * _total([rms[names[0]].numel()], reduce_sum))
+        if k <= 0:
+            keep.update({n: torch.ones_like(rms[n], dtype=torch.bool) for n in names})
+            continue
+        tau = kth_smallest([rms[n] for n in names], k, weights=wts, reduce_sum=reduce_sum)
+        keep.update({n: rms[n] > tau for n in names})
+    for n, kp in keep.items():
+        if not _total([int(kp.sum())], reduce_sum):
+            # Keep the layer alive: its strongest channel(s) survive. The max is the k-th
+            # smallest with k = all channels, so sharded rows need no gather either.
+            best = kth_smallest([rms[n]], _total([rms[n].numel()], reduce_sum), reduce_sum=reduce_sum)
+            kp |= rms[n] >= best
+    return {
+        n: keep[n].reshape(-1, *([1] * (_local(w).dim() - 1))).expand_as(_local(w)).clone()
+        for n, w in weights.items()
+    }
+
+
+def threshold_masks(
+    weights: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    theta: float,
+    reduce_sum: ReduceSum | None = None,
+) -> dict[str, torch.Tensor]:
+    """Han et al.: prune |w| < theta * std of the layer's surviving weights (masks only shrink)."""
+    out = {}
+    for n, w in weights.items():
+        lw = _local(w).detach().float()
+        alive = masks[n]
+        s = torch.stack([alive.sum().double(), lw[alive].double().sum(), lw[alive].double().pow(2).sum()])
+        if reduce_sum:
+            s = reduce_sum(s)
+        cnt, tot, sq = (float(x) for x in s)
+        std = (max(sq / cnt - (tot / cnt) ** 2, 0.0)) ** 0.5 if cnt else 0.0
+        out[n] = alive & (lw.abs() >= theta * std)
+    return out
+
+
+def _total(values: list[float], reduce_sum: ReduceSum | None) -> float:
+    t = torch.tensor(float(sum(values)), dtype=torch.float64)
+    return float(reduce_sum(t) if reduce_sum else t)
+
+
+# --- the stateful pruner ------------------------------------------------------------------------
+
+
+class Pruner:
+    """Holds the masks of one model and applies its schedule.
+
+    `named_weights` are the prunable parameters (whole or sharded); `reduce_sum` sums a tensor
+    across the ranks that share those weights' shards (None when each rank holds them whole)."""
+
+    def __init__(
+        self,
+        cfg: PruningSpec,
+        named_weights: OrderedDict[str, nn.Parameter],
+        reduce_sum: ReduceSum | None = None,
+    ):
+        if not named_weights:
+            raise ConfigError(
+                "compression.pruning: the model has no prunable Linear/Conv layers left after `exclude`"
+            )
+        self.cfg = cfg
+        self.weights = named_weights
+        self.reduce_sum = reduce_sum
+        self.masks = {n: torch.ones_like(_local(w), dtype=torch.bool) for n, w in named_weights.items()}
+        self._float_masks: list[torch.Tensor] = []
+        self.last_update: int | None = None
+        self._refresh()
+
+    # schedule
+
+    def target(self, step: int) -> float | None:
+        return schedules.scheduled_sparsity(self.cfg, step)
+
+    def maybe_update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Recompute masks when `step` is an update step of the schedule; returns whether it did."""
+        if not schedules.is_update_step(self.cfg, step) or self.last_update == step:
+            return False
+        self.update(step, optimizer)
+        return True
+
+    def update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        cfg = self.cfg
+        if cfg.schedule == "threshold":
+            new = threshold_masks(
+                self.weights, self.masks, schedules.threshold_at(cfg, step), self.reduce_sum
+            )
+        else:
+            s = schedules.target_sparsity(cfg, step)
+            fn = unstructured_masks if cfg.structure == "unstructured" else channel_masks
+            new = fn(self.weights, s, cfg.scope, self.reduce_sum)
+        # Masks only shrink: a weight pruned once stays pruned (with ties at zero it could
+        # otherwise flip back in and out).
+        self.masks = {n: self.masks[n] & new[n] for n in self.masks}
+        self.last_update = step
+        self._refresh()
+        self.apply_()
+        if optimizer is not None:
+            self.prune_optimizer_state_(optimizer)
+
+    # enforcement (hot path: foreach ops, one kernel per list)
+
+    def _refresh(self) -> None:
+        self._params = [_local(w) for w in self.weights.values()]
+        self._float_masks = [m.to(p.dtype) for m, p in zip(self.masks.values(), self._params, strict=True)]
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        torch._foreach_mul_(self._params, self._float_masks)
+
+    @torch.no_grad()
+    def mask_grads_(self) -> None:
+        grads, masks = [], []
+        for w, m in zip(self.weights.values(), self._float_masks, strict=True):
+            if w.grad is not None:
+                grads.append(_local(w.grad))
+                masks.append(m.to(w.grad.dtype))
+        if grads:
+            torch._foreach_mul_(grads, masks)
+
+    @torch.no_grad()
+    def prune_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
+        for w, m in zip(self.weights.values(), self._float_masks, strict=True):
+            for value in optimizer.state.get(w, {}).values():
+                if torch.is_tensor(value):
+                    lv = _local(value)
+                    if lv.shape == m.shape:
+                        lv.mul_(m.to(lv.dtype))
+
+    # measurement
+
+    def sparsity(self) -> tuple[float, dict[str, float]]:
+        """(global, per-layer) fraction of zero weights, measured on the weights themselves."""
+        zeros = torch.tensor(
+            [float((_local(w) == 0).sum()) for w in self.weights.values()], dtype=torch.float64
+        )
+        sizes = torch.tensor([float(_local(w).numel()) for w in self.weights.values()], dtype=torch.float64)
+        if self.reduce_sum:
+            zeros, sizes = self.reduce_sum(zeros), self.reduce_sum(sizes)
+        layers = {n: float(z / s) for n, z, s in zip(self.weights, zeros, sizes, strict=True)}
+        return float(zeros.sum() / sizes.sum()), layers
+
+    def checksum(self) -> int:
+        """CRC32 of the packed masks, in layer order: equal on every rank holding equal masks."""
+        crc = 0
+        for name, m in self.masks.items():
+            crc = zlib.crc32(name.encode(), crc)
+            crc = zlib.crc32(np.packbits(m.cpu().numpy().ravel()).tobytes(), crc)
+        return crc
+
+    # persistence
+
+    def state_dict(self) -> dict:
+        return {
+            "masks": {n: m.clone() for n, m in self.masks.items()},
+            "last_update": -1 if self.last_update is None else self.last_update,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.masks) ^ set(state["masks"])
+        if missing:
+            raise ConfigError(f"checkpoint masks do not match the model's layers: {sorted(missing)}")
+        self.masks = {n: state["masks"][n].to(torch.bool) for n in self.masks}
+        self.last_update = None if state["last_update"] < 0 else int(state["last_update"])
+        self._refresh()
+        self.apply_()
+
+
+def verify_masks_agree(checksums: list[int]) -> None:
+    """All ranks' mask checksums must be equal (DDP) — a mismatch fails the job loudly."""
+    if len(set(checksums)) > 1:
+        raise MaskMismatchError(
+            f"pruning masks differ between ranks (checksums by rank: {checksums}); "
+            "stopping before the replicas diverge"
+        )

@@ -1,0 +1,75 @@
+"""Pruning schedules: pure functions of the optimizer step (the step of the global batch).
+
+`target_sparsity` gives the fraction of prunable weights that should be zero after the mask
+update at `step`; `threshold_at` gives theta for the `threshold` schedule; `is_update_step` says
+whether masks are recomputed at `step`. Before `start_step` nothing is pruned (target 0)."""
+
+from __future__ import annotations
+
+from service.spec import PruningSpec
+
+
+def _progress(step: int, start: int, end: int) -> float:
+    return min(1.0, max(0.0, (step - start) / (end - start)))
+
+
+def cubic(step: int, s_i: float, s_f: float, start: int, end: int) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt))^3,
+    with n * dt = end - start."""
+    if step < start:
+        return 0.0
+    return s_f + (s_i - s_f) * (1.0 - _progress(step, start, end)) ** 3
+
+
+def linear(step: int, s_i: float, s_f: float, start: int, end: int) -> float:
+    if step < start:
+        return 0.0
+    return s_i + (s_f - s_i) * _progress(step, start, end)
+
+
+def oneshot(step: int, s_f: float, start: int) -> float:
+    return s_f if step >= start else 0.0
+
+
+def target_sparsity(cfg: PruningSpec, step: int) -> float:
+    if cfg.schedule == "cubic":
+        return cubic(step, cfg.initial_sparsity, cfg.final_sparsity, cfg.start_step, cfg.end_step)
+    if cfg.schedule == "linear":
+        return linear(step, cfg.initial_sparsity, cfg.final_sparsity, cfg.start_step, cfg.end_step)
+    if cfg.schedule == "oneshot":
+        return oneshot(step, cfg.final_sparsity, cfg.start_step)
+    raise ValueError("the threshold schedule has no sparsity target; use threshold_at")
+
+
+def threshold_at(cfg: PruningSpec, step: int) -> float:
+    """Theta (in units of a layer's weight std) ramped up with the cubic shape, so the classic
+    prune-|w|-below-theta*std method also prunes gradually instead of all at once."""
+    assert cfg.threshold is not None
+    return cubic(step, 0.0, cfg.threshold, cfg.start_step, cfg.end_step)
+
+
+def is_update_step(cfg: PruningSpec, step: int) -> bool:
+    if cfg.schedule == "oneshot":
+        return step == cfg.start_step
+    if step < cfg.start_step or step > cfg.end_step:
+        return False
+    return (step - cfg.start_step) % cfg.frequency == 0 or step == cfg.end_step
+
+
+def last_update_step(cfg: PruningSpec, step: int) -> int | None:
+    """The most recent update step <= step (None before the first): the target in force."""
+    if step < cfg.start_step:
+        return None
+    if cfg.schedule == "oneshot":
+        return cfg.start_step
+    if step >= cfg.end_step:
+        return cfg.end_step
+    return cfg.start_step + (step - cfg.start_step) // cfg.frequency * cfg.frequency
+
+
+def scheduled_sparsity(cfg: PruningSpec, step: int) -> float | None:
+    """The sparsity target in force at `step` (None for the threshold schedule)."""
+    if cfg.schedule == "threshold":
+        return None
+    last = last_update_step(cfg, step)
+    return 0.0 if last is None else target_sparsity(cfg, last)

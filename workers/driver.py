@@ -1,0 +1,216 @@
+"""The job driver: one job, from a validated spec to a report.
+
+It checks that the job can run at all (data loads, model builds, schedule fits the run, the
+cluster has the GPUs), runs the training loop on a Ray Train `TorchTrainer`, relays rank 0's
+records to `metrics.jsonl` and to the caller, then exports and reports. It runs wherever Ray is
+reachable: inside `slimtrain run`, or as the entrypoint of a Ray Job submitted by the service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+
+from service.artifacts import ArtifactStore, JobArtifacts, open_store
+from service.errors import ConfigError, SlimtrainError, TrainingFailed
+from service.spec import JobSpec
+from workers import export
+from workers.data import load_dataset
+from workers.models import build_model
+from workers.session import MetricsRelay
+from workers.train_loop import total_steps
+
+log = logging.getLogger(__name__)
+OnRecord = Callable[[dict], None]
+
+
+class MetricsLog:
+    """metrics.jsonl in the artifact store, rewritten at most every `interval` seconds (object
+    stores have no append) and once more at the end."""
+
+    def __init__(self, arts: JobArtifacts, interval: float = 1.0):
+        self.arts, self.interval = arts, interval
+        self.lines: list[str] = []
+        self.dirty, self.last = False, 0.0
+
+    def add(self, record: dict) -> None:
+        self.lines.append(json.dumps(record, sort_keys=True))
+        self.dirty = True
+
+    def flush(self, force: bool = False) -> None:
+        if self.dirty and (force or time.monotonic() - self.last >= self.interval):
+            self.arts.put_bytes("metrics.jsonl", ("\n".join(self.lines) + "\n").encode())
+            self.dirty, self.last = False, time.monotonic()
+
+
+@dataclass
+class Attempts:
+    """Attempts as seen in the records: each (re)start of the worker group is one."""
+
+    items: list[dict] = field(default_factory=list)
+
+    def observe(self, record: dict) -> None:
+        if record.get("event") == "start":
+            self.items.append(
+                {
+                    "attempt": len(self.items) + 1,
+                    "resumed_from": record["resumed_from"],
+                    "time": record.get("time"),
+                }
+            )
+            record["attempt"] = len(self.items)
+
+
+def _worker_entry(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import torch
+
+    from service.spec import JobSpec as _Spec
+    from workers.session import RaySession
+    from workers.train_loop import Faults, train
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    spec = _Spec.model_validate(config["spec"])
+    store = open_store(config["store_uri"], config.get("s3_endpoint_url"))
+    session = RaySession(store, config["job_id"], config["relay"])
+    data = ray.get(config["data"])
+    train(spec, data, session, Faults.from_dict(config.get("faults")))
+
+
+def preflight(spec: JobSpec, store: ArtifactStore):
+    """Everything that can be known to fail before a worker starts: a ConfigError here fails the
+    job once, without retries (retrying cannot fix it)."""
+    data = load_dataset(spec.data, store)
+    spe, total = total_steps(spec, data.info.n_train)
+    build_model(spec.model.name, spec.model.args, data.info)
+    if spec.uses_gpu:
+        need = spec.parallel.gpus_per_worker * spec.parallel.workers
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < need:
+            raise ConfigError(
+                f"parallel.gpus_per_worker: the job needs {need:g} GPUs; the Ray cluster has {have:g}"
+            )
+    return data, spe, total
+
+
+def _failure_message(err: BaseException) -> str:
+    """The root cause of a Ray Train failure, in one readable line."""
+    causes = getattr(err, "worker_failures", None)
+    if causes:
+        rank, exc = sorted(causes.items())[0]
+        return f"rank {rank}: {_failure_message(exc)}"
+    inner = getattr(err, "cause", None) or err.__cause__
+    if inner is not None and inner is not err:
+        return _failure_message(inner)
+    if isinstance(err, SlimtrainError):
+        return err.message
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"
+
+
+def run_job(
+    spec: JobSpec,
+    job_id: str,
+    store: ArtifactStore,
+    *,
+    on_record: OnRecord | None = None,
+    faults: dict | None = None,
+    store_uri: str | None = None,
+    s3_endpoint_url: str | None = None,
+    poll_seconds: float = 0.25,
+) -> dict:
+    """Run one job on the connected Ray cluster; return its report. Raises ConfigError (the job
+    cannot run as specified) or TrainingFailed (it failed after its retries)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = time.time()
+    arts = JobArtifacts(store, job_id)
+    arts.put_json("spec.json", spec.model_dump(mode="json"))
+    data, _spe, total = preflight(spec, store)
+    if faults is None and os.environ.get("SLIMTRAIN_FAULTS"):
+        faults = json.loads(os.environ["SLIMTRAIN_FAULTS"])
+
+    relay = MetricsRelay.remote()
+    storage_path, filesystem = store.ray_storage(job_id)
+    p = spec.parallel
+    resources = {"CPU": 1, **({"GPU": p.gpus_per_worker} if spec.uses_gpu else {})}
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "job_id": job_id,
+            "store_uri": store_uri or store.uri,
+            "s3_endpoint_url": s3_endpoint_url,
+            "relay": relay,
+            "data": ray.put(data),
+            "faults": faults,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=p.workers, use_gpu=spec.uses_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if spec.uses_gpu else "gloo"),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=spec.retries),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        ),
+    )
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # fit raises TrainingFailedError in Ray Train v2
+            outcome["error"] = e
+
+    metrics, attempts = MetricsLog(arts), Attempts()
+    summary: dict = {}
+
+    def pump():
+        for rec in ray.get(relay.drain.remote()):
+            attempts.observe(rec)
+            if rec.get("event") == "done":
+                summary.update(rec)
+            metrics.add(rec)
+            if on_record:
+                on_record(rec)
+        metrics.flush()
+
+    thread = threading.Thread(target=fit, name=f"fit-{job_id}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_seconds)
+        pump()
+    pump()
+    metrics.flush(force=True)
+    ray.kill(relay)
+    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
+    if error is not None:
+        raise TrainingFailed(
+            f"training failed after {len(attempts.items)} attempt(s): {_failure_message(error)}"
+        )
+
+    train_seconds = summary.get("train_seconds") or 0.0
+    run_info = {
+        "steps": total,
+        "wall_seconds": time.time() - started,
+        "train_seconds": train_seconds,
+        "samples_per_second": (total * spec.train.batch_size / train_seconds) if train_seconds else None,
+        "skipped_steps": summary.get("skipped_steps", 0),
+        "attempts": attempts.items,
+    }
+    rep = export.export(spec, data, store, job_id, total, run_info)
+    rep["wall_seconds"] = time.time() - started
+    arts.put_json("report.json", rep)
+    arts.write_manifest()
+    return rep

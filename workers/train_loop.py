@@ -1,0 +1,371 @@
+"""The training loop: a plain function over a validated spec, a dataset and a session.
+
+It knows nothing of HTTP, databases or Ray: the `Session` it is given reports records and
+persists checkpoints (Ray Train's in a job; a folder in tests and benchmarks). Every rank runs
+it; rank 0 reports. Its steps are small and named: `build`, `restore`, `train_step`, `evaluate`,
+`save`, `train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from service.errors import ConfigError
+from service.spec import JobSpec
+from workers.checkpoint import Loaded
+from workers.compression import clipping
+from workers.compression.pruning import Pruner, verify_masks_agree
+from workers.data import Dataset
+from workers.data import sharding as sh
+from workers.models import build_model, output_layer
+from workers.optim import build_optimizer, lr_at, set_lr
+from workers.parallel import Dist, Strategy, get_strategy
+from workers.precision import Precision
+
+log = logging.getLogger(__name__)
+
+
+class Session(Protocol):
+    """The loop's only window on the outside world."""
+
+    dist: Dist
+
+    def emit(self, record: dict) -> None:
+        """Report a metrics/event record (called on rank 0 only)."""
+
+    def save(self, step: int, state: dict | None, rng: list[dict], meta: dict) -> None:
+        """Persist a checkpoint; called on every rank, `state` is None except on rank 0."""
+
+    def restore(self) -> Loaded | None:
+        """The newest verified checkpoint of this job, or None."""
+
+
+@dataclass
+class Faults:
+    """Test-only fault injection, set by operators through SLIMTRAIN_FAULTS (never by a spec)."""
+
+    kill_at_step: int | None = None  # SIGKILL this process after that step completes ...
+    kill_rank: int = 0  # ... on this rank ...
+    once_file: str | None = None  # ... once: the file marks that it fired
+    raise_at_step: int | None = None  # raise a RuntimeError after that step, on every attempt
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Faults:
+        return cls(**(d or {}))
+
+    def after_step(self, step: int, rank: int) -> None:
+        if self.raise_at_step is not None and step == self.raise_at_step:
+            raise RuntimeError(f"injected failure at step {step}")
+        if self.kill_at_step == step and rank == self.kill_rank:
+            if self.once_file and os.path.exists(self.once_file):
+                return
+            if self.once_file:
+                Path(self.once_file).write_text(str(step))
+            log.warning("fault injection: SIGKILL rank %d at step %d", rank, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Run:
+    """Everything `build` makes; the loop threads it through its steps."""
+
+    spec: JobSpec
+    data: Dataset
+    dist: Dist
+    strategy: Strategy
+    model: nn.Module  # as wrapped by the strategy
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    pruner: Pruner | None
+    clip_weights: list[nn.Parameter]
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    loss_count: int = 0
+    skipped_steps: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def module(self) -> nn.Module:
+        return self.strategy.unwrap(self.model)
+
+
+def total_steps(spec: JobSpec, n_train: int) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) — raising ConfigError when the data is too small
+    for one global batch or the pruning schedule ends after the last step."""
+    spe = sh.steps_per_epoch(n_train, spec.train.batch_size)
+    if spe < 1:
+        raise ConfigError(
+            f"train.batch_size: {spec.train.batch_size} is larger than the training split ({n_train} samples)"
+        )
+    total = spec.train.epochs * spe
+    if spec.train.max_steps:
+        total = min(total, spec.train.max_steps)
+    pr = spec.compression.pruning
+    if pr is not None:
+        last = pr.start_step if pr.schedule == "oneshot" else pr.end_step
+        if last > total:
+            raise ConfigError(
+                f"compression.pruning.end_step: {last} is after the job's last "
+                f"step ({total} = {spec.train.epochs} epochs x {spe} steps)"
+            )
+    return spe, total
+
+
+def loss_fn_for(kind: str):
+    if kind == "tokens":
+        return lambda logits, y: F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return F.cross_entropy
+
+
+def build(spec: JobSpec, data: Dataset, d: Dist) -> Run:
+    spe, total = total_steps(spec, data.info.n_train)
+    torch.manual_seed(spec.train.seed)
+    model = build_model(spec.model.name, spec.model.args, data.info, seed=spec.train.seed)
+    strategy = get_strategy(spec.parallel.strategy)(d)
+    wrapped = strategy.wrap(model)
+    pruner = None
+    pr = spec.compression.pruning
+    if pr is not None:
+        # A channel-pruned output layer would delete classes: it is never channel-pruned.
+        skip = (output_layer(model),) if pr.structure == "channel" else ()
+        pruner = Pruner(pr, strategy.prunable(wrapped, pr.exclude, skip), strategy.pruner_reduce())
+    clip = []
+    if spec.compression.clipping is not None:
+        clip = list(strategy.prunable(wrapped, [], ()).values())
+    optimizer = build_optimizer(strategy.unwrap(wrapped), spec.train)
+    return Run(
+        spec,
+        data,
+        d,
+        strategy,
+        wrapped,
+        optimizer,
+        Precision(spec.precision, d.device),
+        pruner,
+        clip,
+        spe,
+        total,
+    )
+
+
+def restore(run: Run, ckpt: Loaded | None) -> None:
+    """Continue exactly where the checkpoint stopped: weights, optimizer, scaler, masks, step and
+    every rank's RNG; the data position follows from the step (see workers.data.sharding)."""
+    if ckpt is None:
+        return
+    s = ckpt.state
+    run.strategy.load_full_state_dict(run.model, s["model"])
+    run.strategy.load_optimizer_state_dict(run.model, run.optimizer, s["optimizer"])
+    run.precision.load_state_dict(s["precision"])
+    if run.pruner is not None:
+        if s.get("pruner") is None:
+            raise ConfigError("checkpoint has no pruning masks but the spec prunes")
+        run.pruner.load_state_dict(s["pruner"])
+    run.step = int(s["step"])
+    run.skipped_steps = int(s.get("skipped_steps", 0))
+    run.train_seconds = float(s.get("train_seconds", 0.0))
+    if ckpt.meta.get("world_size") == run.dist.world_size:
+        rng = ckpt.rng[run.dist.rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:  # another worker count: exact replay is impossible; reseed deterministically
+        torch.manual_seed(run.spec.train.seed * 7919 + run.step * 31 + run.dist.rank)
+
+
+def _batch(run: Run, perm: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = sh.global_batch(perm, step % run.steps_per_epoch, run.spec.train.batch_size)
+    if run.strategy.name != "pipeline":  # pipeline: stage 0 takes the whole batch
+        idx = sh.rank_slice(idx, run.dist.rank, run.dist.world_size)
+    dev = run.dist.device
+    return run.data.x_train[idx].to(dev), run.data.y_train[idx].to(dev)
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt, prec = run.optimizer, run.precision
+    set_lr(opt, lr_at(run.spec.train, run.step, run.total_steps))
+    opt.zero_grad(set_to_none=True)
+    loss = run.strategy.forward_backward(run.model, x, y, loss_fn_for(run.data.info.kind), prec)
+    prec.unscale_(opt)
+    if run.pruner is not None:
+        run.pruner.mask_grads_()
+    if run.spec.train.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(run.module.parameters(), run.spec.train.grad_clip_norm)
+    if not prec.step(opt):
+        run.skipped_steps += 1
+    # Unconditionally, also after a step the GradScaler skipped: pruned weights stay exactly 0.
+    if run.pruner is not None:
+        run.pruner.apply_()
+    if run.clip_weights:
+        clipping.clip_weights_(run.clip_weights, run.spec.compression.clipping.max_abs)
+    run.loss_sum += loss.cpu()
+    run.loss_count += 1
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Loss and accuracy on the validation split, each rank scoring its share, summed."""
+    data, d = run.data, run.dist
+    sl = sh.eval_slice(len(data.x_val), d.rank, d.world_size)
+    x, y = data.x_val[sl].to(d.device), data.y_val[sl].to(d.device)
+    model = run.module
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(x), 512):
+        logits = model(x[i : i + 512]).float()
+        yy = y[i : i + 512]
+        if data.info.kind == "tokens":
+            logits, yy = logits.reshape(-1, logits.shape[-1]), yy.reshape(-1)
+        sums[0] += F.cross_entropy(logits, yy, reduction="sum").item()
+        sums[1] += (logits.argmax(-1) == yy).sum().item()
+        sums[2] += yy.numel()
+    model.train(was_training)
+    sums = d.all_reduce_sum(sums)
+    loss = float(sums[0] / sums[2])
+    out = {"val_loss": loss, "val_accuracy": float(sums[1] / sums[2])}
+    if data.info.kind == "tokens":
+        out["val_perplexity"] = float(torch.tensor(loss).exp())
+    return out
+
+
+def update_masks(run: Run, session: Session) -> None:
+    if run.pruner is None or not run.pruner.maybe_update(run.step, run.optimizer):
+        return
+    checksums = run.dist.all_gather_object(run.pruner.checksum())
+    if run.strategy.masks_must_match():
+        verify_masks_agree(checksums)
+    sparsity, _ = run.pruner.sparsity()
+    if run.dist.rank == 0:
+        session.emit(
+            {
+                "kind": "event",
+                "event": "mask_update",
+                "step": run.step,
+                "target_sparsity": run.pruner.target(run.step),
+                "sparsity": sparsity,
+                "mask_checksums": checksums,
+            }
+        )
+
+
+def save(run: Run, session: Session) -> None:
+    rng = {"torch": torch.get_rng_state()}
+    if run.dist.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.dist.device)
+    rngs = run.dist.all_gather_object(rng)
+    model_state = run.strategy.full_state_dict(run.model)
+    opt_state = run.strategy.optimizer_state_dict(run.model, run.optimizer)
+    state = None
+    if run.dist.rank == 0:
+        state = {
+            "step": run.step,
+            "model": model_state,
+            "optimizer": opt_state,
+            "precision": run.precision.state_dict(),
+            "pruner": run.pruner.state_dict() if run.pruner else None,
+            "skipped_steps": run.skipped_steps,
+            "train_seconds": run.train_seconds,
+        }
+    meta = {"world_size": run.dist.world_size, "strategy": run.strategy.name, "total_steps": run.total_steps}
+    session.save(run.step, state, rngs, meta)
+    if run.dist.rank == 0:
+        session.emit({"kind": "event", "event": "checkpoint", "step": run.step})
+
+
+def _log_train(run: Run, session: Session, window_start: float, window_steps: int) -> None:
+    stats = run.dist.all_reduce_sum(torch.stack([run.loss_sum.double(), torch.tensor(float(run.loss_count))]))
+    run.loss_sum, run.loss_count = torch.zeros(()), 0
+    if run.dist.rank != 0:
+        return
+    elapsed = max(time.perf_counter() - window_start, 1e-9)
+    rec = {
+        "kind": "train",
+        "step": run.step,
+        "epoch": run.step / run.steps_per_epoch,
+        "loss": float(stats[0] / max(stats[1], 1)),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "samples_per_second": window_steps * run.spec.train.batch_size / elapsed,
+        "skipped_steps": run.skipped_steps,
+    }
+    if run.pruner is not None:
+        rec["sparsity"], _ = run.pruner.sparsity()
+        rec["target_sparsity"] = run.pruner.target(run.step)
+    session.emit(rec)
+
+
+def _eval_due(run: Run) -> bool:
+    every = run.spec.train.eval_every_steps
+    if run.step == run.total_steps:
+        return True
+    return run.step % every == 0 if every else run.step % run.steps_per_epoch == 0
+
+
+def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None = None) -> dict:
+    """Train to the last step, resuming from the session's newest checkpoint if there is one.
+    Returns a summary (step, train_seconds, samples) on every rank."""
+    faults = faults or Faults()
+    run = build(spec, data, session.dist)
+    ckpt = session.restore()
+    restore(run, ckpt)
+    rank0 = session.dist.rank == 0
+    if rank0:
+        session.emit(
+            {
+                "kind": "event",
+                "event": "start",
+                "step": run.step,
+                "resumed_from": ckpt.step if ckpt else None,
+                "total_steps": run.total_steps,
+                "steps_per_epoch": run.steps_per_epoch,
+                "world_size": session.dist.world_size,
+            }
+        )
+    run.model.train()
+    perm = None
+    window_start, window_steps = time.perf_counter(), 0
+    while run.step < run.total_steps:
+        epoch = run.step // run.steps_per_epoch
+        if perm is None or run.step % run.steps_per_epoch == 0:
+            perm = sh.epoch_permutation(data.info.n_train, spec.train.seed, epoch)
+        update_masks(run, session)
+        x, y = _batch(run, perm, run.step)
+        t0 = time.perf_counter()
+        train_step(run, x, y)
+        run.train_seconds += time.perf_counter() - t0
+        run.step += 1
+        window_steps += 1
+        if run.step % spec.train.log_every_steps == 0 or run.step == run.total_steps:
+            _log_train(run, session, window_start, window_steps)
+            window_start, window_steps = time.perf_counter(), 0
+        if _eval_due(run):
+            ev = evaluate(run)
+            if rank0:
+                session.emit({"kind": "eval", "step": run.step, **ev})
+        if run.step % spec.checkpoint.every_steps == 0 and run.step < run.total_steps:
+            save(run, session)
+        faults.after_step(run.step, session.dist.rank)
+    update_masks(run, session)  # a schedule may end exactly at the last step
+    if ckpt is None or ckpt.step < run.total_steps:
+        save(run, session)  # the final state, which export reads
+    summary = {
+        "step": run.step,
+        "train_seconds": run.train_seconds,
+        "samples": run.step * spec.train.batch_size,
+        "skipped_steps": run.skipped_steps,
+    }
+    if rank0:
+        session.emit({"kind": "event", "event": "done", **summary})
+    return summary
