@@ -42,12 +42,14 @@ def prunable_weights(
     """Weights of Linear and Conv layers, by module name. Biases and norms are never pruned."""
     out: OrderedDict[str, nn.Parameter] = OrderedDict()
     for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE) or name in skip:
-            continue
-        if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
-            continue
-        out[name] = module.weight
+        if isinstance(module, PRUNABLE) and selected(name, exclude, skip):
+            out[name] = module.weight
     return out
+
+
+def selected(name: str, exclude: list[str] = (), skip: tuple[str, ...] = ()) -> bool:
+    """Whether the prunable layer `name` is pruned: not skipped, matching no `exclude` pattern."""
+    return name not in skip and not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
 
 
 # --- thresholds (pure) --------------------------------------------------------------------------
