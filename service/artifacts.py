@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-from service.errors import ArtifactKeyError, ArtifactNotFound
+from service.errors import ArtifactKeyError, ArtifactNotFound, ConfigError
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=-]{0,254}$")
@@ -196,7 +196,7 @@ def open_store(uri: str, s3_endpoint_url: str | None = None) -> ArtifactStore:
         from service.s3_store import S3ArtifactStore
 
         return S3ArtifactStore(uri, endpoint_url=s3_endpoint_url)
-    raise ValueError(f"artifact URI {uri!r}: scheme must be file:// or s3://")
+    raise ConfigError(f"SLIMTRAIN_ARTIFACT_URI: {uri!r} must be a folder, file:///path or s3://bucket/prefix")
 
 
 class JobArtifacts:
