@@ -101,7 +101,7 @@ def run(
     bar = RunProgress(enabled=not as_json)
     try:
         with bar.progress:
-            report = run_job(job_spec, job_id, store, on_record=bar, s3_endpoint_url=settings.s3_endpoint_url)
+            report = run_job(job_spec, job_id, store, on_record=bar)
     except ConfigError as e:
         console.print(f"[red]cannot run:[/] {e.message}")
         raise typer.Exit(2) from None

@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-from service.artifacts import ArtifactStore, JobArtifacts, open_store
+from service.artifacts import ArtifactStore, JobArtifacts
 from service.errors import ConfigError, SlimtrainError, TrainingFailed
 from service.spec import JobSpec
 from workers import export
+from workers.checkpoint import CHECKPOINTS
 from workers.data import load_dataset
 from workers.models import build_model
 from workers.session import MetricsRelay
@@ -29,6 +31,8 @@ from workers.train_loop import total_steps
 
 log = logging.getLogger(__name__)
 OnRecord = Callable[[dict], None]
+# Ray Train's checkpoint-manager state, in its run folder (RunConfig(name=CHECKPOINTS)).
+RAY_SNAPSHOT = f"{CHECKPOINTS}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
 
 
 class MetricsLog:
@@ -78,8 +82,7 @@ def _worker_entry(config: dict) -> None:
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     spec = _Spec.model_validate(config["spec"])
-    store = open_store(config["store_uri"], config.get("s3_endpoint_url"))
-    session = RaySession(store, config["job_id"], config["relay"])
+    session = RaySession(config["store"], config["job_id"], config["relay"])
     data = ray.get(config["data"])
     train(spec, data, session, Faults.from_dict(config.get("faults")))
 
@@ -122,8 +125,6 @@ def run_job(
     *,
     on_record: OnRecord | None = None,
     faults: dict | None = None,
-    store_uri: str | None = None,
-    s3_endpoint_url: str | None = None,
     poll_seconds: float = 0.25,
 ) -> dict:
     """Run one job on the connected Ray cluster; return its report. Raises ConfigError (the job
@@ -139,6 +140,10 @@ def run_job(
         faults = json.loads(os.environ["SLIMTRAIN_FAULTS"])
 
     relay = MetricsRelay.remote()
+    # Resume is decided by our own manifest-verified checkpoints (workers.checkpoint), never by
+    # Ray's snapshot of a previous run: restored, it would delete this run's checkpoints that
+    # reuse an old one's folder name, and refuse to start once a listed folder is gone.
+    store.delete_prefix(arts.key(RAY_SNAPSHOT))
     storage_path, filesystem = store.ray_storage(job_id)
     p = spec.parallel
     resources = {"CPU": 1, **({"GPU": p.gpus_per_worker} if spec.uses_gpu else {})}
@@ -147,8 +152,9 @@ def run_job(
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
             "job_id": job_id,
-            "store_uri": store_uri or store.uri,
-            "s3_endpoint_url": s3_endpoint_url,
+            # The store itself, with its endpoint and credentials: workers need no AWS
+            # variables of their own to reach the job's bucket.
+            "store": store,
             "relay": relay,
             "data": ray.put(data),
             "faults": faults,
@@ -158,7 +164,7 @@ def run_job(
         ),
         torch_config=TorchConfig(backend="nccl" if spec.uses_gpu else "gloo"),
         run_config=RunConfig(
-            name="checkpoints",
+            name=CHECKPOINTS,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.retries),
