@@ -36,6 +36,23 @@ class Settings(BaseSettings):
     max_steps: int = Field(default=1_000_000, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
+    # Job service (api/, service/scheduler.py, service/reconciler.py).
+    ray_dashboard_url: str | None = Field(
+        default=None, description="Ray Jobs API URL; default: looked up from the cluster at ray_address."
+    )
+    driver_python: str | None = Field(
+        default=None,
+        description="Interpreter of the Ray Job entrypoint on the cluster; default: the API's own "
+        "(right when API and Ray share an image or a machine).",
+    )
+    run_scheduler: bool = Field(default=True, description="Run scheduler, reconciler and ingest here.")
+    scheduler_interval_s: float = Field(default=1.0, gt=0)
+    reconcile_interval_s: float = Field(default=2.0, gt=0)
+    ingest_interval_s: float = Field(default=0.5, gt=0)
+    heartbeat_timeout_s: float = Field(
+        default=60.0, gt=0, description="A live job the Ray cluster has not confirmed for this long is lost."
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _abs(cls, v: Path) -> Path:

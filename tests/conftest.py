@@ -13,7 +13,12 @@ from tests.raycluster import free_port, start_head  # noqa: F401  (free_port is 
 
 # Fixture modules for real servers (PostgreSQL, S3, uvicorn, browser) live in tests/plugins/,
 # one per piece of infrastructure; add yours to this list.
-pytest_plugins: list[str] = ["tests.plugins.s3"]
+pytest_plugins: list[str] = [
+    "tests.plugins.s3",
+    "tests.plugins.postgres",
+    "tests.plugins.server",
+    "tests.plugins.fake_ray",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Ray's token auth stays on in tests, as in production; set before anything imports ray.

@@ -1,0 +1,93 @@
+"""The FastAPI application: `/v1` behind bearer auth, `/healthz`, `/readyz`, `/metrics`; `/` is
+left to the dashboard. `create_app` wires settings -> database (schema upgraded at start-up) ->
+artifact store -> Ray Jobs -> the job service and its background loops."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
+
+from api import errors
+from api.routes import jobs, system
+from api.routes.prometheus import RequestMetrics, StoreCollector, request_latency
+from api.sse import Notifier
+from service.artifacts import ArtifactStore, open_store
+from service.auth import TokenAuth, load_auth
+from service.job_service import JobService
+from service.ray_jobs import RayJobs
+from service.settings import Settings, get_settings
+from service.spec import JobSpec
+from service.store.db import Database
+from service.store.repo import Store
+
+log = logging.getLogger(__name__)
+
+
+def ray_address(settings: Settings) -> str | None:
+    """Where the Jobs API is: the configured dashboard URL, or the cluster address (an http(s)
+    URL is used as is; a GCS address is resolved to the dashboard through the cluster)."""
+    return settings.ray_dashboard_url or settings.ray_address
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    ray: RayJobs | None = None,
+    artifacts: ArtifactStore | None = None,
+    auth: TokenAuth | None = None,
+) -> FastAPI:
+    settings = settings or get_settings()
+    auth = auth or load_auth(settings)[0]
+    db = Database(settings.resolved_database_url)
+    store = Store(db)
+    artifacts = artifacts or open_store(settings.resolved_artifact_uri, settings.s3_endpoint_url)
+    service = JobService(settings, store, ray or RayJobs(ray_address(settings)), artifacts)
+    notifier = Notifier()
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(store))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        db.upgrade()
+        store.ensure_tenants(auth.tenants)
+        store.listeners.append(notifier.publish)
+        if settings.run_scheduler:
+            service.start_background()
+        try:
+            yield
+        finally:
+            service.stop_background()
+            db.dispose()
+
+    app = FastAPI(
+        title="slimtrain",
+        version="1",
+        summary="Compression-aware distributed training service.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.service, app.state.auth = settings, service, auth
+    app.state.notifier, app.state.registry = notifier, registry
+    errors.install(app)
+    app.include_router(system.router)
+    app.include_router(jobs.router)
+    app.add_middleware(RequestMetrics, latency=request_latency(registry))
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document plus the JobSpec schema the POST /v1/jobs body refers to (the route
+    reads the raw body itself: for the size limit, the idempotency hash and field-named errors)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(spec.pop("$defs", {}))
+    schemas["JobSpec"] = spec
+    app.openapi_schema = doc
+    return doc

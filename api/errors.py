@@ -1,0 +1,109 @@
+"""Typed errors -> HTTP. The only place that knows status codes; every error body is
+`{"error": {"code", "message"[, "fields"]}}`, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.auth import AuthError
+from service.errors import ArtifactKeyError, ArtifactNotFound, SlimtrainError, SpecError
+from service.jobs import IdempotencyConflict, InvalidTransition, JobNotFound, LimitExceeded
+from service.ray_jobs import ClusterUnavailable
+from service.store.repo import BadCursor
+
+log = logging.getLogger(__name__)
+
+
+class BodyTooLarge(SlimtrainError):
+    code = "body_too_large"
+
+
+class BadRequest(SlimtrainError):
+    """A malformed request parameter (a cursor, a header) other than the spec itself."""
+
+    code = "bad_request"
+
+
+STATUS: dict[type[SlimtrainError], int] = {
+    SpecError: 422,
+    LimitExceeded: 422,
+    ArtifactKeyError: 400,
+    BadRequest: 400,
+    BadCursor: 400,
+    AuthError: 401,
+    JobNotFound: 404,
+    ArtifactNotFound: 404,
+    InvalidTransition: 409,
+    IdempotencyConflict: 409,
+    BodyTooLarge: 413,
+    ClusterUnavailable: 503,
+}
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def status_of(err: SlimtrainError) -> int:
+    for cls in type(err).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_body(code: str, message: str, **extra) -> dict:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None, **extra
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+
+
+async def _slimtrain_error(_request: Request, exc: SlimtrainError) -> JSONResponse:
+    status = status_of(exc)
+    extra = {}
+    if getattr(exc, "errors", None):
+        extra["fields"] = exc.errors
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 409 and isinstance(exc, InvalidTransition) and exc.state:
+        extra["state"] = str(exc.state)
+    if status >= 500:
+        log.warning("%s: %s", exc.code, exc.message)
+    return error_response(status, exc.code, exc.message, headers=headers, **extra)
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = [
+        {"field": ".".join(str(x) for x in e.get("loc", ())), "message": e.get("msg", "invalid")}
+        for e in exc.errors()
+    ]
+    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    return error_response(422, "invalid_request", message, fields=fields)
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error; the server log has the details")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(SlimtrainError, _slimtrain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,60 @@
+"""Unauthenticated operational routes: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.routes.schemas import Health
+
+router = APIRouter(tags=["operations"])
+log = logging.getLogger(__name__)
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process serves requests")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    summary="Readiness: the database answers at the current schema and the background loops run",
+    responses={503: {"model": Health, "description": "Not ready; `checks` says why."}},
+)
+async def readyz(request: Request):
+    service = request.app.state.service
+    checks: dict[str, str] = {}
+
+    def check_db() -> None:
+        db = service.store.db
+        db.ping()
+        current, head = db.current_revision(), db.head_revision()
+        if current != head:
+            raise RuntimeError(f"schema at {current}, code expects {head}")
+
+    try:
+        await run_in_threadpool(check_db)
+        checks["database"] = "ok"
+    except Exception as e:  # any failure means: not ready; the body says which
+        checks["database"] = f"{type(e).__name__}: {e}"
+    for name, loop in service.loops.items():
+        checks[name] = "ok" if loop.alive else "not running"
+    ok = all(v == "ok" for v in checks.values())
+    body = Health(status="ok" if ok else "not ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+)
+async def metrics(request: Request) -> Response:
+    data = await run_in_threadpool(generate_latest, request.app.state.registry)
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,68 @@
+"""The Ray Job entrypoint the service submits: `python -m workers.entrypoint <job_id>`.
+
+It reads the job's spec.json from the artifact store (the API wrote it; no user code travels),
+joins the Ray cluster it runs in, runs the driver, and leaves `outcome.json` for the reconciler:
+`failed` for a failure no resubmission can fix (an invalid spec, a ConfigError, training that
+failed after its worker retries), `retryable` for one that might not happen again. A driver
+that is killed leaves no outcome of its attempt, and the reconciler resubmits it.
+Settings come from the runtime_env the scheduler sets (SLIMTRAIN_ARTIFACT_URI, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from service.artifacts import JobArtifacts, check_job_id, open_store
+from service.errors import ArtifactKeyError, SlimtrainError
+from service.outcome import Outcome, write_outcome
+from service.settings import Settings
+from service.spec import parse_spec
+
+log = logging.getLogger("workers.entrypoint")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="workers.entrypoint", description=__doc__.splitlines()[0])
+    parser.add_argument("job_id")
+    args = parser.parse_args(argv)
+    try:
+        job_id = check_job_id(args.job_id)
+    except ArtifactKeyError as e:
+        log.error("%s", e.message)
+        return 2
+    attempt = int(os.environ.get("SLIMTRAIN_ATTEMPT", "1"))
+    settings = Settings()
+    store = open_store(settings.resolved_artifact_uri, settings.s3_endpoint_url)
+    arts = JobArtifacts(store, job_id)
+
+    def finish(state: str, code: str | None = None, message: str | None = None) -> int:
+        write_outcome(arts, Outcome(attempt, state, code, message))
+        if state != "succeeded":
+            log.error("job %s attempt %d %s: %s", job_id, attempt, state, message)
+        return 0 if state == "succeeded" else 1
+
+    try:
+        spec = parse_spec(arts.get_json("spec.json"))
+    except SlimtrainError as e:
+        return finish("failed", e.code, f"spec.json: {e.message}")
+
+    from workers.driver import run_job
+    from workers.ray_runtime import connect
+
+    log.info("job %s attempt %d: %s", job_id, attempt, spec.name)
+    try:
+        connect(os.environ.get("RAY_ADDRESS") or "auto")
+        run_job(spec, job_id, store)
+    except SlimtrainError as e:
+        return finish("retryable" if e.retryable else "failed", e.code, e.message)
+    except Exception as e:  # unknown: may be transient (network, storage), so resubmission may help
+        log.exception("job %s: driver error", job_id)
+        return finish("retryable", "driver_error", f"{type(e).__name__}: {e}")
+    return finish("succeeded")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
