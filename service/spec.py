@@ -199,16 +199,91 @@ class ClippingSpec(Strict):
 
 
 class QuantizationSpec(Strict):
-    mode: Literal["none", "ptq", "qat", "fixed"] = Field(default="none")
-    bits: Literal[8, 4] = Field(default=8, description="8, or 4 for weight-only where supported.")
-    start_step: int = Field(default=0, ge=0, description="`qat`: the step fake quantization begins.")
-    scale: float | None = Field(default=None, gt=0.0, description="`fixed`: w_q = round(w*scale)/scale.")
+    mode: Literal["none", "ptq", "qat", "fixed"] = Field(
+        default="none",
+        description="none; ptq: int8 after training, activations calibrated on training batches; "
+        "qat: fake-quantized training from start_step; fixed: weights on the fixed-point grid "
+        "round(w*scale)/scale from start_step.",
+    )
+    bits: Literal[8, 4] = Field(
+        default=8,
+        description="8: int8 weights and uint8 activations (onnxruntime's int8 CPU kernels). "
+        "4: weight-only int4 (onnxruntime has int4 weights but no int4 activation kernels).",
+    )
+    start_step: int = Field(
+        default=0, ge=0, description="`qat` and `fixed`: the step fake quantization begins."
+    )
+    freeze_step: int | None = Field(
+        default=None,
+        ge=1,
+        description="`qat`: the step activation observers freeze (default: 80% of the way from "
+        "start_step to the last step, and not before pruning ends).",
+    )
+    scale: float | None = Field(
+        default=None, gt=0.0, description="`fixed` (required): w_q = round(w*scale)/scale."
+    )
+    codebook_bits: int | None = Field(
+        default=None,
+        ge=1,
+        le=7,
+        description="Weight sharing after quantization: each layer's nonzero codes snap to "
+        "2**codebook_bits shared values (k-means), Deep Compression's second stage.",
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> QuantizationSpec:
+        m = self.mode
+        if m == "none":
+            for name, default in (
+                ("bits", 8),
+                ("start_step", 0),
+                ("freeze_step", None),
+                ("codebook_bits", None),
+            ):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: only used when mode is ptq, qat or fixed (mode is none)")
+        if m == "fixed" and self.scale is None:
+            raise ValueError("scale: required when mode is `fixed` (w_q = round(w*scale)/scale)")
+        if m != "fixed" and self.scale is not None:
+            raise ValueError(f"scale: only used by mode `fixed` (mode is {m})")
+        if m == "ptq" and self.start_step:
+            raise ValueError(
+                "start_step: mode `ptq` quantizes after training; start_step is for qat and fixed"
+            )
+        if self.freeze_step is not None:
+            if m != "qat":
+                raise ValueError(f"freeze_step: only used by mode `qat` (mode is {m})")
+            if self.bits == 4:
+                raise ValueError("freeze_step: bits 4 is weight-only; there are no activation observers")
+            if self.freeze_step <= self.start_step:
+                raise ValueError(f"freeze_step: must be greater than start_step ({self.start_step})")
+        if self.codebook_bits is not None and self.codebook_bits >= self.bits:
+            raise ValueError(f"codebook_bits: must be less than bits ({self.bits})")
+        return self
 
 
 class CompressionSpec(Strict):
     pruning: PruningSpec | None = None
     clipping: ClippingSpec | None = None
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    baseline_job: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Id of a dense job of the same model and data: its report's accuracy becomes "
+        "this job's `dense_accuracy`.",
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> CompressionSpec:
+        q, pr = self.quantization, self.pruning
+        if q.freeze_step is not None and pr is not None:
+            last = pr.start_step if pr.schedule == "oneshot" else pr.end_step
+            if q.freeze_step < last:
+                raise ValueError(
+                    f"quantization.freeze_step: must be >= the last pruning update ({last}): ranges "
+                    "frozen earlier would not see the final sparse model"
+                )
+        return self
 
 
 class CheckpointSpec(Strict):

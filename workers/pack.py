@@ -6,13 +6,16 @@ the module without any other file. Each tensor is stored with one encoding:
 
 - `dense`: raw little-endian values in the tensor's dtype;
 - `sparse`: a bitmap of nonzero positions (1 bit per weight) + the nonzero values;
-- `sparse_int8` / `dense_int8` (quantized weights): int8 codes + per-output-channel fp32 scales;
-  the rebuilt weight is code * scale, exactly what the int8 ONNX graph computes;
+- `sparse_int8` / `dense_int8` (quantized weights, 8 or 4 bits): integer codes in int8 bytes +
+  per-output-channel scales (stored as float16 when that is exact, which the quantizer arranges);
+  the rebuilt weight is code * scale, exactly what the quantized ONNX graph computes;
 - `sparse_codebook`: the nonzero values are indices into a small k-means codebook (weight
   sharing, Deep Compression's second stage), stored at the fewest bits that hold them.
 
-The whole payload is zstd-compressed (the entropy-coding stage). Rebuilding is exact: the loader
-returns the same values bit for bit (pruned entries come back as +0.0).
+The whole payload is zstd-compressed (the entropy-coding stage): its Huffman-coded literals give
+4-bit and shared (codebook) codes their few bits each without a bit-packing format of our own.
+Rebuilding is exact: the loader returns the same values bit for bit (pruned entries come back as
++0.0).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ SPARSE_BELOW = 0.97  # density under which a bitmap + values beats the dense arr
 
 @dataclass
 class QuantizedWeight:
-    """Per-output-channel symmetric int8 weights: w = codes * scale[channel]."""
+    """Per-output-channel symmetric integer weights: w = codes * scale[channel]."""
 
-    codes: torch.Tensor  # int8, weight's shape
+    codes: torch.Tensor  # int8 storage, weight's shape, within [-(2**(bits-1) - 1), 2**(bits-1) - 1]
     scale: torch.Tensor  # float32, [out_channels]
+    bits: int = 8
 
 
 def _np_dtype(t: torch.Tensor) -> np.dtype:
@@ -51,6 +55,17 @@ def _np_dtype(t: torch.Tensor) -> np.dtype:
         torch.uint8: np.uint8,
         torch.bool: np.bool_,
     }[t.dtype]
+
+
+def _narrow(arr: np.ndarray) -> np.ndarray:
+    """float32 values that float16 holds exactly are stored as float16: half the bytes, the same
+    values (the quantizer puts scales on that grid; export puts a quantized model's float parts
+    there too)."""
+    if arr.dtype != np.float32:
+        return arr
+    with np.errstate(over="ignore"):  # beyond float16's range: inf, unequal, kept float32
+        half = arr.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), arr) else arr
 
 
 def _bitpack(values: np.ndarray, bits: int) -> bytes:
@@ -96,7 +111,9 @@ def pack(
             q = quantized[name]
             codes = q.codes.cpu().numpy().astype(np.int8)
             nz = codes != 0
-            e["scale"] = w.add(q.scale.float().cpu().numpy().tobytes())
+            scale = _narrow(q.scale.float().cpu().numpy())
+            e["bits"], e["scale_dtype"] = q.bits, str(scale.dtype)
+            e["scale"] = w.add(scale.tobytes())
             if nz.mean() < SPARSE_BELOW:
                 e["encoding"] = "sparse_int8"
                 e["bitmap"] = w.add(np.packbits(nz.ravel()).tobytes())
@@ -116,12 +133,14 @@ def pack(
         elif t.is_floating_point() and t.dim() >= 2 and (t != 0).float().mean() < SPARSE_BELOW:
             arr = t.numpy()
             nz = arr != 0
-            e["encoding"] = "sparse"
+            values = _narrow(arr[nz])
+            e["encoding"], e["store"] = "sparse", str(values.dtype)
             e["bitmap"] = w.add(np.packbits(nz.ravel()).tobytes())
-            e["values"] = w.add(arr[nz].tobytes())
+            e["values"] = w.add(values.tobytes())
         else:
-            e["encoding"] = "dense"
-            e["values"] = w.add(t.numpy().tobytes())
+            values = _narrow(t.numpy())
+            e["encoding"], e["store"] = "dense", str(values.dtype)
+            e["values"] = w.add(values.tobytes())
         entries.append(e)
     header = json.dumps({"meta": meta, "tensors": entries}, sort_keys=True).encode()
     payload = struct.pack("<I", len(header)) + header + b"".join(w.blobs)
@@ -154,20 +173,21 @@ def _decode(e: dict, blobs: memoryview) -> torch.Tensor:
     enc = e["encoding"]
     if enc == "dense":
         np_dt = _np_dtype(torch.empty(0, dtype=dtype))
-        return torch.from_numpy(np.frombuffer(blob("values"), dtype=np_dt).copy().reshape(shape))
+        stored = np.frombuffer(blob("values"), dtype=e.get("store", np_dt))
+        return torch.from_numpy(stored.astype(np_dt).reshape(shape))
     if enc in ("sparse", "sparse_int8", "sparse_codebook"):
         nz = np.unpackbits(np.frombuffer(blob("bitmap"), dtype=np.uint8))[:n].astype(bool)
     if enc == "sparse":
-        out = np.zeros(n, dtype=np.float32)
-        out[nz] = np.frombuffer(blob("values"), dtype=np.float32)
-        return torch.from_numpy(out.reshape(shape)).to(dtype)
+        out = np.zeros(n, dtype=_np_dtype(torch.empty(0, dtype=dtype)))
+        out[nz] = np.frombuffer(blob("values"), dtype=e.get("store", "float32"))
+        return torch.from_numpy(out.reshape(shape))
     if enc == "sparse_codebook":
         codebook = np.frombuffer(blob("codebook"), dtype=np.float32)
         out = np.zeros(n, dtype=np.float32)
         out[nz] = codebook[_bitunpack(blob("values"), e["bits"], e["n"])]
         return torch.from_numpy(out.reshape(shape)).to(dtype)
     if enc in ("sparse_int8", "dense_int8"):
-        scale = np.frombuffer(blob("scale"), dtype=np.float32)
+        scale = np.frombuffer(blob("scale"), dtype=e.get("scale_dtype", "float32")).astype(np.float32)
         codes = np.zeros(n, dtype=np.int8)
         if enc == "sparse_int8":
             codes[nz] = np.frombuffer(blob("values"), dtype=np.int8)

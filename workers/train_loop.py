@@ -24,6 +24,7 @@ from service.errors import ConfigError
 from service.spec import JobSpec
 from workers.checkpoint import Loaded
 from workers.compression import clipping
+from workers.compression import quantization as quant
 from workers.compression.pruning import Pruner, verify_masks_agree
 from workers.data import Dataset
 from workers.data import sharding as sh
@@ -95,6 +96,7 @@ class Run:
     loss_count: int = 0
     skipped_steps: int = 0
     train_seconds: float = 0.0
+    fake_quant: quant.FakeQuantizer | None = None  # qat / fixed: its state is in the model's buffers
 
     @property
     def module(self) -> nn.Module:
@@ -120,7 +122,27 @@ def total_steps(spec: JobSpec, n_train: int) -> tuple[int, int]:
                 f"compression.pruning.end_step: {last} is after the job's last "
                 f"step ({total} = {spec.train.epochs} epochs x {spe} steps)"
             )
+    q = spec.compression.quantization
+    if q.mode in ("qat", "fixed"):
+        if q.start_step >= total:
+            raise ConfigError(
+                f"compression.quantization.start_step: {q.start_step} is at or after the job's last "
+                f"step ({total}): fake quantization would never run"
+            )
+        if q.freeze_step is not None and q.freeze_step > total:
+            raise ConfigError(
+                f"compression.quantization.freeze_step: {q.freeze_step} is after the job's "
+                f"last step ({total})"
+            )
     return spe, total
+
+
+def pruning_end(spec: JobSpec) -> int | None:
+    """The step of the last mask update (None without pruning)."""
+    pr = spec.compression.pruning
+    if pr is None:
+        return None
+    return pr.start_step if pr.schedule == "oneshot" else pr.end_step
 
 
 def loss_fn_for(kind: str):
@@ -133,8 +155,19 @@ def build(spec: JobSpec, data: Dataset, d: Dist) -> Run:
     spe, total = total_steps(spec, data.info.n_train)
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model.name, spec.model.args, data.info, seed=spec.train.seed)
+    q = spec.compression.quantization
+    # Fake quantization goes in before the strategy wraps, shards or splits the model: the
+    # swapped layers then travel with their weights into every strategy's layout.
+    quantized = quant.prepare(model, q)
     strategy = get_strategy(spec.parallel.strategy)(d)
     wrapped = strategy.wrap(model)
+    fake_quant = None
+    if quantized:
+        # Observers see this rank's share of the global batch: their ranges are max-reduced
+        # across ranks. Pipeline stages each see the whole batch (and hold different layers).
+        reduce = None if strategy.name == "pipeline" else quant.dist_reduce_max(d)
+        sched = quant.schedule(q, total, pruning_end(spec))
+        fake_quant = quant.FakeQuantizer(strategy.unwrap(wrapped), sched, reduce)
     pruner = None
     pr = spec.compression.pruning
     if pr is not None:
@@ -157,6 +190,7 @@ def build(spec: JobSpec, data: Dataset, d: Dist) -> Run:
         clip,
         spe,
         total,
+        fake_quant=fake_quant,
     )
 
 
@@ -196,8 +230,12 @@ def _batch(run: Run, perm: torch.Tensor, step: int) -> tuple[torch.Tensor, torch
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
     opt, prec = run.optimizer, run.precision
     set_lr(opt, lr_at(run.spec.train, run.step, run.total_steps))
+    if run.fake_quant is not None:
+        run.fake_quant.begin_step(run.step)
     opt.zero_grad(set_to_none=True)
     loss = run.strategy.forward_backward(run.model, x, y, loss_fn_for(run.data.info.kind), prec)
+    if run.fake_quant is not None:
+        run.fake_quant.end_step()
     prec.unscale_(opt)
     if run.pruner is not None:
         run.pruner.mask_grads_()
