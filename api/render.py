@@ -24,34 +24,76 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _pct(v) -> str | None:
+    return None if v is None else f"{100 * v:.2f}%"
+
+
+def _bytes(n) -> str | None:
+    return None if n is None else f"{n:,} B"
+
+
+def _latency_rows(lat: dict) -> list[tuple[str, str]]:
+    """One row per batch size: dense vs compressed and the speed-up."""
+    rows = []
+    batches = sorted(
+        {k.partition("_batch")[2] or "1" for k in lat if k.startswith(("dense", "compressed"))}, key=int
+    )
+    for b in batches:
+        suffix = "" if b == "1" else f"_batch{b}"
+        d, c = lat.get(f"dense{suffix}"), lat.get(f"compressed{suffix}")
+        if d is None or c is None:
+            continue
+        rows.append((f"latency batch {b} (ms)", f"dense {d:.4f} / compressed {c:.4f} ({d / c:.2f}x)"))
+    return rows
+
+
 def report_table(rep: dict) -> Table:
     t = Table(title=f"Report: {rep.get('name', '')} ({rep.get('job_id', '')})", show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
     size = rep.get("size", {})
+    q = rep.get("quantization") or {}
+    quant = None
+    if q.get("mode", "none") != "none":
+        quant = f"{q['mode']}, int{q.get('bits', 8)} weights, activations {q.get('activations', '?')}"
+        if q.get("codebook_bits"):
+            quant += f", {2 ** q['codebook_bits']} shared codes per layer"
+    acc, flt, dense = rep.get("accuracy"), rep.get("float_accuracy"), rep.get("dense_accuracy")
     rows = [
         ("model / data", f"{rep.get('model')} on {rep.get('data')}"),
         ("strategy / precision", f"{rep.get('strategy')} x{rep.get('workers')} / {rep.get('precision')}"),
-        ("accuracy (artifact)", rep.get("accuracy")),
-        ("float accuracy", rep.get("float_accuracy")),
-        ("dense accuracy", rep.get("dense_accuracy")),
+        ("accuracy (artifact)", _pct(acc)),
+        ("measured on", rep.get("accuracy_source")),
+        ("float accuracy (PyTorch)", _pct(flt)),
+        ("dense accuracy", _pct(dense)),
+        ("accuracy vs dense", None if acc is None or dense is None else f"{100 * (acc - dense):+.2f} points"),
         ("perplexity", rep.get("perplexity")),
+        ("quantization", quant),
         ("sparsity (global)", rep.get("sparsity", {}).get("global")),
         (
             "params nonzero / total",
             f"{_fmt(rep['params']['nonzero'])} / {_fmt(rep['params']['total'])}" if "params" in rep else None,
         ),
-        ("size dense (fp32)", f"{_fmt(size.get('dense_bytes'))} B" if size else None),
-        ("size compressed", f"{_fmt(size.get('compressed_bytes'))} B" if size else None),
+        ("size dense (fp32)", _bytes(size.get("dense_bytes"))),
+        ("size compressed (packed)", _bytes(size.get("compressed_bytes"))),
         ("compression ratio", f"{size['ratio']:.1f}x" if size.get("ratio") else None),
+        ("size model.onnx", _bytes(size.get("onnx_bytes"))),
+        (f"size {q.get('onnx', 'quantized onnx')}", _bytes(size.get("onnx_quantized_bytes"))),
     ]
     lat = rep.get("latency_ms") or {}
-    for k, v in lat.items():
-        if isinstance(v, dict):
-            rows.append((f"latency {k} (ms)", ", ".join(f"{b}: {_fmt(x)}" for b, x in v.items())))
-        else:
-            rows.append((f"latency {k} (ms)", v))
+    if all(isinstance(v, int | float) for v in lat.values()) and "dense" in lat and "compressed" in lat:
+        rows += _latency_rows(lat)
+    else:  # reports written before batch sizes were split out
+        for k, v in lat.items():
+            rows.append(
+                (
+                    f"latency {k} (ms)",
+                    v if not isinstance(v, dict) else ", ".join(f"{b}: {_fmt(x)}" for b, x in v.items()),
+                )
+            )
+    setup = rep.get("latency_setup") or {}
     rows += [
+        ("latency measured with", f"{setup['runtime']}, {setup['statistic']}" if setup else None),
         ("steps", rep.get("steps")),
         ("samples / s", rep.get("samples_per_second")),
         ("wall seconds", rep.get("wall_seconds")),

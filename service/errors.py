@@ -65,3 +65,10 @@ class TrainingFailed(SlimtrainError):
     """Training failed after exhausting its retries."""
 
     code = "training_failed"
+
+
+class ExportError(SlimtrainError):
+    """The trained model could not be exported or its exported artifact failed verification (e.g.
+    the quantized graph does not hold the weights the packed file holds)."""
+
+    code = "export_error"

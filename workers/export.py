@@ -1,55 +1,145 @@
 """The end of every job: export the trained model, measure the exported artifacts, write the
-report. Everything here runs on the final checkpoint, never on a live training process."""
+report. Everything here runs on the final checkpoint, never on a live training process.
+
+Artifacts: `model.safetensors` (the float weights as trained, pruned), `model.onnx` (fp32 graph),
+`model.int8.onnx` (`model.int4.onnx` for weight-only 4 bits) when quantized, `model.packed` (the
+compressed artifact: what `size.compressed_bytes` measures; it rebuilds the weights the quantized
+graph computes with, bit for bit). `report.accuracy` is measured by running the quantized ONNX
+model (the fp32 one when not quantized) in onnxruntime over the validation split.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
+import numpy as np
 import torch
 from safetensors.torch import save as safetensors_save
+from torch import nn
 
 from service.artifacts import ArtifactStore, JobArtifacts
-from service.errors import CheckpointError
+from service.errors import ArtifactKeyError, ArtifactNotFound, CheckpointError
 from service.spec import JobSpec
-from workers import pack, report
+from workers import onnx_export, pack, report
 from workers.checkpoint import load_latest
+from workers.compression import quantization as quant
+from workers.compression.pruning import prunable_weights
 from workers.data import Dataset
 from workers.models import build_model
+from workers.train_loop import pruning_end
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_SAMPLES = 512  # training samples whose activation ranges calibrate ptq / fixed graphs
+LATENCY_REPEATS = 50
+LATENCY_BATCHES = (1, 64)
+
 
 def final_model(spec: JobSpec, data: Dataset, store: ArtifactStore, job_id: str, total_steps: int):
+    """The model as it finished training (fake-quantized layers included) and its checkpoint."""
     ckpt = load_latest(store, job_id)
     if ckpt is None or ckpt.step != total_steps:
         got = "none" if ckpt is None else f"step {ckpt.step}"
         raise CheckpointError(f"no verified final checkpoint (want step {total_steps}, found {got})")
     model = build_model(spec.model.name, spec.model.args, data.info)
+    quant.prepare(model, spec.compression.quantization)
     model.load_state_dict(ckpt.state["model"])
     return model.eval(), ckpt
 
 
+def float_weights(spec: JobSpec, data: Dataset, model: nn.Module) -> tuple[nn.Module, dict]:
+    """A plain registry model holding `model`'s parameters and buffers (no quantizer state)."""
+    plain = build_model(spec.model.name, spec.model.args, data.info).eval()
+    trained = model.state_dict()
+    state = {k: trained[k].detach().clone().contiguous() for k in plain.state_dict()}
+    plain.load_state_dict(state)
+    return plain, state
+
+
+def deployed_state(state: dict[str, torch.Tensor], qweights: dict) -> dict[str, torch.Tensor]:
+    """The weights a quantized model ships: each quantized layer's code * scale, and its other
+    float tensors (biases, norms, embeddings) on the float16 grid, which halves their bytes in
+    the packed file (the int8 graph requantizes biases to int32 anyway). Accuracy is measured on
+    the graph built from exactly these values. A float model ships as trained."""
+    if not qweights:
+        return dict(state)
+    out = {}
+    for k, v in state.items():
+        half = v.half().float() if v.dtype == torch.float32 else v
+        out[k] = half if bool(torch.isfinite(half).all()) else v  # beyond float16's range: as is
+    for name, qw in qweights.items():
+        out[f"{name}.weight"] = quant.dequantize(qw)
+    return out
+
+
+def _calibration(data: Dataset, batch: int) -> list[np.ndarray]:
+    x = data.x_train[:CALIBRATION_SAMPLES].numpy()
+    return [x[i : i + batch] for i in range(0, len(x), batch)]
+
+
+def _dense_accuracy(spec: JobSpec, store: ArtifactStore, own: float) -> tuple[float | None, list[str]]:
+    c = spec.compression
+    if c.pruning is None and c.clipping is None and c.quantization.mode == "none":
+        return own, []  # this job is the dense run
+    if c.baseline_job is None:
+        return None, []
+    try:
+        base = JobArtifacts(store, c.baseline_job).get_json("report.json")
+        return float(base["accuracy"]), []
+    except (ArtifactNotFound, ArtifactKeyError, KeyError, ValueError, TypeError):
+        return None, [f"compression.baseline_job {c.baseline_job!r} has no report with an accuracy"]
+
+
 def export(
-    spec: JobSpec, data: Dataset, store: ArtifactStore, job_id: str, total_steps: int, run_info: dict
+    spec: JobSpec,
+    data: Dataset,
+    store: ArtifactStore,
+    job_id: str,
+    total_steps: int,
+    run_info: dict,
+    latency_repeats: int = LATENCY_REPEATS,
 ) -> dict:
-    """Write model.safetensors and model.packed, verify the packed file rebuilds the same
-    weights, score it on the validation split, and return the report (also written)."""
+    """Write every artifact, verify them against each other, measure them and return the report
+    (also written as report.json)."""
     arts = JobArtifacts(store, job_id)
+    q = spec.compression.quantization
     model, _ = final_model(spec, data, store, job_id, total_steps)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    plain, state = float_weights(spec, data, model)
     arts.put_bytes("model.safetensors", safetensors_save(state, metadata={"job_id": job_id}))
 
+    qweights = quant.export_weights(model, q) if q.mode != "none" else OrderedDict()
+    deployed = deployed_state(state, qweights)
     meta = {"model": spec.model.model_dump(), "data_info": data.info.to_dict(), "job_id": job_id}
-    packed = pack.pack(state, meta)
+    packed = pack.pack(deployed, meta, quantized={f"{n}.weight": qw for n, qw in qweights.items()})
     arts.put_bytes("model.packed", packed)
     rebuilt = pack.rebuild(packed)
     for k, v in rebuilt.state_dict().items():
-        if not torch.equal(v, state[k]):
+        if not torch.equal(v, deployed[k]):
             raise CheckpointError(f"packed model does not rebuild {k} exactly")
 
+    fp32 = onnx_export.to_onnx(plain, data.x_val)
+    arts.put_bytes("model.onnx", onnx_export.to_bytes(fp32))
+    sessions = {"dense": onnx_export.session(fp32)}
+    qinfo: dict = {"mode": q.mode}
+    artifact = "model.onnx"
+    if qweights:
+        # The quantized graph starts from the model the packed file rebuilds: one set of weights.
+        qinfo.update(_quantized_onnx(spec, data, model, rebuilt, qweights, arts, total_steps))
+        artifact = qinfo["onnx"]
+        sessions["compressed"] = onnx_export.session(arts.get_bytes(artifact))
+        qinfo["fp32_onnx_accuracy"] = report.onnx_accuracy(sessions["dense"], data)["accuracy"]
+    else:
+        sessions["compressed"] = sessions["dense"]
+
+    artifact_scores = report.onnx_accuracy(sessions["compressed"], data)
     float_scores = report.torch_accuracy(model, data)
-    artifact_scores = report.torch_accuracy(rebuilt, data)
-    dense = report.dense_bytes(model)
+    dense_acc, warnings = _dense_accuracy(spec, store, artifact_scores["accuracy"])
+    warnings += report.gap_warnings(
+        artifact_scores["accuracy"], float_scores["accuracy"], "the PyTorch model's"
+    )
+    latency = report.latency_table(sessions, data.x_val.numpy(), LATENCY_BATCHES, latency_repeats)
+    dense = report.dense_bytes(plain)
     rep = {
         "job_id": job_id,
         "name": spec.name,
@@ -64,15 +154,75 @@ def export(
             "kind": data.info.kind,
         },
         "accuracy": artifact_scores["accuracy"],
-        "accuracy_source": "model.packed rebuilt and run in PyTorch on the validation split",
+        "accuracy_source": f"{artifact} run in onnxruntime on the validation split",
         "float_accuracy": float_scores["accuracy"],
+        "dense_accuracy": dense_acc,
         "val_loss": artifact_scores["loss"],
-        "sparsity": report.sparsity_of(model),
-        "params": report.param_counts(model),
-        "size": {"dense_bytes": dense, "compressed_bytes": len(packed), "ratio": dense / len(packed)},
+        "sparsity": report.sparsity_of(plain),
+        "params": report.param_counts(plain),
+        "size": {
+            "dense_bytes": dense,
+            "compressed_bytes": len(packed),
+            "ratio": dense / len(packed),
+            "onnx_bytes": len(arts.get_bytes("model.onnx")),
+            **({"onnx_quantized_bytes": len(arts.get_bytes(artifact))} if qweights else {}),
+        },
+        "latency_ms": latency,
+        "latency_setup": {
+            "runtime": onnx_export.runtime_name(),
+            "statistic": f"median of {latency_repeats} runs after 5 warm-up runs",
+            "dense": "model.onnx",
+            "compressed": artifact,
+        },
+        "quantization": qinfo,
+        "artifacts": {
+            "weights": "model.safetensors",
+            "onnx": "model.onnx",
+            "packed": "model.packed",
+            **({"onnx_quantized": artifact} if qweights else {}),
+        },
+        "warnings": warnings,
         **run_info,
     }
     if data.info.kind == "tokens":
-        rep["perplexity"] = float(torch.tensor(artifact_scores["loss"]).exp())
+        rep["perplexity"] = float(np.exp(artifact_scores["loss"]))
+    for w in warnings:
+        log.warning("job %s: %s", job_id, w)
     arts.put_json("report.json", rep)
     return rep
+
+
+def _quantized_onnx(spec, data, model, rebuilt, qweights, arts: JobArtifacts, total_steps: int) -> dict:
+    """Write the quantized graph of the deployed (`rebuilt`) model; return the report's
+    `quantization` details."""
+    q = spec.compression.quantization
+    src = onnx_export.to_onnx(rebuilt, data.x_val)
+    weights = prunable_weights(rebuilt)
+    info: dict = {"bits": q.bits, "layers": len(qweights)}
+    if q.mode in ("qat", "fixed"):
+        sched = quant.schedule(q, total_steps, pruning_end(spec))
+        info["start_step"] = sched.start
+        if q.mode == "qat" and q.bits == 8:
+            info["freeze_step"] = sched.freeze_at
+    if q.mode == "fixed":
+        info["scale"] = q.scale
+    if q.codebook_bits is not None:
+        info["codebook_bits"] = q.codebook_bits
+    info["weights"] = f"int{q.bits} per-output-channel symmetric (zero point 0)"
+    if q.bits == 4:
+        graph = onnx_export.quantize_weights_only(src, weights, qweights)
+        info["activations"] = "float (weight-only int4: DequantizeLinear, float compute)"
+    else:
+        fq = quant.FakeQuantizer(model, quant.QuantSchedule(0, 0, 0))
+        ranges = fq.activation_ranges()
+        calib = _calibration(data, spec.train.batch_size)
+        graph = onnx_export.quantize_int8(src, weights, qweights, ranges, calib)
+        info["activations"] = "uint8 per-tensor affine"
+        info["activation_ranges"] = {
+            "from_qat_observers": sorted(ranges),
+            "calibrated_samples": sum(len(b) for b in calib),
+        }
+        info["input_qparams"] = {n: {"scale": s, "zero_point": z} for n, (s, z) in ranges.items()}
+    info["onnx"] = f"model.int{q.bits}.onnx"
+    arts.put_bytes(info["onnx"], onnx_export.to_bytes(graph))
+    return info

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from workers.compression.pruning import prunable_weights
 from workers.data import Dataset
+
+log = logging.getLogger(__name__)
+
+GAP_WARNING = 0.01  # accuracy lost between two forms of one model beyond which the report warns
 
 
 def param_counts(model: nn.Module) -> dict:
@@ -35,17 +43,64 @@ def dense_bytes(model: nn.Module) -> int:
     return sum(p.numel() * 4 for p in model.parameters())
 
 
-@torch.no_grad()
-def torch_accuracy(model: nn.Module, data: Dataset, batch: int = 512) -> dict:
-    model.eval()
+def score(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], kind: str) -> dict:
+    """Accuracy and mean cross-entropy over (logits, targets) batches; for tokens, per token."""
     correct = total = 0
     loss = 0.0
-    for i in range(0, len(data.x_val), batch):
-        logits = model(data.x_val[i : i + batch]).float()
-        y = data.y_val[i : i + batch]
-        if data.info.kind == "tokens":
+    for logits, y in batches:
+        logits = torch.as_tensor(logits).float()
+        y = torch.as_tensor(y)
+        if kind == "tokens":
             logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(-1) == y).sum())
         total += y.numel()
     return {"accuracy": correct / total, "loss": loss / total}
+
+
+@torch.no_grad()
+def torch_accuracy(model: nn.Module, data: Dataset, batch: int = 512) -> dict:
+    model.eval()
+    return score(
+        (
+            (model(data.x_val[i : i + batch]), data.y_val[i : i + batch])
+            for i in range(0, len(data.x_val), batch)
+        ),
+        data.info.kind,
+    )
+
+
+def onnx_accuracy(sess, data: Dataset, batch: int = 256) -> dict:
+    """Run an onnxruntime session over the validation split: the artifact's own accuracy."""
+    x = data.x_val.numpy()
+    return score(
+        (
+            (sess.run(None, {sess.get_inputs()[0].name: x[i : i + batch]})[0], data.y_val[i : i + batch])
+            for i in range(0, len(x), batch)
+        ),
+        data.info.kind,
+    )
+
+
+def gap_warnings(accuracy: float, reference: float | None, what: str) -> list[str]:
+    """A warning when `accuracy` is more than GAP_WARNING below `reference`."""
+    # Rounded: accuracies are ratios of counts, and 0.96 - 0.95 must not count as over 0.01.
+    if reference is None or round(reference - accuracy, 9) <= GAP_WARNING:
+        return []
+    return [
+        f"accuracy {accuracy:.4f} of the exported artifact is {100 * (reference - accuracy):.2f} points "
+        f"below {what} ({reference:.4f})"
+    ]
+
+
+def latency_table(sessions: dict[str, object], x: np.ndarray, batches: tuple[int, ...], repeats: int) -> dict:
+    """{"dense": ms at batch 1, "compressed": ..., "dense_batch64": ..., ...}: the DESIGN keys hold
+    batch 1; larger batches get a suffix."""
+    from workers.onnx_export import latency_ms
+
+    out = {}
+    for b in batches:
+        for label, sess in sessions.items():
+            key = label if b == 1 else f"{label}_batch{b}"
+            out[key] = latency_ms(sess, x, b, repeats)
+    return out

@@ -90,3 +90,48 @@ def test_corrupt_files_are_rejected():
     good = pack.pack({"w": torch.ones(3)}, {})
     with pytest.raises(CheckpointError, match="corrupt"):
         pack.unpack(good[:20] + b"\x00" * (len(good) - 20))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("codebook_bits", [None, 2])
+def test_quantized_model_roundtrips_to_identical_weights(bits, codebook_bits):
+    from workers.compression import quantization as qz
+    from workers.export import deployed_state
+
+    model = _pruned("lenet5", 0.9)
+    q = {
+        n: (
+            qz.share_codes(qz.quantize_weight(w, bits), codebook_bits)
+            if codebook_bits
+            else qz.quantize_weight(w, bits)
+        )
+        for n, w in prunable_weights(model).items()
+    }
+    state = deployed_state(model.state_dict(), q)
+    meta = {"model": {"name": "lenet5", "args": {}}, "data_info": INFO.to_dict()}
+    data = pack.pack(state, meta, quantized={f"{n}.weight": qw for n, qw in q.items()})
+    rebuilt = pack.rebuild(data).state_dict()
+    for k, v in state.items():
+        assert torch.equal(rebuilt[k], v), k
+        assert torch.equal(torch.signbit(rebuilt[k].float()), torch.signbit(v.float())), k
+    # int8 codes + float16 scales + float16 biases: well under the fp32 sparse encoding
+    assert len(data) < len(pack.pack(model.state_dict(), meta)) / 2
+
+
+def test_float16_storage_only_when_exact():
+    import json
+    import struct
+
+    import zstandard
+
+    exact = torch.tensor([0.5, -0.0, 1024.0, 6.1035e-05]).half().float()
+    inexact = torch.tensor([0.1, 1e-9, 70000.0])
+    data = pack.pack({"a": exact, "b": inexact}, {})
+    state, _ = pack.unpack(data)
+    assert torch.equal(state["a"], exact) and torch.equal(state["b"], inexact)
+    assert state["a"].dtype == state["b"].dtype == torch.float32
+    assert torch.equal(torch.signbit(state["a"]), torch.signbit(exact))  # -0.0 stays -0.0
+    payload = zstandard.ZstdDecompressor().decompress(data[len(pack.MAGIC) + 1 :])
+    (n,) = struct.unpack_from("<I", payload)
+    stored = {e["name"]: e["store"] for e in json.loads(payload[4 : 4 + n])["tensors"]}
+    assert stored == {"a": "float16", "b": "float32"}

@@ -1,0 +1,350 @@
+"""ONNX artifacts: the fp32 model, its int8 (or weight-only int4) form, and running them.
+
+- `to_onnx`: torch.export-based exporter (`torch.onnx.export(dynamo=True)`), opset 21, dynamic
+  batch axis. Registry models carry normalisation and reshaping inside, so the graph takes the
+  raw features (digits: float32 [N, 64]; gpt: int64 tokens [N, T]) and returns logits. Parameter
+  names survive as initializer names (a Linear on 3-D input becomes MatMul with a transposed,
+  renamed initializer: `layer_nodes` finds those by value).
+- `quantize_int8`: onnxruntime's static quantizer (QDQ format, per-channel symmetric int8 weights,
+  uint8 activations — what its CPU kernels fuse into QLinearConv/QGemm). The weights are given to
+  it as overrides with *our* codes' scales and the inputs of quantized layers with the QAT
+  observers' ranges, so the graph computes with exactly the grid the model trained on; the rest
+  (conv outputs; every activation under `ptq` / `fixed`) is calibrated on training batches.
+  `check_codes` then reads the integer weights back out of the graph and compares them with ours.
+- `quantize_weights_only`: int4 (or int8) DequantizeLinear on each weight, float compute:
+  onnxruntime has int4 weights (opset 21) but no int4 activation kernels on CPU. Written here
+  rather than with onnxruntime's MatMulNBits quantizer, which covers MatMul only (not Gemm or
+  Conv) and picks its own block-wise scales instead of the ones we trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from service.errors import ExportError
+from workers.compression.quantization import ACT_QMIN
+from workers.pack import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+OPSET = 21  # int4 DequantizeLinear needs 21
+INPUT, OUTPUT = "input", "logits"
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+# Ops that pass a quantized tensor on unchanged in range (or clip it at 0, which a uint8 grid
+# with zero point 0 does by itself): the range of a layer's input also holds upstream of them.
+_PASSTHROUGH = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    """Export a float model (eval mode) with a dynamic batch axis."""
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example[:2] if len(example) >= 2 else example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def to_bytes(m: onnx.ModelProto) -> bytes:
+    return m.SerializeToString()
+
+
+# --- mapping torch layers to ONNX nodes ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerNode:
+    node: str  # name of the Conv / Gemm / MatMul node
+    op: str
+    weight: str  # initializer name of its weight
+    transposed: bool  # the initializer is the torch weight transposed (MatMul)
+    input: str  # the activation tensor it reads
+
+    @property
+    def axis(self) -> int:
+        """Output-channel axis of the initializer."""
+        return 1 if self.transposed else 0
+
+
+def layer_nodes(m: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> dict[str, LayerNode]:
+    """The node computing each torch layer (by layer name), found through its weight's values."""
+    inits = {i.name: i for i in m.graph.initializer}
+    by_value: dict[tuple, tuple[str, bool]] = {}
+    for name, w in weights.items():
+        arr = w.detach().float().cpu().numpy()
+        by_value[(arr.shape, arr.tobytes())] = (name, False)
+        if arr.ndim == 2:
+            t = np.ascontiguousarray(arr.T)
+            by_value.setdefault((t.shape, t.tobytes()), (name, True))
+    out: dict[str, LayerNode] = {}
+    for node in m.graph.node:
+        if node.op_type not in QUANTIZED_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        arr = numpy_helper.to_array(inits[node.input[1]])
+        hit = by_value.get((arr.shape, np.ascontiguousarray(arr).tobytes()))
+        if hit is None:
+            continue
+        name, transposed = hit
+        if node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            transposed = not trans_b
+        out[name] = LayerNode(node.name, node.op_type, node.input[1], transposed, node.input[0])
+    missing = sorted(set(weights) - set(out))
+    if missing:
+        raise ExportError(f"ONNX graph has no node for layer(s) {missing}")
+    return out
+
+
+def _producers(m: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in m.graph.node for o in n.output}
+
+
+def _consumers(m: onnx.ModelProto) -> dict[str, int]:
+    count: dict[str, int] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            count[i] = count.get(i, 0) + 1
+    return count
+
+
+# --- int8: onnxruntime static quantization ------------------------------------------------------
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol over in-memory batches."""
+
+    def __init__(self, batches: Iterable[np.ndarray]):
+        self._it: Iterator[np.ndarray] = iter(batches)
+
+    def get_next(self):
+        x = next(self._it, None)
+        return None if x is None else {INPUT: x}
+
+    def rewind(self):  # part of the reader protocol; calibration reads the batches once
+        return None
+
+
+def activation_overrides(
+    m: onnx.ModelProto, nodes: dict[str, LayerNode], ranges: dict[str, tuple[float, int]]
+) -> dict[str, list[dict]]:
+    """Per-tensor overrides for the input of each quantized layer (from QAT observers), carried
+    upstream through ops that keep the range (Relu, MaxPool, Reshape...) so the producer's output
+    is quantized on the same grid and onnxruntime needs no requantization in between."""
+    from onnxruntime.quantization import QuantType
+
+    producers, consumers = _producers(m), _consumers(m)
+    out: dict[str, list[dict]] = {}
+    for name, (scale, zp) in ranges.items():
+        entry = {
+            "quant_type": QuantType.QUInt8,
+            "scale": np.array(scale, dtype=np.float32),
+            "zero_point": np.array(zp, dtype=np.uint8),
+        }
+        tensor = nodes[name].input
+        while True:
+            out[tensor] = [dict(entry)]
+            p = producers.get(tensor)
+            if p is None or p.op_type not in _PASSTHROUGH or consumers.get(p.input[0], 0) != 1:
+                break
+            if p.op_type == "Relu" and zp != ACT_QMIN:
+                break  # the grid does not clip at 0: the Relu must stay
+            tensor = p.input[0]
+    return out
+
+
+def weight_overrides(nodes: dict[str, LayerNode], q: dict[str, QuantizedWeight]) -> dict[str, list[dict]]:
+    from onnxruntime.quantization import QuantType
+
+    out = {}
+    for name, qw in q.items():
+        ln = nodes[name]
+        out[ln.weight] = [
+            {
+                "axis": ln.axis,
+                "quant_type": QuantType.QInt8,
+                "scale": np.array(s, dtype=np.float32),
+                "zero_point": np.array(0, dtype=np.int8),
+            }
+            for s in qw.scale.float().tolist()
+        ]
+    return out
+
+
+def quantize_int8(
+    fp32: onnx.ModelProto,
+    weights: dict[str, torch.Tensor],
+    q: dict[str, QuantizedWeight],
+    ranges: dict[str, tuple[float, int]],
+    calibration: Iterable[np.ndarray],
+) -> onnx.ModelProto:
+    """The QDQ int8 graph of `fp32`, whose quantized layers already hold code * scale: our weight
+    codes, our activation ranges where we have them (QAT), calibrated ranges (MinMax over
+    `calibration`) for the rest."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    nodes = layer_nodes(fp32, weights)
+    overrides = {**activation_overrides(fp32, nodes, ranges), **weight_overrides(nodes, q)}
+    with tempfile.TemporaryDirectory() as tmp:
+        # From a file: given a ModelProto, the quantizer rewrites it in place.
+        src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(to_bytes(fp32))
+        quantize_static(
+            str(src),
+            str(out),
+            _Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=[*QUANTIZED_OPS, "Relu", "MaxPool"],
+            nodes_to_exclude=_float_matmuls(fp32, nodes),
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={
+                "WeightSymmetric": True,
+                "ActivationSymmetric": False,
+                "MatMulConstBOnly": True,
+                # Linear outputs stay float (QGemm / MatMulIntegerToFloat take float out): the
+                # next layer quantizes its own input, as in training; logits are never rounded.
+                "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
+                # Keep our weight scales even where the int32 bias scale gets small.
+                "QDQDisableWeightAdjustForInt32Bias": True,
+                "TensorQuantOverrides": overrides,
+            },
+        )
+        model = onnx.load(str(out))
+    check_codes(model, nodes, q)
+    return model
+
+
+def _float_matmuls(m: onnx.ModelProto, nodes: dict[str, LayerNode]) -> list[str]:
+    """MatMuls that are not one of our layers (attention's q @ k^T, att @ v): left in float."""
+    ours = {ln.node for ln in nodes.values()}
+    return [n.name for n in m.graph.node if n.op_type == "MatMul" and n.name not in ours]
+
+
+def check_codes(m: onnx.ModelProto, nodes: dict[str, LayerNode], q: dict[str, QuantizedWeight]) -> None:
+    """Every quantized layer of `m` reads exactly our integer codes and scales."""
+    inits = {i.name: i for i in m.graph.initializer}
+    producers = _producers(m)
+    by_name = {n.name: n for n in m.graph.node}
+    for name, qw in q.items():
+        ln = nodes[name]
+        node = by_name.get(ln.node)
+        dq = producers.get(node.input[1]) if node is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            raise ExportError(f"layer {name}: its weight is not dequantized from integer codes")
+        codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int8)
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+        want = qw.codes.numpy()
+        if ln.transposed:
+            want = want.T
+        if not (np.array_equal(codes, want) and np.array_equal(scale, qw.scale.float().numpy())):
+            raise ExportError(f"layer {name}: the quantized graph's codes differ from the packed ones")
+
+
+# --- weight-only (int4) -------------------------------------------------------------------------
+
+
+def quantize_weights_only(
+    fp32: onnx.ModelProto, weights: dict[str, torch.Tensor], q: dict[str, QuantizedWeight]
+) -> onnx.ModelProto:
+    """Each quantized layer's weight becomes DequantizeLinear(int codes, scale): int4 codes for
+    4-bit (stored packed two to a byte by ONNX), int8 otherwise. Compute stays float."""
+    nodes = layer_nodes(fp32, weights)
+    out = onnx.ModelProto()
+    out.CopyFrom(fp32)
+    g = out.graph
+    by_name = {n.name: n for n in g.node}
+    new_inits, dq_nodes = [], []
+    for name, qw in q.items():
+        ln = nodes[name]
+        codes = qw.codes.numpy().astype(np.int8)
+        if ln.transposed:
+            codes = np.ascontiguousarray(codes.T)
+        # ml_dtypes' int4 makes onnx pack two codes per byte (raw data), as the format intends.
+        stored = codes.astype(ml_dtypes.int4) if qw.bits == 4 else codes
+        base = f"{name}.weight_q"
+        new_inits += [
+            numpy_helper.from_array(stored, base),
+            numpy_helper.from_array(qw.scale.float().numpy(), f"{base}_scale"),
+        ]
+        dq_nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [base, f"{base}_scale"],  # no zero point: symmetric, 0 by default
+                [f"{base}_dq"],
+                name=f"{base}_DequantizeLinear",
+                axis=ln.axis,
+            )
+        )
+        by_name[ln.node].input[1] = f"{base}_dq"
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep + new_inits)
+    nodes_sorted = dq_nodes + list(g.node)  # the DQs read initializers only: topological first
+    del g.node[:]
+    g.node.extend(nodes_sorted)
+    onnx.checker.check_model(out)
+    check_codes(out, nodes, q)
+    return out
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def session(model: onnx.ModelProto | bytes, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session. One intra-op thread by default: latency figures then do not depend on how
+    busy the machine's other cores are, and they compare like with like."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    data = model if isinstance(model, bytes) else to_bytes(model)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def predict(sess: ort.InferenceSession, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    return np.concatenate([sess.run(None, {INPUT: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def latency_ms(sess: ort.InferenceSession, x: np.ndarray, batch: int, repeats: int, warmup: int = 5) -> float:
+    """Median wall time of one `sess.run` on `batch` samples (x tiled when it has fewer)."""
+    reps = -(-batch // len(x))
+    xb = np.ascontiguousarray(np.concatenate([x] * reps)[:batch])
+    feed = {INPUT: xb}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def runtime_name() -> str:
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider, 1 intra-op thread"
