@@ -20,7 +20,7 @@ import ray
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from service.artifacts import ArtifactStore, JobArtifacts
-from service.errors import ConfigError, SlimtrainError, TrainingFailed
+from service.errors import ArtifactNotFound, ConfigError, SlimtrainError, TrainingFailed
 from service.spec import JobSpec
 from workers import export
 from workers.checkpoint import CHECKPOINTS
@@ -41,7 +41,13 @@ class MetricsLog:
 
     def __init__(self, arts: JobArtifacts, interval: float = 1.0):
         self.arts, self.interval = arts, interval
-        self.lines: list[str] = []
+        # A job id that already has records is a resumed job (as its checkpoints say): its
+        # series goes on, so a driver resubmitted by the service neither loses the earlier
+        # attempts' records nor renumbers the lines the API has already ingested.
+        try:
+            self.lines: list[str] = arts.get_bytes("metrics.jsonl").decode().splitlines()
+        except ArtifactNotFound:
+            self.lines = []
         self.dirty, self.last = False, 0.0
 
     def add(self, record: dict) -> None:
