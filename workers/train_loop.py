@@ -159,7 +159,7 @@ def build(spec: JobSpec, data: Dataset, d: Dist) -> Run:
     # Fake quantization goes in before the strategy wraps, shards or splits the model: the
     # swapped layers then travel with their weights into every strategy's layout.
     quantized = quant.prepare(model, q)
-    strategy = get_strategy(spec.parallel.strategy)(d)
+    strategy = get_strategy(spec.parallel.strategy)(d, spec)
     wrapped = strategy.wrap(model)
     fake_quant = None
     if quantized:
@@ -178,6 +178,9 @@ def build(spec: JobSpec, data: Dataset, d: Dist) -> Run:
     if spec.compression.clipping is not None:
         clip = list(strategy.prunable(wrapped, [], ()).values())
     optimizer = build_optimizer(strategy.unwrap(wrapped), spec.train)
+    precision = Precision(spec.precision, d.device)
+    if precision.scaler is not None:
+        precision.scaler = strategy.grad_scaler()
     return Run(
         spec,
         data,
@@ -185,7 +188,7 @@ def build(spec: JobSpec, data: Dataset, d: Dist) -> Run:
         strategy,
         wrapped,
         optimizer,
-        Precision(spec.precision, d.device),
+        precision,
         pruner,
         clip,
         spe,
@@ -206,7 +209,9 @@ def restore(run: Run, ckpt: Loaded | None) -> None:
     if run.pruner is not None:
         if s.get("pruner") is None:
             raise ConfigError("checkpoint has no pruning masks but the spec prunes")
-        run.pruner.load_state_dict(s["pruner"])
+        # Masks are stored whole, like the model; sharded strategies keep their part.
+        masks = run.strategy.local_masks(run.pruner.weights, s["pruner"]["masks"])
+        run.pruner.load_state_dict({**s["pruner"], "masks": masks})
     run.step = int(s["step"])
     run.skipped_steps = int(s.get("skipped_steps", 0))
     run.train_seconds = float(s.get("train_seconds", 0.0))
@@ -221,8 +226,7 @@ def restore(run: Run, ckpt: Loaded | None) -> None:
 
 def _batch(run: Run, perm: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     idx = sh.global_batch(perm, step % run.steps_per_epoch, run.spec.train.batch_size)
-    if run.strategy.name != "pipeline":  # pipeline: stage 0 takes the whole batch
-        idx = sh.rank_slice(idx, run.dist.rank, run.dist.world_size)
+    idx = sh.rank_slice(idx, *run.strategy.data_shard())  # pipeline: the whole batch
     dev = run.dist.device
     return run.data.x_train[idx].to(dev), run.data.y_train[idx].to(dev)
 
@@ -240,7 +244,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
     if run.pruner is not None:
         run.pruner.mask_grads_()
     if run.spec.train.grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_(run.module.parameters(), run.spec.train.grad_clip_norm)
+        run.strategy.clip_grad_norm_(run.model, run.spec.train.grad_clip_norm)
     if not prec.step(opt):
         run.skipped_steps += 1
     # Unconditionally, also after a step the GradScaler skipped: pruned weights stay exactly 0.
@@ -256,15 +260,22 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
 def evaluate(run: Run) -> dict:
     """Loss and accuracy on the validation split, each rank scoring its share, summed."""
     data, d = run.data, run.dist
-    sl = sh.eval_slice(len(data.x_val), d.rank, d.world_size)
+    shard, shards = run.strategy.data_shard()
+    sl = sh.eval_slice(len(data.x_val), shard, shards)
     x, y = data.x_val[sl].to(d.device), data.y_val[sl].to(d.device)
     model = run.module
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(x), 512):
-        logits = model(x[i : i + 512]).float()
-        yy = y[i : i + 512]
+    # As many chunks on every rank, some maybe empty: FSDP gathers weights in each forward and
+    # pipeline stages pass activations on, so no rank may run one forward fewer.
+    per_rank = -(-len(data.x_val) // shards)
+    n_chunks = max(1, -(-per_rank // 512))
+    for xx, yy in zip(x.tensor_split(n_chunks), y.tensor_split(n_chunks), strict=True):
+        logits = run.strategy.infer(run.model, xx)
+        if logits is None:  # a pipeline stage before the last
+            continue
+        logits = logits.float()
         if data.info.kind == "tokens":
             logits, yy = logits.reshape(-1, logits.shape[-1]), yy.reshape(-1)
         sums[0] += F.cross_entropy(logits, yy, reduction="sum").item()
@@ -306,6 +317,10 @@ def save(run: Run, session: Session) -> None:
     rngs = run.dist.all_gather_object(rng)
     model_state = run.strategy.full_state_dict(run.model)
     opt_state = run.strategy.optimizer_state_dict(run.model, run.optimizer)
+    pruner_state = None
+    if run.pruner is not None:
+        pruner_state = run.pruner.state_dict()
+        pruner_state["masks"] = run.strategy.gather_masks(run.pruner.weights, pruner_state["masks"])
     state = None
     if run.dist.rank == 0:
         state = {
@@ -313,7 +328,7 @@ def save(run: Run, session: Session) -> None:
             "model": model_state,
             "optimizer": opt_state,
             "precision": run.precision.state_dict(),
-            "pruner": run.pruner.state_dict() if run.pruner else None,
+            "pruner": pruner_state,
             "skipped_steps": run.skipped_steps,
             "train_seconds": run.train_seconds,
         }
@@ -326,6 +341,8 @@ def save(run: Run, session: Session) -> None:
 def _log_train(run: Run, session: Session, window_start: float, window_steps: int) -> None:
     stats = run.dist.all_reduce_sum(torch.stack([run.loss_sum.double(), torch.tensor(float(run.loss_count))]))
     run.loss_sum, run.loss_count = torch.zeros(()), 0
+    # On every rank: with sharded or staged weights, measuring sparsity is a collective.
+    sparsity = run.pruner.sparsity()[0] if run.pruner is not None else None
     if run.dist.rank != 0:
         return
     elapsed = max(time.perf_counter() - window_start, 1e-9)
@@ -339,7 +356,7 @@ def _log_train(run: Run, session: Session, window_start: float, window_steps: in
         "skipped_steps": run.skipped_steps,
     }
     if run.pruner is not None:
-        rec["sparsity"], _ = run.pruner.sparsity()
+        rec["sparsity"] = sparsity
         rec["target_sparsity"] = run.pruner.target(run.step)
     session.emit(rec)
 

@@ -114,7 +114,7 @@ def channel_masks(
     rms, sizes = {}, {}
     for n, w in weights.items():
         lw = _local(w).detach().float()
-        flat = lw.reshape(lw.shape[0], -1)
+        flat = lw.flatten(1)  # not reshape(rows, -1): a rank may hold no rows of a layer
         rms[n] = flat.pow(2).mean(dim=1).sqrt()
         sizes[n] = torch.full((flat.shape[0],), float(flat.shape[1]))
     groups = [list(rms)] if scope == "global" else [[n] for n in rms]

@@ -46,3 +46,13 @@ class ConvNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(self.input(x)).flatten(1))
+
+    def pipeline_chain(self) -> list[tuple[str, nn.Module]]:
+        """forward() as a chain of named modules, cut into pipeline stages by workers.models.stages;
+        the unnamed link is the parameter-free flatten between the two halves."""
+        return [
+            ("input", self.input),
+            *((f"features.{n}", m) for n, m in self.features.named_children()),
+            ("", nn.Flatten(1)),
+            *((f"classifier.{n}", m) for n, m in self.classifier.named_children()),
+        ]

@@ -110,3 +110,11 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+    def pipeline_chain(self) -> list[tuple[str, nn.Module]]:
+        """forward() as a chain of named modules, cut into pipeline stages by workers.models.stages."""
+        return [
+            ("embed", self.embed),
+            *((f"blocks.{i}", b) for i, b in enumerate(self.blocks)),
+            ("head", self.head),
+        ]

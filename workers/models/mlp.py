@@ -30,3 +30,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.layers(self.input(x))
+
+    def pipeline_chain(self) -> list[tuple[str, nn.Module]]:
+        """forward() as a chain of named modules, cut into pipeline stages by workers.models.stages."""
+        return [("input", self.input), *((f"layers.{n}", m) for n, m in self.layers.named_children())]

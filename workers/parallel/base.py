@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from workers.compression.pruning import ReduceSum, prunable_weights
+from service.spec import JobSpec
+from workers.compression.pruning import ReduceSum, _local, prunable_weights
 
 
 @dataclass
@@ -57,8 +58,9 @@ class Strategy(ABC):
 
     name: str
 
-    def __init__(self, d: Dist):
+    def __init__(self, d: Dist, spec: JobSpec | None = None):
         self.dist = d
+        self.spec = spec
 
     @abstractmethod
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -74,6 +76,39 @@ class Strategy(ABC):
     ) -> torch.Tensor:
         """Run one step's forward and backward; return this rank's loss (detached, fp32)."""
 
+    def data_shard(self) -> tuple[int, int]:
+        """(index, count): this rank takes the index-th of count equal slices of each global batch
+        and of the validation set."""
+        return self.dist.rank, self.dist.world_size
+
+    @torch.no_grad()
+    def infer(self, wrapped: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Logits for `x` (this rank's data shard), or None on ranks that produce none. Every rank
+        calls it equally often: a strategy may run collectives inside."""
+        return self.unwrap(wrapped)(x)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """The fp16 loss scaler. Where ranks hold different gradients (shards, stages), an inf on
+        one rank must skip the step on all of them: such strategies all-reduce the inf flag."""
+        return torch.amp.GradScaler(self.dist.device.type)
+
+    def clip_grad_norm_(self, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
+        """Scale the gradients so that their global 2-norm is at most `max_norm`; return the norm.
+        Where each rank holds part of the gradient, squared norms are summed across ranks first."""
+        params = [p for p in self.unwrap(wrapped).parameters() if p.grad is not None]
+        reduce = self.pruner_reduce()
+        if reduce is None:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grads = [_local(p.grad) for p in params]
+        sq = torch.zeros((), dtype=torch.float64)
+        if grads:
+            sq = torch.stack(torch._foreach_norm(grads)).double().cpu().pow(2).sum()
+        total = reduce(sq).sqrt()
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+        return total
+
     def prunable(self, wrapped: nn.Module, exclude: list[str], skip: tuple[str, ...]) -> OrderedDict:
         return prunable_weights(self.unwrap(wrapped), exclude, skip)
 
@@ -84,6 +119,19 @@ class Strategy(ABC):
     def masks_must_match(self) -> bool:
         """Whether every rank must hold identical masks (replicas) or different ones (shards)."""
         return True
+
+    def gather_masks(
+        self, weights: Mapping[str, torch.Tensor], masks: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Whole-layer masks from this rank's part of them (laid out like `weights`), as a
+        checkpoint stores them. Called on every rank; the result is needed on rank 0 only."""
+        return masks
+
+    def local_masks(
+        self, weights: Mapping[str, torch.Tensor], full: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """This rank's part of whole-layer masks, laid out like `weights`."""
+        return full
 
     @abstractmethod
     def full_state_dict(self, wrapped: nn.Module) -> dict[str, torch.Tensor]:

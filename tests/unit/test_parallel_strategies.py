@@ -1,0 +1,313 @@
+"""FSDP and pipeline against DDP and a single process: real process groups (gloo, 2 processes on
+this machine, no Ray), the real training loop (`workers.train_loop.train` with a LocalSession).
+
+- FSDP follows DDP's loss curve and ends with identical masks; pipeline follows one process.
+- Masks computed on shards (FSDP rows, pipeline stages) equal those the same threshold yields on
+  the gathered weights, for every scope and structure.
+- A run interrupted mid-way resumes to bit-identical weights; fp16/bf16 keep masks exact.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from service.artifacts import LocalArtifactStore
+from service.spec import PruningSpec, parse_spec
+from tests.raycluster import free_port
+from workers.checkpoint import load_latest
+from workers.compression.pruning import Pruner, channel_masks, threshold_masks, unstructured_masks
+from workers.compression.schedules import threshold_at
+from workers.data import load_dataset
+from workers.models import build_model
+from workers.parallel import Dist, get_strategy
+from workers.session import LocalSession
+from workers.train_loop import Faults, train
+
+REL = 1e-4
+
+MLP = {  # odd widths: FSDP's dim-0 shards are uneven (17 rows over 2 ranks)
+    "name": "mlp-eq",
+    "model": {"name": "mlp", "args": {"hidden": [33, 17]}},
+    "data": {"name": "digits"},
+    "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "log_every_steps": 1, "grad_clip_norm": 1.0},
+    "compression": {"pruning": {"final_sparsity": 0.8, "start_step": 4, "end_step": 30, "frequency": 4}},
+    "checkpoint": {"every_steps": 20},
+}
+GPT = {
+    "name": "gpt-eq",
+    "model": {"name": "gpt", "args": {"n_layer": 2, "n_head": 2, "n_embd": 32}},
+    "data": {"name": "text", "args": {"block_size": 32, "max_chars": 20_000}},
+    "train": {
+        "epochs": 1,
+        "max_steps": 30,
+        "batch_size": 16,
+        "optimizer": "adamw",
+        "lr": 0.003,
+        "weight_decay": 0.1,
+        "log_every_steps": 1,
+        "eval_every_steps": 15,
+        "grad_clip_norm": 1.0,
+    },
+    "compression": {"pruning": {"final_sparsity": 0.7, "start_step": 5, "end_step": 25, "frequency": 5}},
+    "parallel": {"pipeline_schedule": "gpipe", "pipeline_microbatches": 4},
+    "checkpoint": {"every_steps": 10},
+}
+LENET = {  # channel pruning, per-layer scope, 1F1B
+    "name": "lenet-eq",
+    "model": {"name": "lenet5"},
+    "data": {"name": "digits"},
+    "train": {
+        "epochs": 1,
+        "batch_size": 64,
+        "optimizer": "adamw",
+        "lr": 0.01,
+        "weight_decay": 0.0,
+        "log_every_steps": 1,
+    },
+    "compression": {
+        "pruning": {
+            "final_sparsity": 0.5,
+            "start_step": 4,
+            "end_step": 16,
+            "frequency": 4,
+            "scope": "layer",
+            "structure": "channel",
+        }
+    },
+    "parallel": {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
+    "checkpoint": {"every_steps": 100},
+}
+
+
+def _with(spec: dict, strategy: str, workers: int, **top) -> dict:
+    out = json.loads(json.dumps(spec))
+    out["parallel"] = {**out.get("parallel", {}), "strategy": strategy, "workers": workers}
+    out.update(top)
+    return out
+
+
+# --- running functions on 2 gloo processes ------------------------------------------------------
+
+
+def _entry(rank, world, port, fn, args, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # A deadlock fails the test in a minute instead of hanging the suite.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def spawn(fn, *args, world: int = 2, tmp: Path) -> None:
+    errors = tmp / f"errors-{free_port()}"
+    errors.mkdir()
+    try:
+        mp.spawn(_entry, args=(world, free_port(), fn, args, str(errors)), nprocs=world)
+    except Exception as e:
+        found = sorted(errors.iterdir())
+        raise AssertionError(found[0].read_text() if found else str(e)) from None
+
+
+def _train(rank, world, spec: dict, root: str, job: str, faults: dict | None):
+    spec = parse_spec(spec)
+    session = LocalSession(LocalArtifactStore(root), job, Dist(rank, world))
+    train(spec, load_dataset(spec.data), session, Faults.from_dict(faults))
+    if rank == 0:
+        Path(root, f"{job}.records.json").write_text(json.dumps(session.records))
+
+
+class Runs:
+    def __init__(self, tmp: Path):
+        self.tmp, self.store = tmp, LocalArtifactStore(tmp)
+        self.data = {}
+
+    def run(self, spec: dict, job: str, faults: dict | None = None) -> list[dict]:
+        workers = spec["parallel"]["workers"]
+        if workers == 1:
+            s = parse_spec(spec)
+            if s.data.name not in self.data:
+                self.data[s.data.name] = load_dataset(s.data)
+            session = LocalSession(self.store, job)
+            train(s, self.data[s.data.name], session, Faults.from_dict(faults))
+            return session.records
+        spawn(_train, spec, str(self.tmp), job, faults, tmp=self.tmp)
+        return json.loads((self.tmp / f"{job}.records.json").read_text())
+
+    def final(self, job: str) -> dict:
+        return load_latest(self.store, job).state
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("parallel"))
+
+
+def _losses(records):
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def _assert_same_run(runs, a_job, a_records, b_job, b_records):
+    la, lb = _losses(a_records), _losses(b_records)
+    assert len(la) == len(lb) > 10
+    for step, (x, y) in enumerate(zip(la, lb, strict=True), start=1):
+        assert abs(x - y) <= REL * abs(y), f"step {step}: loss {x} vs {y}"
+    ea = [r for r in a_records if r["kind"] == "eval"]
+    eb = [r for r in b_records if r["kind"] == "eval"]
+    assert [r["step"] for r in ea] == [r["step"] for r in eb]
+    for x, y in zip(ea, eb, strict=True):
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=REL)
+    a, b = runs.final(a_job), runs.final(b_job)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-5), k
+    ma, mb = a["pruner"]["masks"], b["pruner"]["masks"]
+    assert list(ma) == list(mb)
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), f"masks of {k} differ"
+        assert torch.all(a["model"][f"{k}.weight"][~ma[k]] == 0)
+    return a
+
+
+# --- equivalence --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_and_ddp(runs):
+    ddp = runs.run(_with(MLP, "ddp", 2), "mlp-ddp")
+    fsdp = runs.run(_with(MLP, "fsdp", 2), "mlp-fsdp")
+    return ddp, fsdp
+
+
+def test_fsdp_follows_ddp_and_prunes_the_same_weights(runs, fsdp_and_ddp):
+    ddp, fsdp = fsdp_and_ddp
+    final = _assert_same_run(runs, "mlp-fsdp", fsdp, "mlp-ddp", ddp)
+    assert _losses(fsdp)[-1] < _losses(fsdp)[0]
+    ups = [r for r in fsdp if r.get("event") == "mask_update"]
+    assert ups[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    # shards differ between the ranks, so do their checksums; the whole masks are DDP's (above)
+    assert len(set(ups[-1]["mask_checksums"])) == 2
+    assert final["step"] == 44
+
+
+@pytest.mark.parametrize(("spec", "job"), [(GPT, "gpt"), (LENET, "lenet")])
+def test_pipeline_follows_one_process_and_prunes_the_same_weights(runs, spec, job):
+    single = runs.run(_with(spec, "ddp", 1), f"{job}-single")
+    pipe = runs.run(_with(spec, "pipeline", 2), f"{job}-pipeline")
+    _assert_same_run(runs, f"{job}-pipeline", pipe, f"{job}-single", single)
+    assert _losses(pipe)[-1] < _losses(pipe)[0]
+    if job == "gpt":
+        last_eval = [r for r in pipe if r["kind"] == "eval"][-1]
+        assert last_eval["val_perplexity"] == pytest.approx(torch.tensor(last_eval["val_loss"]).exp().item())
+
+
+@pytest.mark.parametrize(("strategy", "spec"), [("fsdp", MLP), ("pipeline", GPT)])
+def test_interrupted_run_resumes_to_identical_weights(runs, fsdp_and_ddp, strategy, spec):
+    full_job = "mlp-fsdp" if strategy == "fsdp" else "gpt-pipeline"
+    if strategy == "pipeline" and load_latest(runs.store, full_job) is None:
+        runs.run(_with(spec, "pipeline", 2), full_job)
+    job = f"{strategy}-resumed"
+    s = _with(spec, strategy, 2)
+    with pytest.raises(AssertionError, match="injected failure at step 23"):
+        runs.run(s, job, faults={"raise_at_step": 23})
+    records = runs.run(s, job)
+    assert [r["resumed_from"] for r in records if r.get("event") == "start"] == [20]
+    a, b = runs.final(full_job), runs.final(job)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs"
+    for k in a["pruner"]["masks"]:
+        assert torch.equal(a["pruner"]["masks"][k], b["pruner"]["masks"][k])
+
+
+@pytest.mark.parametrize(("strategy", "spec"), [("fsdp", MLP), ("pipeline", LENET)])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_trains_and_keeps_masks_exact(runs, strategy, spec, precision):
+    job = f"{strategy}-{precision}"
+    records = runs.run(_with(spec, strategy, 2, precision=precision), job)
+    losses = _losses(records)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    state = runs.final(job)
+    target = spec["compression"]["pruning"]["final_sparsity"]
+    assert [r for r in records if r["kind"] == "train"][-1]["sparsity"] == pytest.approx(target, abs=0.01)
+    for name, mask in state["pruner"]["masks"].items():
+        assert torch.all(state["model"][f"{name}.weight"][~mask] == 0), name
+    if precision == "fp16":
+        assert state["precision"]["scale"] > 0
+
+
+# --- sharded masks against gathered weights -----------------------------------------------------
+
+CONFIGS = [
+    {"scope": "global", "structure": "unstructured"},
+    {"scope": "layer", "structure": "unstructured"},
+    {"scope": "global", "structure": "channel"},
+    {"scope": "layer", "structure": "channel"},
+    {"schedule": "threshold", "threshold": 0.8, "end_step": 10},
+]
+
+
+def _masks_vs_gathered(rank, world, strategy_name: str, model_spec: dict, data_spec: dict):
+    spec = parse_spec(_with({"name": "m", "model": model_spec, "data": data_spec}, strategy_name, world))
+    info = load_dataset(spec.data).info
+    strategy = get_strategy(strategy_name)(Dist(rank, world), spec)
+    wrapped = strategy.wrap(build_model(spec.model.name, spec.model.args, info, seed=0))
+    initial = [strategy.full_state_dict(wrapped)]
+    dist.broadcast_object_list(initial, src=0)
+    for cfg in CONFIGS:
+        strategy.load_full_state_dict(wrapped, initial[0])  # dense again: configs do not stack
+        pr = PruningSpec(**{"schedule": "oneshot", "final_sparsity": 0.7, "start_step": 0, **cfg})
+        pruner = Pruner(pr, strategy.prunable(wrapped, [], ()), strategy.pruner_reduce())
+        full = strategy.full_state_dict(wrapped)
+        step = pr.end_step if pr.schedule == "threshold" else 0
+        pruner.update(step)
+        masks = strategy.gather_masks(pruner.weights, pruner.masks)
+        sparsity, layers = pruner.sparsity()
+        # what a checkpoint stores, cut again: every rank gets back exactly its own part
+        box = [masks]
+        dist.broadcast_object_list(box, src=0)
+        local = strategy.local_masks(pruner.weights, box[0])
+        assert all(torch.equal(local[n], pruner.masks[n]) for n in pruner.masks)
+        if rank != 0:
+            continue
+        weights = {n: full[f"{n}.weight"] for n in masks}
+        if pr.schedule == "threshold":
+            ones = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+            expect = threshold_masks(weights, ones, threshold_at(pr, step))
+        elif pr.structure == "channel":
+            expect = channel_masks(weights, 0.7, pr.scope)
+        else:
+            expect = unstructured_masks(weights, 0.7, pr.scope)
+        assert list(masks) == list(expect)
+        for n in expect:
+            assert torch.equal(masks[n], expect[n]), f"{strategy_name} {cfg}: {n}"
+        pruned = sum(int((~m).sum()) for m in expect.values()) / sum(m.numel() for m in expect.values())
+        assert sparsity == pytest.approx(pruned, abs=1e-9), cfg
+        for n, m in expect.items():
+            assert layers[n] == pytest.approx(int((~m).sum()) / m.numel(), abs=1e-12), (cfg, n)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "model", "data"),
+    [
+        ("fsdp", MLP["model"], MLP["data"]),
+        ("fsdp", GPT["model"], GPT["data"]),
+        ("pipeline", GPT["model"], GPT["data"]),
+        ("pipeline", {"name": "convnet"}, {"name": "digits"}),
+    ],
+)
+def test_sharded_masks_equal_the_gathered_weights_masks(tmp_path, strategy, model, data):
+    spawn(_masks_vs_gathered, strategy, model, data, tmp=tmp_path)
