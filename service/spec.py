@@ -155,6 +155,12 @@ class ParallelSpec(Strict):
     def _rules(self) -> ParallelSpec:
         if self.strategy == "pipeline" and self.workers < 2:
             raise ValueError("workers: strategy `pipeline` needs at least 2 workers (one per stage)")
+        one_f_one_b = self.strategy == "pipeline" and self.pipeline_schedule == "1f1b"
+        if one_f_one_b and self.pipeline_microbatches < self.workers:
+            raise ValueError(
+                f"pipeline_microbatches: schedule `1f1b` needs at least one microbatch per stage "
+                f"({self.workers} workers); use more microbatches or schedule `gpipe`"
+            )
         return self
 
 
@@ -340,6 +346,11 @@ class JobSpec(Strict):
             if a["n_embd"] % a["n_head"]:
                 raise ValueError(
                     f"model.args.n_embd: {a['n_embd']} is not divisible by n_head ({a['n_head']})"
+                )
+            if p.strategy == "pipeline" and p.workers > a["n_layer"] + 2:
+                raise ValueError(
+                    f"parallel.workers: gpt with n_layer={a['n_layer']} splits into at most "
+                    f"{a['n_layer'] + 2} pipeline stages (embedding, {a['n_layer']} blocks, head)"
                 )
         return self
 

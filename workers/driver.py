@@ -26,6 +26,7 @@ from workers import export
 from workers.checkpoint import CHECKPOINTS
 from workers.data import load_dataset
 from workers.models import build_model
+from workers.models.stages import require_stages
 from workers.session import MetricsRelay
 from workers.train_loop import total_steps
 
@@ -98,7 +99,9 @@ def preflight(spec: JobSpec, store: ArtifactStore):
     job once, without retries (retrying cannot fix it)."""
     data = load_dataset(spec.data, store)
     spe, total = total_steps(spec, data.info.n_train)
-    build_model(spec.model.name, spec.model.args, data.info)
+    model = build_model(spec.model.name, spec.model.args, data.info)
+    if spec.parallel.strategy == "pipeline":
+        require_stages(model, spec.parallel.workers)
     if spec.uses_gpu:
         need = spec.parallel.gpus_per_worker * spec.parallel.workers
         have = ray.cluster_resources().get("GPU", 0)

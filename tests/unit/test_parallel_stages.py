@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from service import catalog
-from service.errors import ConfigError
-from service.spec import DataSpec
+from service.artifacts import LocalArtifactStore
+from service.errors import ConfigError, SpecError
+from service.spec import DataSpec, parse_spec
 from workers.data import load_dataset
 from workers.data.info import DataInfo
+from workers.driver import preflight
 from workers.models import build_model
 from workers.models.stages import chain_of, cut_stage, max_stages, n_params, partition, units
 from workers.parallel.fsdp import shard_units
@@ -152,3 +154,49 @@ def test_text_gpt_chain_on_real_data():
     for _, m in chain_of(model):
         h = m(h)
     assert torch.equal(h, model(data.x_val[:2]))
+
+
+# --- combinations that cannot work are refused before training ----------------------------------
+
+BASE = {"name": "p", "model": {"name": "gpt", "args": {"n_layer": 2}}, "data": {"name": "text"}}
+
+
+@pytest.mark.parametrize(
+    ("parallel", "field", "message"),
+    [
+        (
+            {"strategy": "pipeline", "workers": 5, "pipeline_schedule": "gpipe", "pipeline_microbatches": 8},
+            "parallel.workers",
+            "gpt with n_layer=2 splits into at most 4 pipeline stages",
+        ),
+        (
+            {"strategy": "pipeline", "workers": 4, "pipeline_schedule": "1f1b", "pipeline_microbatches": 2},
+            "parallel.pipeline_microbatches",
+            "schedule `1f1b` needs at least one microbatch per stage (4 workers)",
+        ),
+    ],
+)
+def test_spec_refuses_pipelines_that_cannot_run(parallel, field, message):
+    with pytest.raises(SpecError) as e:
+        parse_spec({**BASE, "train": {"batch_size": 64}, "parallel": parallel})
+    assert [x["field"] for x in e.value.errors] == [field]
+    assert message in e.value.errors[0]["message"]
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_spec_accepts_pipelines_that_fit(workers):
+    spec = parse_spec({**BASE, "parallel": {"strategy": "pipeline", "workers": workers}})
+    assert spec.parallel.pipeline_microbatches >= workers
+
+
+def test_preflight_refuses_more_stages_than_layers(tmp_path):
+    spec = parse_spec(
+        {
+            "name": "p",
+            "model": {"name": "mlp", "args": {"hidden": [32]}},
+            "data": {"name": "digits"},
+            "parallel": {"strategy": "pipeline", "workers": 3, "pipeline_microbatches": 4},
+        }
+    )
+    with pytest.raises(ConfigError, match="parallel.workers: MLP splits into at most 2 pipeline stages"):
+        preflight(spec, LocalArtifactStore(tmp_path))

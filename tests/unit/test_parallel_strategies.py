@@ -5,6 +5,8 @@ this machine, no Ray), the real training loop (`workers.train_loop.train` with a
 - Masks computed on shards (FSDP rows, pipeline stages) equal those the same threshold yields on
   the gathered weights, for every scope and structure.
 - A run interrupted mid-way resumes to bit-identical weights; fp16/bf16 keep masks exact.
+- QAT (fake quantization prepared before the strategy shards or splits the model) changes none
+  of this: the MLP and LeNet-5 runs below quantize.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ MLP = {  # odd widths: FSDP's dim-0 shards are uneven (17 rows over 2 ranks)
     "model": {"name": "mlp", "args": {"hidden": [33, 17]}},
     "data": {"name": "digits"},
     "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "log_every_steps": 1, "grad_clip_norm": 1.0},
-    "compression": {"pruning": {"final_sparsity": 0.8, "start_step": 4, "end_step": 30, "frequency": 4}},
+    "compression": {
+        "pruning": {"final_sparsity": 0.8, "start_step": 4, "end_step": 30, "frequency": 4},
+        "quantization": {"mode": "qat", "start_step": 10},  # prepared before sharding
+    },
     "checkpoint": {"every_steps": 20},
 }
 GPT = {
@@ -81,7 +86,8 @@ LENET = {  # channel pruning, per-layer scope, 1F1B
             "frequency": 4,
             "scope": "layer",
             "structure": "channel",
-        }
+        },
+        "quantization": {"mode": "qat", "start_step": 8},  # observers see every microbatch once
     },
     "parallel": {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
     "checkpoint": {"every_steps": 100},

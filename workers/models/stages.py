@@ -78,14 +78,20 @@ def max_stages(model: nn.Module) -> int:
     return len(units(chain_of(model)))
 
 
-def stage_links(model: nn.Module, n: int, index: int) -> list[Link]:
-    """The links of stage `index` of `n`."""
-    us = units(chain_of(model))
-    if n > len(us):
+def require_stages(model: nn.Module, n: int) -> None:
+    """Raise ConfigError (naming parallel.workers) unless `model` can be cut into `n` stages."""
+    most = max_stages(model)
+    if n > most:
         raise ConfigError(
-            f"parallel.workers: {type(model).__name__} splits into at most {len(us)} pipeline "
+            f"parallel.workers: {type(model).__name__} splits into at most {most} pipeline "
             f"stages (one per layer with parameters), not {n}"
         )
+
+
+def stage_links(model: nn.Module, n: int, index: int) -> list[Link]:
+    """The links of stage `index` of `n`."""
+    require_stages(model, n)
+    us = units(chain_of(model))
     starts = partition([n_params(u) for u in us], n)
     ends = [*starts[1:], len(us)]
     return [link for u in us[starts[index] : ends[index]] for link in u]

@@ -46,7 +46,6 @@ class PipelineStrategy(Strategy):
         self.first, self.last = self.index == 0, self.index == self.n_stages - 1
         self._layout: OrderedDict[str, torch.Size] = OrderedDict()
         self._held: set[str] = set()
-        self._stage: PipelineStage | None = None
         self._schedule = None
 
     # layout
@@ -59,7 +58,6 @@ class PipelineStrategy(Strategy):
         )
         stage = cut_stage(model, self.n_stages, self.index).to(self.dist.device)
         self._held = {name for name, m in stage.named_modules() if isinstance(m, PRUNABLE)}
-        self._stage = PipelineStage(stage, self.index, self.n_stages, self.dist.device)
         log.info(
             "pipeline stage %d/%d: %d parameters",
             self.index,
@@ -92,9 +90,35 @@ class PipelineStrategy(Strategy):
 
     # training
 
-    def _schedule_for(self, loss_fn: LossFn, precision):
+    def _boundaries(self, wrapped: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Example input and output of this stage for one microbatch, from a forward in eval
+        mode. Given to PipelineStage, they spare it its own shape inference, which would run an
+        extra training-mode forward on uninitialised activations (and so feed garbage to any
+        training-time state, such as QAT's activation observers)."""
+        mb = x[: len(x) // self.spec.parallel.pipeline_microbatches]
+        was_training = wrapped.training
+        wrapped.eval()
+        with torch.no_grad():
+            h = mb if self.first else _recv(self.index - 1, self.dist.device)
+            out = wrapped(h)
+            if not self.last:
+                _send(out, self.index + 1)
+        wrapped.train(was_training)
+        # Activations from the previous stage need their gradient; the batch's inputs do not.
+        return h.detach().requires_grad_(not self.first), out.detach().requires_grad_(True)
+
+    def _schedule_for(self, wrapped: nn.Module, x: torch.Tensor, loss_fn: LossFn, precision):
         if self._schedule is None:
             p = self.spec.parallel
+            example_in, example_out = self._boundaries(wrapped, x)
+            stage = PipelineStage(
+                wrapped,
+                self.index,
+                self.n_stages,
+                self.dist.device,
+                input_args=(example_in,),
+                output_args=(example_out,),
+            )
 
             def stage_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                 loss = loss_fn(out.float(), target)
@@ -104,12 +128,12 @@ class PipelineStrategy(Strategy):
             # scale_grads: each microbatch's loss is a mean, so the gradients are divided by
             # the number of microbatches to be the global batch's mean gradient.
             self._schedule = SCHEDULES[p.pipeline_schedule](
-                self._stage, p.pipeline_microbatches, loss_fn=stage_loss, scale_grads=True
+                stage, p.pipeline_microbatches, loss_fn=stage_loss, scale_grads=True
             )
         return self._schedule
 
     def forward_backward(self, wrapped, x, y, loss_fn: LossFn, precision) -> torch.Tensor:
-        schedule = self._schedule_for(loss_fn, precision)
+        schedule = self._schedule_for(wrapped, x, loss_fn, precision)
         losses: list[torch.Tensor] = []
         if precision.scaler is not None and not self.last:
             # This stage's gradients arrive already scaled; its scaler needs the (identical)
