@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 
 from api import errors
-from api.routes import jobs, system
+from api.routes import dashboard, jobs, system
 from api.routes.prometheus import RequestMetrics, StoreCollector, request_latency
 from api.sse import Notifier
 from service.artifacts import ArtifactStore, open_store
@@ -74,6 +74,7 @@ def create_app(
     errors.install(app)
     app.include_router(system.router)
     app.include_router(jobs.router)
+    dashboard.install(app)
     app.add_middleware(RequestMetrics, latency=request_latency(registry))
     app.openapi = lambda: _openapi(app)
     return app

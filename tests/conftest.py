@@ -18,6 +18,7 @@ pytest_plugins: list[str] = [
     "tests.plugins.postgres",
     "tests.plugins.server",
     "tests.plugins.fake_ray",
+    "tests.plugins.browser",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent

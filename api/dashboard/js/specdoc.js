@@ -1,0 +1,39 @@
+// Where a field of a spec is written: the API names bad fields by path ("train.lr",
+// "compression.pruning.end_step", "(body)"); this finds the line of that key in the YAML or JSON
+// text the user typed, so the error can be shown next to it.
+
+import { LineCounter, isMap, isPair, isScalar, isSeq, parseDocument } from "../vendor/yaml.esm.js";
+
+/** Parse YAML or JSON (JSON is read as YAML 1.2, which keeps positions for both). */
+export function parseSpec(text) {
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
+  const errors = doc.errors.map((e) => ({
+    field: "(syntax)",
+    message: e.message.split("\n")[0],
+    line: lineCounter.linePos(e.pos[0]).line,
+  }));
+  return { doc, lineCounter, errors };
+}
+
+/** The 1-based line where the deepest existing part of `path` is written (1 when none is). */
+export function lineOf(parsed, field) {
+  const { doc, lineCounter } = parsed;
+  const parts = String(field).split(".").filter((p) => p && !p.startsWith("("));
+  let node = doc.contents;
+  let offset = node && node.range ? node.range[0] : 0;
+  for (const part of parts) {
+    if (isMap(node)) {
+      const pair = node.items.find((it) => isPair(it) && isScalar(it.key) && String(it.key.value) === part);
+      if (!pair) break;
+      offset = pair.key.range ? pair.key.range[0] : offset;
+      node = pair.value;
+    } else if (isSeq(node) && /^\d+$/.test(part) && node.items[Number(part)]) {
+      node = node.items[Number(part)];
+      offset = node.range ? node.range[0] : offset;
+    } else {
+      break;
+    }
+  }
+  return lineCounter.linePos(offset).line;
+}
