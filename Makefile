@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/slimtrain run examples/digits-gmp90.yaml
+	$(VENV)/bin/slimtrain serve
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests

@@ -12,11 +12,12 @@ from service.job_service import JobService
 _bearer = HTTPBearer(auto_error=False, description="An API token from SLIMTRAIN_API_TOKENS.")
 
 
-def get_service(request: Request) -> JobService:
+# async: both are pure CPU work; a plain `def` dependency costs a threadpool hop per request.
+async def get_service(request: Request) -> JobService:
     return request.app.state.service
 
 
-def current_tenant(
+async def current_tenant(
     request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
     return request.app.state.auth.tenant_for(creds.credentials if creds else None)
