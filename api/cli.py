@@ -40,6 +40,21 @@ Token = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
+def _settings():
+    """The settings, or exit 2 naming each malformed SLIMTRAIN_ variable."""
+    from pydantic import ValidationError
+
+    from service.settings import get_settings
+
+    try:
+        return get_settings()
+    except ValidationError as e:
+        for err in e.errors():
+            name = "SLIMTRAIN_" + "_".join(str(x) for x in err["loc"]).upper()
+            console.print(f"[red]{name}:[/] {err['msg']}")
+        raise typer.Exit(2) from None
+
+
 def _load(spec_path: Path) -> JobSpec:
     try:
         return load_spec_file(spec_path)
@@ -95,9 +110,8 @@ def run(
     job_spec = _load(spec)
     from service.artifacts import LocalArtifactStore, check_job_id, open_store
     from service.ids import new_job_id
-    from service.settings import get_settings
 
-    settings = get_settings()
+    settings = _settings()
     if out_dir is not None:
         try:
             job_id = check_job_id(out_dir.resolve().name)
@@ -175,9 +189,8 @@ def report(
 def _api(url: str, token: str | None) -> Iterator[Client]:
     """A client of the API; its errors become messages and exit codes, never tracebacks."""
     from service.auth import local_token
-    from service.settings import get_settings
 
-    token = token or local_token(get_settings())
+    token = token or local_token(_settings())
     client = Client(url, token)
     try:
         yield client
@@ -208,9 +221,8 @@ def serve(
     import uvicorn
 
     from service.auth import TokenConfigError, load_auth, token_file
-    from service.settings import get_settings
 
-    settings = get_settings()
+    settings = _settings()
     settings = settings.model_copy(update={"host": host or settings.host, "port": port or settings.port})
     try:
         auth, new_token = load_auth(settings, create=True)
