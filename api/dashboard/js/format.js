@@ -4,8 +4,11 @@ const DASH = "–";
 
 export function num(v, digits = 3) {
   if (v === null || v === undefined || Number.isNaN(v)) return DASH;
-  if (Math.abs(v) >= 1000) return Math.round(v).toLocaleString("en");
-  return Number(v).toPrecision(digits).replace(/\.?0+$/, "").replace(/\.?0+e/, "e");
+  if (Number.isInteger(v) || Math.abs(v) >= 1000) return Math.round(v).toLocaleString("en");
+  const s = Number(v).toPrecision(digits);
+  // Trailing zeros go only after a decimal point: 0.0500 -> 0.05, 1.50e-7 -> 1.5e-7.
+  if (s.includes("e")) return s.replace(/\.?0+e/, "e");
+  return s.includes(".") ? s.replace(/\.?0+$/, "") : s;
 }
 
 export function pct(v, digits = 1) {

@@ -13,6 +13,8 @@ const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 const signOut = document.getElementById("sign-out");
 let cleanup = null;
+// While the sign-in form checks a token, a 401 is its own answer, not a revoked session.
+let signingIn = false;
 
 /** "#/jobs/ID?x=1" -> {path: ["jobs", "ID"], query: URLSearchParams} */
 function parseHash() {
@@ -85,10 +87,13 @@ function showLogin(message = "") {
     button.disabled = true;
     fill(error);
     token.set(input.value.trim());
+    signingIn = true;
     try {
       await get("/v1/jobs?limit=1"); // proves the token before anything else is shown
+      signingIn = false;
       route();
     } catch (err) {
+      signingIn = false;
       token.clear();
       fill(error, err.status === 401 ? "That token was not accepted." : `Cannot reach the API: ${err.message}`);
       button.disabled = false;
@@ -100,7 +105,7 @@ function showLogin(message = "") {
 }
 
 onUnauthorized(() => {
-  if (!token.get()) return;
+  if (signingIn || !token.get()) return;
   token.clear();
   if (cleanup) cleanup();
   cleanup = null;
@@ -118,5 +123,9 @@ document.getElementById("skip").addEventListener("click", (event) => {
   main.focus();
 });
 
-window.addEventListener("hashchange", route);
+window.addEventListener("hashchange", () => {
+  route();
+  // Keyboard and screen-reader users land on the new page, not on the link they left.
+  if (token.get() && !main.contains(document.activeElement)) main.focus({ preventScroll: true });
+});
 route();

@@ -103,7 +103,7 @@ export function render(view, { query }) {
     fill(
       results,
       section("Curves", h("div", { class: "charts" }, boxes.loss, boxes.accuracy, boxes.sparsity)),
-      section("Accuracy vs compression", boxes.scatter, summaryTable(runs)),
+      section("Accuracy vs compression", boxes.scatter, h("div", { id: "compare-table" }, summaryTable(runs))),
     );
     const seriesOf = () => runs.map((r, i) => ({ label: r.job.name, color: color(i) }));
     const overlay = (box, chartTitle, yLabel, kind, key, yRange) => {
