@@ -54,7 +54,10 @@ class Strategy(ABC):
 
     The loop calls `wrap` once, then `forward_backward` every step; the compression code reaches
     the weights through `prunable` and reduces its statistics with `pruner_reduce`, so pruning
-    reads the same under every strategy."""
+    reads the same under every strategy. Where ranks hold different parts of the model (FSDP's
+    shards, pipeline stages) the strategy also decides which data each rank sees (`data_shard`),
+    how inference runs (`infer`), how gradient norms and fp16 inf checks span ranks, and how
+    masks are stored whole in checkpoints (`gather_masks` / `local_masks`)."""
 
     name: str
 
