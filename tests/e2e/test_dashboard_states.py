@@ -117,6 +117,9 @@ def test_the_editor_converts_to_json_and_marks_json_lines(page, fake):
     line = next(i for i, s in enumerate(text.split("\n"), 1) if '"workers": "two"' in s)
     mark = page.locator(f".overlay .line:nth-child({line}) .field-error[data-field~='parallel.workers']")
     expect(mark).to_be_visible()
+    # The schema's description of the field explains it in the error list.
+    doc = page.locator("#spec-errors .field-doc")
+    expect(doc).to_contain_text("Ray Train workers (one process each). · default: 1")
     # The error list's link puts the caret on that line.
     page.click("#spec-errors button")
     start = page.evaluate("() => document.getElementById('spec-editor').selectionStart")

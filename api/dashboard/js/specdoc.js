@@ -37,3 +37,34 @@ export function lineOf(parsed, field) {
   }
   return lineCounter.linePos(offset).line;
 }
+
+/** The JSON Schema node of a field path ("train.lr"), following $ref and nullable anyOf. */
+function schemaNode(schema, field) {
+  const deref = (node) => {
+    for (let i = 0; node && i < 8; i += 1) {
+      if (node.$ref) node = schema.$defs?.[node.$ref.split("/").pop()];
+      else if (node.anyOf) node = node.anyOf.find((n) => n.type !== "null") ?? null;
+      else break;
+    }
+    return node;
+  };
+  let node = deref(schema);
+  for (const part of String(field).split(".")) {
+    if (!node || part.startsWith("(")) return null;
+    node = deref(node.properties?.[part] ?? (node.items && /^\d+$/.test(part) ? node.items : null));
+  }
+  return node;
+}
+
+/** What the spec's schema says of a field: its description, default and allowed values. */
+export function describeField(schema, field) {
+  const node = schema && schemaNode(schema, field);
+  if (!node || node === schema) return "";
+  const parts = [];
+  if (node.description) parts.push(node.description);
+  if (node.enum) parts.push(`allowed: ${node.enum.join(", ")}`);
+  if (node.default !== undefined && node.default !== null && typeof node.default !== "object") {
+    parts.push(`default: ${node.default}`);
+  }
+  return parts.join(" · ");
+}

@@ -4,7 +4,7 @@
 
 import { ApiError, get, post } from "../api.js";
 import { h, fill } from "../dom.js";
-import { lineOf, parseSpec } from "../specdoc.js";
+import { describeField, lineOf, parseSpec } from "../specdoc.js";
 import { stringify } from "../../vendor/yaml.esm.js";
 import { errorNote } from "./common.js";
 
@@ -15,6 +15,7 @@ const MINIMAL = "name: my-job\nmodel: {name: mlp}\ndata: {name: digits}\n";
 
 export function render(view) {
   let examples = [];
+  let schema = null; // the spec's JSON Schema: explains each refused field beside its error
   let marks = []; // [{line, field, message}]
   // One key per intended submission: a double click or a retry after a lost answer cannot
   // create the job twice; editing the spec makes it a new submission.
@@ -125,6 +126,7 @@ export function render(view) {
             " ",
             h("code", {}, m.field),
             `: ${m.message}`,
+            describeField(schema, m.field) ? h("span", { class: "field-doc" }, ` — ${describeField(schema, m.field)}`) : null,
           ),
         ),
       ),
@@ -191,6 +193,11 @@ export function render(view) {
     }
   });
 
+  get("/v1/spec/schema")
+    .then((s) => {
+      schema = s;
+    })
+    .catch(() => {}); // only the explanations are missing without it; the API still names the field
   get("/v1/spec/examples")
     .then((res) => {
       examples = res.items;
