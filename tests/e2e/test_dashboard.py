@@ -230,6 +230,7 @@ def test_compare_overlays_curves_and_plots_reports(page, server):
     r = server.api.post("/v1/jobs", json=spec)
     assert r.status_code == 201, r.text
     dense = r.json()["id"]
+    server.jobs["dense"] = dense
     server.wait_state(dense, "succeeded")
     pruned = server.jobs["digits"]
 
@@ -271,6 +272,7 @@ def test_every_page_fits_a_narrow_screen_and_works_by_keyboard(page, server):
         "jobs-succeeded": ("#/jobs?state=succeeded", "#jobs-table tbody tr"),
         "submit": ("#/submit", ".gutter div"),
         "cluster": ("#/cluster", "#cluster .cards"),
+        "compare": (f"#/compare?ids={server.jobs['digits']},{server.jobs['dense']}", "#cmp-scatter circle"),
         "job": (f"#/jobs/{server.jobs['digits']}", "#report-cards"),
     }
     for name, (route, ready) in pages.items():
