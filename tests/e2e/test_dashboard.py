@@ -270,7 +270,7 @@ def test_every_page_fits_a_narrow_screen_and_works_by_keyboard(page, server):
     pages = {  # name: (route, what shows once the page has its data)
         "jobs": ("#/jobs", "#jobs-table tbody tr"),
         "jobs-succeeded": ("#/jobs?state=succeeded", "#jobs-table tbody tr"),
-        "submit": ("#/submit", ".gutter div"),
+        "submit": ("#/submit", ".gutter div:nth-child(5)"),  # an example is loaded
         "cluster": ("#/cluster", "#cluster .cards"),
         "compare": (f"#/compare?ids={server.jobs['digits']},{server.jobs['dense']}", "#cmp-scatter circle"),
         "job": (f"#/jobs/{server.jobs['digits']}", "#report-cards"),
