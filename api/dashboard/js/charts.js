@@ -168,7 +168,10 @@ export function scatter(container, points, { title, xLabel, yLabel, yBounds = [-
     const g = svg("g", { class: "point" });
     g.append(svg("title", {}, `${p.label}: ${xLabel} ${num(p.x)}, ${yLabel} ${num(p.y)}`));
     g.append(svg("circle", { cx: sx(p.x), cy: sy(p.y), r: 6, fill: p.color }));
-    g.append(svg("text", { x: sx(p.x) + 9, y: sy(p.y) - 8, class: "point-label" }, p.label));
+    // Labels of points in the right half go to their left, so they stay inside the plot.
+    const right = sx(p.x) > (W + m.l) / 2;
+    const at = { x: sx(p.x) + (right ? -9 : 9), y: sy(p.y) - 8, "text-anchor": right ? "end" : "start" };
+    g.append(svg("text", { ...at, class: "point-label" }, p.label));
     root.append(g);
   });
   fill(container, h("h3", {}, title), root);
