@@ -4,7 +4,7 @@ this machine, no Ray), the real training loop (`workers.train_loop.train` with a
 - FSDP follows DDP's loss curve and ends with identical masks; pipeline follows one process.
 - Masks computed on shards (FSDP rows, pipeline stages) equal those the same threshold yields on
   the gathered weights, for every scope and structure.
-- A run interrupted mid-way resumes to bit-identical weights; fp16/bf16 keep masks exact.
+- A run interrupted mid-way resumes to bit-identical weights; fp16 keeps masks exact.
 - QAT (fake quantization prepared before the strategy shards or splits the model) changes none
   of this: the MLP and LeNet-5 runs below quantize.
 """
@@ -238,8 +238,10 @@ def test_interrupted_run_resumes_to_identical_weights(runs, fsdp_and_ddp, strate
         assert torch.equal(a["pruner"]["masks"][k], b["pruner"]["masks"][k])
 
 
+# fp16: the sharded grad scaler, whose inf flag must agree across shards and stages. bf16 runs
+# the same autocast paths without a scaler (FSDP bf16 also runs in tests/integration).
 @pytest.mark.parametrize(("strategy", "spec"), [("fsdp", MLP), ("pipeline", LENET)])
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("precision", ["fp16"])
 def test_mixed_precision_trains_and_keeps_masks_exact(runs, strategy, spec, precision):
     job = f"{strategy}-{precision}"
     records = runs.run(_with(spec, strategy, 2, precision=precision), job)
@@ -266,7 +268,12 @@ CONFIGS = [
 ]
 
 
-def _masks_vs_gathered(rank, world, strategy_name: str, model_spec: dict, data_spec: dict):
+def _masks_vs_gathered(rank, world, strategy_name: str, models: list[tuple[dict, dict]]):
+    for model_spec, data_spec in models:
+        _masks_vs_gathered_for(rank, world, strategy_name, model_spec, data_spec)
+
+
+def _masks_vs_gathered_for(rank, world, strategy_name: str, model_spec: dict, data_spec: dict):
     spec = parse_spec(_with({"name": "m", "model": model_spec, "data": data_spec}, strategy_name, world))
     info = load_dataset(spec.data).info
     strategy = get_strategy(strategy_name)(Dist(rank, world), spec)
@@ -307,13 +314,11 @@ def _masks_vs_gathered(rank, world, strategy_name: str, model_spec: dict, data_s
 
 
 @pytest.mark.parametrize(
-    ("strategy", "model", "data"),
+    ("strategy", "models"),
     [
-        ("fsdp", MLP["model"], MLP["data"]),
-        ("fsdp", GPT["model"], GPT["data"]),
-        ("pipeline", GPT["model"], GPT["data"]),
-        ("pipeline", {"name": "convnet"}, {"name": "digits"}),
+        ("fsdp", [(MLP["model"], MLP["data"]), (GPT["model"], GPT["data"])]),  # uneven and even shards
+        ("pipeline", [(GPT["model"], GPT["data"]), ({"name": "convnet"}, {"name": "digits"})]),
     ],
 )
-def test_sharded_masks_equal_the_gathered_weights_masks(tmp_path, strategy, model, data):
-    spawn(_masks_vs_gathered, strategy, model, data, tmp=tmp_path)
+def test_sharded_masks_equal_the_gathered_weights_masks(tmp_path, strategy, models):
+    spawn(_masks_vs_gathered, strategy, models, tmp=tmp_path)
