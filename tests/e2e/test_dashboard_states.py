@@ -125,3 +125,10 @@ def test_the_editor_converts_to_json_and_marks_json_lines(page, fake):
     start = page.evaluate("() => document.getElementById('spec-editor').selectionStart")
     assert text[:start].count("\n") == line - 1
     shot(page, "12-submit-json-error")
+
+
+def test_an_unknown_job_says_so(page, fake):
+    page.console_errors.allow(404)  # the API's answer for the missing job
+    sign_in(page, fake, "#/jobs/20990101-000000-deadbeef")
+    expect(page.locator("#job-summary .error")).to_contain_text("20990101-000000-deadbeef")
+    expect(page.locator("#cancel")).to_have_count(0)

@@ -233,7 +233,10 @@ export function render(view, { id }) {
 
   async function refreshSide() {
     if (sideDone) return;
-    const j = await get(`/v1/jobs/${encodeURIComponent(id)}`, { signal: abort.signal });
+    const j = await get(`/v1/jobs/${encodeURIComponent(id)}`, { signal: abort.signal }).catch((err) => {
+      if (err.status === 404) sideDone = true; // no such job (for this tenant): nothing to refresh
+      throw err;
+    });
     showJob(j);
     const base = `/v1/jobs/${encodeURIComponent(id)}`;
     const [attempts, arts, logText] = await Promise.all([
