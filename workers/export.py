@@ -110,7 +110,10 @@ def export(
 
     qweights = quant.export_weights(model, q) if q.mode != "none" else OrderedDict()
     deployed = deployed_state(state, qweights)
-    meta = {"model": spec.model.model_dump(), "data_info": data.info.to_dict(), "job_id": job_id}
+    # What a rebuild needs (the input's shape and normalisation), not the training split's sizes:
+    # the header is a visible part of a few-KB artifact.
+    info = {k: v for k, v in data.info.to_dict().items() if k not in ("source", "n_train", "n_val")}
+    meta = {"model": spec.model.model_dump(), "data_info": info, "job_id": job_id}
     packed = pack.pack(deployed, meta, quantized={f"{n}.weight": qw for n, qw in qweights.items()})
     arts.put_bytes("model.packed", packed)
     rebuilt = pack.rebuild(packed)

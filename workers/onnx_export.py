@@ -204,13 +204,17 @@ def quantize_int8(
     codes, our activation ranges where we have them (QAT), calibrated ranges (MinMax over
     `calibration`) for the rest."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     nodes = layer_nodes(fp32, weights)
     overrides = {**activation_overrides(fp32, nodes, ranges), **weight_overrides(nodes, q)}
     with tempfile.TemporaryDirectory() as tmp:
         # From a file: given a ModelProto, the quantizer rewrites it in place.
-        src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(to_bytes(fp32))
+        raw, src, out = Path(tmp) / "raw.onnx", Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        raw.write_bytes(to_bytes(fp32))
+        # onnxruntime's recommended preparation: shape inference (its graph optimisation is
+        # skipped: it would rename or fold the initializers our overrides are keyed by).
+        quant_pre_process(str(raw), str(src), skip_optimization=True)
         quantize_static(
             str(src),
             str(out),

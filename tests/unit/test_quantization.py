@@ -38,7 +38,11 @@ def test_weight_fake_quant_error_is_at_most_half_a_step(bits, shape):
     # the scale covers the channel's largest weight, and is on the float16 grid
     absmax = w.abs().reshape(w.shape[0], -1).amax(1)
     assert torch.all(scale * qz.qmax(bits) >= absmax)
+    assert torch.all(scale * qz.qmax(bits) <= absmax * (1 + 2**-qz.SCALE_MANTISSA_BITS))
+    # on the scale grid: float16 values with SCALE_MANTISSA_BITS mantissa bits
     assert torch.equal(scale.half().float(), scale)
+    low = (1 << (10 - qz.SCALE_MANTISSA_BITS)) - 1
+    assert torch.all((scale.half().view(torch.int16) & low) == 0)
     fq = qz.fake_quantize_weight(w, scale, bits)
     assert torch.all((fq - w).abs() <= per / 2 + 1e-7)
     codes = torch.round(fq / per)

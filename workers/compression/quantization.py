@@ -49,6 +49,7 @@ EMA = 0.01  # observer averaging constant (torch.ao's MovingAverageMinMaxObserve
 OBSERVER_WARMUP = 50  # observers start this many steps before fake quantization does
 FREEZE_FRACTION = 0.8  # default: observers freeze 80% of the way from start_step to the end
 _FP16_TINY = float(torch.finfo(torch.float16).smallest_normal) * 2.0**-10  # smallest subnormal
+SCALE_MANTISSA_BITS = 4  # weight scales: float16 values with this many mantissa bits (see _ceil_scale)
 
 
 def qmax(bits: int) -> int:
@@ -86,20 +87,28 @@ def schedule(cfg: QuantizationSpec, total_steps: int, pruning_end: int | None = 
 # --- weights (pure) -----------------------------------------------------------------------------
 
 
-def _ceil_fp16(s: torch.Tensor) -> torch.Tensor:
-    """The smallest float16 value >= s, as float32. Scales on the float16 grid cost half the bytes
-    in the packed file, losslessly; rounding *up* keeps every code within [-qmax, qmax]."""
-    s = s.float().clamp(_FP16_TINY, float(torch.finfo(torch.float16).max))
+def _ceil_scale(s: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 value with SCALE_MANTISSA_BITS mantissa bits that is >= s, as float32.
+
+    Why a coarse grid: scales are a large part of a pruned, quantized model's packed bytes (one
+    per output channel, next to ~1 bit per weight for positions and ~4 for shared codes). Held as
+    float16 with 6 trailing zero bits they entropy-code to about half of a free float16, and a
+    scale at most 2^-4 above max|w|/qmax costs under 0.1 bit of the code range. Rounding *up*
+    keeps every code within [-qmax, qmax]; the grid is exact in float32, float16 and ONNX."""
+    s = s.float().clamp(_FP16_TINY, float(torch.finfo(torch.float16).max) / 2)
     h = s.to(torch.float16)
-    up = torch.nextafter(h, torch.full_like(h, math.inf))
-    return torch.where(h.float() < s, up, h).float()
+    h = torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+    drop = 10 - SCALE_MANTISSA_BITS  # float16 bit patterns of positive values order like the values
+    bits = h.view(torch.int16).int()
+    bits = ((bits + (1 << drop) - 1) >> drop) << drop
+    return bits.to(torch.int16).view(torch.float16).float()
 
 
 def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel scale max|w_c| / qmax (float32, on the float16 grid). An all-zero
-    (pruned) channel gets the smallest scale: its codes are 0 either way."""
+    """Per-output-channel scale max|w_c| / qmax, rounded up onto the scale grid (float32). An
+    all-zero (pruned) channel gets the smallest scale: its codes are 0 either way."""
     absmax = w.detach().float().abs().reshape(w.shape[0], -1).amax(dim=1)
-    return _ceil_fp16(absmax / qmax(bits))
+    return _ceil_scale(absmax / qmax(bits))
 
 
 def fixed_scale(w: torch.Tensor, q: float) -> torch.Tensor:
