@@ -1,10 +1,14 @@
-"""A job whose artifacts live in S3: `slimtrain run` with SLIMTRAIN_ARTIFACT_URI=s3://..., a
-dataset from `data.uri: s3://...`, real Ray Train workers uploading checkpoints straight into the
-bucket (the loopback S3 server; the Ray cluster has no AWS variables, so the credentials can only
-travel in the job's config), and a resume that skips a corrupt and a half-written checkpoint."""
+"""Jobs whose artifacts live in S3 (the loopback S3 server).
+
+`slimtrain run` with SLIMTRAIN_ARTIFACT_URI=s3://..., a dataset from `data.uri: s3://...`, real
+Ray Train workers uploading checkpoints straight into the bucket (the session's Ray cluster has no
+AWS variables, so the credentials can only travel in the job's config), and a resume that skips a
+corrupt and a half-written checkpoint. Then the cluster setup end to end: the API on PostgreSQL
+and S3, a job submitted over REST, its checkpoints, artifacts and manifest in the bucket."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -16,12 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import sqlalchemy
+import yaml
 from sklearn.datasets import load_digits
 
+from api.client import Client
 from service.artifacts import JobArtifacts
 from service.spec import load_spec_file
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 from tests.plugins.s3 import CREDENTIALS
+from tests.plugins.server import ApiProcess
+from tests.raycluster import start_head
 from workers.checkpoint import dir_name, list_checkpoints, load_folder, load_latest
 from workers.driver import run_job
 
@@ -42,13 +51,17 @@ retries: 0
 STEPS = (20, 40, 60)
 
 
-@pytest.fixture(scope="module")
-def job(ray_cluster, s3_server, tmp_path_factory):
-    bucket = s3_server.new_bucket()
+def _upload_digits(s3_server, bucket: str) -> None:
     digits = load_digits()
     buf = io.BytesIO()
     np.savez(buf, X=digits.data.astype(np.float32), y=digits.target)
     s3_server.client().put_object(Bucket=bucket, Key="datasets/digits.npz", Body=buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def job(ray_cluster, s3_server, tmp_path_factory):
+    bucket = s3_server.new_bucket()
+    _upload_digits(s3_server, bucket)
     tmp = tmp_path_factory.mktemp("s3job")
     spec_path = tmp / "spec.yaml"
     spec_path.write_text(SPEC.format(bucket=bucket))
@@ -118,7 +131,9 @@ def test_run_writes_checkpoints_artifacts_and_manifest_to_the_bucket(job, s3_ser
             assert f"{base}checkpoints/{dir_name(step)}/{f}" in keys
     arts = JobArtifacts(store, job_id)
     listed = {e["name"] for e in arts.get_json("manifest.json")["artifacts"]}
-    assert listed == set(names) - {"manifest.json"}
+    # every object of the job but the checkpoints (each has its own) and the manifest itself
+    job_objects = {k[len(base) :] for k in keys if k.startswith(base) and not k.endswith("/")}
+    assert listed == {n for n in job_objects if not n.startswith("checkpoints/")} - {"manifest.json"}
     assert arts.verify_manifest() == []
     assert _verified_steps(store, job_id) == list(STEPS)
     # nothing went to the local data folder
@@ -161,3 +176,77 @@ def test_resume_skips_corrupt_and_half_written_checkpoints(job, s3_server, monke
     assert rep["accuracy"] == job["report"]["accuracy"]
     assert _verified_steps(store, job_id) == list(STEPS)
     assert arts.verify_manifest() == []
+
+
+# The cluster setup: API + PostgreSQL + S3 + a Ray head whose node carries its own AWS variables
+# (the scheduler never puts credentials into a Ray job's runtime_env, which Ray's dashboard
+# shows), as the compose and KubeRay heads do. The session's cluster has none, so this test
+# starts its own head with them; the training workers still get the store through the config.
+
+TOKEN = "s3-api-token-0123456789abcdef"
+
+
+def test_api_job_on_postgres_and_s3(s3_server, postgres_url, tmp_path):
+    bucket = s3_server.new_bucket()
+    _upload_digits(s3_server, bucket)
+    head = start_head(num_cpus=2, tag="s3api", env={**os.environ, **s3_server.env})
+    env = {
+        **os.environ,
+        **s3_server.env,
+        "SLIMTRAIN_DATA_DIR": str(tmp_path / "data"),
+        "SLIMTRAIN_DATABASE_URL": postgres_url,
+        "SLIMTRAIN_ARTIFACT_URI": f"s3://{bucket}/{PREFIX}",
+        "SLIMTRAIN_RAY_ADDRESS": head.address,
+        "SLIMTRAIN_RAY_DASHBOARD_URL": head.dashboard_url,
+        "SLIMTRAIN_API_TOKENS": f"{TOKEN}:s3",
+        "SLIMTRAIN_DRIVER_PYTHON": sys.executable,
+        "SLIMTRAIN_SCHEDULER_INTERVAL_S": "0.2",
+        "SLIMTRAIN_INGEST_INTERVAL_S": "0.25",
+    }
+    api = ApiProcess(env, tmp_path / "api.log")
+    try:
+        api.start()
+        c = Client(api.url, TOKEN)
+        job_id = c.submit(yaml.safe_load(SPEC.format(bucket=bucket)))["id"]
+        final = wait_for(
+            lambda: (j := c.job(job_id))["state"] in ("succeeded", "failed", "cancelled") and j,
+            300,
+            0.5,
+            "the job to finish",
+        )
+        assert final["state"] == "succeeded", f"{final}\n{c.logs(job_id)[-3000:]}\n{api.log_tail()}"
+        report = c.report(job_id)
+        assert report["steps"] == 60 and report["sparsity"]["global"] == pytest.approx(0.5, abs=0.01)
+
+        # everything in the bucket, verified against the manifests
+        store = s3_server.store(bucket, PREFIX)
+        arts = JobArtifacts(store, job_id)
+        assert arts.verify_manifest() == []
+        assert _verified_steps(store, job_id) == list(STEPS)
+        manifest = {a["name"]: a for a in arts.get_json("manifest.json")["artifacts"]}
+        assert {"spec.json", "metrics.jsonl", "model.safetensors", "model.packed", "report.json"} <= set(
+            manifest
+        )
+        # the API lists and streams them from S3, byte for byte as the manifest says
+        listed = {a["name"] for a in c.artifacts(job_id)}
+        # the manifest covers every artifact; checkpoints carry their own, and outcome.json is
+        # the entrypoint's note to the reconciler, written after the job's artifacts are complete
+        artifacts = {n for n in listed if not n.startswith("checkpoints/")}
+        assert set(manifest) == artifacts - {"manifest.json", "outcome.json"}
+        dest = c.download(job_id, "model.safetensors", tmp_path / "dl" / "model.safetensors")
+        assert hashlib.sha256(dest.read_bytes()).hexdigest() == manifest["model.safetensors"]["sha256"]
+        assert not (tmp_path / "data" / "artifacts").exists()
+
+        # and the record is PostgreSQL's
+        engine = sqlalchemy.create_engine(postgres_url)
+        try:
+            with engine.connect() as conn:
+                row = conn.execute(
+                    sqlalchemy.text("SELECT state, attempts FROM jobs WHERE id = :id"), {"id": job_id}
+                ).one()
+        finally:
+            engine.dispose()
+        assert tuple(row) == ("succeeded", 1)
+    finally:
+        api.stop()
+        head.stop()
