@@ -79,8 +79,17 @@ def test_dockerfiles_install_the_right_torch_build():
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in api_df
     for df in (ray_df, api_df):
         # torch before the package, so that pip keeps that build for `torch>=...`
-        assert df.index('pip install "torch==') < df.index("pip install .")
-        assert "ENV RAY_AUTH_MODE=token" in df or "RAY_AUTH_MODE=token" in df
+        assert df.index('pip install "torch==') < re.search(r"pip install (-e )?\.", df).start()
+        assert "RAY_AUTH_MODE=token" in df
+
+
+def test_api_image_has_what_the_dashboard_reads_from_the_source_tree():
+    from api.routes.dashboard import EXAMPLES_DIR
+
+    assert EXAMPLES_DIR == ROOT / "examples"  # beside api/: the image keeps that layout
+    df = IMAGES["api"].read_text()
+    assert "COPY examples ./examples" in df and "pip install -e ." in df
+    assert "!examples/" in (DEPLOY / "Dockerfile.api.dockerignore").read_text()
 
 
 def test_compose_commands_name_real_commands():
