@@ -1,9 +1,10 @@
 """Quantization: int8 (and weight-only int4) for `compression.quantization`.
 
-One entry point for training, `prepare(model, cfg, schedule)`, which swaps every Linear/Conv for a
-fake-quantized subclass (same parameters, same names) *before* a strategy wraps the model, and
-one for export, `quantize_weight`, which turns a weight into the integer codes and scales that the
-int8 ONNX graph and the packed artifact both store. Training and export share `weight_scale` and
+One entry point for training, `prepare(model, cfg)`, which swaps every Linear/Conv for a
+fake-quantized subclass (same parameters, same names) *before* a strategy wraps the model (a
+`FakeQuantizer` then drives it step by step), and one for export, `export_weights` /
+`quantize_weight`, which turn weights into the integer codes and scales that the int8 ONNX graph
+and the packed artifact both store. Training and export share `weight_scale` and
 `fake_quantize_weight`, so the grid the model trained on is the grid that ships.
 
 - weights: per-output-channel symmetric, codes in [-qmax, qmax] (127 for 8 bits, 7 for 4).
