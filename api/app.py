@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
+import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
@@ -51,7 +53,8 @@ def create_app(
     registry.register(StoreCollector(store))
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
+        app.state.db_limiter = anyio.CapacityLimiter(settings.request_threads or os.cpu_count() or 2)
         db.upgrade()
         store.ensure_tenants(auth.tenants)
         store.listeners.append(notifier.publish)

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(
         default=60.0, gt=0, description="A live job the Ray cluster has not confirmed for this long is lost."
     )
+    request_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Threads running requests' database work; default: the CPU count (more Python "
+        "threads than cores contend for the GIL and lower throughput).",
+    )
 
     @field_validator("data_dir")
     @classmethod

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from sse_starlette import EventSourceResponse
 
-from api.deps import CurrentTenant, ServiceDep
+from api.deps import CurrentTenant, ServiceDep, run_db
 from api.errors import BadRequest, BodyTooLarge
 from api.routes.schemas import (
     ArtifactOut,
@@ -105,7 +105,7 @@ async def submit_job(
     ] = None,
 ) -> JobOut:
     body = await read_body(request, service.settings.max_body_bytes)
-    job, replayed = await run_in_threadpool(service.submit, tenant, body, idempotency_key)
+    job, replayed = await run_db(request, service.submit, tenant, body, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -113,7 +113,8 @@ async def submit_job(
 
 
 @router.get("/jobs", response_model=JobPage, summary="List jobs", responses={401: _ERRORS[401]})
-def list_jobs(
+async def list_jobs(
+    request: Request,
     service: ServiceDep,
     tenant: CurrentTenant,
     state: Annotated[
@@ -122,13 +123,15 @@ def list_jobs(
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page.")] = 50,
 ) -> JobPage:
-    page = service.list(tenant, [s.value for s in state] if state else None, _cursor(cursor), limit)
+    page = await run_db(
+        request, service.list, tenant, [s.value for s in state] if state else None, _cursor(cursor), limit
+    )
     return JobPage(items=[JobOut.of(j) for j in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job", responses=_ERRORS)
-def get_job(job_id: str, service: ServiceDep, tenant: CurrentTenant) -> JobOut:
-    return JobOut.of(service.get(tenant, job_id))
+async def get_job(job_id: str, request: Request, service: ServiceDep, tenant: CurrentTenant) -> JobOut:
+    return JobOut.of(await run_db(request, service.get, tenant, job_id))
 
 
 @router.post(
@@ -147,15 +150,20 @@ def cancel_job(job_id: str, service: ServiceDep, tenant: CurrentTenant) -> JobOu
     summary="Ray submissions of a job",
     responses=_ERRORS,
 )
-def job_attempts(job_id: str, service: ServiceDep, tenant: CurrentTenant) -> AttemptList:
-    return AttemptList(items=[AttemptOut.of(a) for a in service.attempts(tenant, job_id)])
+async def job_attempts(
+    job_id: str, request: Request, service: ServiceDep, tenant: CurrentTenant
+) -> AttemptList:
+    return AttemptList(
+        items=[AttemptOut.of(a) for a in await run_db(request, service.attempts, tenant, job_id)]
+    )
 
 
 @router.get(
     "/jobs/{job_id}/metrics", response_model=MetricPage, summary="Metric series of a job", responses=_ERRORS
 )
-def job_metrics(
+async def job_metrics(
     job_id: str,
+    request: Request,
     service: ServiceDep,
     tenant: CurrentTenant,
     kind: Annotated[list[str] | None, Query(description="Only these kinds: train, eval, event.")] = None,
@@ -167,7 +175,7 @@ def job_metrics(
         if not cursor.isdigit():
             raise BadRequest("cursor: not a cursor this API returned")
         after = int(cursor)
-    page = service.metrics(tenant, job_id, after, kind, limit)
+    page = await run_db(request, service.metrics, tenant, job_id, after, kind, limit)
     return MetricPage(items=[MetricRecord.of(m) for m in page.items], next_cursor=page.next_cursor)
 
 
@@ -194,7 +202,7 @@ async def job_events_stream(
         str | None, Header(alias="Last-Event-ID", description="Resume after this event id (EventSource).")
     ] = None,
 ):
-    await run_in_threadpool(service.get, tenant, job_id)
+    await run_db(request, service.get, tenant, job_id)
     start = after or 0
     if last_event_id is not None:
         if not last_event_id.strip().isdigit():
