@@ -1,11 +1,12 @@
 """The job spec: defaults, formats, and errors that name the field and what is allowed."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from service.errors import SpecError
-from service.spec import JobSpec, json_schema, load_spec_text, parse_spec
+from service.spec import JobSpec, json_schema, load_spec_file, load_spec_text, parse_spec
 
 BASE = {"name": "x", "model": {"name": "lenet5"}, "data": {"name": "digits"}}
 
@@ -155,3 +156,18 @@ def test_synthetic_square_features_are_images():
     assert s.data.kind == "image"
     errs = errors({**BASE, "data": {"name": "synthetic", "args": {"n_features": 60}}})
     assert "takes image data" in errs["model.name"]
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_passes_the_drivers_preflight(path, tmp_path):
+    """The examples are what users copy: each must load, and pass every check the driver makes
+    before a worker starts (data, model, steps vs schedule, pipeline stages)."""
+    from service.artifacts import LocalArtifactStore
+    from workers.driver import preflight
+
+    spec = load_spec_file(path)
+    _, steps_per_epoch, total = preflight(spec, LocalArtifactStore(tmp_path))
+    assert steps_per_epoch > 0 and total >= steps_per_epoch
