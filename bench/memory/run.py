@@ -7,9 +7,9 @@ coexist: the state that sharding divides. Then one more step runs under torch's 
 (every tensor allocation, activations and FSDP's gathered blocks included) for the peak.
 Storages are counted once each, at their real (for FSDP: padded) size.
 
-    .venv/bin/python -m bench.memory.run [--layers 4] [--embd 256] [--worlds 2 4]
+    .venv/bin/python -m bench.memory.run [--layers 4] [--embd 256] [--worlds 2 4] [--out DIR]
 
-Writes bench/memory/results/{table.md,results.json,memory.png}.
+Writes {table.md,results.json,memory.png} to bench/memory/results/ (or --out).
 """
 
 from __future__ import annotations
@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    # bench.run_all's quick mode writes elsewhere, so it never overwrites the committed figures.
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
     configs = [("ddp", 1)]
@@ -203,10 +205,11 @@ def main() -> None:
         f"gpt n_layer={args.layers}, n_embd={args.embd}, block 64, vocab 256 ({n / 1e6:.2f} M parameters), "
         f"AdamW, fp32, global batch {args.batch}, 4 microbatches; largest rank per configuration."
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "table.md").write_text(header + "\n\n" + table + "\n")
-    save_json(RESULTS / "results.json", {"machine": machine(), "args": vars(args), "params": n, "rows": rows})
-    plot(rows, RESULTS / "memory.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(header + "\n\n" + table + "\n")
+    meta = {**vars(args), "out": str(args.out)}
+    save_json(args.out / "results.json", {"machine": machine(), "args": meta, "params": n, "rows": rows})
+    plot(rows, args.out / "memory.png")
     print(header)
     print(table)
 

@@ -1,0 +1,178 @@
+"""Run every benchmark: `make bench` (= `python -m bench.run_all`).
+
+    .venv/bin/python -m bench.run_all                 # quick mode: a few minutes, smoke-sized
+    .venv/bin/python -m bench.run_all --full          # the published figures (about an hour here)
+    .venv/bin/python -m bench.run_all --only load api # a subset; --list names them
+
+Each bench runs as its own process (`python -m MODULE ARGS`), so one crash cannot take the others
+down and every bench starts from a clean interpreter, as its README command does. Quick mode
+shrinks each bench (fewer rounds, steps, seeds, clients) and sends every output under
+`bench/out/` (git-ignored), so it never overwrites the committed figures that `--full` writes.
+Each bench's output is also kept in `bench/out/run_all/NAME.log`; the summary (status, seconds,
+where the tables and plots went) is printed and written to `bench/out/run_all/summary.md`.
+Exits 1 when any bench fails (non-zero exit or timeout), after running the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import OUT, machine, markdown_table, out_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    module: str
+    quick: list[str]
+    full: list[str]
+    quick_out: str
+    full_out: str
+    # Most benches take flags; bench.api.run reads its sizes from the environment.
+    quick_env: dict[str, str] = field(default_factory=dict)
+    full_env: dict[str, str] = field(default_factory=dict)
+
+
+def _o(name: str) -> str:
+    return str((OUT / name).relative_to(ROOT))
+
+
+BENCHES = [
+    Bench(
+        "api",
+        "bench.api.run",
+        [],
+        [],
+        _o("api"),
+        _o("api"),
+        quick_env={"BENCH_SECONDS": "2", "BENCH_JOBS": "1"},
+    ),
+    Bench(
+        "ddp_parity",
+        "bench.ddp_parity",
+        ["--rounds", "1", "--steps", "100"],
+        ["--rounds", "3"],
+        _o("ddp_parity"),
+        _o("ddp_parity"),
+    ),
+    Bench(
+        "pruning_overhead",
+        "bench.pruning_overhead",
+        ["--rounds", "2", "--steps", "100"],
+        [],
+        _o("pruning_overhead"),
+        _o("pruning_overhead"),
+    ),
+    Bench(
+        "memory",
+        "bench.memory.run",
+        ["--layers", "2", "--embd", "64", "--worlds", "2", "--out", _o("memory")],
+        [],
+        _o("memory"),
+        "bench/memory/results",
+    ),
+    Bench(
+        "compression",
+        "bench.compression.run",
+        ["--seeds", "0", "--models", "mlp", "--latency-repeats", "20", "--out", _o("compression")],
+        [],
+        _o("compression"),
+        "bench/compression/results",
+    ),
+    Bench("gpu_check", "bench.gpu_check", ["--steps", "5"], [], _o("gpu_check"), _o("gpu_check")),
+]
+
+
+def run_one(b: Bench, full: bool, log_dir: Path, timeout: float) -> dict:
+    args = b.full if full else b.quick
+    extra = b.full_env if full else b.quick_env
+    env = {**os.environ, **extra}
+    cmd = [sys.executable, "-m", b.module, *args]
+    shown = " ".join([*(f"{k}={v}" for k, v in extra.items()), "python", "-m", b.module, *args])
+    log_path = log_dir / f"{b.name}.log"
+    print(f"\n=== {b.name}: {shown}", flush=True)
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        # A timer, not a check between lines: a hung bench may print nothing at all.
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            # Echo and keep every line: a failure's traceback is in the log, not only on screen.
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+    elapsed = time.monotonic() - t0
+    if rc == 0:
+        status = "ok"
+    elif elapsed >= timeout:
+        status = f"failed (timeout {timeout:.0f} s)"
+    else:
+        status = f"failed (exit {rc})"
+    return {
+        "bench": b.name,
+        "status": status,
+        "seconds": round(elapsed, 1),
+        "outputs": b.full_out if full else b.quick_out,
+        "log": str(log_path.relative_to(ROOT)),
+        "command": shown,
+    }
+
+
+def main() -> int:
+    names = [b.name for b in BENCHES]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="The published figures (slow).")
+    ap.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"Some of: {', '.join(names)}.")
+    ap.add_argument("--list", action="store_true", help="Print the benches and their commands, run nothing.")
+    ap.add_argument(
+        "--timeout-minutes", type=float, help="Per bench (default: 20 in quick mode, 120 with --full)."
+    )
+    args = ap.parse_args()
+    chosen = [b for b in BENCHES if not args.only or b.name in args.only]
+    if args.list:
+        for b in chosen:
+            for mode, a, e in (("quick", b.quick, b.quick_env), ("full", b.full, b.full_env)):
+                env = " ".join(f"{k}={v}" for k, v in e.items())
+                print(f"{b.name:17} {mode:6} {env + ' ' if env else ''}python -m {b.module} {' '.join(a)}")
+        return 0
+    timeout = 60 * (args.timeout_minutes or (120 if args.full else 20))
+    log_dir = out_dir("run_all")
+    started = time.monotonic()
+    results = [run_one(b, args.full, log_dir, timeout) for b in chosen]
+    mode = "full" if args.full else "quick"
+    table = markdown_table(
+        ["bench", "status", "seconds", "tables and plots", "log", "command"],
+        [[r["bench"], r["status"], r["seconds"], r["outputs"], r["log"], r["command"]] for r in results],
+    )
+    m = machine()
+    text = (
+        f"bench.run_all ({mode} mode), {m['when']}, {m['cpus']} CPUs, load average at the end "
+        f"{os.getloadavg()[0]:.1f}; {time.monotonic() - started:.0f} s in all\n\n{table}\n"
+    )
+    (log_dir / "summary.md").write_text(text)
+    print("\n" + text)
+    print(f"summary: {(log_dir / 'summary.md').relative_to(ROOT)}")
+    failed = [r["bench"] for r in results if r["status"] != "ok"]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
