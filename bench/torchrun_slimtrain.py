@@ -30,8 +30,9 @@ def main(spec_path: str, out_path: str) -> None:
         train(spec, data, session)
     if dist.get_rank() == 0:
         rates = [r["samples_per_second"] for r in session.records if r["kind"] == "train"]
+        times = {r["event"]: r["time"] for r in session.records if r["kind"] == "event"}
         with open(out_path, "w") as f:
-            json.dump({"rates": rates}, f)
+            json.dump({"rates": rates, "train_start": times["start"], "train_end": times["done"]}, f)
     dist.destroy_process_group()
 
 
