@@ -10,10 +10,9 @@ import os
 
 import anyio
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 
-from api import errors
+from api import errors, openapi
 from api.routes import dashboard, jobs, system
 from api.routes.prometheus import RequestMetrics, StoreCollector, request_latency
 from api.sse import Notifier
@@ -22,7 +21,6 @@ from service.auth import TokenAuth, load_auth
 from service.job_service import JobService
 from service.ray_jobs import RayJobs
 from service.settings import Settings, get_settings
-from service.spec import JobSpec
 from service.store.db import Database
 from service.store.repo import Store
 
@@ -79,19 +77,5 @@ def create_app(
     app.include_router(jobs.router)
     dashboard.install(app)
     app.add_middleware(RequestMetrics, latency=request_latency(registry))
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: openapi.document(app)
     return app
-
-
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's document plus the JobSpec schema the POST /v1/jobs body refers to (the route
-    reads the raw body itself: for the size limit, the idempotency hash and field-named errors)."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-    spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    schemas.update(spec.pop("$defs", {}))
-    schemas["JobSpec"] = spec
-    app.openapi_schema = doc
-    return doc

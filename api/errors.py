@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.auth import AuthError
 from service.errors import ArtifactKeyError, ArtifactNotFound, SlimtrainError, SpecError
@@ -53,6 +54,41 @@ _HTTP_CODES = {
 }
 
 
+# What each status means on this API, for the OpenAPI document; a route may say more.
+_MEANING = {
+    400: "A malformed parameter (a cursor, a header, an artifact name); the message names it.",
+    401: "Missing or invalid bearer token.",
+    404: "No such job for this tenant.",
+    409: "The request conflicts with the job's state.",
+    413: "The body is above the server's limit.",
+    422: "Invalid parameters: `fields` names each one and what is allowed.",
+    503: "The Ray cluster cannot be reached; try again later.",
+}
+ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorBody"}
+
+
+def documented(*statuses: int, **meanings: str) -> dict[int, dict]:
+    """OpenAPI responses for the error statuses a route can answer, each with the JSON error
+    body (whatever media type the route's success has) and, for 401, its challenge header.
+    `meanings` overrides a description: `documented(404, s404="No such job or artifact.")`."""
+    out: dict[int, dict] = {}
+    for status in statuses:
+        response = {
+            "description": meanings.get(f"s{status}", _MEANING[status]),
+            "content": {"application/json": {"schema": ERROR_SCHEMA}},
+        }
+        if status == 401:
+            response["headers"] = {
+                "WWW-Authenticate": {
+                    "description": "The scheme to authenticate with.",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["Bearer"]},
+                }
+            }
+        out[status] = response
+    return out
+
+
 def status_of(err: SlimtrainError) -> int:
     for cls in type(err).__mro__:
         if cls in STATUS:
@@ -92,9 +128,23 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return error_response(422, "invalid_request", message, fields=fields)
 
 
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+def _allowed_methods(request: Request) -> str:
+    """Every method the path answers to. Starlette names only those of the first route that
+    matches the path, but one path may have several routes (GET and POST /v1/jobs)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

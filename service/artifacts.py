@@ -24,7 +24,11 @@ from urllib.parse import urlparse
 from service.errors import ArtifactKeyError, ArtifactNotFound, ConfigError
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=-]{0,254}$")
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,254}"
+_SEGMENT_RE = re.compile(f"^{_SEGMENT}$")
+# What `check_name` accepts, as one pattern (for the OpenAPI document) and a length.
+NAME_PATTERN = f"^{_SEGMENT}(/{_SEGMENT})*$"
+NAME_MAX_CHARS = 1024
 MANIFEST = "manifest.json"
 CHUNK = 1024 * 1024
 
@@ -37,8 +41,8 @@ def check_job_id(job_id: str) -> str:
 
 def check_name(name: str) -> str:
     """A relative artifact name inside a job: segments of [A-Za-z0-9._=-], not starting with '.'."""
-    if not isinstance(name, str) or not name or len(name) > 1024:
-        raise ArtifactKeyError("artifact name must be 1-1024 characters")
+    if not isinstance(name, str) or not name or len(name) > NAME_MAX_CHARS:
+        raise ArtifactKeyError(f"artifact name must be 1-{NAME_MAX_CHARS} characters")
     parts = name.split("/")
     for part in parts:
         if not _SEGMENT_RE.fullmatch(part) or part in (".", ".."):

@@ -19,6 +19,7 @@ pytest_plugins: list[str] = [
     "tests.plugins.server",
     "tests.plugins.fake_ray",
     "tests.plugins.browser",
+    "tests.plugins.live_api",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from api.deps import CurrentTenant
-from api.routes.schemas import ErrorBody
+from api.errors import documented
 from service.spec import json_schema
 
 DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "dashboard"
@@ -35,7 +35,6 @@ PAGE_HEADERS = {
 
 page = APIRouter(include_in_schema=False)
 router = APIRouter(prefix="/v1", tags=["dashboard"])
-_UNAUTHORIZED = {401: {"model": ErrorBody, "description": "Missing or invalid bearer token."}}
 
 
 @page.get("/")
@@ -55,7 +54,8 @@ class ExampleList(BaseModel):
 
 def read_examples(folder: Path = EXAMPLES_DIR) -> list[Example]:
     out = []
-    for path in sorted(folder.glob("*.yaml")):
+    # By name: sorting the file names would put `digits-gmp90-int8.yaml` before `digits-gmp90.yaml`.
+    for path in sorted(folder.glob("*.yaml"), key=lambda p: p.stem):
         text = path.read_text(encoding="utf-8")
         first = text.splitlines()[0] if text else ""
         title = first.lstrip("#").strip() if first.startswith("#") else ""
@@ -67,7 +67,8 @@ def read_examples(folder: Path = EXAMPLES_DIR) -> list[Example]:
     "/spec/examples",
     response_model=ExampleList,
     summary="Example job specs (the dashboard's starting points)",
-    responses=_UNAUTHORIZED,
+    operation_id="spec_examples",
+    responses=documented(401),
 )
 def spec_examples(_tenant: CurrentTenant) -> ExampleList:
     return ExampleList(items=read_examples())
@@ -76,7 +77,8 @@ def spec_examples(_tenant: CurrentTenant) -> ExampleList:
 @router.get(
     "/spec/schema",
     summary="The job spec's JSON Schema, with every field's default and description",
-    responses=_UNAUTHORIZED,
+    operation_id="spec_schema",
+    responses=documented(401),
 )
 def spec_schema(_tenant: CurrentTenant) -> dict:
     return json_schema()

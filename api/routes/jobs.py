@@ -3,8 +3,6 @@ Thin: each route checks HTTP-level input and calls the service layer."""
 
 from __future__ import annotations
 
-import mimetypes
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -12,15 +10,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from sse_starlette import EventSourceResponse
 
+from api import params
 from api.deps import CurrentTenant, ServiceDep, run_db
-from api.errors import BadRequest, BodyTooLarge
+from api.errors import BadRequest, BodyTooLarge, documented
+from api.openapi import EVENT_STREAM, JOB_LINKS
+from api.params import ArtifactName, JobId, MetricKind
 from api.routes.schemas import (
     ArtifactOut,
     ArtifactPage,
     AttemptList,
     AttemptOut,
     ClusterOut,
-    ErrorBody,
     JobOut,
     JobPage,
     MetricPage,
@@ -29,22 +29,19 @@ from api.routes.schemas import (
     ResourcesOut,
 )
 from api.sse import job_events
-from service.artifacts import check_name, iter_file_chunks
+from service.artifacts import NAME_MAX_CHARS, check_name, iter_file_chunks
 from service.jobs import JobState
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
-_ERRORS = {
-    401: {"model": ErrorBody, "description": "Missing or invalid bearer token."},
-    404: {"model": ErrorBody, "description": "No such job for this tenant."},
-}
-_CURSOR = re.compile(r"^[A-Za-z0-9._=/-]{1,1024}$")
+# Downloads are served as one of these only: a type guessed from the name (text/html for
+# `x.html`) would let a browser render an artifact on this origin.
+_MEDIA_TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson"}
+_BINARY = "application/octet-stream"
 
 
-def _cursor(value: str | None) -> str | None:
-    if value is not None and not _CURSOR.fullmatch(value):
-        raise BadRequest("cursor: not a cursor this API returned")
-    return value
+def artifact_media_type(name: str) -> str:
+    return next((m for ext, m in _MEDIA_TYPES.items() if name.endswith(ext)), _BINARY)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -76,17 +73,42 @@ _SPEC_BODY = {
 }
 
 
+_CREATED = {
+    201: {
+        "description": "The job, queued (or the one this Idempotency-Key created before).",
+        "headers": {
+            "Location": {
+                "description": "The job's URL.",
+                "required": True,
+                "schema": {"type": "string"},
+            },
+            "Idempotent-Replayed": {
+                "description": "`true` when this Idempotency-Key and body created the job before.",
+                "schema": {"type": "string", "enum": ["true"]},
+            },
+        },
+        "links": JOB_LINKS,
+    }
+}
+
+
 @router.post(
     "/jobs",
     status_code=201,
     response_model=JobOut,
     summary="Submit a job",
+    operation_id="submit_job",
     openapi_extra=_SPEC_BODY,
     responses={
-        401: _ERRORS[401],
-        409: {"model": ErrorBody, "description": "Idempotency-Key reused with another body."},
-        413: {"model": ErrorBody, "description": "Body above the server's limit."},
-        422: {"model": ErrorBody, "description": "Invalid spec, or above the server's limits."},
+        **_CREATED,
+        **documented(
+            401,
+            409,
+            413,
+            422,
+            s409="Idempotency-Key reused with another body.",
+            s422="Invalid spec (each bad field named), or above the server's limits.",
+        ),
     },
 )
 async def submit_job(
@@ -95,7 +117,7 @@ async def submit_job(
     service: ServiceDep,
     tenant: CurrentTenant,
     idempotency_key: Annotated[
-        str | None,
+        str,
         Header(
             alias="Idempotency-Key",
             min_length=1,
@@ -112,7 +134,16 @@ async def submit_job(
     return JobOut.of(job)
 
 
-@router.get("/jobs", response_model=JobPage, summary="List jobs", responses={401: _ERRORS[401]})
+_CURSOR_DOC = "`next_cursor` of the previous page."
+
+
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    summary="List jobs",
+    operation_id="list_jobs",
+    responses=documented(400, 401, 422),
+)
 async def list_jobs(
     request: Request,
     service: ServiceDep,
@@ -120,17 +151,24 @@ async def list_jobs(
     state: Annotated[
         list[JobState] | None, Query(description="Only jobs in these states (repeatable).")
     ] = None,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    cursor: Annotated[
+        str, Query(description=_CURSOR_DOC, json_schema_extra={"pattern": params.JOB_CURSOR_PATTERN})
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page.")] = 50,
 ) -> JobPage:
-    page = await run_db(
-        request, service.list, tenant, [s.value for s in state] if state else None, _cursor(cursor), limit
-    )
+    states = [s.value for s in state] if state else None
+    page = await run_db(request, service.list, tenant, states, params.job_cursor(cursor), limit)
     return JobPage(items=[JobOut.of(j) for j in page.items], next_cursor=page.next_cursor)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job", responses=_ERRORS)
-async def get_job(job_id: str, request: Request, service: ServiceDep, tenant: CurrentTenant) -> JobOut:
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    summary="Get a job",
+    operation_id="get_job",
+    responses=documented(401, 404),
+)
+async def get_job(job_id: JobId, request: Request, service: ServiceDep, tenant: CurrentTenant) -> JobOut:
     return JobOut.of(await run_db(request, service.get, tenant, job_id))
 
 
@@ -138,9 +176,10 @@ async def get_job(job_id: str, request: Request, service: ServiceDep, tenant: Cu
     "/jobs/{job_id}/cancel",
     response_model=JobOut,
     summary="Cancel a job",
-    responses={**_ERRORS, 409: {"model": ErrorBody, "description": "The job is already finished."}},
+    operation_id="cancel_job",
+    responses=documented(401, 404, 409, s409="The job is already over; `state` says how it ended."),
 )
-def cancel_job(job_id: str, service: ServiceDep, tenant: CurrentTenant) -> JobOut:
+def cancel_job(job_id: JobId, service: ServiceDep, tenant: CurrentTenant) -> JobOut:
     return JobOut.of(service.cancel(tenant, job_id))
 
 
@@ -148,10 +187,11 @@ def cancel_job(job_id: str, service: ServiceDep, tenant: CurrentTenant) -> JobOu
     "/jobs/{job_id}/attempts",
     response_model=AttemptList,
     summary="Ray submissions of a job",
-    responses=_ERRORS,
+    operation_id="job_attempts",
+    responses=documented(401, 404),
 )
 async def job_attempts(
-    job_id: str, request: Request, service: ServiceDep, tenant: CurrentTenant
+    job_id: JobId, request: Request, service: ServiceDep, tenant: CurrentTenant
 ) -> AttemptList:
     return AttemptList(
         items=[AttemptOut.of(a) for a in await run_db(request, service.attempts, tenant, job_id)]
@@ -159,55 +199,68 @@ async def job_attempts(
 
 
 @router.get(
-    "/jobs/{job_id}/metrics", response_model=MetricPage, summary="Metric series of a job", responses=_ERRORS
+    "/jobs/{job_id}/metrics",
+    response_model=MetricPage,
+    summary="Metric series of a job",
+    operation_id="job_metrics",
+    responses=documented(400, 401, 404, 422),
 )
 async def job_metrics(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     service: ServiceDep,
     tenant: CurrentTenant,
-    kind: Annotated[list[str] | None, Query(description="Only these kinds: train, eval, event.")] = None,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    kind: Annotated[
+        list[MetricKind] | None, Query(description="Only these kinds: train, eval, event.")
+    ] = None,
+    cursor: Annotated[
+        str, Query(description=_CURSOR_DOC, json_schema_extra={"pattern": params.SEQ_PATTERN})
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="Records per page.")] = 1000,
 ) -> MetricPage:
-    after = -1
-    if cursor is not None:
-        if not cursor.isdigit():
-            raise BadRequest("cursor: not a cursor this API returned")
-        after = int(cursor)
-    page = await run_db(request, service.metrics, tenant, job_id, after, kind, limit)
+    after = params.sequence(cursor, "cursor")
+    page = await run_db(request, service.metrics, tenant, job_id, -1 if after is None else after, kind, limit)
     return MetricPage(items=[MetricRecord.of(m) for m in page.items], next_cursor=page.next_cursor)
 
 
 @router.get(
     "/jobs/{job_id}/events",
     summary="Follow a job (server-sent events)",
+    operation_id="job_events",
     response_class=EventSourceResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {}},
+            "content": {EVENT_STREAM["media_type"]: EVENT_STREAM["content"]},
             "description": "Events `state` and `metric`; `id` is the per-job sequence number. The "
             "stream ends after the job's final state.",
+            "headers": {
+                "Cache-Control": {
+                    "description": "Never cached.",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["no-store"]},
+                }
+            },
         },
-        **_ERRORS,
+        **documented(400, 401, 404, 422),
     },
 )
 async def job_events_stream(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     service: ServiceDep,
     tenant: CurrentTenant,
-    after: Annotated[int | None, Query(ge=0, description="Resume after this event id.")] = None,
+    after: Annotated[int, Query(ge=0, le=params.MAX_SEQ, description="Resume after this event id.")] = 0,
     last_event_id: Annotated[
-        str | None, Header(alias="Last-Event-ID", description="Resume after this event id (EventSource).")
+        str,
+        Header(
+            alias="Last-Event-ID",
+            description="Resume after this event id (EventSource).",
+            json_schema_extra={"pattern": params.SEQ_PATTERN},
+        ),
     ] = None,
 ):
     await run_db(request, service.get, tenant, job_id)
-    start = after or 0
-    if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
-            raise BadRequest("Last-Event-ID: must be an event id this stream sent")
-        start = max(start, int(last_event_id))
+    start = max(after, params.sequence(last_event_id, "Last-Event-ID") or 0)
     stream = job_events(service.store, request.app.state.notifier, job_id, start)
     return EventSourceResponse(stream, ping=15, headers={"Cache-Control": "no-store"})
 
@@ -215,11 +268,12 @@ async def job_events_stream(
 @router.get(
     "/jobs/{job_id}/logs",
     summary="The driver's log",
+    operation_id="job_logs",
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {}}}, **_ERRORS},
+    responses={200: {"content": {"text/plain": {}}}, **documented(401, 404, 422, 503)},
 )
 async def job_logs(
-    job_id: str,
+    job_id: JobId,
     service: ServiceDep,
     tenant: CurrentTenant,
     follow: Annotated[bool, Query(description="Keep streaming until the job is over.")] = False,
@@ -232,48 +286,99 @@ async def job_logs(
 
 
 @router.get(
-    "/jobs/{job_id}/artifacts", response_model=ArtifactPage, summary="List artifacts", responses=_ERRORS
+    "/jobs/{job_id}/artifacts",
+    response_model=ArtifactPage,
+    summary="List artifacts",
+    operation_id="list_artifacts",
+    responses={
+        200: {
+            "links": {
+                "DownloadFirstArtifact": {
+                    "operationId": "get_artifact",
+                    "parameters": {"job_id": "$request.path.job_id", "name": "$response.body#/items/0/name"},
+                }
+            }
+        },
+        **documented(400, 401, 404, 422),
+    },
 )
 def list_artifacts(
-    job_id: str,
+    job_id: JobId,
     service: ServiceDep,
     tenant: CurrentTenant,
-    prefix: Annotated[str, Query(description="Only names under this folder, e.g. `checkpoints`.")] = "",
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    prefix: Annotated[
+        str,
+        Query(
+            description="Only names under this folder, e.g. `checkpoints`.",
+            pattern=params.PREFIX_PATTERN,
+            max_length=NAME_MAX_CHARS,
+        ),
+    ] = "",
+    cursor: Annotated[
+        str,
+        Query(description=_CURSOR_DOC, json_schema_extra={"pattern": params.ARTIFACT_CURSOR_PATTERN}),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="Artifacts per page.")] = 200,
 ) -> ArtifactPage:
-    items, nxt = service.list_artifacts(tenant, job_id, prefix, _cursor(cursor), limit)
+    items, nxt = service.list_artifacts(tenant, job_id, prefix, params.artifact_cursor(cursor), limit)
     return ArtifactPage(items=[ArtifactOut.of(n, o) for n, o in items], next_cursor=nxt)
 
 
 @router.get(
     "/jobs/{job_id}/artifacts/{name:path}",
     summary="Download an artifact",
+    operation_id="get_artifact",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"application/octet-stream": {}}},
-        400: {"model": ErrorBody, "description": "A name that is not allowed."},
-        **_ERRORS,
+        200: {
+            "description": "The artifact's bytes, as a download.",
+            "content": {
+                _BINARY: {"schema": {"type": "string", "format": "binary"}},
+                **{m: {} for m in _MEDIA_TYPES.values()},
+            },
+            "headers": {
+                "Content-Disposition": {
+                    "description": "`attachment` with the artifact's file name.",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            },
+        },
+        **documented(400, 401, 404, s400="A name that is not allowed.", s404="No such job or artifact."),
     },
 )
-def get_artifact(job_id: str, name: str, service: ServiceDep, tenant: CurrentTenant):
+def get_artifact(job_id: JobId, name: ArtifactName, service: ServiceDep, tenant: CurrentTenant):
     check_name(name)
     f = service.artifacts_of(tenant, job_id).open_read(name)
-    media = "application/x-ndjson" if name.endswith(".jsonl") else mimetypes.guess_type(name)[0]
     filename = name.rsplit("/", 1)[-1]
     return StreamingResponse(
         iter_file_chunks(f),
-        media_type=media or "application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        media_type=artifact_media_type(name),
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Content-Type-Options": "nosniff",
+        },
     )
 
 
-@router.get("/jobs/{job_id}/report", summary="The job's report.json", responses=_ERRORS)
-def job_report(job_id: str, service: ServiceDep, tenant: CurrentTenant) -> dict:
+@router.get(
+    "/jobs/{job_id}/report",
+    summary="The job's report.json",
+    operation_id="job_report",
+    responses=documented(401, 404, s404="No such job, or it has no report yet."),
+)
+def job_report(job_id: JobId, service: ServiceDep, tenant: CurrentTenant) -> dict:
     return service.report(tenant, job_id)
 
 
-@router.get("/cluster", response_model=ClusterOut, summary="The Ray cluster and the queue", tags=["cluster"])
+@router.get(
+    "/cluster",
+    response_model=ClusterOut,
+    summary="The Ray cluster and the queue",
+    operation_id="cluster",
+    tags=["cluster"],
+    responses=documented(401),
+)
 def cluster(service: ServiceDep, tenant: CurrentTenant) -> ClusterOut:
     c = service.cluster(tenant)
     return ClusterOut(

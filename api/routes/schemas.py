@@ -22,6 +22,7 @@ class ErrorDetail(BaseModel):
     fields: list[dict[str, str]] | None = Field(
         default=None, description="For invalid input: [{field, message}] naming each bad field."
     )
+    state: str | None = Field(default=None, description="For `invalid_state`: the job's state now.")
 
 
 class ErrorBody(BaseModel):

@@ -15,7 +15,9 @@ router = APIRouter(tags=["operations"])
 log = logging.getLogger(__name__)
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process serves requests")
+@router.get(
+    "/healthz", response_model=Health, summary="Liveness: the process serves requests", operation_id="healthz"
+)
 async def healthz() -> Health:
     return Health(status="ok")
 
@@ -24,6 +26,7 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Health,
     summary="Readiness: the database answers at the current schema and the background loops run",
+    operation_id="readyz",
     responses={503: {"model": Health, "description": "Not ready; `checks` says why."}},
 )
 async def readyz(request: Request):
@@ -52,6 +55,7 @@ async def readyz(request: Request):
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
+    operation_id="prometheus_metrics",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )

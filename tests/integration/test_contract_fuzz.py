@@ -1,0 +1,188 @@
+"""Contract fuzzing: Schemathesis against the live OpenAPI document of a running API (uvicorn on
+loopback, SQLite, a local artifact store; a Ray stand-in whose drivers finish at once).
+
+One run of Schemathesis' four phases, as `schemathesis run` does them: the document's examples,
+coverage cases (boundaries, each constraint broken in turn, missing and wrong types, methods the
+path does not take), generated cases, and stateful scenarios that follow the document's links
+from a submitted job to the routes about it. Every check Schemathesis has runs on every response:
+no 5xx; status, content type, headers and body as documented; schema-valid input accepted and
+schema-invalid input refused; no route that ignores the token; created jobs reachable. Plus ours:
+every refusal names what was wrong. Deterministic (derandomized generation), bounded (a fixed
+number of cases per operation and of stateful scenarios)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pytest
+import schemathesis
+from schemathesis.core.failures import Failure
+from schemathesis.engine import events
+
+from service.artifacts import LocalArtifactStore
+from service.spec import JobSpec
+from tests.plugins.live_api import ALICE, live_api
+
+pytestmark = pytest.mark.integration
+
+MAX_EXAMPLES = 100  # per operation and phase
+STATEFUL_SCENARIOS = 300
+SPEC_FIELDS = set(JobSpec.model_fields) | {"(body)", "(spec)"}
+# The routes the 201 answer of POST /v1/jobs links to (api/openapi.py JOB_LINKS).
+LINKED = {
+    "GET /v1/jobs/{job_id}",
+    "POST /v1/jobs/{job_id}/cancel",
+    "GET /v1/jobs/{job_id}/attempts",
+    "GET /v1/jobs/{job_id}/metrics",
+    "GET /v1/jobs/{job_id}/events",
+    "GET /v1/jobs/{job_id}/logs",
+    "GET /v1/jobs/{job_id}/artifacts",
+}
+JOB_ROUTES = LINKED | {"GET /v1/jobs/{job_id}/artifacts/{name}", "GET /v1/jobs/{job_id}/report"}
+
+
+def _config(url: str) -> schemathesis.Config:
+    return schemathesis.Config.from_dict(
+        {
+            "base-url": url,
+            "headers": {"Authorization": f"Bearer {ALICE}"},
+            "workers": 1,
+            # A job's event stream ends with its final state, about a second after submission.
+            "request-timeout": 20,
+            "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True},
+            # Stateful scenarios follow the links the document declares (and the Location of a
+            # created job), not links guessed from parameter names: a guess would send a new
+            # job to its report, which is documented as 404 until the job is over.
+            "phases": {
+                "stateful": {
+                    "inference": {"algorithms": ["location-headers"]},
+                    "generation": {"max-examples": STATEFUL_SCENARIOS},
+                }
+            },
+            "operations": [
+                {
+                    # The JSON Schema of a spec says which shapes are allowed; the rules between
+                    # fields (the batch divides among the workers, a schedule ends after it
+                    # starts, a model takes the dataset's kind of input) and this server's limits
+                    # are checked on submission and answered with 422 naming the field, as the
+                    # document says: `refusals_name_the_field` holds those answers to that.
+                    "include-operation-id": "submit_job",
+                    "checks": {
+                        "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "409", "422"]}
+                    },
+                }
+            ],
+        }
+    )
+
+
+@schemathesis.check
+def refusals_name_the_field(ctx, response, case) -> bool | None:
+    """Bad input gets a clear error: a code, a message, and with 422 each bad field by name (a
+    spec's fields by their path in the spec)."""
+    if response.status_code < 400:
+        return None
+    error = response.json()["error"]
+    label = case.operation.label
+    if not (error.get("code") and error.get("message")):
+        raise Failure(operation=label, title="Error without a code or a message", message=str(error))
+    if response.status_code == 422:
+        fields = [f.get("field", "") for f in error.get("fields") or []]
+        if not fields or not all(fields):
+            raise Failure(operation=label, title="422 that names no field", message=str(error))
+        if label == "POST /v1/jobs" and error["code"] == "invalid_spec":
+            sent = set(case.body) if isinstance(case.body, dict) else set()  # unknown ones by name
+            strays = [f for f in fields if f.split(".")[0] not in SPEC_FIELDS | sent]
+            if strays:
+                raise Failure(
+                    operation=label, title="422 names no field of the spec", message=f"{strays}: {error}"
+                )
+    return True
+
+
+@dataclass
+class Outcome:
+    failures: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    # phase -> operation -> the statuses it answered in that phase
+    statuses: dict[str, dict[str, set[int]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(set))
+    )
+    checks: set[str] = field(default_factory=set)
+    stop_reason: str | None = None
+
+
+def _record(outcome: Outcome, phase: str, recorder) -> None:
+    for nodes in recorder.checks.values():
+        for node in nodes:
+            outcome.checks.add(node.name)
+            if node.failure_info is not None:
+                f = node.failure_info.failure
+                outcome.failures.append(
+                    f"{f.operation} [{node.name}] {f.title}: {f.message}\n    {node.failure_info.code_sample}"
+                )
+    for case_id, interaction in recorder.interactions.items():
+        if interaction.response is not None:
+            label = recorder.cases[case_id].value.operation.label
+            outcome.statuses[phase][label].add(interaction.response.status_code)
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory) -> Outcome:
+    data = tmp_path_factory.mktemp("contract")
+    with live_api(data, LocalArtifactStore(data / "artifacts")) as api:
+        schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json", config=_config(api.url))
+        result = Outcome()
+        for event in schemathesis.engine.from_schema(schema).execute():
+            if isinstance(event, events.ScenarioFinished | events.FuzzScenarioFinished):
+                _record(result, str(getattr(event, "phase", "fuzzing")), event.recorder)
+            elif isinstance(event, events.NonFatalError):
+                result.errors.append(f"{event.label}: {event.info.title}: {event.info.message}")
+            elif isinstance(event, events.FatalError):
+                result.errors.append(f"fatal: {event.exception!r}")
+            elif isinstance(event, events.EngineFinished):
+                result.failures += [f"{f.operation}: {f.title}: {f.message}" for f in event.failures]
+                result.stop_reason = str(event.stop_reason)
+        return result
+
+
+def test_no_response_breaks_the_contract(outcome):
+    assert outcome.stop_reason == "completed" and not outcome.errors, outcome.errors
+    assert not outcome.failures, "\n\n".join(outcome.failures)
+
+
+def test_every_check_ran(outcome):
+    expected = {
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_headers_conformance",
+        "response_schema_conformance",
+        "negative_data_rejection",
+        "positive_data_acceptance",
+        "missing_required_header",
+        "unsupported_method",
+        "allow_header_conformance",
+        "ignored_auth",
+        "refusals_name_the_field",
+    }
+    assert expected <= outcome.checks, expected - outcome.checks
+
+
+def _about_a_job(statuses: dict[str, set[int]]) -> set[str]:
+    # Answers about an existing job, not 404 (its cancel is 409: the stand-in's driver finished
+    # it within the request that submitted it).
+    return {op for op, codes in statuses.items() if codes & {200, 409}}
+
+
+def test_stateful_scenarios_followed_every_link_of_a_submitted_job(outcome):
+    stateful = outcome.statuses["stateful"]
+    assert 201 in stateful["POST /v1/jobs"]
+    found = _about_a_job(stateful)
+    assert found >= LINKED, {op: stateful.get(op) for op in LINKED - found}
+
+
+def test_every_job_route_was_checked_on_a_real_job(outcome):
+    found = set().union(*(_about_a_job(ops) for ops in outcome.statuses.values()))
+    assert found >= JOB_ROUTES, JOB_ROUTES - found
