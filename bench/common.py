@@ -44,4 +44,10 @@ def machine() -> dict:
 
 
 def save_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    # numpy scalars (np.float64 is a float, np.bool_ is not a bool) and arrays, as Python values.
+    def plain(o):
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        raise TypeError(f"not JSON: {type(o).__name__}")
+
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=plain))

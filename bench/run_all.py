@@ -89,6 +89,16 @@ BENCHES = [
         "bench/compression/results",
     ),
     Bench("gpu_check", "bench.gpu_check", ["--steps", "5"], [], _o("gpu_check"), _o("gpu_check")),
+    Bench("load", "bench.load", ["--seconds", "30", "--clients", "50"], [], _o("load"), _o("load")),
+    # Quick: a 1-minute soak exercises the sampling and the verdict (too short to be judged).
+    Bench(
+        "soak",
+        "bench.load",
+        ["--soak-minutes", "1", "--clients", "20"],
+        ["--soak-minutes", "10"],
+        _o("load_soak"),
+        _o("load_soak"),
+    ),
 ]
 
 

@@ -1,0 +1,241 @@
+"""The load: N simulated dashboard users, each following one job's SSE stream while it polls
+job status (and now and then the job list and the metric series), plus one submitter that keeps
+a few small training jobs live. Every response is recorded: route, status, latency, and when.
+
+httpx.AsyncClient per user, as a browser has its own connections: one shared client would funnel
+400 connections through one pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+LIVE = ["queued", "starting", "running"]
+STATUS, LIST, METRICS = "GET /v1/jobs/{id}", "GET /v1/jobs", "GET /v1/jobs/{id}/metrics"
+EVENTS, SUBMIT, CANCEL = "GET /v1/jobs/{id}/events (headers)", "POST /v1/jobs", "POST /v1/jobs/{id}/cancel"
+PROM = "GET /metrics"
+# A stream of a job that ended this long ago and is still open is stuck: the API ends a stream
+# after the job's final state event, and streams poll the database every 0.5 s.
+STUCK_AFTER_S = 10.0
+
+
+@dataclass
+class Recorder:
+    t0: float = field(default_factory=time.monotonic)
+    codes: Counter = field(default_factory=Counter)  # (route, status) -> count
+    times: dict[str, array] = field(default_factory=dict)  # route -> when (s since t0)
+    lats: dict[str, array] = field(default_factory=dict)  # route -> latency (s)
+    errors: Counter = field(default_factory=Counter)  # (route, exception type) -> count
+    error_samples: list[str] = field(default_factory=list)
+    events_per_s: Counter = field(default_factory=Counter)  # second since t0 -> SSE events received
+    streams: Counter = field(default_factory=Counter)  # outcome -> count
+    # Driver's timestamp of a metric record -> its arrival over SSE, for records written while
+    # the stream was open (replayed history excluded): flush + ingest + fan-out + delivery.
+    delivery_lag: array = field(default_factory=lambda: array("d"))
+    stream_problems: list[str] = field(default_factory=list)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def add(self, route: str, status: int, latency: float) -> None:
+        self.codes[(route, status)] += 1
+        self.times.setdefault(route, array("d")).append(self.now())
+        self.lats.setdefault(route, array("d")).append(latency)
+
+    def error(self, route: str, exc: BaseException) -> None:
+        self.errors[(route, type(exc).__name__)] += 1
+        if len(self.error_samples) < 20:
+            self.error_samples.append(f"{self.now():.1f}s {route}: {type(exc).__name__}: {exc}")
+
+    def problem(self, kind: str, text: str) -> None:
+        self.streams[kind] += 1
+        if len(self.stream_problems) < 20:
+            self.stream_problems.append(f"{self.now():.1f}s {kind}: {text}")
+
+
+class JobPool:
+    """What the clients know of the jobs: the submitter and the monitor keep it current."""
+
+    def __init__(self):
+        self.state: dict[str, str] = {}
+        self.ended_at: dict[str, float] = {}  # monotonic time the job was first seen terminal
+
+    def update(self, job_id: str, state: str) -> None:
+        self.state[job_id] = state
+        if state in TERMINAL:
+            self.ended_at.setdefault(job_id, time.monotonic())
+
+    def live(self) -> list[str]:
+        return [j for j, s in self.state.items() if s not in TERMINAL]
+
+    def pick(self, rng: random.Random) -> str | None:
+        # Mostly the jobs that train now (what a dashboard watches), sometimes a finished one.
+        live = self.live()
+        if live and rng.random() < 0.8:
+            return rng.choice(live)
+        return rng.choice(list(self.state)) if self.state else None
+
+
+async def timed(rec: Recorder, http: httpx.AsyncClient, route: str, method: str, url: str, **kw):
+    t = time.perf_counter()
+    try:
+        r = await http.request(method, url, **kw)
+    except httpx.HTTPError as e:
+        rec.error(route, e)
+        return None
+    rec.add(route, r.status_code, time.perf_counter() - t)
+    return r
+
+
+async def poll(rec: Recorder, http: httpx.AsyncClient, pool: JobPool, interval: float, rng: random.Random):
+    """Status mostly; the job list and a page of metrics as a dashboard's other pages would."""
+    await asyncio.sleep(rng.uniform(0, interval))  # spread the users' phases
+    while True:
+        job = pool.pick(rng)
+        roll = rng.random()
+        if job is None or roll < 0.1:
+            await timed(rec, http, LIST, "GET", "/v1/jobs", params={"limit": 20})
+        elif roll < 0.2:
+            await timed(rec, http, METRICS, "GET", f"/v1/jobs/{job}/metrics", params={"limit": 100})
+        else:
+            await timed(rec, http, STATUS, "GET", f"/v1/jobs/{job}")
+        await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
+
+
+class OpenStreams:
+    """Streams open right now, to find the ones still open long after their job ended."""
+
+    def __init__(self):
+        self.by_key: dict[int, str] = {}
+
+    def stuck(self, pool: JobPool) -> list[str]:
+        now = time.monotonic()
+        return [
+            j for j in self.by_key.values() if j in pool.ended_at and now - pool.ended_at[j] > STUCK_AFTER_S
+        ]
+
+
+async def follow(rec: Recorder, http: httpx.AsyncClient, pool: JobPool, opened: OpenStreams, rng):
+    """Follow a job's events from the start (as the dashboard's job page does) until the stream
+    ends, then another job's. Checks ids rise by one and the stream ends on a final state."""
+    key = id(asyncio.current_task())
+    while True:
+        job = pool.pick(rng)
+        if job is None:
+            await asyncio.sleep(0.5)
+            continue
+        t, opened_at = time.perf_counter(), time.time()
+        last_id, last_state, event = 0, None, None
+        try:
+            # Read timeout 40 s: the API sends a ping every 15 s on an idle stream.
+            timeout = httpx.Timeout(30, read=40)
+            async with http.stream("GET", f"/v1/jobs/{job}/events", timeout=timeout) as r:
+                rec.add(EVENTS, r.status_code, time.perf_counter() - t)
+                if r.status_code != 200:
+                    await r.aread()
+                    await asyncio.sleep(1)
+                    continue
+                opened.by_key[key] = job
+                async for line in r.aiter_lines():
+                    if line.startswith("id:"):
+                        eid = int(line[3:])
+                        if eid != last_id + 1:
+                            rec.problem("id gap or repeat", f"job {job}: id {eid} after {last_id}")
+                        last_id = eid
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+                        rec.events_per_s[int(rec.now())] += 1
+                    elif line.startswith("data:") and event == "state":
+                        last_state = json.loads(line[5:]).get("state")
+                    elif line.startswith("data:") and event == "metric":
+                        stamp = json.loads(line[5:]).get("time")
+                        if stamp is not None and stamp >= opened_at:
+                            rec.delivery_lag.append(time.time() - stamp)
+        except httpx.HTTPError as e:
+            rec.error(EVENTS, e)
+            await asyncio.sleep(1)
+            continue
+        finally:
+            opened.by_key.pop(key, None)
+        if last_state in TERMINAL:
+            rec.streams["ended on a final state"] += 1
+        else:
+            rec.problem("ended before a final state", f"job {job}: last state {last_state}, id {last_id}")
+        # A person looks at the finished job before opening another; without this pause all of
+        # a job's followers would reconnect in the same instant, a herd no dashboard produces.
+        await asyncio.sleep(rng.uniform(1, 5))
+
+
+async def user(rec, base_url, token, pool, opened, interval, seed):
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
+        await asyncio.gather(poll(rec, http, pool, interval, rng), follow(rec, http, pool, opened, rng))
+
+
+async def keep_jobs(rec, base_url, token, pool: JobPool, spec: dict, live_target: int, submitted: list):
+    """Keeps `live_target` jobs queued or training, and the pool's states current (one list
+    request a second; the users' own polls do not feed the pool)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
+        n = 0
+        while True:
+            r = await timed(rec, http, LIST, "GET", "/v1/jobs", params={"state": LIVE, "limit": 200})
+            if r is not None and r.status_code == 200:
+                live = {j["id"] for j in r.json()["items"]}
+                for j in pool.live():
+                    if j not in live:  # it ended: ask for its final state
+                        rj = await timed(rec, http, STATUS, "GET", f"/v1/jobs/{j}")
+                        if rj is not None and rj.status_code == 200:
+                            pool.update(j, rj.json()["state"])
+                while len(pool.live()) < live_target:
+                    n += 1
+                    body = {**spec, "name": f"{spec['name']}-{n}"}
+                    rs = await timed(rec, http, SUBMIT, "POST", "/v1/jobs", json=body)
+                    if rs is None or rs.status_code != 201:
+                        break
+                    job = rs.json()
+                    submitted.append(job["id"])
+                    pool.update(job["id"], job["state"])
+            await asyncio.sleep(1)
+
+
+async def scrape(rec, base_url, sizes: list, every: float):
+    """Prometheus' view: the size of /metrics tells whether per-job series pile up."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        while True:
+            r = await timed(rec, http, PROM, "GET", "/metrics")
+            if r is not None and r.status_code == 200:
+                sizes.append((rec.now(), len(r.content)))
+            await asyncio.sleep(every)
+
+
+async def cancel_live(rec, base_url, token, pool: JobPool) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
+        for j in pool.live():
+            r = await timed(rec, http, CANCEL, "POST", f"/v1/jobs/{j}/cancel")
+            with contextlib.suppress(Exception):
+                pool.update(j, r.json()["state"])
+
+
+async def final_states(base_url, token, ids: list[str]) -> dict[str, dict]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
+        out = {}
+        for j in ids:
+            try:
+                r = await http.get(f"/v1/jobs/{j}")
+                out[j] = r.json() if r.status_code == 200 else {"state": f"HTTP {r.status_code}"}
+            except httpx.HTTPError as e:
+                out[j] = {"state": "unknown", "error": {"message": f"{type(e).__name__}: {e}"}}
+        return out
