@@ -21,9 +21,10 @@ from service.jobs import JobNotFound
 from service.store.repo import BadCursor
 
 # Event and metric sequence numbers: ASCII digits (str.isdigit also takes '²', which int()
-# refuses), and no more than a 64-bit database integer holds.
-SEQ_PATTERN = r"^[0-9]{1,18}$"
-MAX_SEQ = 10**18 - 1
+# refuses), below what the database's 32-bit integer columns hold (PostgreSQL refuses a larger
+# value in a comparison with one of them: "integer out of range").
+SEQ_PATTERN = r"^[0-9]{1,9}$"
+MAX_SEQ = 10**9 - 1
 # A page of jobs ends at `<created_at as a float>_<job id>` (service.store.repo.job_cursor).
 JOB_CURSOR_PATTERN = r"^[0-9]{1,20}\.[0-9]{1,20}_" + JOB_ID_RE.pattern.removeprefix("^")
 # A page of artifacts ends at a name; any string in this alphabet orders against names.

@@ -1,5 +1,6 @@
 """Contract fuzzing: Schemathesis against the live OpenAPI document of a running API (uvicorn on
-loopback, SQLite, a local artifact store; a Ray stand-in whose drivers finish at once).
+loopback, on SQLite and on PostgreSQL, a local artifact store; a Ray stand-in whose drivers
+finish at once).
 
 One run of Schemathesis' four phases, as `schemathesis run` does them: the document's examples,
 coverage cases (boundaries, each constraint broken in turn, missing and wrong types, methods the
@@ -129,9 +130,9 @@ def _record(outcome: Outcome, phase: str, recorder) -> None:
 
 
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory) -> Outcome:
+def outcome(tmp_path_factory, module_database_url) -> Outcome:
     data = tmp_path_factory.mktemp("contract")
-    with live_api(data, LocalArtifactStore(data / "artifacts")) as api:
+    with live_api(data, LocalArtifactStore(data / "artifacts"), database_url=module_database_url) as api:
         schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json", config=_config(api.url))
         result = Outcome()
         for event in schemathesis.engine.from_schema(schema).execute():
