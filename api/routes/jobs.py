@@ -135,6 +135,8 @@ async def submit_job(
 
 
 _CURSOR_DOC = "`next_cursor` of the previous page."
+# Optional query and header parameters are typed `str` (or `int`) with a default, not `X | None`:
+# the document would otherwise allow `null`, which no query string or header can carry.
 
 
 @router.get(
