@@ -62,9 +62,31 @@ class ArtifactNotFound(SlimtrainError):
 
 
 class TrainingFailed(SlimtrainError):
-    """Training failed after exhausting its retries."""
+    """Training failed on its workers. `retryable` when the cause may not recur (a worker
+    process died, an unexpected exception): the service then resubmits the job from its last
+    checkpoint while attempts remain. A cause that no retry can fix (a ConfigError raised on a
+    worker, ranks whose masks disagree) is not."""
 
     code = "training_failed"
+
+    def __init__(self, message: str, retryable: bool = False, code: str | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        if code is not None:
+            self.code = code
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.retryable, self.code))
+
+
+class TrainingDiverged(SlimtrainError):
+    """The weights stopped being finite (NaN or inf). Retried like any runtime failure of
+    training, from the last checkpoint (saved only while the weights are finite): a transient
+    cause (non-deterministic kernels, a bad batch from a flaky source) may not recur; a
+    deterministic run diverges again and fails once its retries are spent, with this message."""
+
+    code = "diverged"
+    retryable = True
 
 
 class ExportError(SlimtrainError):

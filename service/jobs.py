@@ -107,11 +107,12 @@ def next_state(state: JobState | str, event: JobEvent | str) -> JobState:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Driver-level retries. Ray Train restarts failed *workers* inside one driver run (the spec's
-    `retries` is its FailureConfig); a *driver* that is lost (killed, its node or the Ray head
-    gone) is resubmitted from the last checkpoint while attempts remain. A driver that reports a
-    failure itself is not resubmitted: it already spent its worker retries, or hit a ConfigError
-    that no retry can fix."""
+    """The job's one retry budget: 1 + the spec's `retries` attempts, each a Ray job. Under the
+    service, Ray Train does not restart workers inside a driver (workers.entrypoint): a failed
+    worker fails its attempt, so every failure is an attempt the user sees, with its reason. An
+    attempt whose driver was lost (killed, its node or the Ray head gone) or that failed for a
+    reason that may not recur is resubmitted from the last checkpoint while attempts remain; a
+    `permanent` failure (a ConfigError, ranks whose masks disagree) never is."""
 
     max_attempts: int
 
@@ -119,8 +120,8 @@ class RetryPolicy:
     def for_retries(cls, retries: int) -> RetryPolicy:
         return cls(max_attempts=retries + 1)
 
-    def resubmit(self, attempts_used: int, driver_reported_failure: bool) -> bool:
-        return not driver_reported_failure and attempts_used < self.max_attempts
+    def resubmit(self, attempts_used: int, permanent: bool) -> bool:
+        return not permanent and attempts_used < self.max_attempts
 
 
 def submission_id(job_id: str, attempt: int) -> str:

@@ -3,10 +3,13 @@
 For every job the store thinks is live, Ray is asked about its current attempt:
 - running / pending: the heartbeat moves on (starting -> running once the driver runs);
 - succeeded: the job succeeds when its report exists;
-- failed with an outcome of this attempt: the driver failed for a reason it knows -> failed;
-- failed without one, unknown to Ray (its head restarted), or silent for longer than the
-  heartbeat timeout: the driver was lost -> resubmitted from the last checkpoint while attempts
-  remain (`RetryPolicy`), failed with the reason otherwise.
+- failed with a `failed` outcome of this attempt: the driver failed for a reason no retry can
+  fix -> failed;
+- failed with a `retryable` outcome (a worker died, training diverged, an unexpected error): the
+  attempt is closed `failed` with that reason -> resubmitted from the last checkpoint while
+  attempts remain (`RetryPolicy`), failed with the reason otherwise;
+- failed without an outcome, unknown to Ray (its head restarted), or silent for longer than
+  the heartbeat timeout: the driver was lost -> the same, with the attempt closed `lost`.
 Attempts of jobs that are over but whose Ray job may still run (a cancel while Ray was
 unreachable) are stopped and closed.
 """
@@ -110,7 +113,7 @@ class Reconciler:
                     attempt_outcome=("failed", msg),
                 )
             elif outcome is not None:  # a failure that may not happen again
-                self.lost(job, attempt, f"the driver failed: {outcome.message}")
+                self.failed_retryably(job, outcome.message or "the driver failed", outcome.code)
             else:
                 self.lost(job, attempt, f"the driver died: {_first_line(info.message)}")
         elif info.status == STOPPED:
@@ -125,27 +128,35 @@ class Reconciler:
         self.ingester.forget(job.id)
 
     def lost(self, job: Job, attempt: Attempt | None, why: str) -> None:
-        """The driver is gone: resubmit from the last checkpoint while attempts remain."""
+        """The driver is gone without a word: resubmit from the last checkpoint while attempts
+        remain."""
+        final = f"driver lost ({why}) after {job.attempts} of {job.max_attempts} attempts"
+        self._retry_or_fail(job, "lost", why, f"driver lost ({why})", ("driver_lost", final))
+
+    def failed_retryably(self, job: Job, why: str, code: str | None) -> None:
+        """The driver reported a failure that may not recur: the attempt failed, and the job
+        is resubmitted from the last checkpoint while attempts remain; the job's error is then
+        the last attempt's own."""
+        final = f"{why} (attempt {job.attempts} of {job.max_attempts}; no retries left)"
+        self._retry_or_fail(
+            job, "failed", why, f"attempt {job.attempts} failed ({why})", (code or "driver_error", final)
+        )
+
+    def _retry_or_fail(self, job: Job, outcome: str, why: str, what: str, error: tuple[str, str]) -> None:
         state = JobState(job.state)
-        policy = RetryPolicy(job.max_attempts)
-        if policy.resubmit(job.attempts, driver_reported_failure=False):
+        if RetryPolicy(job.max_attempts).resubmit(job.attempts, permanent=False):
             reason = (
-                f"driver lost ({why}); resubmitting from the last checkpoint "
+                f"{what}; resubmitting from the last checkpoint "
                 f"(attempt {job.attempts + 1} of {job.max_attempts})"
             )
             log.warning("job %s: %s", job.id, reason)
             self.store.transition(
-                job.id, JobEvent.REQUEUE, reason=reason, expect={state}, attempt_outcome=("lost", why)
+                job.id, JobEvent.REQUEUE, reason=reason, expect={state}, attempt_outcome=(outcome, why)
             )
         else:
-            msg = f"driver lost ({why}) after {job.attempts} of {job.max_attempts} attempts"
-            log.warning("job %s: %s", job.id, msg)
+            log.warning("job %s: %s", job.id, error[1])
             self.store.transition(
-                job.id,
-                JobEvent.FAIL,
-                expect={state},
-                error=("driver_lost", msg),
-                attempt_outcome=("lost", why),
+                job.id, JobEvent.FAIL, expect={state}, error=error, attempt_outcome=(outcome, why)
             )
 
     def reap(self, job: Job, attempt: Attempt) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 OnRecord = Callable[[dict], None]
 # Ray Train's checkpoint-manager state, in its run folder (RunConfig(name=CHECKPOINTS)).
 RAY_SNAPSHOT = f"{CHECKPOINTS}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+MESSAGE_CHARS = 200  # of a foreign exception's message in a failure reason
 
 
 class MetricsLog:
@@ -63,16 +64,29 @@ class MetricsLog:
 
 @dataclass
 class Attempts:
-    """Attempts as seen in the records: each (re)start of the worker group is one."""
+    """Attempts as seen in the records: each (re)start of the worker group is one, in this
+    driver or in an earlier one of the same job (a resubmitted driver continues the count)."""
 
     items: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def of_lines(cls, lines: list[str]) -> Attempts:
+        seen = cls()
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("event") == "start":
+                seen.observe(rec)
+        return seen
 
     def observe(self, record: dict) -> None:
         if record.get("event") == "start":
             self.items.append(
                 {
                     "attempt": len(self.items) + 1,
-                    "resumed_from": record["resumed_from"],
+                    "resumed_from": record.get("resumed_from"),
                     "time": record.get("time"),
                 }
             )
@@ -112,19 +126,47 @@ def preflight(spec: JobSpec, store: ArtifactStore):
     return data, spe, total
 
 
+def _root_cause(err: BaseException) -> tuple[int | None, BaseException]:
+    """(rank, innermost exception) of a Ray Train failure: the lowest failed rank's, through
+    Ray's wrappers; the first of our own typed errors on the way is the cause."""
+    rank = None
+    seen: set[int] = set()
+    while id(err) not in seen and not isinstance(err, SlimtrainError):
+        seen.add(id(err))
+        causes = getattr(err, "worker_failures", None)
+        if causes:
+            rank, err = sorted(causes.items())[0]
+            continue
+        inner = getattr(err, "cause", None) or getattr(err, "controller_failure", None) or err.__cause__
+        if inner is None:
+            break
+        err = inner
+    return rank, err
+
+
 def _failure_message(err: BaseException) -> str:
     """The root cause of a Ray Train failure, in one readable line."""
-    causes = getattr(err, "worker_failures", None)
-    if causes:
-        rank, exc = sorted(causes.items())[0]
-        return f"rank {rank}: {_failure_message(exc)}"
-    inner = getattr(err, "cause", None) or err.__cause__
-    if inner is not None and inner is not err:
-        return _failure_message(inner)
-    if isinstance(err, SlimtrainError):
-        return err.message
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[-1] if text else ''}"
+    rank, cause = _root_cause(err)
+    if isinstance(cause, SlimtrainError):
+        text = cause.message
+    else:
+        # Ray's own messages run to a paragraph of possible causes: the start says what happened.
+        lines = str(cause).strip().splitlines()
+        last = lines[-1] if lines else ""
+        text = f"{type(cause).__name__}: {last[:MESSAGE_CHARS]}{'...' if len(last) > MESSAGE_CHARS else ''}"
+    return f"rank {rank}: {text}" if rank is not None else text
+
+
+def training_failure(err: BaseException, attempts: int) -> TrainingFailed:
+    """The error run_job raises for a failed fit. Retryable unless the cause is one of our
+    errors that says a retry cannot help (a ConfigError raised on a worker, masks that
+    disagree): a worker process that died or an unexpected exception may not happen again."""
+    _rank, cause = _root_cause(err)
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    message = f"training failed{tries}: {_failure_message(err)}"
+    if isinstance(cause, SlimtrainError):
+        return TrainingFailed(message, retryable=cause.retryable, code=cause.code)
+    return TrainingFailed(message, retryable=True)
 
 
 def run_job(
@@ -134,10 +176,16 @@ def run_job(
     *,
     on_record: OnRecord | None = None,
     faults: dict | None = None,
+    worker_restarts: int | None = None,
     poll_seconds: float = 0.25,
 ) -> dict:
     """Run one job on the connected Ray cluster; return its report. Raises ConfigError (the job
-    cannot run as specified) or TrainingFailed (it failed after its retries)."""
+    cannot run as specified) or TrainingFailed (it failed after its retries).
+
+    `worker_restarts`: how often Ray Train restarts a failed worker group inside this run
+    (default: the spec's `retries`, for `slimtrain run`). The service passes 0: it owns the
+    retry budget and resubmits the job as a new attempt, so every failure is an attempt the
+    job record shows, and `retries` is spent once, not once per driver."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -176,7 +224,9 @@ def run_job(
             name=CHECKPOINTS,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=spec.retries),
+            failure_config=FailureConfig(
+                max_failures=spec.retries if worker_restarts is None else worker_restarts
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
         ),
     )
@@ -188,7 +238,9 @@ def run_job(
         except BaseException as e:  # fit raises TrainingFailedError in Ray Train v2
             outcome["error"] = e
 
-    metrics, attempts = MetricsLog(arts), Attempts()
+    metrics = MetricsLog(arts)
+    attempts = Attempts.of_lines(metrics.lines)
+    first_here = len(attempts.items)
     summary: dict = {}
 
     def pump():
@@ -211,9 +263,7 @@ def run_job(
     ray.kill(relay)
     error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
     if error is not None:
-        raise TrainingFailed(
-            f"training failed after {len(attempts.items)} attempt(s): {_failure_message(error)}"
-        )
+        raise training_failure(error, len(attempts.items) - first_here)
 
     train_seconds = summary.get("train_seconds") or 0.0
     run_info = {

@@ -2,8 +2,9 @@
 
 It reads the job's spec.json from the artifact store (the API wrote it; no user code travels),
 joins the Ray cluster it runs in, runs the driver, and leaves `outcome.json` for the reconciler:
-`failed` for a failure no resubmission can fix (an invalid spec, a ConfigError, training that
-failed after its worker retries), `retryable` for one that might not happen again. A driver
+`failed` for a failure no resubmission can fix (an invalid spec, a ConfigError, ranks whose
+masks disagree), `retryable` for one that might not happen again (a worker process that died,
+training that diverged, an unexpected error), which the service resubmits while attempts remain. A driver
 that is killed leaves no outcome of its attempt, and the reconciler resubmits it.
 Settings come from the runtime_env the scheduler sets (SLIMTRAIN_ARTIFACT_URI, ...)."""
 
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("job %s attempt %d: %s", job_id, attempt, spec.name)
     try:
         connect(os.environ.get("RAY_ADDRESS") or "auto")
-        run_job(spec, job_id, store)
+        # Ray Train does not restart workers here: the service resubmits a failed run as the
+        # next attempt, so each failure is an attempt in the job record, with its reason.
+        run_job(spec, job_id, store, worker_restarts=0)
     except SlimtrainError as e:
         return finish("retryable" if e.retryable else "failed", e.code, e.message)
     except Exception as e:  # unknown: may be transient (network, storage), so resubmission may help

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from service.errors import ConfigError
+from service.errors import ConfigError, TrainingDiverged
 from service.spec import JobSpec
 from workers.checkpoint import Loaded
 from workers.compression import clipping
@@ -310,7 +310,28 @@ def update_masks(run: Run, session: Session) -> None:
         )
 
 
+def nonfinite_weights(module: nn.Module) -> int:
+    """How many of this rank's weight tensors (its shard or stage) hold a NaN or an inf."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    if not local:
+        return 0
+    return int(torch.stack([~torch.isfinite(t.detach()).all() for t in local]).sum())
+
+
+def _raise_if_diverged(run: Run, nonfinite_everywhere: float) -> None:
+    # Every rank sees the same all-reduced count and raises together: none is left waiting
+    # in a collective for a rank that stopped.
+    if nonfinite_everywhere > 0:
+        raise TrainingDiverged(
+            f"training diverged by step {run.step}: {int(nonfinite_everywhere)} weight tensor(s) hold "
+            "NaN or inf; lower train.lr or set train.grad_clip_norm"
+        )
+
+
 def save(run: Run, session: Session) -> None:
+    # A checkpoint is only ever written from finite weights, so a retry resumes from a sane state.
+    bad = run.dist.all_reduce_sum(torch.tensor([float(nonfinite_weights(run.module))], dtype=torch.float64))
+    _raise_if_diverged(run, float(bad[0]))
     rng = {"torch": torch.get_rng_state()}
     if run.dist.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.dist.device)
@@ -339,8 +360,12 @@ def save(run: Run, session: Session) -> None:
 
 
 def _log_train(run: Run, session: Session, window_start: float, window_steps: int) -> None:
-    stats = run.dist.all_reduce_sum(torch.stack([run.loss_sum.double(), torch.tensor(float(run.loss_count))]))
+    local = [float(run.loss_count), float(nonfinite_weights(run.module))]
+    stats = run.dist.all_reduce_sum(
+        torch.cat([run.loss_sum.double().reshape(1), torch.tensor(local).double()])
+    )
     run.loss_sum, run.loss_count = torch.zeros(()), 0
+    _raise_if_diverged(run, float(stats[2]))
     # On every rank: with sharded or staged weights, measuring sparsity is a collective.
     sparsity = run.pruner.sparsity()[0] if run.pruner is not None else None
     if run.dist.rank != 0:

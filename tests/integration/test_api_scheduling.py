@@ -209,7 +209,26 @@ def test_a_retryable_driver_error_is_resubmitted(svc, fake_ray):
     write_outcome(JobArtifacts(svc.artifacts, job), Outcome(1, "retryable", "driver_error", "OSError: disk"))
     fake_ray.set(job, FAILED, "exit code 1")
     svc.reconciler.tick()
-    assert state(svc, job)[1].startswith("driver lost (the driver failed: OSError: disk)")
+    assert state(svc, job) == (
+        "queued",
+        "attempt 1 failed (OSError: disk); resubmitting from the last checkpoint (attempt 2 of 3)",
+    )
+    assert [(a.outcome, a.message) for a in svc.store.attempts_of(job)] == [("failed", "OSError: disk")]
+
+
+def test_retryable_failures_spend_the_budget_then_fail_with_the_last_reason(svc, fake_ray):
+    job = submit(svc, retries=1)
+    why = "training failed: rank 0: training diverged by step 10"
+    for number in (1, 2):
+        tick(svc)
+        sid = job if number == 1 else f"{job}-a{number}"
+        write_outcome(JobArtifacts(svc.artifacts, job), Outcome(number, "retryable", "diverged", why))
+        fake_ray.set(sid, FAILED, "exit code 1")
+        svc.reconciler.tick()
+    j = svc.store.get_job(job)
+    assert (j.state, j.error_code, j.attempts) == ("failed", "diverged", 2)
+    assert j.error_message == f"{why} (attempt 2 of 2; no retries left)"
+    assert [(a.number, a.outcome) for a in svc.store.attempts_of(job)] == [(1, "failed"), (2, "failed")]
 
 
 def test_a_ray_head_restart_resubmits(svc, fake_ray):

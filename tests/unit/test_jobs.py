@@ -75,20 +75,20 @@ def test_states_parse_from_strings():
 
 
 @pytest.mark.parametrize(
-    "retries,used,reported,resubmit",
+    "retries,used,permanent,resubmit",
     [
         (0, 1, False, False),  # no retries: one attempt only
         (2, 1, False, True),
         (2, 2, False, True),
         (2, 3, False, False),  # 1 + 2 attempts used
-        (2, 1, True, False),  # the driver reported its own failure: never resubmitted
+        (2, 1, True, False),  # a permanent failure (a ConfigError): never resubmitted
         (5, 0, False, True),
     ],
 )
-def test_retry_policy(retries, used, reported, resubmit):
+def test_retry_policy(retries, used, permanent, resubmit):
     policy = RetryPolicy.for_retries(retries)
     assert policy.max_attempts == retries + 1
-    assert policy.resubmit(used, driver_reported_failure=reported) is resubmit
+    assert policy.resubmit(used, permanent=permanent) is resubmit
 
 
 def test_submission_ids_keep_the_job_id_for_the_first_attempt():

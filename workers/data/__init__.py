@@ -6,6 +6,8 @@ small, and index-based batching keeps every rank's view a pure function of the s
 from __future__ import annotations
 
 import io
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,7 +99,8 @@ def _from_npz(raw: bytes, uri: str):
         # allow_pickle=False: an .npz from a user must never execute code when loaded.
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             x, y = z["X"], z["y"]
-    except (KeyError, ValueError, OSError) as e:
+    # A truncated or corrupted upload surfaces as any of these; none is fixed by a retry.
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({e})") from None
     if len(x) != len(y) or len(x) < 10:
         raise ConfigError(f"data.uri: X and y need the same length >= 10 (got {len(x)}, {len(y)})")
