@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service.auth import AuthError
-from service.errors import ArtifactKeyError, ArtifactNotFound, SlimtrainError, SpecError
+from service.errors import ArtifactCorrupt, ArtifactKeyError, ArtifactNotFound, SlimtrainError, SpecError
 from service.jobs import IdempotencyConflict, InvalidTransition, JobNotFound, LimitExceeded
 from service.ray_jobs import ClusterUnavailable
 from service.store.repo import BadCursor
@@ -42,6 +42,9 @@ STATUS: dict[type[SlimtrainError], int] = {
     InvalidTransition: 409,
     IdempotencyConflict: 409,
     BodyTooLarge: 413,
+    # The object store handed back bytes the job did not write: an upstream fault, not the
+    # client's, and never served as if it were the artifact.
+    ArtifactCorrupt: 502,
     ClusterUnavailable: 503,
 }
 
@@ -62,6 +65,7 @@ _MEANING = {
     409: "The request conflicts with the job's state.",
     413: "The body is above the server's limit.",
     422: "Invalid parameters: `fields` names each one and what is allowed.",
+    502: "The stored artifact fails its manifest checksum or cannot be parsed; it is not served.",
     503: "The Ray cluster cannot be reached; try again later.",
 }
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorBody"}

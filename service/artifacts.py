@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-from service.errors import ArtifactKeyError, ArtifactNotFound, ConfigError
+from service.errors import ArtifactCorrupt, ArtifactKeyError, ArtifactNotFound, ConfigError
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,254}"
@@ -227,6 +227,23 @@ class JobArtifacts:
 
     def open_read(self, name: str) -> BinaryIO:
         return self.store.open_read(self.key(name))
+
+    def get_verified_json(self, name: str):
+        """A JSON artifact checked against the job's manifest when the manifest lists it (a job
+        still running has no manifest yet); corrupt or unparsable bytes raise ArtifactCorrupt."""
+        data = self.get_bytes(name)
+        try:
+            listed = {e["name"]: e["sha256"] for e in self.get_json(MANIFEST)["artifacts"]}
+        except ArtifactNotFound:
+            listed = {}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactCorrupt(f"job {self.job_id}: {MANIFEST} is corrupt ({e})") from None
+        if name in listed and sha256_bytes(data) != listed[name]:
+            raise ArtifactCorrupt(f"job {self.job_id}: {name} does not match its sha256 in {MANIFEST}")
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise ArtifactCorrupt(f"job {self.job_id}: {name} is not valid JSON ({e})") from None
 
     def exists(self, name: str) -> bool:
         return self.store.exists(self.key(name))

@@ -61,6 +61,13 @@ class ArtifactNotFound(SlimtrainError):
     code = "artifact_not_found"
 
 
+class ArtifactCorrupt(SlimtrainError):
+    """A stored artifact that fails its manifest's sha256 or cannot be parsed: the store returned
+    something other than what the job wrote, so it is refused rather than served."""
+
+    code = "artifact_corrupt"
+
+
 class TrainingFailed(SlimtrainError):
     """Training failed on its workers. `retryable` when the cause may not recur (a worker
     process died, an unexpected exception): the service then resubmits the job from its last

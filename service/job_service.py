@@ -196,7 +196,7 @@ class JobService:
     def report(self, tenant: str, job_id: str) -> dict:
         arts = self.artifacts_of(tenant, job_id)
         try:
-            return arts.get_json("report.json")
+            return arts.get_verified_json("report.json")
         except ArtifactNotFound:
             job = self.store.get_job(job_id)
             raise ArtifactNotFound(f"job {job_id} has no report ({job.state})") from None

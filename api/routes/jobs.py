@@ -367,7 +367,7 @@ def get_artifact(job_id: JobId, name: ArtifactName, service: ServiceDep, tenant:
     "/jobs/{job_id}/report",
     summary="The job's report.json",
     operation_id="job_report",
-    responses=documented(401, 404, s404="No such job, or it has no report yet."),
+    responses=documented(401, 404, 502, s404="No such job, or it has no report yet."),
 )
 def job_report(job_id: JobId, service: ServiceDep, tenant: CurrentTenant) -> dict:
     return service.report(tenant, job_id)

@@ -413,6 +413,19 @@ def test_report(api, finished):
     assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_not_found"
 
 
+def test_a_report_that_fails_its_checksum_is_refused_not_served(api):
+    job = api.submit(name="tampered")
+    jid = job["id"]
+    wait_for(lambda: jid in api.ray.jobs, 10, 0.05, "submission")
+    arts = JobArtifacts(api.artifacts, jid)
+    arts.put_json("report.json", {"accuracy": 0.5})
+    arts.write_manifest()
+    arts.put_json("report.json", {"accuracy": 0.99})
+    r = api.alice.get(f"/v1/jobs/{jid}/report")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "artifact_corrupt"
+    assert "sha256" in r.json()["error"]["message"] and b"0.99" not in r.content
+
+
 def test_cluster(api):
     c = api.alice.get("/v1/cluster").json()
     assert c["reachable"] and c["capacity"] == {"CPU": 1000.0, "GPU": 0.0}

@@ -3,7 +3,7 @@
 import pytest
 
 from service.artifacts import JobArtifacts, LocalArtifactStore, check_name, job_key
-from service.errors import ArtifactKeyError, ArtifactNotFound
+from service.errors import ArtifactCorrupt, ArtifactKeyError, ArtifactNotFound
 
 BAD_NAMES = [
     "",
@@ -81,3 +81,20 @@ def test_writes_are_atomic_no_temp_files_listed(tmp_path):
     arts.put_bytes("x", b"1" * 100)
     (tmp_path / "j" / ".tmp-leftover").write_bytes(b"partial")
     assert [o.key for o in arts.list()] == ["j/x"]
+
+
+def test_verified_json_checks_the_manifest_and_the_syntax(tmp_path):
+    arts = JobArtifacts(LocalArtifactStore(tmp_path), "job-1")
+    arts.put_json("report.json", {"accuracy": 0.9})
+    assert arts.get_verified_json("report.json") == {"accuracy": 0.9}  # no manifest yet: running
+    arts.write_manifest()
+    assert arts.get_verified_json("report.json") == {"accuracy": 0.9}
+    arts.put_json("report.json", {"accuracy": 0.99})  # valid JSON, but not what the job wrote
+    with pytest.raises(ArtifactCorrupt, match="report.json does not match its sha256"):
+        arts.get_verified_json("report.json")
+    arts.put_bytes("notes.json", b'{"cut off')
+    with pytest.raises(ArtifactCorrupt, match="notes.json is not valid JSON"):
+        arts.get_verified_json("notes.json")
+    arts.put_bytes("manifest.json", b"[]")
+    with pytest.raises(ArtifactCorrupt, match="manifest.json is corrupt"):
+        arts.get_verified_json("notes.json")
