@@ -28,6 +28,7 @@ DEFAULT_REGION = "us-east-1"
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 # Above this, uploads go multipart and are read from disk in parts rather than held in memory.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
+S3_KEY_MAX_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,18 @@ class S3ArtifactStore(ArtifactStore):
 
     def full_key(self, key: str) -> str:
         """The object key of a store key; refuses anything `check_name` refuses."""
-        key = check_name(key.strip("/")) if key.strip("/") else ""
-        return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
+        key = key.strip("/")
+        full = f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
+        # S3 limits the whole object key, so a name within our own limit can still be too long
+        # once the store's and the job's prefixes are in front of it: say which limit bites.
+        if len(full.encode()) > S3_KEY_MAX_BYTES:
+            raise ArtifactKeyError(
+                f"artifact name too long: its S3 key would be {len(full.encode())} bytes with the "
+                f"store and job prefixes; S3 allows {S3_KEY_MAX_BYTES}"
+            )
+        if key:
+            check_name(key)
+        return full
 
     def _call(self, key: str, fn, **kwargs):
         try:
