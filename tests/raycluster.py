@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -29,26 +29,34 @@ class RayHead:
     address: str
     dashboard_url: str
     temp_dir: Path
+    ports: dict[str, int] = field(default_factory=dict)  # pass to start_head to restart it here
 
     def stop(self) -> None:
         kill_tree(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_head(num_cpus: int = 2, tag: str = "t", env: dict | None = None) -> RayHead:
+def start_head(
+    num_cpus: int = 2, tag: str = "t", env: dict | None = None, ports: dict[str, int] | None = None
+) -> RayHead:
+    """`ports`: a stopped head's `ports`, to bring a new head up on the same address."""
     temp = Path("/tmp") / f"stray-{tag}-{os.getpid()}-{free_port()}"
-    gcs, dash = free_port(), free_port()
-    ports = {
-        "--port": gcs,
-        "--dashboard-port": dash,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-    }
+    ports = (
+        dict(ports)
+        if ports
+        else {
+            "--port": free_port(),
+            "--dashboard-port": free_port(),
+            "--ray-client-server-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+        }
+    )
+    gcs, dash = ports["--port"], ports["--dashboard-port"]
     cmd = [
         str(BIN / "ray"),
         "start",
@@ -65,7 +73,7 @@ def start_head(num_cpus: int = 2, tag: str = "t", env: dict | None = None) -> Ra
     run_env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
     run_env.setdefault("RAY_AUTH_MODE", "token")
     subprocess.run(cmd, check=True, env=run_env, capture_output=True, timeout=180)
-    return RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", temp)
+    return RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", temp, ports)
 
 
 def _children() -> dict[int, list[int]]:
