@@ -140,9 +140,11 @@ class LocalArtifactStore(ArtifactStore):
 
     def path(self, key: str) -> Path:
         p = (self.root / key).resolve()
-        # Defense in depth behind check_name: also refuses keys that resolve through a symlink.
-        if p != self.root and self.root not in p.parents:
-            raise ArtifactKeyError(f"key {key!r} escapes the store")
+        # Defense in depth behind check_name: also refuses keys that resolve through a symlink
+        # out of their top-level folder (a job's prefix), into another job or out of the store.
+        top = self.root / key.split("/", 1)[0] if key else self.root
+        if p != top and top not in p.parents:
+            raise ArtifactKeyError(f"key {key!r} escapes its prefix")
         return p
 
     def put_bytes(self, key: str, data: bytes) -> None:

@@ -75,6 +75,18 @@ def test_symlink_escape_refused(tmp_path):
         JobArtifacts(store, "job").get_bytes("link")
 
 
+def test_symlink_into_another_job_refused(tmp_path):
+    store = LocalArtifactStore(tmp_path)
+    JobArtifacts(store, "job-b").put_bytes("secret.txt", b"b's")
+    (tmp_path / "job-a").mkdir()
+    (tmp_path / "job-a" / "link").symlink_to(tmp_path / "job-b" / "secret.txt")
+    (tmp_path / "job-a" / "dir").symlink_to(tmp_path / "job-b")
+    for name in ("link", "dir/secret.txt"):
+        with pytest.raises(ArtifactKeyError, match="escapes its prefix"):
+            JobArtifacts(store, "job-a").get_bytes(name)
+    assert JobArtifacts(store, "job-b").get_bytes("secret.txt") == b"b's"
+
+
 def test_writes_are_atomic_no_temp_files_listed(tmp_path):
     store = LocalArtifactStore(tmp_path)
     arts = JobArtifacts(store, "j")
