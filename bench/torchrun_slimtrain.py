@@ -29,10 +29,19 @@ def main(spec_path: str, out_path: str) -> None:
         session = LocalSession(LocalArtifactStore(tmp), "bench", Dist(dist.get_rank(), dist.get_world_size()))
         train(spec, data, session)
     if dist.get_rank() == 0:
-        rates = [r["samples_per_second"] for r in session.records if r["kind"] == "train"]
+        train_recs = [r for r in session.records if r["kind"] == "train"]
+        rates = [r["samples_per_second"] for r in train_recs]
         times = {r["event"]: r["time"] for r in session.records if r["kind"] == "event"}
         with open(out_path, "w") as f:
-            json.dump({"rates": rates, "train_start": times["start"], "train_end": times["done"]}, f)
+            json.dump(
+                {
+                    "rates": rates,
+                    "window_times": [r["time"] for r in train_recs],
+                    "train_start": times["start"],
+                    "train_end": times["done"],
+                },
+                f,
+            )
     dist.destroy_process_group()
 
 

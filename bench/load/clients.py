@@ -35,6 +35,8 @@ class Recorder:
     times: dict[str, array] = field(default_factory=dict)  # route -> when (s since t0)
     lats: dict[str, array] = field(default_factory=dict)  # route -> latency (s)
     errors: Counter = field(default_factory=Counter)  # (route, exception type) -> count
+    errors_by_group: Counter = field(default_factory=Counter)  # client group -> count
+    requests_by_group: Counter = field(default_factory=Counter)
     error_samples: list[str] = field(default_factory=list)
     events_per_s: Counter = field(default_factory=Counter)  # second since t0 -> SSE events received
     streams: Counter = field(default_factory=Counter)  # outcome -> count
@@ -51,10 +53,11 @@ class Recorder:
         self.times.setdefault(route, array("d")).append(self.now())
         self.lats.setdefault(route, array("d")).append(latency)
 
-    def error(self, route: str, exc: BaseException) -> None:
+    def error(self, route: str, exc: BaseException, group: str = "") -> None:
         self.errors[(route, type(exc).__name__)] += 1
-        if len(self.error_samples) < 20:
-            self.error_samples.append(f"{self.now():.1f}s {route}: {type(exc).__name__}: {exc}")
+        self.errors_by_group[group] += 1
+        if len(self.error_samples) < 40:
+            self.error_samples.append(f"{self.now():.1f}s {route} [{group}]: {type(exc).__name__}: {exc}")
 
     def problem(self, kind: str, text: str) -> None:
         self.streams[kind] += 1
@@ -85,46 +88,59 @@ class JobPool:
         return rng.choice(list(self.state)) if self.state else None
 
 
-async def timed(rec: Recorder, http: httpx.AsyncClient, route: str, method: str, url: str, **kw):
+async def timed(rec: Recorder, http: httpx.AsyncClient, route: str, method: str, url: str, group="", **kw):
     t = time.perf_counter()
+    rec.requests_by_group[group] += 1
     try:
         r = await http.request(method, url, **kw)
     except httpx.HTTPError as e:
-        rec.error(route, e)
+        rec.error(route, e, group)
         return None
     rec.add(route, r.status_code, time.perf_counter() - t)
     return r
 
 
-async def poll(rec: Recorder, http: httpx.AsyncClient, pool: JobPool, interval: float, rng: random.Random):
+async def poll(rec: Recorder, http, pool: JobPool, interval: float, rng: random.Random, group: str):
     """Status mostly; the job list and a page of metrics as a dashboard's other pages would."""
     await asyncio.sleep(rng.uniform(0, interval))  # spread the users' phases
     while True:
         job = pool.pick(rng)
         roll = rng.random()
         if job is None or roll < 0.1:
-            await timed(rec, http, LIST, "GET", "/v1/jobs", params={"limit": 20})
+            await timed(rec, http, LIST, "GET", "/v1/jobs", group, params={"limit": 20})
         elif roll < 0.2:
-            await timed(rec, http, METRICS, "GET", f"/v1/jobs/{job}/metrics", params={"limit": 100})
+            await timed(rec, http, METRICS, "GET", f"/v1/jobs/{job}/metrics", group, params={"limit": 100})
         else:
-            await timed(rec, http, STATUS, "GET", f"/v1/jobs/{job}")
+            await timed(rec, http, STATUS, "GET", f"/v1/jobs/{job}", group)
         await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
 
 
+@dataclass
+class Stream:
+    job: str
+    opened: float  # monotonic
+    last_byte: float  # monotonic; pings (every 15 s) count
+    last_id: int = 0
+    flagged: bool = False
+
+
 class OpenStreams:
-    """Streams open right now, to find the ones still open long after their job ended."""
+    """Streams open right now, to find the ones still open long after their job ended, and to
+    say what they were doing (still pinged by the server? which event last?)."""
 
     def __init__(self):
-        self.by_key: dict[int, str] = {}
+        self.by_key: dict[int, Stream] = {}
 
-    def stuck(self, pool: JobPool) -> list[str]:
+    def stuck(self, pool: JobPool) -> list[Stream]:
         now = time.monotonic()
         return [
-            j for j in self.by_key.values() if j in pool.ended_at and now - pool.ended_at[j] > STUCK_AFTER_S
+            st
+            for st in self.by_key.values()
+            if st.job in pool.ended_at and now - max(pool.ended_at[st.job], st.opened) > STUCK_AFTER_S
         ]
 
 
-async def follow(rec: Recorder, http: httpx.AsyncClient, pool: JobPool, opened: OpenStreams, rng):
+async def follow(rec: Recorder, http, pool: JobPool, opened: OpenStreams, rng, group: str):
     """Follow a job's events from the start (as the dashboard's job page does) until the stream
     ends, then another job's. Checks ids rise by one and the stream ends on a final state."""
     key = id(asyncio.current_task())
@@ -134,7 +150,9 @@ async def follow(rec: Recorder, http: httpx.AsyncClient, pool: JobPool, opened: 
             await asyncio.sleep(0.5)
             continue
         t, opened_at = time.perf_counter(), time.time()
-        last_id, last_state, event = 0, None, None
+        last_state, event = None, None
+        st = Stream(job, time.monotonic(), time.monotonic())
+        rec.requests_by_group[group] += 1
         try:
             # Read timeout 40 s: the API sends a ping every 15 s on an idle stream.
             timeout = httpx.Timeout(30, read=40)
@@ -144,13 +162,14 @@ async def follow(rec: Recorder, http: httpx.AsyncClient, pool: JobPool, opened: 
                     await r.aread()
                     await asyncio.sleep(1)
                     continue
-                opened.by_key[key] = job
+                opened.by_key[key] = st
                 async for line in r.aiter_lines():
+                    st.last_byte = time.monotonic()
                     if line.startswith("id:"):
                         eid = int(line[3:])
-                        if eid != last_id + 1:
-                            rec.problem("id gap or repeat", f"job {job}: id {eid} after {last_id}")
-                        last_id = eid
+                        if eid != st.last_id + 1:
+                            rec.problem("id gap or repeat", f"job {job}: id {eid} after {st.last_id}")
+                        st.last_id = eid
                     elif line.startswith("event:"):
                         event = line[6:].strip()
                         rec.events_per_s[int(rec.now())] += 1
@@ -161,25 +180,36 @@ async def follow(rec: Recorder, http: httpx.AsyncClient, pool: JobPool, opened: 
                         if stamp is not None and stamp >= opened_at:
                             rec.delivery_lag.append(time.time() - stamp)
         except httpx.HTTPError as e:
-            rec.error(EVENTS, e)
+            rec.error(EVENTS, e, group)
             await asyncio.sleep(1)
             continue
         finally:
             opened.by_key.pop(key, None)
+        if st.flagged:  # how long it stayed open after its job ended, now that it is over
+            late = time.monotonic() - max(pool.ended_at.get(job, st.opened), st.opened)
+            rec.problem(
+                "stuck stream ended", f"job {job}: ended {late:.1f} s after its job, last id {st.last_id}"
+            )
         if last_state in TERMINAL:
             rec.streams["ended on a final state"] += 1
         else:
-            rec.problem("ended before a final state", f"job {job}: last state {last_state}, id {last_id}")
+            rec.problem("ended before a final state", f"job {job}: last state {last_state}, id {st.last_id}")
         # A person looks at the finished job before opening another; without this pause all of
         # a job's followers would reconnect in the same instant, a herd no dashboard produces.
         await asyncio.sleep(rng.uniform(1, 5))
 
 
-async def user(rec, base_url, token, pool, opened, interval, seed):
+async def user(rec, base_url, token, pool, opened, interval, seed, keepalive: float):
+    """One dashboard user. `keepalive`: how long its client keeps an idle connection for reuse
+    (httpx's default is 5 s, the same as uvicorn's server-side timeout)."""
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
-        await asyncio.gather(poll(rec, http, pool, interval, rng), follow(rec, http, pool, opened, rng))
+    limits = httpx.Limits(keepalive_expiry=keepalive)
+    group = f"client keep-alive {keepalive:g} s"
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30, limits=limits) as http:
+        await asyncio.gather(
+            poll(rec, http, pool, interval, rng, group), follow(rec, http, pool, opened, rng, group)
+        )
 
 
 async def keep_jobs(rec, base_url, token, pool: JobPool, spec: dict, live_target: int, submitted: list):

@@ -66,17 +66,23 @@ async def loop_lag(lags: list[float], every: float = 0.1) -> None:
         lags.append(time.perf_counter() - t - every)
 
 
-async def sampler(pid, rec, pool, opened, samples, stuck: set, every: float) -> None:
+async def sampler(pid, rec, pool, opened, samples, every: float) -> None:
     while True:
         s = sample(pid)
         s["t"] -= rec.t0
         s["open_streams"] = len(opened.by_key)
         s["live_jobs"] = len(pool.live())
         samples.append(s)
-        for job in opened.stuck(pool):
-            if job not in stuck:
-                stuck.add(job)
-                rec.problem("stuck stream", f"job {job} ended > {cl.STUCK_AFTER_S:.0f} s ago, stream open")
+        now = time.monotonic()
+        for st in opened.stuck(pool):
+            if not st.flagged:
+                st.flagged = True
+                ended = now - pool.ended_at[st.job]
+                rec.problem(
+                    "stuck stream",
+                    f"job {st.job} ended {ended:.1f} s ago (stream opened {now - st.opened:.1f} s ago), "
+                    f"stream open; last id {st.last_id}, last byte {now - st.last_byte:.1f} s ago",
+                )
         await asyncio.sleep(every)
 
 
@@ -86,17 +92,19 @@ async def drive(server, args, seconds: float) -> dict:
     samples: list[dict] = []
     prom: list = []
     lags: list[float] = []
-    stuck: set[str] = set()
     url, token = server.url, server.token
     spec = {**SPEC, "train": {**SPEC["train"], "epochs": args.epochs}}
     background = [
         asyncio.create_task(cl.keep_jobs(rec, url, token, pool, spec, args.live_jobs, submitted)),
-        asyncio.create_task(sampler(server.pid, rec, pool, opened, samples, stuck, args.sample_seconds)),
+        asyncio.create_task(sampler(server.pid, rec, pool, opened, samples, args.sample_seconds)),
         asyncio.create_task(cl.scrape(rec, url, prom, args.sample_seconds)),
         asyncio.create_task(loop_lag(lags)),
     ]
+    n_ka = len(args.client_keepalive)
     users = [
-        asyncio.create_task(cl.user(rec, url, token, pool, opened, args.poll_interval, seed=i))
+        asyncio.create_task(
+            cl.user(rec, url, token, pool, opened, args.poll_interval, i, args.client_keepalive[i % n_ka])
+        )
         for i in range(args.clients)
     ]
     tasks = background + users
@@ -127,7 +135,9 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
     lat_table = report.latency_table(rec, seconds)
     five = sum(n for (_, s), n in rec.codes.items() if s >= 500)
     conn = sum(rec.errors.values())
-    problems = {k: v for k, v in rec.streams.items() if k != "ended on a final state"}
+    # "stuck stream ended" is the epilogue of a "stuck stream" already counted.
+    done = ("ended on a final state", "stuck stream ended")
+    problems = {k: v for k, v in rec.streams.items() if k not in done}
     states: dict[str, int] = {}
     for j in res["jobs"].values():
         states[j["state"]] = states.get(j["state"], 0) + 1
@@ -147,6 +157,14 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
         ["requests (all routes)", sum(rec.codes.values())],
         ["5xx", five],
         ["connection errors / timeouts", conn],
+        [
+            "connection errors per client group",
+            "; ".join(
+                f"{g}: {rec.errors_by_group.get(g, 0)} of {n} requests"
+                for g, n in sorted(rec.requests_by_group.items())
+                if g
+            ),
+        ],
         ["SSE events received / s (all users)", round(ev_rate, 1)],
         ["SSE streams ended on a final state", rec.streams.get("ended on a final state", 0)],
         ["SSE problems (gaps, early ends, stuck)", sum(problems.values())],
@@ -181,7 +199,8 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
                     ["RSS median, first window after warm-up (MiB)", v["rss_start_mib"]],
                     ["RSS median, last window (MiB)", v["rss_end_mib"]],
                     ["RSS min / max (MiB)", f"{v['rss_min_mib']:.1f} / {v['rss_max_mib']:.1f}"],
-                    ["slope after warm-up (MiB/min)", v["slope_mib_per_min"]],
+                    ["slope after warm-up, whole span (MiB/min)", v["slope_mib_per_min"]],
+                    ["slope over the second half (MiB/min), judged", v["late_slope_mib_per_min"]],
                     ["limit (MiB/min)", v["threshold_mib_per_min"]],
                     ["verdict", ("ok" if v["ok"] else "GROWING") if v["judged"] else "too short to judge"],
                 ],
@@ -209,6 +228,9 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
             "seconds": seconds,
             "codes": [[r, s, n] for (r, s), n in sorted(rec.codes.items())],
             "errors": [[r, e, n] for (r, e), n in sorted(rec.errors.items())],
+            "errors_by_group": dict(rec.errors_by_group),
+            "requests_by_group": dict(rec.requests_by_group),
+            "error_samples": rec.error_samples,
             "latency": report.latency_rows(rec, seconds),
             "latency_headers": report.LATENCY_HEADERS,
             "sse_events_per_s": ev_rate,
@@ -236,12 +258,22 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
         reasons.append(f"{len(failed)} jobs failed")
     if verdict and not verdict["ok"]:
         reasons.append(
-            f"RSS grows {verdict['slope_mib_per_min']:.2f} MiB/min after warm-up "
+            f"RSS grows {verdict['late_slope_mib_per_min']:.2f} MiB/min over the soak's second half "
             f"(limit {verdict['threshold_mib_per_min']})"
         )
     for r in reasons:
         print(f"FAIL: {r}", file=sys.stderr)
     return 1 if reasons else 0
+
+
+def keep_log(src: Path, dst: Path) -> None:
+    """The server's log without the access lines of 2xx answers (100,000s of them in a soak):
+    warnings, tracebacks and every non-2xx answer, each with its time."""
+    with open(src, errors="replace") as f, open(dst, "w") as out:
+        for line in f:
+            if '" 20' in line and "HTTP/1.1" in line and "INFO:" in line:
+                continue
+            out.write(line)
 
 
 def main() -> int:
@@ -255,6 +287,14 @@ def main() -> int:
     ap.add_argument("--live-jobs", type=int, default=3, help="Jobs kept queued or training.")
     ap.add_argument("--epochs", type=int, default=SPEC["train"]["epochs"], help="Epochs per job.")
     ap.add_argument("--sample-seconds", type=float, default=5.0, help="RSS and /metrics sampling period.")
+    ap.add_argument(
+        "--client-keepalive",
+        type=float,
+        nargs="+",
+        default=[5.0],
+        help="Seconds a user's client keeps an idle connection (httpx default 5); several values are "
+        "dealt round-robin to the users, to compare them side by side.",
+    )
     args = ap.parse_args()
     soak = args.soak_minutes is not None
     seconds = 60 * args.soak_minutes if soak else args.seconds
@@ -267,7 +307,7 @@ def main() -> int:
             )
             res = asyncio.run(drive(server, args, seconds))
         with contextlib.suppress(OSError):  # the server's log, for a failure's post-mortem
-            (out / "server.log").write_bytes(server.log_path.read_bytes()[-2_000_000:])
+            keep_log(server.log_path, out / "server.log")
     return summarise(args, res, soak, out)
 
 
