@@ -38,7 +38,9 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def start_api(data: Path, extra: dict[str, str], serve: bool = False) -> tuple[subprocess.Popen, str]:
+def start_api(
+    data: Path, extra: dict[str, str], serve: bool = False, uvicorn_args: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
@@ -51,7 +53,7 @@ def start_api(data: Path, extra: dict[str, str], serve: bool = False) -> tuple[s
         cmd = [sys.executable, "-m", "api.cli", "serve"]
     else:
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--port", str(port)]
-        cmd += ["--workers", "1", "--log-level", "warning", "--no-access-log"]
+        cmd += ["--workers", "1", "--log-level", "warning", "--no-access-log", *uvicorn_args]
     with open(data / "server.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
