@@ -244,7 +244,16 @@ def serve(
     from api.app import create_app
 
     console.print(f"slimtrain API on http://{settings.host}:{settings.port}  (data in {settings.data_dir})")
-    uvicorn.run(create_app(settings, auth=auth), host=settings.host, port=settings.port, log_level="info")
+    # Idle keep-alive connections must be closed by the client (httpx: 5 s; load balancers:
+    # 60 s), never by the server first: uvicorn's default of 5 s made a request sent just as the
+    # server closed its connection get no answer at all (bench/load/keepalive_race.py).
+    uvicorn.run(
+        create_app(settings, auth=auth),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_keep_alive=75,
+    )
 
 
 @app.command()
