@@ -126,22 +126,45 @@ def preflight(spec: JobSpec, store: ArtifactStore):
     return data, spe, total
 
 
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and what it wraps, outermost first, through Ray's wrappers."""
+    out: list[BaseException] = []
+    while err is not None and all(e is not err for e in out):
+        out.append(err)
+        err = getattr(err, "cause", None) or getattr(err, "controller_failure", None) or err.__cause__
+    return out
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The first of our own typed errors in the chain, or its innermost exception."""
+    chain = _chain(err)
+    return next((e for e in chain if isinstance(e, SlimtrainError)), chain[-1])
+
+
+def _blame(item: tuple[int, BaseException]) -> tuple[int, int]:
+    """Which failed rank speaks for the group: one that knows why (our own error), then one
+    whose process died (its peers then fail in their collectives with 'connection closed',
+    which says nothing), then the lowest."""
+    from ray.exceptions import RayActorError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    rank, exc = item
+    chain = _chain(exc)
+    if any(isinstance(e, SlimtrainError) for e in chain):
+        return (0, rank)
+    deaths = (RayActorError, WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)
+    return (1 if any(isinstance(e, deaths) for e in chain) else 2, rank)
+
+
 def _root_cause(err: BaseException) -> tuple[int | None, BaseException]:
-    """(rank, innermost exception) of a Ray Train failure: the lowest failed rank's, through
-    Ray's wrappers; the first of our own typed errors on the way is the cause."""
-    rank = None
-    seen: set[int] = set()
-    while id(err) not in seen and not isinstance(err, SlimtrainError):
-        seen.add(id(err))
-        causes = getattr(err, "worker_failures", None)
-        if causes:
-            rank, err = sorted(causes.items())[0]
-            continue
-        inner = getattr(err, "cause", None) or getattr(err, "controller_failure", None) or err.__cause__
-        if inner is None:
-            break
-        err = inner
-    return rank, err
+    """(rank, cause) of a Ray Train failure: the rank that speaks for a failed worker group
+    (`_blame`), None for a failure outside the workers."""
+    for e in _chain(err):
+        failures = getattr(e, "worker_failures", None)
+        if failures:
+            rank, exc = min(failures.items(), key=_blame)
+            return rank, _cause(exc)
+    return None, _cause(err)
 
 
 def _failure_message(err: BaseException) -> str:

@@ -81,7 +81,9 @@ def test_a_killed_worker_fails_its_attempt_and_the_next_resumes_to_identical_wei
         (1, victim, "failed"),
         (2, f"{victim}-a2", "succeeded"),
     ]
+    # the rank that died is blamed, not the peer whose collective it cut off
     assert att[0]["message"].startswith("training failed: rank "), att[0]["message"]
+    assert "died" in att[0]["message"] and "Connection closed" not in att[0]["message"]
     assert jobs[victim]["attempts"] == 2 and jobs[victim]["error"] is None
     # the failure and the resubmission are in the job's own history, with the reason
     reasons = [e.data.get("reason") or "" for e in c.events(victim) if e.type == "state"]

@@ -171,7 +171,8 @@ def test_resume_skips_corrupt_and_half_written_checkpoints(job, s3_server, monke
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     rep = run_job(load_spec_file(job["spec_path"]), job_id, store)
-    assert [a["resumed_from"] for a in rep["attempts"]] == [20]
+    # the report lists every start of the job: the first run's, then this rerun's from step 20
+    assert [a["resumed_from"] for a in rep["attempts"]] == [None, 20]
     assert arts.get_bytes("model.safetensors") == weights
     assert rep["accuracy"] == job["report"]["accuracy"]
     assert _verified_steps(store, job_id) == list(STEPS)

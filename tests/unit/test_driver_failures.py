@@ -77,3 +77,24 @@ def test_attempts_continue_the_count_of_earlier_drivers():
     rec = {"kind": "event", "event": "start", "resumed_from": 80}
     seen.observe(rec)
     assert rec["attempt"] == 3 and Attempts.of_lines([]).items == []
+
+
+def test_the_rank_that_died_speaks_for_the_group_not_the_peer_it_cut_off():
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    died = WorkerHealthCheckFailedError(
+        "The actor is dead because its worker process has died.", ActorDiedError()
+    )
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    err = training_failure(WorkerGroupError("w", {0: peer, 1: died}), attempts=1)
+    # Ray's health-check error ends with the actor's own death message
+    assert err.message == (
+        "training failed: rank 1: WorkerHealthCheckFailedError: "
+        "The actor died unexpectedly before finishing this task."
+    )
+    assert err.retryable
+    # our own diagnosis outranks a death
+    diverged = _wrapped(TrainingDiverged("training diverged by step 10"))
+    err = training_failure(WorkerGroupError("w", {0: died, 2: diverged}), attempts=1)
+    assert (err.message, err.code) == ("training failed: rank 2: training diverged by step 10", "diverged")
