@@ -78,6 +78,9 @@ class Reconciler:
                     job, attempt, f"Ray does not know submission {attempt.submission_id} (head restarted?)"
                 )
             return
+        if attempt.submitted_at is None:
+            # Ray has it, but the API died between Ray's answer and recording it.
+            self.store.attempt_submitted(attempt.id)
         if info.status in (PENDING, RUNNING):
             self.store.heartbeat(job.id)
             if info.status == RUNNING:

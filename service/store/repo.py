@@ -374,8 +374,13 @@ class Store:
             return fresh, att
 
     def attempt_submitted(self, attempt_id: int) -> None:
+        """Record when Ray accepted the attempt (the first time it is known to have)."""
         with self.db.write() as s:
-            s.execute(update(Attempt).where(Attempt.id == attempt_id).values(submitted_at=time.time()))
+            s.execute(
+                update(Attempt)
+                .where(Attempt.id == attempt_id, Attempt.submitted_at.is_(None))
+                .values(submitted_at=time.time())
+            )
 
     def attempt_started(self, attempt_id: int) -> None:
         with self.db.write() as s:

@@ -308,6 +308,18 @@ def test_a_submission_that_never_reached_ray_is_retried_with_the_same_id(svc, fa
     assert fake_ray.jobs[job].status == PENDING and svc.store.get_job(job).attempts == 1
 
 
+def test_a_submission_ray_took_before_the_api_died_is_recorded_as_submitted(svc, fake_ray):
+    job = submit(svc)
+    admitted, attempt = svc.store.admit(svc.store.get_job(job), job, Resources(cpu=2))
+    fake_ray.submit(job, "entry", {}, {})  # Ray accepted; the API died before writing it down
+    assert svc.store.attempts_of(job)[0].submitted_at is None
+    svc.reconciler.tick()
+    first = svc.store.attempts_of(job)[0].submitted_at
+    assert first is not None and list(fake_ray.jobs) == [job]
+    svc.store.attempt_submitted(attempt.id)  # a later report keeps when Ray first had it
+    assert svc.store.attempts_of(job)[0].submitted_at == first
+
+
 def test_a_ray_job_stopped_behind_our_back_fails_the_job(svc, fake_ray):
     job = submit(svc)
     tick(svc)
