@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+# bench.run_all's quick mode points this at bench/out/quick, so a smoke run never replaces the
+# outputs of a full one.
+OUT = Path(os.environ.get("BENCH_OUT") or Path(__file__).resolve().parent / "out").resolve()
 
 
 def out_dir(name: str) -> Path:

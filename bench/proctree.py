@@ -49,8 +49,9 @@ def run_metered(cmd: list[str], log: Path, timeout: float, every: float = 0.25, 
             proc.wait()
             raise subprocess.TimeoutExpired(cmd, timeout)
         time.sleep(every)
-    if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, cmd, log.read_text(errors="replace")[-3000:])
+    if proc.returncode != 0:  # the log's tail in the message: a traceback hides an exception's output
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}; its output ends:\n{tail}")
     return {"launch": launch, "end": time.time(), "cpu_series": series}
 
 

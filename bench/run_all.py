@@ -7,7 +7,8 @@
 Each bench runs as its own process (`python -m MODULE ARGS`), so one crash cannot take the others
 down and every bench starts from a clean interpreter, as its README command does. Quick mode
 shrinks each bench (fewer rounds, steps, seeds, clients) and sends every output under
-`bench/out/` (git-ignored), so it never overwrites the committed figures that `--full` writes.
+`bench/out/quick/` (git-ignored, BENCH_OUT), so it never overwrites what `--full` writes: the
+committed figures (bench/memory/results, bench/compression/results) and bench/out/NAME.
 Each bench's output is also kept in `bench/out/run_all/NAME.log`; the summary (status, seconds,
 where the tables and plots went) is printed and written to `bench/out/run_all/summary.md`.
 Exits 1 when any bench fails (non-zero exit or timeout), after running the rest.
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import OUT, machine, markdown_table, out_dir
+from bench.common import machine, markdown_table, out_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,8 +43,16 @@ class Bench:
     full_env: dict[str, str] = field(default_factory=dict)
 
 
+FULL_OUT = ROOT / "bench" / "out"
+QUICK_OUT = FULL_OUT / "quick"
+
+
 def _o(name: str) -> str:
-    return str((OUT / name).relative_to(ROOT))
+    return str((FULL_OUT / name).relative_to(ROOT))
+
+
+def _q(name: str) -> str:
+    return str((QUICK_OUT / name).relative_to(ROOT))
 
 
 BENCHES = [
@@ -52,7 +61,7 @@ BENCHES = [
         "bench.api.run",
         [],
         [],
-        _o("api"),
+        _q("api"),
         _o("api"),
         quick_env={"BENCH_SECONDS": "2", "BENCH_JOBS": "1"},
     ),
@@ -61,7 +70,7 @@ BENCHES = [
         "bench.ddp_parity",
         ["--rounds", "1", "--steps", "100"],
         ["--rounds", "3"],
-        _o("ddp_parity"),
+        _q("ddp_parity"),
         _o("ddp_parity"),
     ),
     Bench(
@@ -69,34 +78,34 @@ BENCHES = [
         "bench.pruning_overhead",
         ["--rounds", "2", "--steps", "100"],
         [],
-        _o("pruning_overhead"),
+        _q("pruning_overhead"),
         _o("pruning_overhead"),
     ),
     Bench(
         "memory",
         "bench.memory.run",
-        ["--layers", "2", "--embd", "64", "--worlds", "2", "--out", _o("memory")],
+        ["--layers", "2", "--embd", "64", "--worlds", "2", "--out", _q("memory")],
         [],
-        _o("memory"),
+        _q("memory"),
         "bench/memory/results",
     ),
     Bench(
         "compression",
         "bench.compression.run",
-        ["--seeds", "0", "--models", "mlp", "--latency-repeats", "20", "--out", _o("compression")],
+        ["--seeds", "0", "--models", "mlp", "--latency-repeats", "20", "--out", _q("compression")],
         [],
-        _o("compression"),
+        _q("compression"),
         "bench/compression/results",
     ),
-    Bench("gpu_check", "bench.gpu_check", ["--steps", "5"], [], _o("gpu_check"), _o("gpu_check")),
-    Bench("load", "bench.load", ["--seconds", "30", "--clients", "50"], [], _o("load"), _o("load")),
+    Bench("gpu_check", "bench.gpu_check", ["--steps", "5"], [], _q("gpu_check"), _o("gpu_check")),
+    Bench("load", "bench.load", ["--seconds", "30", "--clients", "50"], [], _q("load"), _o("load")),
     # Quick: a 1-minute soak exercises the sampling and the verdict (too short to be judged).
     Bench(
         "soak",
         "bench.load",
         ["--soak-minutes", "1", "--clients", "20"],
         ["--soak-minutes", "10"],
-        _o("load_soak"),
+        _q("load_soak"),
         _o("load_soak"),
     ),
 ]
@@ -106,6 +115,8 @@ def run_one(b: Bench, full: bool, log_dir: Path, timeout: float) -> dict:
     args = b.full if full else b.quick
     extra = b.full_env if full else b.quick_env
     env = {**os.environ, **extra}
+    if not full:
+        env["BENCH_OUT"] = str(QUICK_OUT)
     cmd = [sys.executable, "-m", b.module, *args]
     shown = " ".join([*(f"{k}={v}" for k, v in extra.items()), "python", "-m", b.module, *args])
     log_path = log_dir / f"{b.name}.log"
