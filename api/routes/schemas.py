@@ -45,7 +45,9 @@ class Progress(BaseModel):
     sparsity: float | None = Field(default=None, description="Current global weight sparsity.")
     target_sparsity: float | None = Field(default=None, description="The pruning schedule's target now.")
     samples_per_second: float | None = Field(default=None, description="Training throughput.")
-    attempt: int | None = Field(default=None, description="Ray Train attempt within the current driver.")
+    attempt: int | None = Field(
+        default=None, description="How many times the job's training has started (1 on the first attempt)."
+    )
 
 
 class JobOut(BaseModel):
