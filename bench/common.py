@@ -46,6 +46,13 @@ def machine() -> dict:
     }
 
 
+def load_at_end() -> str:
+    """The machine's load average as a bench finishes: every table states the conditions its
+    figures were measured under, since this machine is shared and noisy."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average at the end {one:.1f} / {five:.1f} / {fifteen:.1f}"
+
+
 def save_json(path: Path, obj) -> None:
     # numpy scalars (np.float64 is a float, np.bool_ is not a bool) and arrays, as Python values.
     def plain(o):

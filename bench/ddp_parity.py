@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import machine, markdown_table, median, out_dir, save_json
+from bench.common import load_at_end, machine, markdown_table, median, out_dir, save_json
 from bench.proctree import cpu_between, run_metered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,11 +190,9 @@ def main() -> None:
         "process wall (s)",
     ]
     table = markdown_table(headers, rows)
-    load = os.getloadavg()
     note = (
         f"{args.rounds} rounds x {args.steps} steps, global batch 256, 2 workers, gloo, fp32; "
-        f"{time.monotonic() - t_all:.0f} s in all; "
-        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+        f"{time.monotonic() - t_all:.0f} s in all; {load_at_end()}"
     )
     (out / "table.md").write_text(table + "\n\n" + note + "\n")
     save_json(

@@ -14,13 +14,12 @@ processes; CPU time does not, so its ratio is the one that resolves a few percen
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
 import torch
 
-from bench.common import machine, markdown_table, median, out_dir, save_json
+from bench.common import load_at_end, machine, markdown_table, median, out_dir, save_json
 from service.artifacts import LocalArtifactStore
 from service.spec import parse_spec
 from workers import train_loop
@@ -128,11 +127,9 @@ def main() -> None:
         ],
         rows,
     )
-    load = os.getloadavg()
     note = (
         f"{args.rounds} interleaved rounds x {args.steps} steps per model, one process, 1 thread; "
-        f"{time.monotonic() - t_all:.0f} s in all; load average at the end "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+        f"{time.monotonic() - t_all:.0f} s in all; {load_at_end()}"
     )
     (out / "table.md").write_text(table + "\n\n" + note + "\n")
     save_json(out / "results.json", {"raw": raw, "machine": machine(), "note": note})

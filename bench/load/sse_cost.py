@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import psutil
 
 from bench.api.run import TOKEN, start_api
-from bench.common import machine, markdown_table, median, out_dir, save_json
+from bench.common import load_at_end, machine, markdown_table, median, out_dir, save_json
 
 SPEC = {"name": "idle", "model": {"name": "mlp"}, "data": {"name": "digits"}}
 
@@ -99,10 +98,9 @@ def main() -> None:
     table = markdown_table(
         ["idle SSE streams", "API CPU % of one core (median)", "per round", "DB reads/s"], rows
     )
-    load = os.getloadavg()
     note = (
         f"fit: {per100:.1f}% of a core per 100 idle streams; {args.rounds} rounds x {args.seconds:g} s; "
-        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+        f"{load_at_end()}"
     )
     (out / "table.md").write_text(f"{table}\n\n{note}\n")
     save_json(out / "results.json", {"machine": machine(), "cpu_percent": cpu, "per_100_streams": per100})
