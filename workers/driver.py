@@ -266,15 +266,23 @@ def run_job(
     first_here = len(attempts.items)
     summary: dict = {}
 
+    drained = 0
+
     def pump():
-        for rec in ray.get(relay.drain.remote()):
+        nonlocal drained
+        records, awaited = ray.get(relay.drain.remote())
+        for rec in records:
             attempts.observe(rec)
             if rec.get("event") == "done":
                 summary.update(rec)
             metrics.add(rec)
             if on_record:
                 on_record(rec)
-        metrics.flush()
+        drained += len(records)
+        # A checkpoint waits for its records (RaySession.save): write them out now.
+        metrics.flush(force=awaited)
+        if awaited:
+            relay.ack.remote(drained)
 
     thread = threading.Thread(target=fit, name=f"fit-{job_id}", daemon=True)
     thread.start()

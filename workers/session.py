@@ -18,20 +18,45 @@ from workers.checkpoint import CHECKPOINTS, Loaded, dir_name, load_latest, write
 from workers.parallel import Dist
 
 
-@ray.remote(num_cpus=0)
-class MetricsRelay:
-    """Buffers rank 0's records until the driver drains them. Calls from one worker execute in
-    order, so records arrive in the order they were emitted; it outlives worker restarts."""
+class RelayBuffer:
+    """Rank 0's records on their way to the driver, and how many of them the driver has made
+    durable (written to metrics.jsonl). Plain Python so the handshake is testable without Ray;
+    `MetricsRelay` is this class as an actor."""
 
     def __init__(self):
         self.records: list[dict] = []
+        self.pushed = 0  # records ever pushed
+        self.wanted = 0  # pushed count a checkpoint waits to see durable
+        self.durable = 0  # records the driver has written out
 
     def push(self, records: list[dict]) -> None:
         self.records.extend(records)
+        self.pushed += len(records)
 
-    def drain(self) -> list[dict]:
+    def mark(self) -> int:
+        """Ask the driver to make everything pushed so far durable now; returns the count to
+        wait for. Calls from one worker run in order, so this follows that worker's pushes."""
+        self.wanted = max(self.wanted, self.pushed)
+        return self.pushed
+
+    def drain(self) -> tuple[list[dict], bool]:
+        """The buffered records, and whether a checkpoint waits for them to be durable."""
         out, self.records = self.records, []
-        return out
+        return out, self.wanted > self.durable
+
+    def ack(self, count: int) -> None:
+        """The driver has written the first `count` records pushed."""
+        self.durable = max(self.durable, count)
+
+    def durable_count(self) -> int:
+        return self.durable
+
+
+# Buffers rank 0's records until the driver drains them; it outlives worker restarts.
+MetricsRelay = ray.remote(num_cpus=0)(RelayBuffer)
+# How long a checkpoint waits for the driver to write out the records before it (the driver
+# polls every 0.25 s; this only trips when the driver is stuck writing to the store).
+DURABLE_TIMEOUT_S = 120.0
 
 
 def _stamp(record: dict) -> dict:
@@ -61,6 +86,8 @@ class RaySession:
     def save(self, step: int, state: dict | None, rng: list[dict], meta: dict) -> None:
         import ray.train
 
+        if self.dist.rank == 0:
+            self._records_durable()
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if state is not None:
@@ -70,6 +97,20 @@ class RaySession:
 
     def restore(self) -> Loaded | None:
         return load_latest(self.store, self.job_id)
+
+    def _records_durable(self) -> None:
+        """Block until every record emitted so far is in metrics.jsonl. A checkpoint is where a
+        lost attempt resumes; were its records still in flight when the driver died (the Ray
+        head lost, say), the series would have a gap that no later attempt fills, and the
+        attempt itself would be missing from the count kept in the records."""
+        want = ray.get(self.relay.mark.remote())
+        deadline = time.monotonic() + DURABLE_TIMEOUT_S
+        while ray.get(self.relay.durable_count.remote()) < want:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the driver did not write out the metrics within {DURABLE_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(0.02)
 
 
 class LocalSession:

@@ -7,6 +7,7 @@ import json
 
 from service.artifacts import JobArtifacts, LocalArtifactStore
 from workers.driver import MetricsLog
+from workers.session import RelayBuffer
 
 
 def test_metrics_log_continues_an_existing_series(tmp_path):
@@ -24,3 +25,23 @@ def test_metrics_log_continues_an_existing_series(tmp_path):
 def test_metrics_log_of_a_new_job_starts_empty(tmp_path):
     log = MetricsLog(JobArtifacts(LocalArtifactStore(tmp_path), "new"))
     assert log.lines == [] and not log.dirty
+
+
+def test_relay_asks_for_durability_only_while_a_checkpoint_waits():
+    """The handshake behind "records before a checkpoint are durable before it": mark() asks,
+    drain() passes the request on, ack() answers it."""
+    relay = RelayBuffer()
+    relay.push([{"step": 1}, {"step": 2}])
+    assert relay.drain() == ([{"step": 1}, {"step": 2}], False)  # nobody waits: flush at leisure
+    relay.push([{"step": 3}])
+    assert relay.mark() == 3  # a checkpoint waits for all three
+    assert relay.durable_count() == 0
+    assert relay.drain() == ([{"step": 3}], True)
+    assert relay.drain() == ([], True)  # still owed until the driver acknowledges
+    relay.ack(3)
+    assert relay.durable_count() == 3
+    assert relay.drain() == ([], False)
+    relay.push([{"step": 4}])
+    relay.ack(2)  # a late, smaller acknowledgement never lowers the count
+    assert relay.durable_count() == 3
+    assert relay.drain() == ([{"step": 4}], False)
