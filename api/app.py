@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from api import errors, openapi
 from api.routes import dashboard, jobs, system
 from api.routes.prometheus import RequestMetrics, StoreCollector, request_latency
-from api.sse import Notifier
+from api.sse import JobHeads, Notifier
 from service.artifacts import ArtifactStore, open_store
 from service.auth import TokenAuth, load_auth
 from service.job_service import JobService
@@ -46,7 +46,7 @@ def create_app(
     store = Store(db)
     artifacts = artifacts or open_store(settings.resolved_artifact_uri, settings.s3_endpoint_url)
     service = JobService(settings, store, ray or RayJobs(ray_address(settings)), artifacts)
-    notifier = Notifier()
+    notifier, heads = Notifier(), JobHeads(store)
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
 
@@ -55,7 +55,7 @@ def create_app(
         app.state.db_limiter = anyio.CapacityLimiter(settings.request_threads or os.cpu_count() or 2)
         db.upgrade()
         store.ensure_tenants(auth.tenants)
-        store.listeners.append(notifier.publish)
+        store.listeners += [heads.forget, notifier.publish]  # forget first: a woken stream reads anew
         if settings.run_scheduler:
             service.start_background()
         try:
@@ -71,7 +71,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings, app.state.service, app.state.auth = settings, service, auth
-    app.state.notifier, app.state.registry = notifier, registry
+    app.state.notifier, app.state.heads, app.state.registry = notifier, heads, registry
     errors.install(app)
     app.include_router(system.router)
     app.include_router(jobs.router)

@@ -263,7 +263,8 @@ async def job_events_stream(
 ):
     await run_db(request, service.get, tenant, job_id)
     start = max(after, params.sequence(last_event_id, "Last-Event-ID") or 0)
-    stream = job_events(service.store, request.app.state.notifier, job_id, start)
+    state = request.app.state
+    stream = job_events(service.store, state.heads, state.notifier, job_id, start)
     return EventSourceResponse(stream, ping=15, headers={"Cache-Control": "no-store"})
 
 
