@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from service.errors import ConfigError, TrainingDiverged
 from service.spec import JobSpec
 from workers.checkpoint import Loaded
-from workers.compression import clipping
+from workers.compression import clipping, schedules
 from workers.compression import quantization as quant
 from workers.compression.pruning import Pruner, verify_masks_agree
 from workers.data import Dataset
@@ -402,6 +402,8 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
     restore(run, ckpt)
     rank0 = session.dist.rank == 0
     if rank0:
+        pruning = spec.compression.pruning
+        curve = schedules.target_curve(pruning, run.total_steps) if pruning else None
         session.emit(
             {
                 "kind": "event",
@@ -411,6 +413,8 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
                 "total_steps": run.total_steps,
                 "steps_per_epoch": run.steps_per_epoch,
                 "world_size": session.dist.world_size,
+                # The whole schedule, so a chart can draw the target ahead of the run.
+                "target_curve": curve,
             }
         )
     run.model.train()

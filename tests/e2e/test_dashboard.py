@@ -155,6 +155,10 @@ def test_submit_the_digits_example_and_watch_it_succeed(page, server):
         assert int(chart.get_attribute("data-points")) >= 10, name
     # The loss chart draws exactly the train records the API holds.
     assert int(page.get_attribute("#chart-loss", "data-points")) == len(metrics)
+    # The target is the whole schedule from the start record, ending at the final sparsity.
+    expect(page.locator("#chart-sparsity")).to_have_attribute(
+        "aria-label", re.compile(r"target \(schedule\) 0\.9\b")
+    )
 
     report = server.api.get(f"/v1/jobs/{job_id}/report").json()
     cards = page.locator("#report-cards")

@@ -73,3 +73,32 @@ def test_scheduled_sparsity_holds_last_update_value():
     assert S.scheduled_sparsity(c, 150) == S.target_sparsity(c, 150)
     assert S.scheduled_sparsity(c, 499) == S.target_sparsity(c, 450)
     assert S.scheduled_sparsity(c, 10_000) == pytest.approx(0.9)
+
+
+def test_update_steps_within_the_run():
+    assert S.update_steps(cfg(), 1000) == [100, 150, 200, 250, 300, 350, 400, 450, 500]
+    assert S.update_steps(cfg(end_step=480), 1000)[-2:] == [450, 480]  # the end step always counts
+    assert S.update_steps(cfg(), 260) == [100, 150, 200, 250]  # a run that stops early
+    assert S.update_steps(cfg(schedule="oneshot"), 1000) == [100]
+    assert S.update_steps(cfg(schedule="oneshot"), 50) == []
+
+
+def test_target_curve_is_the_staircase_of_scheduled_sparsity():
+    c = cfg()
+    curve = S.target_curve(c, 1000)
+    assert curve[0] == (0, 0.0) and curve[-1] == (1000, 0.9)
+    assert [s for s, _ in curve] == [0, 100, 150, 200, 250, 300, 350, 400, 450, 500, 1000]
+    # between corners the target holds: each corner's value is what scheduled_sparsity says there
+    for step, target in curve:
+        assert target == S.scheduled_sparsity(c, step)
+    assert S.target_curve(cfg(schedule="threshold", threshold=1.0), 1000) is None
+    assert S.target_curve(cfg(schedule="oneshot"), 1000) == [(0, 0.0), (100, 0.9), (1000, 0.9)]
+
+
+def test_target_curve_thins_dense_schedules_and_keeps_the_end():
+    c = cfg(start_step=0, end_step=10_000, frequency=1)
+    curve = S.target_curve(c, 20_000, max_points=100)
+    assert len(curve) <= 102
+    assert curve[0] == (0, 0.0) and curve[-2] == (10_000, 0.9) and curve[-1] == (20_000, 0.9)
+    assert all(a[0] < b[0] for a, b in zip(curve, curve[1:], strict=False))
+    assert all(t == S.target_sparsity(c, s) for s, t in curve[:-1])

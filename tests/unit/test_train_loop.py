@@ -41,6 +41,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, digits, precisio
     train(spec, digits, session)
     start = [r for r in session.records if r.get("event") == "start"][0]
     assert start["resumed_from"] == 40
+    # the whole schedule rides on the start record, ending at the run's last step
+    curve = start["target_curve"]
+    assert [s for s, _ in curve] == [0, 10, 20, 30, 40, 50, 60, 70, 88]
+    assert curve[-1] == (88, 0.8) and curve[-2] == (70, 0.8)
     a, b = _final(store, "a"), _final(store, "b")
     assert a["step"] == b["step"] == 88
     for k in a["model"]:

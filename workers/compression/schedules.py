@@ -2,7 +2,8 @@
 
 `target_sparsity` gives the fraction of prunable weights that should be zero after the mask
 update at `step`; `threshold_at` gives theta for the `threshold` schedule; `is_update_step` says
-whether masks are recomputed at `step`. Before `start_step` nothing is pruned (target 0)."""
+whether masks are recomputed at `step`; `target_curve` is the whole staircase, for charts.
+Before `start_step` nothing is pruned (target 0)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,32 @@ def scheduled_sparsity(cfg: PruningSpec, step: int) -> float | None:
         return None
     last = last_update_step(cfg, step)
     return 0.0 if last is None else target_sparsity(cfg, last)
+
+
+def update_steps(cfg: PruningSpec, total_steps: int) -> list[int]:
+    """Every step at which masks are recomputed, in a run of `total_steps` optimizer steps."""
+    if cfg.schedule == "oneshot":
+        return [cfg.start_step] if cfg.start_step <= total_steps else []
+    last = min(cfg.end_step, total_steps)
+    steps = list(range(cfg.start_step, last + 1, cfg.frequency))
+    if cfg.end_step <= total_steps and steps[-1:] != [cfg.end_step]:
+        steps.append(cfg.end_step)
+    return steps
+
+
+def target_curve(cfg: PruningSpec, total_steps: int, max_points: int = 256) -> list[tuple[int, float]] | None:
+    """The scheduled target over the whole run as (step, target) corners of a staircase: the
+    target holds from each corner to the next. None for the threshold schedule (no target).
+    More update steps than `max_points` are thinned evenly (first and last kept): the points
+    lie on the curve, and at that density a chart cannot tell."""
+    if cfg.schedule == "threshold":
+        return None
+    steps = update_steps(cfg, total_steps)
+    if len(steps) > max_points:
+        stride = -(-len(steps) // max_points)  # ceil
+        steps = steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
+    corners = [(0, 0.0)] if not steps or steps[0] > 0 else []
+    corners += [(u, target_sparsity(cfg, u)) for u in steps]
+    if corners[-1][0] < total_steps:
+        corners.append((total_steps, corners[-1][1]))
+    return corners

@@ -89,6 +89,8 @@ export class LineChart {
           stroke: s.color || PALETTE[i % PALETTE.length],
           width: 2,
           dash: s.dash,
+          // stepped: a value holds until the next point (a schedule's staircase).
+          paths: s.stepped ? uPlot.paths.stepped({ align: 1 }) : undefined,
           spanGaps: true,
           value: (u, v) => num(v),
         })),

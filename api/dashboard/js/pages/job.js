@@ -41,6 +41,9 @@ class Series {
       for (const k of ["loss", "lr", "samples_per_second", "sparsity", "target_sparsity"]) this.add(k, r.step, r[k]);
     } else if (r.kind === "eval") {
       for (const k of ["val_loss", "val_accuracy"]) this.add(k, r.step, r[k]);
+    } else if (r.event === "start" && Array.isArray(r.target_curve)) {
+      // The whole schedule, known from the start: the target is drawn ahead of the run.
+      this.tables.target_curve = [r.target_curve.map((p) => p[0]), r.target_curve.map((p) => p[1])];
     }
   }
 }
@@ -166,7 +169,7 @@ export function render(view, { id }) {
       title: "Sparsity: measured vs scheduled target",
       yLabel: "sparsity",
       yRange: [0, 1],
-      series: [{ label: "measured" }, { label: "target (schedule)", color: PALETTE[1], dash: [6, 4] }],
+      series: [{ label: "measured" }, { label: "target (schedule)", color: PALETTE[1], dash: [6, 4], stepped: true }],
     }),
   };
 
@@ -175,7 +178,9 @@ export function render(view, { id }) {
     charts.accuracy.setData([series.get("val_accuracy")]);
     charts.lr.setData([series.get("lr")]);
     charts.throughput.setData([series.get("samples_per_second")]);
-    charts.sparsity.setData([series.get("sparsity"), series.get("target_sparsity")]);
+    // Jobs whose start record predates target_curve: the target as logged, up to now.
+    const target = series.tables.target_curve ? series.get("target_curve") : series.get("target_sparsity");
+    charts.sparsity.setData([series.get("sparsity"), target]);
   }
 
   function showJob(j) {
