@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -24,7 +24,6 @@ import torch.multiprocessing as mp
 
 from service.artifacts import LocalArtifactStore
 from service.spec import PruningSpec, parse_spec
-from tests.raycluster import free_port
 from workers.checkpoint import load_latest
 from workers.compression.pruning import Pruner, channel_masks, threshold_masks, unstructured_masks
 from workers.compression.schedules import threshold_at
@@ -104,11 +103,18 @@ def _with(spec: dict, strategy: str, workers: int, **top) -> dict:
 # --- running functions on 2 gloo processes ------------------------------------------------------
 
 
-def _entry(rank, world, port, fn, args, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank, world, fn, args, errors):
     torch.set_num_threads(1)
+    # Rendezvous through a file in the test's own folder, not a TCP port picked in advance: a
+    # port found free can be taken by another server of the suite before rank 0 binds it.
     # A deadlock fails the test in a minute instead of hanging the suite.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{errors}/rendezvous",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=90),
+    )
     try:
         fn(rank, world, *args)
     except BaseException:
@@ -119,10 +125,9 @@ def _entry(rank, world, port, fn, args, errors):
 
 
 def spawn(fn, *args, world: int = 2, tmp: Path) -> None:
-    errors = tmp / f"errors-{free_port()}"
-    errors.mkdir()
+    errors = Path(tempfile.mkdtemp(prefix="spawn-", dir=tmp))
     try:
-        mp.spawn(_entry, args=(world, free_port(), fn, args, str(errors)), nprocs=world)
+        mp.spawn(_entry, args=(world, fn, args, str(errors)), nprocs=world)
     except Exception as e:
         found = sorted(errors.iterdir())
         raise AssertionError(found[0].read_text() if found else str(e)) from None
