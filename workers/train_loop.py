@@ -382,7 +382,9 @@ def _log_train(run: Run, session: Session, window_start: float, window_steps: in
     }
     if run.pruner is not None:
         rec["sparsity"] = sparsity
-        rec["target_sparsity"] = run.pruner.target(run.step)
+        # The target of the masks this record measures: those of the last update at or before
+        # the step just trained (run.step - 1); the update at run.step has not happened yet.
+        rec["target_sparsity"] = run.pruner.target(run.step - 1)
     session.emit(rec)
 
 

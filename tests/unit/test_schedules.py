@@ -79,26 +79,27 @@ def test_update_steps_within_the_run():
     assert S.update_steps(cfg(), 1000) == [100, 150, 200, 250, 300, 350, 400, 450, 500]
     assert S.update_steps(cfg(end_step=480), 1000)[-2:] == [450, 480]  # the end step always counts
     assert S.update_steps(cfg(), 260) == [100, 150, 200, 250]  # a run that stops early
+    assert S.update_steps(cfg(), 250) == [100, 150, 200]  # none at the last step: it never trains
     assert S.update_steps(cfg(schedule="oneshot"), 1000) == [100]
-    assert S.update_steps(cfg(schedule="oneshot"), 50) == []
+    assert S.update_steps(cfg(schedule="oneshot"), 100) == []
 
 
-def test_target_curve_is_the_staircase_of_scheduled_sparsity():
+def test_target_curve_is_the_staircase_of_the_masks_in_force():
     c = cfg()
     curve = S.target_curve(c, 1000)
     assert curve[0] == (0, 0.0) and curve[-1] == (1000, 0.9)
-    assert [s for s, _ in curve] == [0, 100, 150, 200, 250, 300, 350, 400, 450, 500, 1000]
-    # between corners the target holds: each corner's value is what scheduled_sparsity says there
-    for step, target in curve:
-        assert target == S.scheduled_sparsity(c, step)
+    # an update at step u trains from step u on: a record at u + 1 steps done measures it
+    assert [s for s, _ in curve] == [0, 101, 151, 201, 251, 301, 351, 401, 451, 501, 1000]
+    for done, target in curve[1:]:
+        assert target == S.scheduled_sparsity(c, done - 1)
     assert S.target_curve(cfg(schedule="threshold", threshold=1.0), 1000) is None
-    assert S.target_curve(cfg(schedule="oneshot"), 1000) == [(0, 0.0), (100, 0.9), (1000, 0.9)]
+    assert S.target_curve(cfg(schedule="oneshot"), 1000) == [(0, 0.0), (101, 0.9), (1000, 0.9)]
 
 
 def test_target_curve_thins_dense_schedules_and_keeps_the_end():
     c = cfg(start_step=0, end_step=10_000, frequency=1)
     curve = S.target_curve(c, 20_000, max_points=100)
-    assert len(curve) <= 102
-    assert curve[0] == (0, 0.0) and curve[-2] == (10_000, 0.9) and curve[-1] == (20_000, 0.9)
+    assert len(curve) <= 103
+    assert curve[-2] == (10_001, 0.9) and curve[-1] == (20_000, 0.9)
     assert all(a[0] < b[0] for a, b in zip(curve, curve[1:], strict=False))
-    assert all(t == S.target_sparsity(c, s) for s, t in curve[:-1])
+    assert all(t == S.target_sparsity(c, s - 1) for s, t in curve[1:-1])
