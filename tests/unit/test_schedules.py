@@ -79,9 +79,9 @@ def test_update_steps_within_the_run():
     assert S.update_steps(cfg(), 1000) == [100, 150, 200, 250, 300, 350, 400, 450, 500]
     assert S.update_steps(cfg(end_step=480), 1000)[-2:] == [450, 480]  # the end step always counts
     assert S.update_steps(cfg(), 260) == [100, 150, 200, 250]  # a run that stops early
-    assert S.update_steps(cfg(), 250) == [100, 150, 200]  # none at the last step: it never trains
+    assert S.update_steps(cfg(), 500)[-1] == 500  # made after the last step: the exported model's
     assert S.update_steps(cfg(schedule="oneshot"), 1000) == [100]
-    assert S.update_steps(cfg(schedule="oneshot"), 100) == []
+    assert S.update_steps(cfg(schedule="oneshot"), 99) == []
 
 
 def test_target_curve_is_the_staircase_of_the_masks_in_force():
@@ -94,6 +94,11 @@ def test_target_curve_is_the_staircase_of_the_masks_in_force():
         assert target == S.scheduled_sparsity(c, done - 1)
     assert S.target_curve(cfg(schedule="threshold", threshold=1.0), 1000) is None
     assert S.target_curve(cfg(schedule="oneshot"), 1000) == [(0, 0.0), (101, 0.9), (1000, 0.9)]
+    # a schedule ending at the last step: that update, made after it, is the last corner
+    ends = S.target_curve(cfg(end_step=500, frequency=100), 500)
+    assert ends == [(0, 0.0)] + [(u + 1, S.target_sparsity(c, u)) for u in (100, 200, 300, 400)] + [
+        (500, 0.9)
+    ]
 
 
 def test_target_curve_thins_dense_schedules_and_keeps_the_end():

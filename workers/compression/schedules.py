@@ -77,13 +77,13 @@ def scheduled_sparsity(cfg: PruningSpec, step: int) -> float | None:
 
 
 def update_steps(cfg: PruningSpec, total_steps: int) -> list[int]:
-    """Every step at which masks are recomputed in a run of `total_steps` optimizer steps (an
-    update is made before the step of its number trains, so none happens at `total_steps`)."""
+    """Every step at which masks are recomputed in a run of `total_steps` optimizer steps. An
+    update at `total_steps` is made after the last step trains: it shapes the exported model."""
     if cfg.schedule == "oneshot":
-        return [cfg.start_step] if cfg.start_step < total_steps else []
-    last = min(cfg.end_step, total_steps - 1)
+        return [cfg.start_step] if cfg.start_step <= total_steps else []
+    last = min(cfg.end_step, total_steps)
     steps = list(range(cfg.start_step, last + 1, cfg.frequency))
-    if cfg.end_step < total_steps and steps[-1:] != [cfg.end_step]:
+    if cfg.end_step <= total_steps and steps[-1:] != [cfg.end_step]:
         steps.append(cfg.end_step)
     return steps
 
@@ -91,17 +91,21 @@ def update_steps(cfg: PruningSpec, total_steps: int) -> list[int]:
 def target_curve(cfg: PruningSpec, total_steps: int, max_points: int = 256) -> list[tuple[int, float]] | None:
     """The scheduled target over the whole run as (steps done, target) corners of a staircase,
     on the axis of the train records (`step` = optimizer steps done): the masks of the update at
-    step u first train in step u, so they are what a record at u + 1 or later measures. The
-    target holds from each corner to the next. None for the threshold schedule (no target).
-    More update steps than `max_points` are thinned evenly (first and last kept): the points
-    lie on the curve, and at that density a chart cannot tell."""
+    step u first train in step u, so they are what a record at u + 1 or later measures; an
+    update at the last step, made after it, is drawn at the last step (the exported model has
+    it). The target holds from each corner to the next. None for the threshold schedule (no
+    target). More update steps than `max_points` are thinned evenly (first and last kept): the
+    points lie on the curve, and at that density a chart cannot tell."""
     if cfg.schedule == "threshold":
         return None
     steps = update_steps(cfg, total_steps)
     if len(steps) > max_points:
         stride = -(-len(steps) // max_points)  # ceil
         steps = steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
-    corners = [(0, 0.0)] + [(u + 1, target_sparsity(cfg, u)) for u in steps]
-    if corners[-1][0] < total_steps:
-        corners.append((total_steps, corners[-1][1]))
-    return corners
+    corners = {0: 0.0}
+    for u in steps:  # in order, so an update at the last step replaces the one before it there
+        corners[min(u + 1, total_steps)] = target_sparsity(cfg, u)
+    out = sorted(corners.items())
+    if out[-1][0] < total_steps:
+        out.append((total_steps, out[-1][1]))
+    return out
