@@ -107,7 +107,9 @@ def load_auth(settings: Settings, create: bool = False) -> tuple[TokenAuth, str 
     path = token_file(settings)
     if not path.exists() and create:
         token = secrets.token_urlsafe(32)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists():
+            # the data dir holds the token, the database and the artifacts: owner only
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:  # another process created it first: use theirs

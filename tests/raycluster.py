@@ -72,6 +72,14 @@ def start_head(
     ]
     run_env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
     run_env.setdefault("RAY_AUTH_MODE", "token")
+    # imported here: conftest imports this module before it sets RAY_AUTH_MODE, and ray must not
+    # be imported before that
+    from workers.ray_runtime import LOCAL_ONLY_ENV, ensure_private_ray_token
+
+    # Loopback only, as slimtrain's own embedded head (workers/ray_runtime.py says why), and a
+    # token file only its owner can read.
+    run_env[LOCAL_ONLY_ENV] = "0"
+    ensure_private_ray_token(run_env)
     subprocess.run(cmd, check=True, env=run_env, capture_output=True, timeout=180)
     return RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", temp, ports)
 

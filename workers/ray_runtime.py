@@ -5,10 +5,75 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import stat
+from collections.abc import Mapping
+from pathlib import Path
 
 import ray
 
 log = logging.getLogger(__name__)
+
+# Ray 2.60 turns a node address of 127.0.0.1 into the machine's external address (so that other
+# nodes can join), and the GCS, raylet, workers and agents bind to the node address, or to every
+# interface. With multi-node clusters off (Ray's own default on macOS and Windows) the address
+# stays 127.0.0.1 and every one of them listens on loopback only; the flag only stops `ray start
+# --address` from adding a node to this head, which an embedded head never wants.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def bind_loopback() -> None:
+    """Make the Ray head this process starts (and its children: raylet, workers, job drivers)
+    use 127.0.0.1 as the node address."""
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    # ray_constants read the variable when Ray was imported, before this call.
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def ray_token_file(env: Mapping[str, str] | None = None) -> Path | None:
+    """The token file Ray reads in a process with environment `env` (default: this one's), or
+    None when the token comes from RAY_AUTH_TOKEN."""
+    env = os.environ if env is None else env
+    if env.get("RAY_AUTH_TOKEN"):
+        return None
+    if custom := env.get("RAY_AUTH_TOKEN_PATH"):
+        return Path(custom).expanduser()
+    # Ray's default location (ray._private.authentication.authentication_token_setup).
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / ".ray" / "auth_token"
+
+
+def ensure_private_ray_token(env: Mapping[str, str] | None = None) -> Path | None:
+    """Create the embedded head's token file before Ray does: Ray writes it with the umask's
+    mode (0644 in a 0755 ~/.ray), readable by every local user, and the token opens the cluster.
+    Ours is 0600 in a 0700 directory; an existing one readable by others is narrowed to 0600."""
+    path = ray_token_file(env)
+    if path is None:
+        return None
+    if not path.exists():
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: narrow theirs below
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))  # what Ray's own generator writes
+            return path
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        try:
+            path.chmod(0o600)
+        except OSError as e:  # e.g. a read-only mounted secret: say so, do not refuse to run
+            log.warning(
+                "Ray token file %s is readable by others (%o) and cannot be narrowed: %s", path, mode, e
+            )
+        else:
+            log.warning("Ray token file %s was readable by others (%o); narrowed to 0600", path, mode)
+    return path
 
 
 def require_token_auth() -> None:
@@ -40,6 +105,8 @@ def connect(
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
         return
+    bind_loopback()
+    ensure_private_ray_token()
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
