@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from api import errors, openapi
-from api.routes import dashboard, jobs, system
+from api.routes import dashboard, docs, jobs, system
 from api.routes.prometheus import RequestMetrics, StoreCollector, request_latency
 from api.sse import JobHeads, Notifier
 from service.artifacts import ArtifactStore, open_store
@@ -69,6 +69,9 @@ def create_app(
         version="1",
         summary="Compression-aware distributed training service.",
         lifespan=lifespan,
+        # FastAPI's pages load their scripts from a CDN: ours serves Swagger UI itself (api/routes/docs.py).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings, app.state.service, app.state.auth = settings, service, auth
     app.state.notifier, app.state.heads, app.state.registry = notifier, heads, registry
@@ -76,6 +79,7 @@ def create_app(
     app.include_router(system.router)
     app.include_router(jobs.router)
     dashboard.install(app)
+    docs.install(app)
     app.add_middleware(RequestMetrics, latency=request_latency(registry))
     app.openapi = lambda: openapi.document(app)
     return app
