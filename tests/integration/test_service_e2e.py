@@ -99,7 +99,7 @@ def test_digits_example_end_to_end(api, env):
     # an artifact, byte for byte as the manifest says
     dest = Path(env["SLIMTRAIN_DATA_DIR"]) / "download" / "model.safetensors"
     c.download(job["id"], "model.safetensors", dest)
-    manifest = {a["name"]: a for a in _json(c, job["id"], "manifest.json")["artifacts"]}
+    manifest = _json(c, job["id"], "manifest.json")["files"]
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == manifest["model.safetensors"]["sha256"]
     assert "=== attempt 1" in c.logs(job["id"])
     # the idempotency key still answers with the same job
