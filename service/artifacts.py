@@ -30,6 +30,12 @@ _SEGMENT_RE = re.compile(f"^{_SEGMENT}$")
 NAME_PATTERN = f"^{_SEGMENT}(/{_SEGMENT})*$"
 NAME_MAX_CHARS = 1024
 MANIFEST = "manifest.json"
+# One shape for every manifest, a job's and a checkpoint's: {"version": 1, "files": {name:
+# {"size", "sha256"}}, ...} plus what identifies it ("job_id" of a job, "step" of a checkpoint).
+MANIFEST_VERSION = 1
+# Not the job's result but the entrypoint's note to the reconciler on how an attempt ended,
+# rewritten by each attempt after the manifest: never listed, never downloaded by the CLI.
+NOT_IN_MANIFEST = frozenset({"outcome.json"})
 CHUNK = 1024 * 1024
 
 
@@ -65,6 +71,59 @@ class ObjectInfo:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_doc(files: dict[str, dict], **ident) -> dict:
+    """A manifest: `files` maps each name to {"size", "sha256"}; `ident` says whose it is."""
+    return {"version": MANIFEST_VERSION, **ident, "files": dict(sorted(files.items()))}
+
+
+def manifest_files(manifest) -> dict[str, dict]:
+    """{name: {"size", "sha256"}} of a manifest. Also reads the job manifests written before
+    version 1 (`{"job_id", "artifacts": [{"name", "size", "sha256"}]}`), so jobs finished before
+    the change still verify; checkpoint manifests already had `files`. Raises ValueError for
+    anything else (a newer version included: refusing beats trusting what we cannot read)."""
+    if not isinstance(manifest, dict):
+        raise ValueError("a manifest is a JSON object")
+    version = manifest.get("version")
+    if version is not None and version != MANIFEST_VERSION:
+        raise ValueError(f"manifest version {version!r}; this slimtrain reads version {MANIFEST_VERSION}")
+    if "files" in manifest:
+        files = manifest["files"]
+    elif isinstance(manifest.get("artifacts"), list):  # the job manifest before version 1
+        files = {e["name"]: {"size": e["size"], "sha256": e["sha256"]} for e in manifest["artifacts"]}
+    else:
+        raise ValueError("a manifest lists its files under 'files'")
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+        for e in files.values()
+    ):
+        raise ValueError("each file of a manifest has an integer 'size' and a 'sha256'")
+    for name in files:
+        # Readers join these names to a folder (the CLI's download): none may leave it.
+        try:
+            check_name(name)
+        except ArtifactKeyError as e:
+            raise ValueError(e.message) from None
+    return files
+
+
+def verify_files(folder: Path, files: dict[str, dict]) -> list[str]:
+    """Names of `files` (a manifest's) that are missing in `folder` or differ in size or sha256."""
+    bad = []
+    for name, entry in files.items():
+        p = folder / name
+        if not p.is_file() or p.stat().st_size != entry["size"] or sha256_file(p) != entry["sha256"]:
+            bad.append(name)
+    return bad
 
 
 class ArtifactStore(ABC):
@@ -235,7 +294,7 @@ class JobArtifacts:
         still running has no manifest yet); corrupt or unparsable bytes raise ArtifactCorrupt."""
         data = self.get_bytes(name)
         try:
-            listed = {e["name"]: e["sha256"] for e in self.get_json(MANIFEST)["artifacts"]}
+            listed = {n: e["sha256"] for n, e in manifest_files(self.get_json(MANIFEST)).items()}
         except ArtifactNotFound:
             listed = {}
         except (ValueError, KeyError, TypeError) as e:
@@ -260,27 +319,26 @@ class JobArtifacts:
     def write_manifest(self, exclude_prefixes: tuple[str, ...] = ("checkpoints/",)) -> dict:
         """List every artifact with size and sha256; written last, so a reader that finds the
         manifest knows the job's artifacts are complete."""
-        entries = []
+        files = {}
         for obj in self.list():
             name = self.name_of(obj.key)
-            if name == MANIFEST or name.startswith(exclude_prefixes):
+            if name == MANIFEST or name in NOT_IN_MANIFEST or name.startswith(exclude_prefixes):
                 continue
-            entries.append({"name": name, "size": obj.size, "sha256": self.store.sha256(obj.key)})
-        manifest = {"job_id": self.job_id, "artifacts": entries}
+            files[name] = {"size": obj.size, "sha256": self.store.sha256(obj.key)}
+        manifest = manifest_doc(files, job_id=self.job_id)
         self.put_json(MANIFEST, manifest)
         return manifest
 
     def verify_manifest(self) -> list[str]:
         """Names whose size or checksum disagree with the manifest (empty when all verify)."""
-        manifest = self.get_json(MANIFEST)
         bad = []
-        for e in manifest["artifacts"]:
+        for name, e in manifest_files(self.get_json(MANIFEST)).items():
             try:
-                ok = self.store.sha256(self.key(e["name"])) == e["sha256"]
+                ok = self.store.sha256(self.key(name)) == e["sha256"]
             except ArtifactNotFound:
                 ok = False
             if not ok:
-                bad.append(e["name"])
+                bad.append(name)
         return bad
 
 

@@ -9,7 +9,6 @@ never resumed from: the loader falls back to the newest one that verifies. Files
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -19,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-from service.artifacts import MANIFEST, ArtifactStore, JobArtifacts
+from service.artifacts import (
+    MANIFEST,
+    ArtifactStore,
+    JobArtifacts,
+    manifest_doc,
+    manifest_files,
+    sha256_file,
+    verify_files,
+)
 from service.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -34,26 +41,19 @@ def dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checkpoint(folder: Path, step: int, state: dict, rng: list[dict], meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / STATE)
     torch.save({"ranks": rng}, folder / RNG)
     (folder / META).write_text(json.dumps({"format": FORMAT, "step": step, **meta}, sort_keys=True))
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.iterdir())
         if p.name != MANIFEST
     }
-    # Last: its presence says every file above was completely written.
-    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, sort_keys=True))
+    # Last: its presence says every file above was completely written. The shape is the job
+    # manifest's (service.artifacts.manifest_doc), so one reader checks both.
+    (folder / MANIFEST).write_text(json.dumps(manifest_doc(files, step=step), sort_keys=True))
 
 
 def verify_folder(folder: Path) -> dict:
@@ -61,16 +61,16 @@ def verify_folder(folder: Path) -> dict:
     mpath = folder / MANIFEST
     try:
         manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError) as e:
+        files = manifest_files(manifest)
+        int(manifest["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {folder.name}: no readable manifest ({e})") from None
     for name in (STATE, RNG, META):
         if name not in files:
             raise CheckpointError(f"checkpoint {folder.name}: manifest lacks {name}")
-    for name, entry in files.items():
-        p = folder / name
-        if not p.is_file() or p.stat().st_size != entry["size"] or _sha256(p) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {folder.name}: {name} is missing or corrupt")
+    bad = verify_files(folder, files)
+    if bad:
+        raise CheckpointError(f"checkpoint {folder.name}: {bad[0]} is missing or corrupt")
     return manifest
 
 

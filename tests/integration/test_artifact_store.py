@@ -100,11 +100,11 @@ def test_manifest_lists_every_artifact_and_catches_tampering(store):
     arts.put_json("report.json", {"x": 1})
     arts.put_bytes("checkpoints/step-00000001/state.pt", b"excluded")
     manifest = arts.write_manifest()
-    assert [(e["name"], e["size"]) for e in manifest["artifacts"]] == [
+    assert [(n, e["size"]) for n, e in manifest["files"].items()] == [
         ("model.safetensors", 1000),
         ("report.json", len(arts.get_bytes("report.json"))),
     ]
-    assert manifest["artifacts"][0]["sha256"] == hashlib.sha256(b"w" * 1000).hexdigest()
+    assert manifest["files"]["model.safetensors"]["sha256"] == hashlib.sha256(b"w" * 1000).hexdigest()
     assert arts.get_json("manifest.json") == manifest
     assert arts.verify_manifest() == []
     arts.put_bytes("model.safetensors", b"W" * 1000)  # same size, other bytes

@@ -76,7 +76,7 @@ def test_report_and_artifacts(qat, store):
     }
     assert qat["size"]["ratio"] >= 10
     arts = JobArtifacts(store, "qat")
-    names = {e["name"] for e in arts.get_json("manifest.json")["artifacts"]}
+    names = set(arts.get_json("manifest.json")["files"])
     assert {"model.onnx", "model.int8.onnx", "model.packed", "model.safetensors", "report.json"} <= names
     assert arts.verify_manifest() == []
     assert json.loads(arts.get_bytes("report.json"))["accuracy"] == qat["accuracy"]

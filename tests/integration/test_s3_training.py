@@ -130,7 +130,7 @@ def test_run_writes_checkpoints_artifacts_and_manifest_to_the_bucket(job, s3_ser
         for f in ("state.pt", "rng.pt", "meta.json", "manifest.json"):
             assert f"{base}checkpoints/{dir_name(step)}/{f}" in keys
     arts = JobArtifacts(store, job_id)
-    listed = {e["name"] for e in arts.get_json("manifest.json")["artifacts"]}
+    listed = set(arts.get_json("manifest.json")["files"])
     # every object of the job but the checkpoints (each has its own) and the manifest itself
     job_objects = {k[len(base) :] for k in keys if k.startswith(base) and not k.endswith("/")}
     assert listed == {n for n in job_objects if not n.startswith("checkpoints/")} - {"manifest.json"}
@@ -224,7 +224,7 @@ def test_api_job_on_postgres_and_s3(s3_server, postgres_url, tmp_path):
         arts = JobArtifacts(store, job_id)
         assert arts.verify_manifest() == []
         assert _verified_steps(store, job_id) == list(STEPS)
-        manifest = {a["name"]: a for a in arts.get_json("manifest.json")["artifacts"]}
+        manifest = arts.get_json("manifest.json")["files"]
         assert {"spec.json", "metrics.jsonl", "model.safetensors", "model.packed", "report.json"} <= set(
             manifest
         )

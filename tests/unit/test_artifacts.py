@@ -1,8 +1,18 @@
 """The local artifact store and key safety (no name escapes its job's prefix)."""
 
+import hashlib
+
 import pytest
 
-from service.artifacts import JobArtifacts, LocalArtifactStore, check_name, job_key
+from service.artifacts import (
+    JobArtifacts,
+    LocalArtifactStore,
+    check_name,
+    job_key,
+    manifest_files,
+    sha256_bytes,
+    verify_files,
+)
 from service.errors import ArtifactCorrupt, ArtifactKeyError, ArtifactNotFound
 
 BAD_NAMES = [
@@ -57,8 +67,12 @@ def test_local_store_roundtrip_list_manifest(tmp_path):
         "checkpoints/step-00000001/state.pt",
         "report.json",
     ]
+    arts.put_json("outcome.json", {"attempt": 1, "state": "succeeded"})
     m = arts.write_manifest()
-    assert [e["name"] for e in m["artifacts"]] == ["a.bin", "report.json"]
+    # the job manifest has the checkpoints' shape; outcome.json (the reconciler's note) is not listed
+    assert m["version"] == 1 and m["job_id"] == "job-1"
+    assert list(m["files"]) == ["a.bin", "report.json"]
+    assert m["files"]["a.bin"] == {"size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}
     assert arts.verify_manifest() == []
     (tmp_path / "job-1" / "a.bin").write_bytes(b"HELLO")
     assert arts.verify_manifest() == ["a.bin"]
@@ -110,3 +124,46 @@ def test_verified_json_checks_the_manifest_and_the_syntax(tmp_path):
     arts.put_bytes("manifest.json", b"[]")
     with pytest.raises(ArtifactCorrupt, match="manifest.json is corrupt"):
         arts.get_verified_json("notes.json")
+
+
+def test_manifests_written_before_version_1_still_verify(tmp_path):
+    """Jobs finished before the one-shape change keep their `{"artifacts": [...]}` manifest."""
+    arts = JobArtifacts(LocalArtifactStore(tmp_path), "old-job")
+    arts.put_json("report.json", {"accuracy": 0.9})
+    data = arts.get_bytes("report.json")
+    old = {
+        "job_id": "old-job",
+        "artifacts": [{"name": "report.json", "size": len(data), "sha256": sha256_bytes(data)}],
+    }
+    arts.put_json("manifest.json", old)
+    assert manifest_files(old) == {"report.json": {"size": len(data), "sha256": sha256_bytes(data)}}
+    assert arts.verify_manifest() == []
+    assert arts.get_verified_json("report.json") == {"accuracy": 0.9}
+    arts.put_json("report.json", {"accuracy": 0.99})
+    assert arts.verify_manifest() == ["report.json"]
+
+
+@pytest.mark.parametrize(
+    "manifest, why",
+    [
+        ([], "JSON object"),
+        ({"version": 2, "files": {}}, "version 2"),
+        ({"job_id": "j"}, "under 'files'"),
+        ({"files": {"a": {"size": "1", "sha256": "x"}}}, "integer 'size'"),
+        ({"files": {"../escape": {"size": 1, "sha256": "x"}}}, "invalid artifact name"),
+    ],
+)
+def test_unreadable_manifests_are_refused(manifest, why):
+    with pytest.raises(ValueError, match=why):
+        manifest_files(manifest)
+
+
+def test_verify_files_catches_size_content_and_absence(tmp_path):
+    (tmp_path / "a").write_bytes(b"abc")
+    (tmp_path / "b").write_bytes(b"xyz")
+    files = {
+        "a": {"size": 3, "sha256": sha256_bytes(b"abc")},
+        "b": {"size": 3, "sha256": sha256_bytes(b"XYZ")},
+        "c": {"size": 1, "sha256": sha256_bytes(b"c")},
+    }
+    assert verify_files(tmp_path, files) == ["b", "c"]

@@ -1,12 +1,13 @@
 """Checkpoints verify by manifest, fall back past corrupt ones, and never unpickle code."""
 
+import json
 import os
 import pickle
 
 import pytest
 import torch
 
-from service.artifacts import JobArtifacts, LocalArtifactStore
+from service.artifacts import JobArtifacts, LocalArtifactStore, manifest_files
 from service.errors import CheckpointError
 from workers.checkpoint import dir_name, load_folder, load_latest, write_checkpoint
 
@@ -70,3 +71,21 @@ def test_malicious_pickle_never_executes(tmp_path, monkeypatch):
         load_folder(folder)
     assert load_latest(store, "j") is None
     assert not sentinel.exists()
+
+
+def test_checkpoint_manifest_has_the_job_manifest_shape(tmp_path):
+    store = LocalArtifactStore(tmp_path)
+    _, folder = _write(store, "j", 100)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["version"] == 1 and manifest["step"] == 100
+    assert set(manifest_files(manifest)) == {"state.pt", "rng.pt", "meta.json"}
+
+
+def test_checkpoints_written_before_version_1_still_load(tmp_path):
+    """Their manifest was {"step", "files"} without a version: resumable as before."""
+    store = LocalArtifactStore(tmp_path)
+    _, folder = _write(store, "j", 100)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["version"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert load_folder(folder).step == 100
