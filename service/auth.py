@@ -3,7 +3,10 @@
 Tokens are kept only as SHA-256 digests and every request is compared against all of them with
 `hmac.compare_digest`, so neither the position of a match nor a token's length shows in the
 response time. Without configured tokens, `slimtrain serve` generates one for tenant `default`
-and stores it (mode 0600) in the data dir."""
+and stores it (mode 0600) in the data dir (mode 0700 when it creates it).
+
+`/metrics` takes a token of its own, SLIMTRAIN_METRICS_TOKEN (Prometheus' scrape credential):
+its series name every tenant's jobs, so no tenant's API token opens it (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -76,14 +79,33 @@ class TokenAuth:
     def tenant_for(self, token: str | None) -> str:
         if not token:
             raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+        found = self.tenant_or_none(token)
+        if found is None:
+            raise AuthError("invalid bearer token")
+        return found
+
+    def tenant_or_none(self, token: str) -> str | None:
         d = _digest(token)
         found = None
         for digest, tenant in self.entries:  # no early exit: constant work per request
             if hmac.compare_digest(digest, d):
                 found = tenant
-        if found is None:
-            raise AuthError("invalid bearer token")
         return found
+
+
+def check_metrics_token(expected: str | None, token: str | None) -> None:
+    """/metrics names every tenant's jobs, so it answers only to the operator's metrics token
+    (SLIMTRAIN_METRICS_TOKEN, the bearer token of Prometheus' scrape config), never to a tenant's
+    API token; with no metrics token configured it answers to nobody."""
+    if not expected:
+        raise AuthError(
+            "/metrics is closed: set SLIMTRAIN_METRICS_TOKEN on the server and send it as "
+            "'Authorization: Bearer <token>' (Prometheus: authorization.credentials_file)"
+        )
+    if not token:
+        raise AuthError("missing bearer token: /metrics needs the metrics token (SLIMTRAIN_METRICS_TOKEN)")
+    if not hmac.compare_digest(_digest(expected), _digest(token)):
+        raise AuthError("invalid metrics token: /metrics takes SLIMTRAIN_METRICS_TOKEN, not an API token")
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -102,6 +124,17 @@ def token_file(settings: Settings) -> Path:
 def load_auth(settings: Settings, create: bool = False) -> tuple[TokenAuth, str | None]:
     """The server's tokens: SLIMTRAIN_API_TOKENS, else the data dir's token file, else (with
     `create`) a new token for tenant `default`. Returns (auth, the new token or None)."""
+    auth, new = _load_auth(settings, create)
+    metrics = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    if metrics and auth.tenant_or_none(metrics) is not None:
+        # the tenant holding it would read every other tenant's job series on /metrics
+        raise TokenConfigError(
+            "SLIMTRAIN_METRICS_TOKEN is also an API token; give /metrics a token of its own"
+        )
+    return auth, new
+
+
+def _load_auth(settings: Settings, create: bool) -> tuple[TokenAuth, str | None]:
     if settings.api_tokens:
         return TokenAuth.from_tokens(parse_tokens(settings.api_tokens)), None
     path = token_file(settings)

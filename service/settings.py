@@ -7,12 +7,13 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SLIMTRAIN_", extra="ignore")
+    # Errors never echo a value: several settings are secrets (tokens, a database URL's password).
+    model_config = SettingsConfigDict(env_prefix="SLIMTRAIN_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(default=Path("./slimtrain-data"), description="Where local state lives.")
     database_url: str | None = Field(
@@ -27,6 +28,11 @@ class Settings(BaseSettings):
     )
     ray_dashboard_port: int = Field(default=8265, description="Embedded head's dashboard/Jobs API port.")
     api_tokens: str | None = Field(default=None, description="token:tenant,token:tenant")
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token Prometheus sends to GET /metrics (which names every tenant's "
+        "jobs); unset, /metrics answers 401 to every caller. Never one of the API tokens.",
+    )
     host: str = Field(default="127.0.0.1")
     port: int = Field(default=8000)
 
@@ -63,6 +69,13 @@ class Settings(BaseSettings):
     @classmethod
     def _abs(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("the metrics token needs at least 16 characters (e.g. openssl rand -hex 32)")
+        return v
 
     @property
     def resolved_database_url(self) -> str:

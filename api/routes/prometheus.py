@@ -1,17 +1,40 @@
 """Prometheus metrics: jobs by state, queue length, per running job loss / accuracy / sparsity
 (read from the job store at scrape time, so every API replica reports the same truth), and a
-request latency histogram per route."""
+request latency histogram per route.
+
+The per-job series carry every tenant's job ids, so `/metrics` is the operator's, behind a token
+of its own (SLIMTRAIN_METRICS_TOKEN, Prometheus' `authorization.credentials_file`), not behind
+any tenant's API token; tenants read their own jobs' metrics under /v1/jobs."""
 
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.auth import check_metrics_token
 from service.jobs import JobState
 from service.store.repo import Store
+
+_metrics_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="MetricsToken",
+    description="The metrics token from SLIMTRAIN_METRICS_TOKEN (not an API token).",
+)
+
+
+async def require_metrics_token(
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_metrics_bearer)]
+) -> None:
+    expected = request.app.state.settings.metrics_token
+    token = creds.credentials if creds else None
+    check_metrics_token(expected.get_secret_value() if expected else None, token)
+
 
 _PER_JOB = (
     ("loss", "slimtrain_job_loss", "Last training loss of a running job."),

@@ -1,14 +1,17 @@
-"""Unauthenticated operational routes: liveness, readiness, Prometheus metrics."""
+"""Operational routes: liveness and readiness (unauthenticated), Prometheus metrics (behind the
+metrics token, api/routes/prometheus.py)."""
 
 from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.errors import documented
+from api.routes.prometheus import require_metrics_token
 from api.routes.schemas import Health
 
 router = APIRouter(tags=["operations"])
@@ -57,7 +60,11 @@ async def readyz(request: Request):
     summary="Prometheus metrics",
     operation_id="prometheus_metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}},
+        **documented(401, s401="Missing or wrong metrics token (SLIMTRAIN_METRICS_TOKEN), or none set."),
+    },
+    dependencies=[Depends(require_metrics_token)],
 )
 async def metrics(request: Request) -> Response:
     data = await run_in_threadpool(generate_latest, request.app.state.registry)

@@ -24,6 +24,7 @@ from tests.plugins.server import serve_app
 pytestmark = pytest.mark.integration
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
+METRICS = "metrics-token-0123456789abcdef"  # Prometheus' (tests/integration/test_security.py)
 SPEC = {"name": "api-test", "model": {"name": "mlp"}, "data": {"name": "digits"}, "parallel": {"workers": 2}}
 
 
@@ -55,6 +56,7 @@ def api(module_database_url, tmp_path_factory):
         data_dir=data,
         database_url=module_database_url,
         api_tokens=f"{ALICE}:alice,{BOB}:bob",
+        metrics_token=METRICS,
         scheduler_interval_s=0.1,
         reconcile_interval_s=0.1,
         ingest_interval_s=0.1,
@@ -439,7 +441,8 @@ def test_cluster(api):
 
 
 def test_prometheus_metrics(api, finished):
-    text = api.anon.get("/metrics").text
+    prom = {"Authorization": f"Bearer {METRICS}"}
+    text = api.anon.get("/metrics", headers=prom).text
     assert 'slimtrain_jobs{state="succeeded"}' in text and "slimtrain_queue_length" in text
     assert (
         'slimtrain_http_request_duration_seconds_count{method="GET",route="/v1/jobs/{job_id}",status="200"}'
@@ -453,11 +456,12 @@ def test_prometheus_metrics(api, finished):
         "metrics.jsonl", b'{"kind": "train", "step": 7, "loss": 0.25, "sparsity": 0.3}\n'
     )
     wait_for(lambda: api.job(running["id"])["progress"]["step"] == 7, 10, 0.05, "ingest")
-    text = api.anon.get("/metrics").text
+    text = api.anon.get("/metrics", headers=prom).text
     assert f'slimtrain_job_loss{{job_id="{running["id"]}",tenant="alice"}} 0.25' in text
     assert f'slimtrain_job_sparsity{{job_id="{running["id"]}",tenant="alice"}} 0.3' in text
     api.anon.get("/no/such/path/12345")
-    assert "/no/such/path" not in api.anon.get("/metrics").text  # unmatched paths share one label
+    # unmatched paths share one label
+    assert "/no/such/path" not in api.anon.get("/metrics", headers=prom).text
 
 
 def test_unknown_routes_and_methods_answer_json(api):

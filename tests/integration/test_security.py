@@ -290,7 +290,7 @@ def test_tenant_api_token_reads_no_job_series(metrics_api):
         headers={"Authorization": f"Bearer {ALICE}"},
         timeout=30,
     )
-    assert own.status_code == 200 and own.json()["items"][0]["loss"] == 0.5
+    assert own.status_code == 200 and own.json()["items"][0]["data"]["loss"] == 0.5
     other = httpx.get(
         f"{metrics_api.url}/v1/jobs/{metrics_api.running['bob']}/metrics",
         headers={"Authorization": f"Bearer {ALICE}"},
