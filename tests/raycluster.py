@@ -74,11 +74,14 @@ def start_head(
     run_env.setdefault("RAY_AUTH_MODE", "token")
     # imported here: conftest imports this module before it sets RAY_AUTH_MODE, and ray must not
     # be imported before that
-    from workers.ray_runtime import LOCAL_ONLY_ENV, ensure_private_ray_token
+    from workers.ray_runtime import LOCAL_ONLY_ENV, bind_loopback, ensure_private_ray_token
 
     # Loopback only, as slimtrain's own embedded head (workers/ray_runtime.py says why), and a
-    # token file only its owner can read.
+    # token file only its owner can read. This process (a driver of the head) and the servers and
+    # CLIs it starts must keep 127.0.0.1 as 127.0.0.1 too, or Ray sends them to the external
+    # address, where this head does not listen.
     run_env[LOCAL_ONLY_ENV] = "0"
+    bind_loopback()
     ensure_private_ray_token(run_env)
     subprocess.run(cmd, check=True, env=run_env, capture_output=True, timeout=180)
     return RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", temp, ports)

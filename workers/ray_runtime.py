@@ -3,6 +3,7 @@ Ray's token authentication on (the unauthenticated Jobs API was CVE-2023-48022).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
@@ -24,12 +25,23 @@ LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 def bind_loopback() -> None:
     """Make the Ray head this process starts (and its children: raylet, workers, job drivers)
-    use 127.0.0.1 as the node address."""
+    use 127.0.0.1 as the node address, and keep 127.0.0.1 as it is when this process (or its
+    children) connects to a head: Ray also rewrites a loopback address a driver connects to."""
     os.environ[LOCAL_ONLY_ENV] = "0"
     # ray_constants read the variable when Ray was imported, before this call.
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]") or address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def ray_token_file(env: Mapping[str, str] | None = None) -> Path | None:
@@ -103,6 +115,8 @@ def connect(
         return
     require_token_auth()
     if address:
+        if _is_loopback(address):
+            bind_loopback()  # else Ray dials the external address, where a loopback head is not
         ray.init(address=address, log_to_driver=log_to_driver)
         return
     bind_loopback()
