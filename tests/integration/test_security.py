@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import yaml
 
 from api.app import create_app
 from service.artifacts import JobArtifacts, LocalArtifactStore
@@ -304,3 +305,30 @@ def test_metrics_closed_when_no_metrics_token_configured(tmp_path):
         for token in (None, ALICE, METRICS):
             message = _unauthorized(api.get(token), api)
             assert "SLIMTRAIN_METRICS_TOKEN" in message
+
+
+def test_deploy_gives_prometheus_the_metrics_token():
+    """Compose and Kubernetes set SLIMTRAIN_METRICS_TOKEN on the API, and compose's Prometheus
+    sends the same secret (a file, never in prometheus.yml) on its scrape of /metrics."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    [api_job] = [j for j in prom["scrape_configs"] if j["job_name"] == "slimtrain-api"]
+    assert api_job["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/metrics_token"}
+    assert "metrics_token" in compose["services"]["prometheus"]["secrets"]
+    assert compose["secrets"]["metrics_token"] == {"environment": "SLIMTRAIN_METRICS_TOKEN"}
+    api_env = compose["services"]["api"]["environment"]
+    assert api_env["SLIMTRAIN_METRICS_TOKEN"].startswith("${SLIMTRAIN_METRICS_TOKEN:?")
+    env_example = (ROOT / "deploy" / ".env.example").read_text()
+    assert "\nSLIMTRAIN_METRICS_TOKEN=change-me-" in env_example
+
+    k8s = ROOT / "deploy" / "k8s"
+    secret = yaml.safe_load((k8s / "secrets.yaml").read_text())
+    assert secret["stringData"]["metrics-token"].startswith("change-me-")
+    docs = yaml.safe_load_all((k8s / "api.yaml").read_text())
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SLIMTRAIN_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "slimtrain-secrets",
+        "key": "metrics-token",
+    }
