@@ -239,9 +239,10 @@ async def keep_jobs(rec, base_url, token, pool: JobPool, spec: dict, live_target
             await asyncio.sleep(1)
 
 
-async def scrape(rec, base_url, sizes: list, every: float):
+async def scrape(rec, base_url, token: str, sizes: list, every: float):
     """Prometheus' view: the size of /metrics tells whether per-job series pile up."""
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+    headers = {"Authorization": f"Bearer {token}"}  # the metrics token, not an API token
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
         while True:
             r = await timed(rec, http, PROM, "GET", "/metrics")
             if r is not None and r.status_code == 200:

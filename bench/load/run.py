@@ -97,7 +97,7 @@ async def drive(server, args, seconds: float) -> dict:
     background = [
         asyncio.create_task(cl.keep_jobs(rec, url, token, pool, spec, args.live_jobs, submitted)),
         asyncio.create_task(sampler(server.pid, rec, pool, opened, samples, args.sample_seconds)),
-        asyncio.create_task(cl.scrape(rec, url, prom, args.sample_seconds)),
+        asyncio.create_task(cl.scrape(rec, url, server.metrics_token, prom, args.sample_seconds)),
         asyncio.create_task(loop_lag(lags)),
     ]
     n_ka = len(args.client_keepalive)

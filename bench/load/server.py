@@ -33,6 +33,11 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def metrics_token(self) -> str:
+        """What Prometheus would send to /metrics (docs/security.md): never an API token."""
+        return f"prometheus-{self.token}"
+
 
 @contextlib.contextmanager
 def serve(data_dir: Path, token: str, ready_timeout: float = 180) -> Iterator[Server]:
@@ -41,6 +46,7 @@ def serve(data_dir: Path, token: str, ready_timeout: float = 180) -> Iterator[Se
         **os.environ,
         "SLIMTRAIN_DATA_DIR": str(data_dir),
         "SLIMTRAIN_API_TOKENS": f"{token}:load",
+        "SLIMTRAIN_METRICS_TOKEN": f"prometheus-{token}",
         "SLIMTRAIN_PORT": str(port),
         # The default 8265 may be taken by another Ray on this machine (the test suites).
         "SLIMTRAIN_RAY_DASHBOARD_PORT": str(free_port()),
