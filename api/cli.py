@@ -5,9 +5,9 @@ Exit codes: 0 success, 1 the job failed, 2 bad input (spec, arguments), 3 infras
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,24 +16,62 @@ from typing import Annotated
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from api import render, render_jobs
-from api.client import DEFAULT_URL, ApiError, Client, Unreachable
+from api.client import (
+    ApiError,
+    Client,
+    ConfigFileError,
+    Credentials,
+    NoToken,
+    Unreachable,
+    config_path,
+    resolve_credentials,
+    write_config,
+)
+from service.artifacts import (
+    MANIFEST,
+    NOT_IN_MANIFEST,
+    check_job_id,
+    check_name,
+    manifest_files,
+    verify_files,
+)
 from service.errors import ArtifactKeyError, ConfigError, SlimtrainError, SpecError, TrainingFailed
+from service.records import PHASE_KIND, Phase, phase_label
 from service.spec import JobSpec, json_schema, load_spec_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 out = Console()
 
-Url = Annotated[str, typer.Option("--url", envvar="SLIMTRAIN_URL", help="The slimtrain API.")]
+# Not typer's envvar: the URL and the token are looked up in one place, in a documented order
+# (api.client.resolve_credentials), so a missing token can be explained.
+Url = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="The slimtrain API (default: SLIMTRAIN_URL, else the config file's url, else "
+        "http://127.0.0.1:8000).",
+        show_default=False,
+    ),
+]
 Token = Annotated[
     str | None,
     typer.Option(
         "--token",
-        envvar="SLIMTRAIN_TOKEN",
-        help="API token (default: the one `slimtrain serve` stored in the data dir).",
+        help="API token (default: SLIMTRAIN_TOKEN, else the config file's token, "
+        "~/.config/slimtrain/config.toml, else the one `slimtrain serve` keeps in the data dir).",
         show_default=False,
     ),
 ]
@@ -63,41 +101,101 @@ def _load(spec_path: Path) -> JobSpec:
         raise typer.Exit(2) from None
 
 
-class RunProgress:
-    """A progress bar fed by the driver's records: step, loss, accuracy, sparsity vs target."""
+class StepsColumn(ProgressColumn):
+    """`step/total` while the total is known; nothing otherwise (never "0/None")."""
 
-    def __init__(self, enabled: bool):
+    def render(self, task) -> Text:
+        if task.total is None:
+            return Text("")
+        return Text(f"{int(task.completed)}/{int(task.total)}")
+
+
+class RunProgress:
+    """A progress bar fed by a job's records and states. Its label is what the job does now: its
+    state while it waits (queued, starting), then the driver's phase (service.records) with that
+    phase's own progress: step/total while training, a spinner for the others. Each change is
+    also printed as a line, with how long the previous phase took."""
+
+    def __init__(self, enabled: bool, state: str | None = None, reason: str | None = None):
         self.progress = Progress(
+            SpinnerColumn(),
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
+            StepsColumn(),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
             console=console,
             disable=not enabled,
         )
-        self.task = self.progress.add_task("starting", total=None, stats="")
+        self.enabled = enabled
+        # The state the caller knows (submit's answer). The event stream replays the job's
+        # history from its first event; a replayed state equal to this one is not news.
+        self.state, self.reason = state, reason
+        self.phase: str | None = None
+        self.phase_since: float | None = None
+        self.total: int | None = None
+        self.task = self.progress.add_task(state or "starting", total=None, stats="")
         self.stats: dict = {}
+
+    def _show(self, description: str, total: int | None, **fields) -> None:
+        # Progress.update cannot take a total back to None (an indeterminate, pulsing bar);
+        # the task object can.
+        self.progress.update(self.task, description=description, total=total, **fields)
+        if total is None:
+            next(t for t in self.progress.tasks if t.id == self.task).total = None
+
+    def say(self, line: str) -> None:
+        if self.enabled:
+            self.progress.console.print(line)
+
+    def state_changed(self, state: str, reason: str | None = None) -> None:
+        if state == self.state and reason == self.reason:
+            return
+        self.say(f"{state}: {reason}" if reason else state)
+        self.state, self.reason = state, reason
+        if state == "running" and self.phase is not None:
+            return  # the phase says more than "running"
+        if state != "running":
+            self.phase = None  # queued again (a retry), or over: the next attempt starts anew
+        self._show(state, None)
+
+    def _enter(self, phase: str, step: int | None, total: int | None, at: float | None) -> None:
+        self.total = total or self.total
+        training = phase == Phase.TRAINING
+        if phase != self.phase:
+            took = ""
+            if self.phase is not None and self.phase_since is not None and at is not None:
+                took = f"  ({phase_label(self.phase)} took {at - self.phase_since:.1f} s)"
+            where = f" from step {step} of {self.total}" if training and self.total else ""
+            self.say(f"{phase_label(phase)}{where}{took}")
+            self.phase, self.phase_since = phase, at
+        self._show(
+            phase_label(phase),
+            self.total if training else None,
+            **({"completed": step} if training and step is not None else {}),
+        )
 
     def __call__(self, rec: dict) -> None:
         kind, step = rec.get("kind"), rec.get("step")
+        if kind == PHASE_KIND:
+            self._enter(str(rec.get("phase")), step, rec.get("total_steps"), rec.get("time"))
+            return
         if rec.get("event") == "start":
-            self.progress.update(
-                self.task,
-                total=rec["total_steps"],
-                completed=rec["step"],
-                description=f"attempt {rec.get('attempt', 1)}",
-            )
+            attempt = rec.get("attempt", 1)
             if rec.get("resumed_from") is not None:
-                console.print(f"resumed from checkpoint at step {rec['resumed_from']}")
+                self.say(f"attempt {attempt}: resumed from the checkpoint at step {rec['resumed_from']}")
+            # A driver from before phase records says "training" this way only.
+            self._enter(Phase.TRAINING, step, rec.get("total_steps"), rec.get("time"))
         if kind == "train":
             self.stats["loss"] = f"loss {rec['loss']:.4f}"
             if "sparsity" in rec:
                 self.stats["sparsity"] = f"sparsity {rec['sparsity']:.3f}/{rec['target_sparsity']:.3f}"
         elif kind == "eval":
             self.stats["acc"] = f"acc {rec['val_accuracy']:.4f}"
-        if step is not None:
-            self.progress.update(self.task, completed=step, stats="  ".join(self.stats.values()))
+        fields = {"stats": "  ".join(self.stats.values())}
+        if step is not None and self.phase == Phase.TRAINING:
+            fields["completed"] = step
+        self.progress.update(self.task, **fields)
 
 
 @app.command()
@@ -160,21 +258,23 @@ def schema():
 
 @app.command()
 def report(
-    target: Annotated[str, typer.Argument(help="A job folder, or the id of a job on the server.")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A job folder (or its report.json), or the id of a job on the server. A folder "
+            "that exists here wins; anything with a '/' or starting with '.' or '~' is a folder."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    url: Url = DEFAULT_URL,
+    url: Url = None,
     token: Token = None,
 ):
     """Print a job's compression report (from a local job folder, or from the server)."""
-    path = Path(target)
-    if path.is_dir():
-        rpath = path / "report.json"
-        if not rpath.is_file():
-            console.print(f"[red]{rpath} does not exist")
-            raise typer.Exit(2)
-        rep = json.loads(rpath.read_text())
+    local = _local_report(target)
+    if local is not None:
+        rep = local
     else:
-        with _api(url, token) as api:
+        with _api(url, token, hint=f"(and there is no folder {target!r} here)") as api:
             rep = api.report(target)
     if as_json:
         out.print_json(json.dumps(rep))
@@ -185,28 +285,76 @@ def report(
 # --- the service: `serve`, and the commands that talk to it ---------------------------------------
 
 
-@contextlib.contextmanager
-def _api(url: str, token: str | None) -> Iterator[Client]:
-    """A client of the API; its errors become messages and exit codes, never tracebacks."""
-    from service.auth import local_token
+def _data_dir_token() -> tuple[str | None, Path]:
+    from service.auth import local_token, token_file
 
-    token = token or local_token(_settings())
-    client = Client(url, token)
+    settings = _settings()
+    return local_token(settings), token_file(settings)
+
+
+def _credentials(url: str | None, token: str | None) -> Credentials:
+    """URL and token in the documented order (api.client.resolve_credentials), or exit 2."""
+    try:
+        return resolve_credentials(url, token, data_dir_token=_data_dir_token)
+    except (ConfigFileError, NoToken) as e:
+        console.print(f"[red]{e}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def _api(url: str | None, token: str | None, hint: str | None = None) -> Iterator[Client]:
+    """A client of the API; its errors become messages and exit codes, never tracebacks.
+    `hint` follows a 404 or an unreachable API (e.g. that no local folder has that name)."""
+    creds = _credentials(url, token)
+    client = Client(creds.url, creds.token)
     try:
         yield client
     except ApiError as e:
         if e.fields:
             console.print(render.spec_errors(SpecError(e.message, e.fields)))
         else:
-            console.print(f"[red]{e.code}:[/] {e.message}")
-        if e.status == 401 and not token:
-            console.print("pass --token or set SLIMTRAIN_TOKEN (the token `slimtrain serve` printed)")
+            console.print(f"[red]{e.code}:[/] {e.message}" + (f" {hint}" if hint and e.status == 404 else ""))
+        if e.status == 401:
+            console.print(
+                f"{creds.url} refused the token from {creds.source}: pass --token or set SLIMTRAIN_TOKEN "
+                "(the token `slimtrain serve` printed)"
+            )
         raise typer.Exit(2 if e.status < 500 else 3) from None
     except Unreachable as e:
-        console.print(f"[red]unreachable:[/] {e}")
+        console.print(f"[red]unreachable:[/] {e}" + (f" {hint}" if hint else ""))
         raise typer.Exit(3) from None
     finally:
         client.close()
+
+
+def _local_report(target: str) -> dict | None:
+    """The report of a local job folder (or a report.json file); None when `target` is a job id
+    for the server. Rule: an existing folder or file is local; a name that cannot be a job id
+    because it has a '/' (or starts with '.' or '~') is a folder, and exits 2 when missing."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        path = path / "report.json"
+        if not path.is_file():
+            console.print(
+                f"[red]folder {target} has no report.json[/] (the job is not finished, or not a job)",
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            console.print(f"[red]{path}: not a readable report ({e})")
+            raise typer.Exit(2) from None
+    if "/" in target or os.sep in target or target.startswith((".", "~")):
+        console.print(f"[red]folder {target} does not exist", soft_wrap=True)
+        raise typer.Exit(2)
+    try:
+        check_job_id(target)
+    except ArtifactKeyError:
+        console.print(f"[red]{target!r} is neither a folder here nor a job id")
+        raise typer.Exit(2) from None
+    return None
 
 
 @app.command()
@@ -232,6 +380,7 @@ def serve(
     if new_token:
         console.print(f"API token for tenant [bold]default[/] (shown once; kept in {token_file(settings)}):")
         out.print(new_token, soft_wrap=True)
+        _remember(settings, new_token)
     if not settings.ray_address and not settings.ray_dashboard_url:
         import ray
 
@@ -256,6 +405,28 @@ def serve(
     )
 
 
+def _remember(settings, token: str) -> None:
+    """Write the user config file with this server's url and its new token, so the CLI finds
+    them from any folder; a file the user owns is left alone (api.client.write_config)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    path = config_path()
+    try:
+        written = write_config(path, f"http://{host}:{settings.port}", token)
+    except OSError as e:
+        console.print(
+            f"[yellow]could not write {path}: {e}[/] (the CLI still finds the token in the data dir)"
+        )
+        return
+    if written:
+        console.print(f"the CLI finds the URL and token in {path} (mode 0600)")
+    else:
+        console.print(
+            f"[yellow]{path} is yours, so it was not changed:[/] set token = the token above there, "
+            "or pass --token / SLIMTRAIN_TOKEN"
+        )
+
+
 @app.command()
 def submit(
     spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
@@ -266,7 +437,7 @@ def submit(
         str | None, typer.Option("--idempotency-key", help="Submit at most once under this key.")
     ] = None,
     as_json: AsJson = False,
-    url: Url = DEFAULT_URL,
+    url: Url = None,
     token: Token = None,
 ):
     """Submit a job to the server. With --wait: exit 0 when it succeeds, 1 when it fails."""
@@ -280,8 +451,9 @@ def submit(
             else:
                 out.print(job["id"])
             return
-        console.print(f"job [bold]{job['id']}[/] {job['state']}")
-        final = _follow(api, job["id"], progress=not as_json)
+        reason = f": {job['reason']}" if job.get("reason") else ""
+        console.print(f"job [bold]{job['id']}[/] {job['state']}{reason}")
+        final = _follow(api, job, progress=not as_json)
         if as_json:
             out.print_json(json.dumps(final))
         elif final["state"] == "succeeded":
@@ -292,19 +464,19 @@ def submit(
         raise typer.Exit(1)
 
 
-def _follow(api: Client, job_id: str, progress: bool) -> dict:
-    """Show a job's events (a progress bar fed by its metrics) until its final state."""
-    bar = RunProgress(enabled=progress)
+def _follow(api: Client, job: dict, progress: bool) -> dict:
+    """Show a job's events (a progress bar fed by its metrics and phases) until its final state.
+    The bar starts from the state the caller knows, never from a made-up one: it used to start
+    as "starting" and then replay the job's first event, "queued", which read as a flicker
+    starting -> queued -> starting."""
+    bar = RunProgress(enabled=progress, state=job["state"], reason=job.get("reason"))
     with bar.progress:
-        for ev in api.events(job_id):
+        for ev in api.events(job["id"]):
             if ev.type == "metric":
                 bar(ev.data)
             elif ev.type == "state":
-                reason = f": {ev.data['reason']}" if ev.data.get("reason") else ""
-                bar.progress.update(bar.task, description=ev.data["state"])
-                if progress:
-                    console.print(f"{ev.data['state']}{reason}")
-    return api.job(job_id)
+                bar.state_changed(ev.data["state"], ev.data.get("reason"))
+    return api.job(job["id"])
 
 
 @app.command()
@@ -314,7 +486,7 @@ def jobs(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=200, help="How many.")] = 50,
     as_json: AsJson = False,
-    url: Url = DEFAULT_URL,
+    url: Url = None,
     token: Token = None,
 ):
     """List your jobs, newest first."""
@@ -330,7 +502,7 @@ def jobs(
 def status(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
     as_json: AsJson = False,
-    url: Url = DEFAULT_URL,
+    url: Url = None,
     token: Token = None,
 ):
     """Show one job: state, reason, progress, attempts."""
@@ -346,7 +518,7 @@ def status(
 def logs(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
-    url: Url = DEFAULT_URL,
+    url: Url = None,
     token: Token = None,
 ):
     """Print the driver's log of a job."""
@@ -363,7 +535,7 @@ def logs(
 def cancel(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
     as_json: AsJson = False,
-    url: Url = DEFAULT_URL,
+    url: Url = None,
     token: Token = None,
 ):
     """Cancel a job (its Ray job is stopped)."""
@@ -375,17 +547,85 @@ def cancel(
         out.print(f"{job['id']} {job['state']}")
 
 
+# In a download folder: the id of the job whose files it holds, written before the first file,
+# so even an interrupted download says whose files these are.
+DOWNLOAD_MARK = ".slimtrain-job"
+
+
+def _download_guard(dest: Path, job_id: str, names: list[str], force: bool) -> None:
+    """Exit 2 rather than write into `dest` over another job's files (or files slimtrain did not
+    write): the folder's mark (or its manifest's job_id) names another job, or a file to be
+    written already exists in an unmarked folder. --force writes anyway."""
+    if force or not dest.exists():
+        return
+    if not dest.is_dir():
+        console.print(f"[red]{dest} exists and is not a folder")
+        raise typer.Exit(2)
+    owner = None
+    with contextlib.suppress(OSError):
+        owner = (dest / DOWNLOAD_MARK).read_text().strip() or None
+    if owner is None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            owner = json.loads((dest / MANIFEST).read_text()).get("job_id")
+    if owner == job_id:
+        return
+    clashes = [n for n in names if (dest / n).exists()]
+    if owner is not None or clashes:
+        whose = f"job {owner}'s files" if owner else f"files of its own ({', '.join(clashes[:3])})"
+        console.print(
+            f"[red]{dest} holds {whose}:[/] download job {job_id} into another folder, or pass --force "
+            "to overwrite them"
+        )
+        raise typer.Exit(2)
+
+
 @app.command()
 def download(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
     dest: Annotated[Path, typer.Argument(help="Folder to write the artifacts into.")],
     checkpoints: Annotated[bool, typer.Option("--checkpoints", help="Also the checkpoints.")] = False,
-    url: Url = DEFAULT_URL,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write even into a folder that holds another job's files.")
+    ] = False,
+    url: Url = None,
     token: Token = None,
 ):
-    """Download a job's artifacts, checked against its manifest.json (sha256)."""
+    """Download a finished job's artifacts: what its manifest.json lists, each checked against
+    its sha256 (with --checkpoints also the checkpoints, each checked against its own manifest).
+    A job without a manifest yet (still running, or failed) gets every artifact, unchecked."""
     with _api(url, token) as api:
-        items = [a for a in api.artifacts(job_id) if checkpoints or not a["name"].startswith("checkpoints/")]
+        listing = api.artifacts(job_id)
+        manifest_raw = None
+        if any(a["name"] == MANIFEST for a in listing):
+            manifest_raw = api.artifact_bytes(job_id, MANIFEST)
+        try:
+            files = manifest_files(json.loads(manifest_raw)) if manifest_raw is not None else None
+        except ValueError as e:
+            console.print(f"[red]the job's {MANIFEST} is unreadable:[/] {e}")
+            raise typer.Exit(3) from None
+        if files is not None:
+            items = [{"name": n, "size": e["size"]} for n, e in files.items()]
+        else:
+            console.print(
+                f"[yellow]job {job_id} has no {MANIFEST} yet (not finished): its files are not checked"
+            )
+            items = [
+                a
+                for a in listing
+                if not a["name"].startswith("checkpoints/") and a["name"] not in NOT_IN_MANIFEST
+            ]
+        if checkpoints:
+            items += [a for a in listing if a["name"].startswith("checkpoints/")]
+        names = [a["name"] for a in items] + ([MANIFEST] if manifest_raw is not None else [])
+        try:
+            for name in names:  # joined to dest below: none may leave it, whatever the server sent
+                check_name(name)
+        except ArtifactKeyError as e:
+            console.print(f"[red]the server listed an unsafe artifact name:[/] {e.message}")
+            raise typer.Exit(3) from None
+        _download_guard(dest, job_id, names, force)
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / DOWNLOAD_MARK).write_text(job_id + "\n")
         total = sum(a["size"] for a in items)
         progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), console=console
@@ -395,22 +635,31 @@ def download(
             for a in items:
                 progress.update(task, description=a["name"])
                 api.download(job_id, a["name"], dest / a["name"], lambda n: progress.advance(task, n))
-    bad = _verify_manifest(dest)
+    bad = []
+    if files is not None:
+        bad = verify_files(dest, files)
+        # The manifest as it was read before the files, last: a folder that has it is complete.
+        (dest / MANIFEST).write_bytes(manifest_raw)
+    if checkpoints:
+        bad += _verify_checkpoints(dest, [a["name"] for a in items])
     if bad:
         console.print(f"[red]checksum mismatch:[/] {', '.join(bad)}")
         raise typer.Exit(3)
     console.print(f"{len(items)} artifacts, {total:,} bytes -> {dest}")
 
 
-def _verify_manifest(folder: Path) -> list[str]:
-    mpath = folder / "manifest.json"
-    if not mpath.is_file():
-        return []
+def _verify_checkpoints(dest: Path, names: list[str]) -> list[str]:
+    """Files of the downloaded checkpoint folders that disagree with their folder's manifest."""
     bad = []
-    for e in json.loads(mpath.read_text()).get("artifacts", []):
-        p = folder / e["name"]
-        if not p.is_file() or hashlib.sha256(p.read_bytes()).hexdigest() != e["sha256"]:
-            bad.append(e["name"])
+    for name in names:
+        if name.startswith("checkpoints/") and name.endswith("/" + MANIFEST):
+            folder = dest / name.rpartition("/")[0]
+            try:
+                files = manifest_files(json.loads((folder / MANIFEST).read_text()))
+            except (OSError, ValueError):
+                bad.append(name)
+                continue
+            bad += [f"{name.rpartition('/')[0]}/{n}" for n in verify_files(folder, files)]
     return bad
 
 

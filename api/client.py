@@ -8,15 +8,127 @@ drops (an API restart included), so nothing is missed or repeated."""
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# The first line of a config file `slimtrain serve` wrote: while it is there, serve may replace
+# the file when it creates a new token; a user who takes the file over deletes the line.
+SERVE_MARK = "# written by `slimtrain serve`; delete this line to keep serve from replacing the file"
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class ConfigFileError(Exception):
+    """The user config file exists but cannot be used; the message names it."""
+
+
+def config_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """`$XDG_CONFIG_HOME/slimtrain/config.toml`, else `~/.config/slimtrain/config.toml` (the XDG
+    base directory rules: a relative XDG_CONFIG_HOME is ignored)."""
+    base = environ.get("XDG_CONFIG_HOME", "")
+    root = (
+        Path(base)
+        if base and Path(base).is_absolute()
+        else Path(environ.get("HOME") or Path.home()) / ".config"
+    )
+    return root / "slimtrain" / "config.toml"
+
+
+def read_config(path: Path) -> dict[str, str]:
+    """`url` and `token` of the config file ({} when there is none)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigFileError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"{path}: not valid TOML ({e})") from None
+    out = {}
+    for key in ("url", "token"):
+        if key in doc:
+            if not isinstance(doc[key], str) or not doc[key].strip():
+                raise ConfigFileError(f"{path}: {key} must be a non-empty string")
+            out[key] = doc[key].strip()
+    return out
+
+
+def write_config(path: Path, url: str, token: str) -> bool:
+    """Write url and token for the CLI (mode 0600), unless the file is the user's own: it exists
+    and does not start with SERVE_MARK. Returns whether it was written."""
+    try:
+        if not path.read_text().startswith(SERVE_MARK):
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # json.dumps of a str is a valid TOML basic string (same escapes, \uXXXX included)
+    body = f"{SERVE_MARK}\nurl = {json.dumps(url)}\ntoken = {json.dumps(token)}\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+    os.replace(tmp, path)  # never a half-written file, never readable by others
+    return True
+
+
+@dataclass(frozen=True)
+class Credentials:
+    url: str
+    token: str
+    source: str  # where the token came from, for messages
+
+
+class NoToken(Exception):
+    """No token in any of the places looked; the message lists them."""
+
+
+def _same_server(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def resolve_credentials(
+    url: str | None,
+    token: str | None,
+    environ: Mapping[str, str] = os.environ,
+    data_dir_token: Callable[[], tuple[str | None, Path]] | None = None,
+) -> Credentials:
+    """The API's URL and token. URL: --url, SLIMTRAIN_URL, the config file's url, the default.
+    Token: --token, SLIMTRAIN_TOKEN, the config file's token, the data dir's api-tokens (the
+    token `slimtrain serve` created, for a CLI on the server's machine). A stored token is only
+    sent where it belongs: the config file's to its own url, the data dir's to loopback."""
+    path = config_path(environ)
+    config = read_config(path)
+    url = url or environ.get("SLIMTRAIN_URL") or config.get("url") or DEFAULT_URL
+    if token:
+        return Credentials(url, token, "--token")
+    if environ.get("SLIMTRAIN_TOKEN"):
+        return Credentials(url, environ["SLIMTRAIN_TOKEN"], "SLIMTRAIN_TOKEN")
+    looked = ["--token", "SLIMTRAIN_TOKEN"]
+    if "token" in config and _same_server(config.get("url", url), url):
+        return Credentials(url, config["token"], str(path))
+    looked.append(
+        f"{path} (its token is for {config['url']})" if "token" in config else f"{path} (no token there)"
+    )
+    if data_dir_token is not None:
+        found, where = data_dir_token()
+        if found and urlparse(url).hostname in _LOOPBACK:
+            return Credentials(url, found, str(where))
+        looked.append(f"{where} (only for a server on this machine)" if found else f"{where} (none there)")
+    raise NoToken(
+        f"no API token for {url}; looked in: " + ", ".join(looked) + ". Pass --token, set SLIMTRAIN_TOKEN, "
+        f'or put token = "..." (and url) in {path}; `slimtrain serve` writes that file on its first start.'
+    )
 
 
 @dataclass
@@ -128,6 +240,10 @@ class Client:
             cursor = page["next_cursor"]
             if not cursor:
                 return items
+
+    def artifact_bytes(self, job_id: str, name: str) -> bytes:
+        """A small artifact (a manifest, a report) in memory."""
+        return self._request("GET", f"/v1/jobs/{job_id}/artifacts/{name}").content
 
     def download(self, job_id: str, name: str, dest: Path, on_bytes=None) -> Path:
         """Stream one artifact to `dest` (written to a temporary name, then renamed)."""

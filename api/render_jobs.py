@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.table import Table
+
+from service.records import Phase, phase_label
 
 _STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "starting": "cyan"}
 
@@ -15,6 +18,9 @@ def _state(s: str) -> str:
 def _progress(job: dict) -> str:
     p = job.get("progress") or {}
     parts = []
+    # The driver's phase while it runs, unless training (the step says that).
+    if job.get("state") == "running" and p.get("phase") not in (None, Phase.TRAINING):
+        parts.append(phase_label(p["phase"]))
     if p.get("step") is not None:
         parts.append(f"step {p['step']}" + (f"/{p['total_steps']}" if p.get("total_steps") else ""))
     if p.get("val_accuracy") is not None:
@@ -25,12 +31,20 @@ def _progress(job: dict) -> str:
 
 
 def jobs_table(jobs: list[dict]) -> Table:
-    t = Table(title="Jobs", show_lines=False)
-    for col in ("id", "name", "state", "progress", "created", "reason"):
+    # No vertical rules: at 80 columns the room goes to the text.
+    t = Table(title="Jobs", show_lines=False, box=box.SIMPLE_HEAD)
+    # An id is never broken: `slimtrain jobs | grep ID` must find it whole on one line. The
+    # other columns fold to make room for it.
+    t.add_column("id", no_wrap=True, min_width=max((len(j["id"]) for j in jobs), default=2))
+    t.add_column("name", overflow="fold")
+    t.add_column("state", no_wrap=True)
+    t.add_column("progress", overflow="fold", min_width=8)  # not "progres/s"
+    for col in ("created", "reason"):
         t.add_column(col, overflow="fold")
     for j in jobs:
         reason = (j.get("error") or {}).get("message") or j.get("reason") or ""
-        t.add_row(j["id"], j["name"], _state(j["state"]), _progress(j), j["created_at"][:19], reason[:80])
+        created = j["created_at"][:16].replace("T", " ")  # UTC, to the minute
+        t.add_row(j["id"], j["name"], _state(j["state"]), _progress(j), created, reason[:80])
     return t
 
 

@@ -21,6 +21,7 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 
 from service.artifacts import ArtifactStore, JobArtifacts
 from service.errors import ArtifactNotFound, ConfigError, SlimtrainError, TrainingFailed
+from service.records import Phase, phase_record
 from service.spec import JobSpec
 from workers import export
 from workers.checkpoint import CHECKPOINTS
@@ -215,7 +216,20 @@ def run_job(
     started = time.time()
     arts = JobArtifacts(store, job_id)
     arts.put_json("spec.json", spec.model_dump(mode="json"))
+    metrics = MetricsLog(arts)
+
+    def enter(phase: Phase, **known) -> None:
+        # Written out at once: the phases outside the loop are the long silent stretches
+        # (workers starting, export) a client otherwise shows as a frozen bar.
+        rec = phase_record(phase, **known)
+        metrics.add(rec)
+        metrics.flush(force=True)
+        if on_record:
+            on_record(rec)
+
+    enter(Phase.PREPARING)
     data, _spe, total = preflight(spec, store)
+    enter(Phase.WAITING_FOR_WORKERS, total_steps=total)
     if faults is None and os.environ.get("SLIMTRAIN_FAULTS"):
         faults = json.loads(os.environ["SLIMTRAIN_FAULTS"])
 
@@ -261,7 +275,6 @@ def run_job(
         except BaseException as e:  # fit raises TrainingFailedError in Ray Train v2
             outcome["error"] = e
 
-    metrics = MetricsLog(arts)
     attempts = Attempts.of_lines(metrics.lines)
     first_here = len(attempts.items)
     summary: dict = {}
@@ -278,6 +291,11 @@ def run_job(
             metrics.add(rec)
             if on_record:
                 on_record(rec)
+            if rec.get("event") == "start":  # the worker group is up (again)
+                training = phase_record(Phase.TRAINING, step=rec.get("step"), total_steps=total)
+                metrics.add(training)
+                if on_record:
+                    on_record(training)
         drained += len(records)
         # A checkpoint waits for its records (RaySession.save): write them out now.
         metrics.flush(force=awaited)
@@ -305,8 +323,10 @@ def run_job(
         "skipped_steps": summary.get("skipped_steps", 0),
         "attempts": attempts.items,
     }
-    rep = export.export(spec, data, store, job_id, total, run_info)
+    enter(Phase.EXPORTING)
+    rep = export.export(spec, data, store, job_id, total, run_info, on_verify=lambda: enter(Phase.VERIFYING))
     rep["wall_seconds"] = time.time() - started
     arts.put_json("report.json", rep)
+    enter(Phase.DONE)  # before the manifest, which lists metrics.jsonl as it ends
     arts.write_manifest()
     return rep

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -99,9 +100,11 @@ def export(
     total_steps: int,
     run_info: dict,
     latency_repeats: int = LATENCY_REPEATS,
+    on_verify: Callable[[], None] | None = None,
 ) -> dict:
     """Write every artifact, verify them against each other, measure them and return the report
-    (also written as report.json)."""
+    (also written as report.json). `on_verify` is called when writing ends and measuring the
+    artifacts begins (the driver's `verifying` phase)."""
     arts = JobArtifacts(store, job_id)
     q = spec.compression.quantization
     model, _ = final_model(spec, data, store, job_id, total_steps)
@@ -131,10 +134,13 @@ def export(
         qinfo.update(_quantized_onnx(spec, data, model, rebuilt, qweights, arts, total_steps))
         artifact = qinfo["onnx"]
         sessions["compressed"] = onnx_export.session(arts.get_bytes(artifact))
-        qinfo["fp32_onnx_accuracy"] = report.onnx_accuracy(sessions["dense"], data)["accuracy"]
     else:
         sessions["compressed"] = sessions["dense"]
 
+    if on_verify:
+        on_verify()
+    if qweights:
+        qinfo["fp32_onnx_accuracy"] = report.onnx_accuracy(sessions["dense"], data)["accuracy"]
     artifact_scores = report.onnx_accuracy(sessions["compressed"], data)
     float_scores = report.torch_accuracy(model, data)
     dense_acc, warnings = _dense_accuracy(spec, store, artifact_scores["accuracy"])

@@ -35,6 +35,11 @@ class JobError(BaseModel):
 
 
 class Progress(BaseModel):
+    phase: str | None = Field(
+        default=None,
+        description="What the driver is doing: preparing, waiting_for_workers, training, exporting, "
+        "verifying or done (null before the driver's first record).",
+    )
     step: int | None = Field(default=None, description="Last optimizer step reported by the driver.")
     total_steps: int | None = Field(default=None, description="Steps the job runs in total.")
     epoch: float | None = Field(default=None, description="Fractional epoch at `step`.")
@@ -128,7 +133,10 @@ class AttemptList(BaseModel):
 
 class MetricRecord(BaseModel):
     seq: int = Field(description="Line number in the job's metrics.jsonl, from 0; use as `cursor`.")
-    kind: str = Field(description="train (loss, lr, sparsity), eval (val_accuracy, ...) or event.")
+    kind: str = Field(
+        description="train (loss, lr, sparsity), eval (val_accuracy, ...), phase (what the driver "
+        "is doing: `phase`, `step`/`total_steps` where known) or event."
+    )
     step: int | None = Field(description="Optimizer step of the record, when it has one.")
     data: dict[str, Any] = Field(description="The record as the driver wrote it.")
 

@@ -35,6 +35,7 @@ _CAS_TRIES = 8
 _PROGRESS_KEYS = {
     "train": ("step", "epoch", "loss", "lr", "sparsity", "target_sparsity", "samples_per_second"),
     "eval": ("val_accuracy", "val_loss", "val_perplexity"),
+    "phase": ("phase", "total_steps"),  # service.records: what the driver is doing
 }
 
 
