@@ -60,12 +60,19 @@ def finish_when_submitted(ray: FakeRay, artifacts, succeed: bool):
         ray.set(sid, RUNNING)
         arts.put_bytes(
             "metrics.jsonl",
+            b'{"kind": "phase", "phase": "preparing", "time": 1.0}\n'
+            b'{"kind": "phase", "phase": "waiting_for_workers", "total_steps": 22, "time": 2.0}\n'
             b'{"kind": "event", "event": "start", "step": 0, "total_steps": 22}\n'
+            b'{"kind": "phase", "phase": "training", "step": 0, "total_steps": 22, "time": 3.0}\n'
             b'{"kind": "train", "step": 22, "loss": 0.5}\n'
-            b'{"kind": "eval", "step": 22, "val_accuracy": 0.9}\n',
+            b'{"kind": "eval", "step": 22, "val_accuracy": 0.9}\n'
+            b'{"kind": "phase", "phase": "exporting", "time": 4.0}\n'
+            b'{"kind": "phase", "phase": "verifying", "time": 5.5}\n',
         )
         if succeed:
             arts.put_json("report.json", {"name": "cli-job", "job_id": sid, "accuracy": 0.9})
+            arts.write_manifest()
+            write_outcome(arts, Outcome(1, "succeeded"))  # after the manifest, as the entrypoint does
             ray.set(sid, SUCCEEDED)
         else:
             write_outcome(arts, Outcome(1, "failed", "training_failed", "loss became NaN"))
@@ -82,6 +89,22 @@ def test_submit_wait_succeeds_with_the_report(server, spec_file):
     t.join(5)
     assert r.exit_code == 0, r.output
     assert "succeeded" in r.output and "Report: cli-job" in r.output and "Traceback" not in r.output
+    # each state and phase once, in order: no replayed "queued" after the submit line
+    lines = [line.strip() for line in r.stderr.splitlines() if line.strip() and "━" not in line]  # no bar
+    assert lines[0].endswith("queued: waiting for the scheduler")
+    said = [line.split(":")[0].split("  (")[0] for line in lines[1:]]
+    # (the fake Ray may finish before the reconciler sees it running)
+    assert [x for x in said if x != "running"] == [
+        "starting",
+        "preparing",
+        "waiting for workers",
+        "training from step 0 of 22",
+        "exporting",
+        "verifying",
+        "succeeded",
+    ], r.stderr
+    assert "verifying  (exporting took 1.5 s)" in r.stderr
+    assert "None" not in r.stderr
 
 
 def test_submit_wait_json_exits_1_when_the_job_fails(server, spec_file):
@@ -142,7 +165,9 @@ def test_jobs_logs_report_and_download(server, spec_file, tmp_path):
     job_id = json.loads(r.stdout)["id"]
     listed = json.loads(run(server, "jobs", "--json", "--state", "succeeded").stdout)["items"]
     assert job_id in [j["id"] for j in listed]
-    assert "cli-job" in run(server, "jobs").stdout
+    table = runner.invoke(cli, ["jobs", "--url", server[0], "--token", TOKEN], env={"COLUMNS": "80"}).stdout
+    assert "cli-job" in table and max(map(len, table.splitlines())) <= 80
+    assert [line for line in table.splitlines() if job_id in line], table  # `| grep ID` finds it
     server[1].jobs[job_id].log = "hello from the driver\n"
     assert run(server, "logs", job_id).stdout == f"=== attempt 1 ({job_id}) ===\nhello from the driver\n"
     assert "hello from the driver" in run(server, "logs", job_id, "-f").stdout
@@ -153,6 +178,56 @@ def test_jobs_logs_report_and_download(server, spec_file, tmp_path):
     r = run(server, "download", job_id, str(tmp_path / "out"))
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out" / "report.json").is_file() and not (tmp_path / "out" / "checkpoints").exists()
+    # what the manifest lists, and the manifest: not the reconciler's outcome.json
+    got = {p.name for p in (tmp_path / "out").iterdir()} - {".slimtrain-job"}
+    assert got == set(json.loads((tmp_path / "out" / "manifest.json").read_text())["files"]) | {
+        "manifest.json"
+    }
+    assert arts.exists("outcome.json") and not (tmp_path / "out" / "outcome.json").exists()
+    assert run(server, "download", job_id, str(tmp_path / "out")).exit_code == 0  # its own folder again
     arts.put_bytes("report.json", b'{"tampered": true}')  # no longer what the manifest says
     r = run(server, "download", job_id, str(tmp_path / "again"))
+    assert r.exit_code == 3 and "checksum mismatch: report.json" in r.output
+
+
+def _finished_job(server, spec_file) -> str:
+    t = finish_when_submitted(server[1], server[2], succeed=True)
+    r = run(server, "submit", str(spec_file), "--wait", "--json")
+    t.join(5)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)["id"]
+
+
+def test_download_refuses_a_folder_holding_another_jobs_files(server, spec_file, tmp_path):
+    a, b = _finished_job(server, spec_file), _finished_job(server, spec_file)
+    dest = tmp_path / "out"
+    assert run(server, "download", a, str(dest)).exit_code == 0
+    r = run(server, "download", b, str(dest))
+    assert (
+        r.exit_code == 2 and f"holds job {a}'s files" in " ".join(r.output.split()) and "--force" in r.output
+    )
+    assert json.loads((dest / "report.json").read_text())["job_id"] == a  # untouched
+    r = run(server, "download", b, str(dest), "--force")
+    assert r.exit_code == 0, r.output
+    assert json.loads((dest / "report.json").read_text())["job_id"] == b
+    assert (dest / ".slimtrain-job").read_text().strip() == b
+    # a folder of the user's own with a clashing name is not overwritten either
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text("my notes")
+    r = run(server, "download", a, str(mine))
+    assert r.exit_code == 2 and "report.json" in r.output and (mine / "report.json").read_text() == "my notes"
+
+
+def test_download_verifies_a_job_finished_before_the_one_manifest_shape(server, spec_file, tmp_path):
+    job_id = _finished_job(server, spec_file)
+    arts = JobArtifacts(server[2], job_id)
+    files = arts.get_json("manifest.json")["files"]
+    old = {"job_id": job_id, "artifacts": [{"name": n, **e} for n, e in files.items()]}
+    arts.put_json("manifest.json", old)
+    r = run(server, "download", job_id, str(tmp_path / "old"))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "old" / "report.json").is_file()
+    arts.put_bytes("report.json", b'{"tampered": true}')
+    r = run(server, "download", job_id, str(tmp_path / "old2"))
     assert r.exit_code == 3 and "checksum mismatch: report.json" in r.output
