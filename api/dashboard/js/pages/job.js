@@ -206,6 +206,8 @@ export function render(view, { id }) {
         ["Id", h("code", {}, j.id)],
         ["State", j.state],
         ["Why", j.reason],
+        // What the driver does now (preparing, waiting for workers, training, exporting, ...).
+        ["Phase", j.state === "running" && p.phase ? p.phase.replaceAll("_", " ") : null],
         ["Progress", progressBar(j)],
         ["Loss", num(p.loss)],
         ["Validation accuracy", pct(p.val_accuracy, 2)],
@@ -336,6 +338,9 @@ export function render(view, { id }) {
             if (e.event === "metric") {
               series.record(data);
               redrawCharts();
+              if (data.kind === "phase" && job && !TERMINAL.has(job.state)) {
+                showJob({ ...job, progress: { ...job.progress, phase: data.phase } });
+              }
             } else if (e.event === "state" && job && data.state !== job.state) {
               refreshSide().catch(() => {});
             }
