@@ -6,35 +6,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.errors import SpecError
 from service.jobs import LimitExceeded
 from service.settings import Settings
-from service.spec import JobSpec
-
-# Sizes of the built-in datasets whose size is known without loading them.
-_FIXED_SIZES = {"digits": 1797}
+from service.spec import JobSpec, known_train_samples, schedule_errors, step_count
 
 
 def estimated_steps(spec: JobSpec) -> int | None:
-    """Optimizer steps the job will run, when that is known at submit time: `train.max_steps`
-    caps it; otherwise epochs x steps per epoch for datasets of known size; else None."""
-    t = spec.train
-    n = None
-    if spec.data.name == "synthetic":
-        n = spec.data.args["n_samples"]
-    elif spec.data.name in _FIXED_SIZES:
-        n = _FIXED_SIZES[spec.data.name]
-    per_epoch = None
-    if n is not None:
-        # as workers.data.sharding.split_indices / steps_per_epoch count them
-        n_train = n - max(1, round(n * spec.data.val_fraction))
-        per_epoch = max(n_train // t.batch_size, 1)
-    if per_epoch is None:
-        return t.max_steps
-    total = t.epochs * per_epoch
-    return min(total, t.max_steps) if t.max_steps else total
+    """Optimizer steps the job will run, when that is known at submit time: epochs x steps per
+    epoch for built-in datasets (their size follows from the spec), capped by `train.max_steps`;
+    `train.max_steps` alone when only loading the data can tell; else None."""
+    n_train = known_train_samples(spec.data)
+    if n_train is None:
+        return spec.train.max_steps
+    return step_count(spec.train, n_train)[1]
+
+
+def check_schedule(spec: JobSpec) -> None:
+    """A schedule that ends after the job's last step, refused at submit (SpecError, 422) where
+    the dataset's size is known from the spec; the driver makes the same check on the loaded data
+    for the others (a uri)."""
+    n_train = known_train_samples(spec.data)
+    errors = schedule_errors(spec, n_train) if n_train is not None else []
+    if errors:
+        raise SpecError("; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)
 
 
 def check_limits(spec: JobSpec, settings: Settings) -> None:
+    """What a valid spec may not ask of this server (LimitExceeded), after the check of its
+    schedule against its steps (SpecError): both at submit."""
+    check_schedule(spec)
     errors = []
     if spec.parallel.workers > settings.max_workers:
         errors.append(

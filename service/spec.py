@@ -7,9 +7,13 @@ optimizer steps of the global batch, so a schedule means the same thing at any w
 
 from __future__ import annotations
 
+import difflib
+import io
 import json
 import math
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,7 +28,7 @@ from pydantic import (
 )
 
 from service import catalog
-from service.errors import SpecError
+from service.errors import ConfigError, SpecError
 
 SPEC_VERSION = 1
 
@@ -365,7 +369,11 @@ def _validated_args(schema: type[BaseModel], args: dict) -> dict:
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
-        msg = "unknown argument" if first["type"] == "extra_forbidden" else _clean(first["msg"])
+        if first["type"] == "extra_forbidden":
+            known = _model_at(schema, first["loc"][:-1])
+            msg = _unknown("argument", str(first["loc"][-1]), known)
+        else:
+            msg = _clean(first["msg"])
         raise ValueError(f"args.{loc}: {msg}") from None
 
 
@@ -378,8 +386,53 @@ def _clean(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def format_errors(exc: ValidationError, root: str = "") -> list[dict[str, str]]:
-    """Turn pydantic errors into [{field, message}], naming the field a cross-field rule is about."""
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field's annotation (`X`, `X | None`, `list[X]`, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _submodel(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType, list, tuple, dict):
+        for arg in typing.get_args(annotation):
+            if (found := _submodel(arg)) is not None:
+                return found
+    return None
+
+
+def _model_at(root: type[BaseModel] | None, loc: tuple | list) -> type[BaseModel] | None:
+    """The model that validated the mapping at `loc` under `root` (None once the path leaves
+    the models: a free-form dict such as `args`)."""
+    model = root
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):  # a list index: same item model
+            continue
+        field = model.model_fields.get(str(part))
+        model = _submodel(field.annotation) if field is not None else None
+    return model
+
+
+def _unknown(what: str, name: str, model: type[BaseModel] | None) -> str:
+    """`unknown field `x`` with the nearest known name, or the allowed ones when none is near."""
+    msg = f"unknown {what} `{name}`"
+    if model is None:
+        return msg
+    known = list(model.model_fields)
+    if not known:
+        return f"{msg}; it takes no {what}s"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"{msg}; did you mean `{close[0]}`?"
+    return f"{msg}; allowed: {', '.join(known)}"
+
+
+def format_errors(
+    exc: ValidationError, root: str = "", model: type[BaseModel] | None = None
+) -> list[dict[str, str]]:
+    """Turn pydantic errors into [{field, message}], naming the field a cross-field rule is about.
+    `model` (the one validated) lets an unknown field suggest the nearest known name."""
     out = []
     for err in exc.errors():
         loc = [str(x) for x in err["loc"]]
@@ -390,7 +443,7 @@ def format_errors(exc: ValidationError, root: str = "") -> list[dict[str, str]]:
             loc.append(inner)
         field = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = _unknown("field", loc[-1], _model_at(model, err["loc"][:-1]))
         if err["type"] == "missing":
             msg = "required field missing"
         out.append({"field": (root + field) or "(spec)", "message": msg})
@@ -404,22 +457,41 @@ def parse_spec(data: Any) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:
-        errors = format_errors(e)
+        errors = format_errors(e, model=JobSpec)
         raise SpecError("; ".join(f"{x['field']}: {x['message']}" for x in errors), errors) from None
 
 
-def load_spec_text(text: str) -> JobSpec:
-    """YAML or JSON (JSON is YAML, but try it first for exact number handling)."""
+def yaml_error(e: yaml.YAMLError) -> str:
+    """One line: where and what. PyYAML's own text spans lines and names the stream
+    (`<unicode string>` for text), which says nothing to whoever wrote the file."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(e).split())
+    out = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None:  # e.g. the bracket that was never closed
+        out += f" ({context} at line {cmark.line + 1}, column {cmark.column + 1})"
+    elif context:
+        out += f" ({context})"
+    return out
+
+
+def decode_spec_text(text: str, source: str = "spec", field: str = "(spec)") -> Any:
+    """YAML or JSON (JSON is YAML, but try it first for exact number handling), decoded;
+    a syntax error is a SpecError that names `source` (a file name, `spec`, `body`) and the line."""
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except ValueError:
         try:
-            data = yaml.safe_load(text)
+            return yaml.safe_load(io.StringIO(text))
         except yaml.YAMLError as e:
-            raise SpecError(
-                f"not valid YAML or JSON: {e}", [{"field": "(spec)", "message": str(e)}]
-            ) from None
-    return parse_spec(data)
+            detail = f"not valid YAML or JSON: {yaml_error(e)}"
+            raise SpecError(f"{source}: {detail}", [{"field": field, "message": detail}]) from None
+
+
+def load_spec_text(text: str, source: str = "spec", field: str = "(spec)") -> JobSpec:
+    return parse_spec(decode_spec_text(text, source, field))
 
 
 def load_spec_file(path: str | Path) -> JobSpec:
@@ -428,7 +500,7 @@ def load_spec_file(path: str | Path) -> JobSpec:
         text = p.read_text()
     except OSError as e:
         raise SpecError(f"cannot read {p}: {e.strerror}", [{"field": "(file)", "message": str(e)}]) from None
-    return load_spec_text(text)
+    return load_spec_text(text, source=str(p), field="(file)")
 
 
 def json_schema() -> dict:
@@ -436,3 +508,92 @@ def json_schema() -> dict:
     schema = JobSpec.model_json_schema()
     schema["$id"] = f"https://slimtrain.dev/schemas/jobspec-v{SPEC_VERSION}.json"
     return schema
+
+
+# --- steps: how many a job runs, and whether its schedules fit in them --------------------------
+# One piece of code for the API (service.limits, at submit, where the dataset's size is known
+# from the spec) and the driver (workers.train_loop.total_steps, on the loaded data), so a
+# schedule the API accepts is one the driver runs.
+
+# Samples of sklearn's digits (load_digits: 1797 8x8 images); constant across versions.
+DIGITS_SAMPLES = 1797
+# `text` reads the first `max_chars` bytes of the standard library's top-level sources. Every
+# supported Python has at least this many (3.11: 4.7 MB), so up to it the corpus is exactly
+# `max_chars` long; above it only loading can tell.
+TEXT_CORPUS_FLOOR = 2_000_000
+
+
+def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
+    """(train, val) sample counts, as workers.data.sharding.split_indices splits `n` samples."""
+    n_val = max(1, round(n * val_fraction))
+    return n - n_val, n_val
+
+
+def known_train_samples(data: DataSpec) -> int | None:
+    """Training samples of a built-in dataset, known from its spec without loading it; None for
+    a `uri` and for text above TEXT_CORPUS_FLOOR."""
+    if data.name == "digits":
+        n = DIGITS_SAMPLES
+    elif data.name == "synthetic":
+        n = data.args["n_samples"]
+    elif data.name == "text" and data.args["max_chars"] <= TEXT_CORPUS_FLOOR:
+        # one sample per block of `block_size` tokens; the last token is only a target
+        n = (data.args["max_chars"] - 1) // data.args["block_size"]
+    else:
+        return None
+    return split_sizes(n, data.val_fraction)[0]
+
+
+def step_count(train: TrainSpec, n_train: int) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) on `n_train` training samples: full global
+    batches only (workers.data.sharding.steps_per_epoch), capped by `train.max_steps`."""
+    per_epoch = n_train // train.batch_size
+    total = train.epochs * per_epoch
+    if train.max_steps:
+        total = min(total, train.max_steps)
+    return per_epoch, total
+
+
+def schedule_errors(spec: JobSpec, n_train: int) -> list[dict[str, str]]:
+    """[{field, message}] for each step a schedule names that the job never reaches on
+    `n_train` training samples (empty when everything fits)."""
+    t = spec.train
+    if t.batch_size > n_train:
+        return [
+            {
+                "field": "train.batch_size",
+                "message": f"{t.batch_size} is larger than the training split ({n_train} samples)",
+            }
+        ]
+    per_epoch, total = step_count(t, n_train)
+    last = f"the job's last step ({total})"
+    if t.max_steps and total == t.max_steps:
+        why = "set by train.max_steps"
+    else:
+        why = f"{t.epochs} epoch{'s' if t.epochs > 1 else ''} of {per_epoch} steps"
+    errors = []
+    pr = spec.compression.pruning
+    if pr is not None:
+        name, step = ("start_step", pr.start_step) if pr.schedule == "oneshot" else ("end_step", pr.end_step)
+        if step > total:  # an update at the last step is allowed: it shapes the exported model
+            errors.append(
+                {"field": f"compression.pruning.{name}", "message": f"{step} is after {last}: {why}"}
+            )
+    q = spec.compression.quantization
+    if q.mode in ("qat", "fixed"):
+        if q.start_step >= total:
+            message = f"{q.start_step} is at or after {last}: {why}; fake quantization would never run"
+            errors.append({"field": "compression.quantization.start_step", "message": message})
+        if q.freeze_step is not None and q.freeze_step > total:
+            message = f"{q.freeze_step} is after {last}: {why}"
+            errors.append({"field": "compression.quantization.freeze_step", "message": message})
+    return errors
+
+
+def check_steps(spec: JobSpec, n_train: int) -> tuple[int, int]:
+    """(steps per epoch, total steps), raising ConfigError with the first schedule error: the
+    driver's check, on the data it loaded."""
+    errors = schedule_errors(spec, n_train)
+    if errors:
+        raise ConfigError(f"{errors[0]['field']}: {errors[0]['message']}")
+    return step_count(spec.train, n_train)

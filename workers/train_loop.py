@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.errors import ConfigError, TrainingDiverged
-from service.spec import JobSpec
+from service.spec import JobSpec, check_steps
 from workers.checkpoint import Loaded
 from workers.compression import clipping, schedules
 from workers.compression import quantization as quant
@@ -105,36 +105,9 @@ class Run:
 
 def total_steps(spec: JobSpec, n_train: int) -> tuple[int, int]:
     """(steps per epoch, total optimizer steps) — raising ConfigError when the data is too small
-    for one global batch or the pruning schedule ends after the last step."""
-    spe = sh.steps_per_epoch(n_train, spec.train.batch_size)
-    if spe < 1:
-        raise ConfigError(
-            f"train.batch_size: {spec.train.batch_size} is larger than the training split ({n_train} samples)"
-        )
-    total = spec.train.epochs * spe
-    if spec.train.max_steps:
-        total = min(total, spec.train.max_steps)
-    pr = spec.compression.pruning
-    if pr is not None:
-        last = pr.start_step if pr.schedule == "oneshot" else pr.end_step
-        if last > total:
-            raise ConfigError(
-                f"compression.pruning.end_step: {last} is after the job's last "
-                f"step ({total} = {spec.train.epochs} epochs x {spe} steps)"
-            )
-    q = spec.compression.quantization
-    if q.mode in ("qat", "fixed"):
-        if q.start_step >= total:
-            raise ConfigError(
-                f"compression.quantization.start_step: {q.start_step} is at or after the job's last "
-                f"step ({total}): fake quantization would never run"
-            )
-        if q.freeze_step is not None and q.freeze_step > total:
-            raise ConfigError(
-                f"compression.quantization.freeze_step: {q.freeze_step} is after the job's "
-                f"last step ({total})"
-            )
-    return spe, total
+    for one global batch or a schedule ends after the last step. The API makes the same check at
+    submit (service.spec.schedule_errors) where the dataset's size is known from the spec."""
+    return check_steps(spec, n_train)
 
 
 def pruning_end(spec: JobSpec) -> int | None:

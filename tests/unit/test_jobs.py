@@ -154,7 +154,9 @@ def test_estimated_steps_matches_the_engine_for_the_example():
         data={"name": "synthetic", "args": {"n_samples": 1000}}, train={"epochs": 3, "batch_size": 100}
     )
     assert estimated_steps(syn) == 3 * 8  # 800 training samples / 100
-    assert estimated_steps(_spec(model={"name": "gpt"}, data={"name": "text"})) is None
+    # text: 400,000 bytes in blocks of 64 -> 6249 samples, 4999 of them for training
+    assert estimated_steps(_spec(model={"name": "gpt"}, data={"name": "text"})) == 10 * (4999 // 64)
+    assert estimated_steps(_spec(data={"uri": "s3://b/k.npz"})) is None
 
 
 def test_limits_name_each_field_above_them():
@@ -173,9 +175,8 @@ def test_limits_name_each_field_above_them():
         {"field": "train.epochs", "message": "the job would run 110 steps; this server's limit is 100"}
     ]
     with pytest.raises(LimitExceeded) as e:
-        check_limits(
-            _spec(model={"name": "gpt"}, data={"name": "text"}, train={"epochs": 1, "max_steps": 101}), s
-        )
+        # data of a size only loading tells: max_steps is the count
+        check_limits(_spec(data={"uri": "s3://b/k.npz"}, train={"epochs": 1, "max_steps": 101}), s)
     assert [f["field"] for f in e.value.errors] == ["train.max_steps"]
 
 

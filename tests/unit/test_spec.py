@@ -171,3 +171,230 @@ def test_every_example_passes_the_drivers_preflight(path, tmp_path):
     spec = load_spec_file(path)
     _, steps_per_epoch, total = preflight(spec, LocalArtifactStore(tmp_path))
     assert steps_per_epoch > 0 and total >= steps_per_epoch
+
+
+# --- unknown fields: the nearest known name, or the allowed ones -------------------------------
+
+
+@pytest.mark.parametrize(
+    "patch,field,message",
+    [
+        (
+            {"compression": {"pruning": {"final_sparsty": 0.9}}},
+            "compression.pruning.final_sparsty",
+            "unknown field `final_sparsty`; did you mean `final_sparsity`?",
+        ),
+        ({"trian": {"epochs": 2}}, "trian", "unknown field `trian`; did you mean `train`?"),
+        (
+            {"compression": {"quantisation": {"mode": "qat"}}},
+            "compression.quantisation",
+            "unknown field `quantisation`; did you mean `quantization`?",
+        ),
+        (
+            {"checkpoint": {"zzz": 1}},
+            "checkpoint.zzz",
+            "unknown field `zzz`; allowed: every_steps, keep",
+        ),
+        (
+            {"model": {"name": "mlp", "args": {"hiden": [10]}}},
+            "model.args.hiden",
+            "unknown argument `hiden`; did you mean `hidden`?",
+        ),
+        (
+            {"data": {"name": "synthetic", "args": {"qqq": 1}}},
+            "data.args.qqq",
+            "unknown argument `qqq`; allowed: n_samples, n_features, n_classes, n_informative, "
+            "class_sep, seed",
+        ),
+    ],
+)
+def test_unknown_fields_suggest_the_nearest_name(patch, field, message):
+    assert errors({**BASE, **patch})[field] == message
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "my-job.yaml"
+    path.write_text("name: x\nmodel: {name: lenet5\ndata: {name: digits}\n")
+    with pytest.raises(SpecError) as e:
+        load_spec_file(path)
+    assert "<unicode string>" not in e.value.message
+    assert e.value.message.startswith(f"{path}: not valid YAML or JSON: line ")
+    assert e.value.errors == [{"field": "(file)", "message": e.value.message.split(": ", 1)[1]}]
+    # text without a file is named as such
+    with pytest.raises(SpecError) as e:
+        load_spec_text("name: [unclosed\n")
+    assert e.value.message == (
+        "spec: not valid YAML or JSON: line 2, column 1: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence at line 1, column 7)"
+    )
+
+
+# --- steps: known at submit for the built-in datasets ------------------------------------------
+
+
+def test_builtin_dataset_sizes_match_the_loaders():
+    """The constants the API counts steps with are the loaders' sizes."""
+    import sysconfig
+
+    from sklearn.datasets import load_digits
+
+    from service import spec as S
+    from workers.data import load_dataset
+
+    assert len(load_digits().data) == S.DIGITS_SAMPLES
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert sum(p.stat().st_size for p in stdlib.glob("*.py")) >= S.TEXT_CORPUS_FLOOR
+    cases = [
+        {"name": "digits"},
+        {"name": "digits", "val_fraction": 0.1},
+        {"name": "synthetic", "args": {"n_samples": 1001}, "val_fraction": 0.25},
+        {"name": "text", "args": {"max_chars": 10_000, "block_size": 64}},
+        {"name": "text", "args": {"max_chars": 12_345, "block_size": 8}, "val_fraction": 0.5},
+    ]
+    for data in cases:
+        model = {"name": "gpt"} if data["name"] == "text" else {"name": "mlp"}
+        spec = parse_spec({**BASE, "model": model, "data": data})
+        assert S.known_train_samples(spec.data) == load_dataset(spec.data).info.n_train, data
+
+
+def test_train_samples_are_unknown_for_uris_and_large_text():
+    from service import spec as S
+
+    assert S.known_train_samples(parse_spec({**BASE, "data": {"uri": "s3://b/k.npz"}}).data) is None
+    big = {"name": "text", "args": {"max_chars": S.TEXT_CORPUS_FLOOR + 1}}
+    assert S.known_train_samples(parse_spec({**BASE, "model": {"name": "gpt"}, "data": big}).data) is None
+
+
+@pytest.mark.parametrize(
+    "train,n_train,expected",
+    [
+        ({"epochs": 1, "batch_size": 64}, 1437, (22, 22)),
+        ({"epochs": 30, "batch_size": 64}, 1437, (22, 660)),
+        ({"epochs": 30, "batch_size": 64, "max_steps": 100}, 1437, (22, 100)),
+        ({"epochs": 2, "batch_size": 64, "max_steps": 100}, 1437, (22, 44)),
+        ({"epochs": 3, "batch_size": 2000}, 1437, (0, 0)),
+        ({"epochs": 3, "batch_size": 1437}, 1437, (1, 3)),
+    ],
+)
+def test_step_count(train, n_train, expected):
+    from service.spec import TrainSpec, step_count
+
+    assert step_count(TrainSpec(**train), n_train) == expected
+
+
+def _schedule(compression=None, train=None):
+    from service.spec import schedule_errors
+
+    spec = parse_spec({**BASE, "train": train or {"epochs": 1}, "compression": compression or {}})
+    return schedule_errors(spec, 1437)  # 1437 // 64 = 22 steps per epoch
+
+
+@pytest.mark.parametrize(
+    "compression,errs",
+    [
+        ({}, []),
+        ({"pruning": {"start_step": 0, "end_step": 22, "frequency": 2}}, []),
+        (
+            {"pruning": {"start_step": 0, "end_step": 23, "frequency": 2}},
+            [("compression.pruning.end_step", "23 is after the job's last step (22): 1 epoch of 22 steps")],
+        ),
+        ({"pruning": {"schedule": "oneshot", "start_step": 22, "end_step": 900}}, []),
+        (
+            {"pruning": {"schedule": "oneshot", "start_step": 23}},
+            [("compression.pruning.start_step", "23 is after the job's last step (22): 1 epoch of 22 steps")],
+        ),
+        ({"quantization": {"mode": "qat", "start_step": 21}}, []),
+        (
+            {"quantization": {"mode": "qat", "start_step": 22}},
+            [
+                (
+                    "compression.quantization.start_step",
+                    "22 is at or after the job's last step (22): 1 epoch of 22 steps; "
+                    "fake quantization would never run",
+                )
+            ],
+        ),
+        (
+            {"quantization": {"mode": "fixed", "scale": 8, "start_step": 30}},
+            [
+                (
+                    "compression.quantization.start_step",
+                    "30 is at or after the job's last step (22): 1 epoch of 22 steps; "
+                    "fake quantization would never run",
+                )
+            ],
+        ),
+        ({"quantization": {"mode": "qat", "start_step": 2, "freeze_step": 22}}, []),
+        (
+            {"quantization": {"mode": "qat", "start_step": 2, "freeze_step": 23}},
+            [
+                (
+                    "compression.quantization.freeze_step",
+                    "23 is after the job's last step (22): 1 epoch of 22 steps",
+                )
+            ],
+        ),
+        (
+            {
+                "pruning": {"start_step": 0, "end_step": 40, "frequency": 2},
+                "quantization": {"mode": "qat", "start_step": 40},
+            },
+            [
+                ("compression.pruning.end_step", "40 is after the job's last step (22): 1 epoch of 22 steps"),
+                (
+                    "compression.quantization.start_step",
+                    "40 is at or after the job's last step (22): 1 epoch of 22 steps; "
+                    "fake quantization would never run",
+                ),
+            ],
+        ),
+    ],
+)
+def test_schedule_errors_value_by_value(compression, errs):
+    assert [(e["field"], e["message"]) for e in _schedule(compression)] == errs
+
+
+def test_schedule_errors_explain_a_max_steps_cap_and_a_batch_too_large():
+    got = _schedule({"pruning": {"end_step": 200}}, {"epochs": 30, "max_steps": 100})
+    assert got == [
+        {
+            "field": "compression.pruning.end_step",
+            "message": "200 is after the job's last step (100): set by train.max_steps",
+        }
+    ]
+    got = _schedule({"pruning": {"end_step": 200}}, {"epochs": 30, "batch_size": 2000})
+    assert got == [
+        {"field": "train.batch_size", "message": "2000 is larger than the training split (1437 samples)"}
+    ]
+
+
+def test_the_worker_counts_steps_with_the_same_function():
+    """One piece of code: the driver's preflight raises the submit check's first error."""
+    from service.errors import ConfigError
+    from workers.train_loop import total_steps
+
+    spec = parse_spec({**BASE, "train": {"epochs": 1}, "compression": {"pruning": {"end_step": 23}}})
+    with pytest.raises(ConfigError) as e:
+        total_steps(spec, 1437)
+    assert (
+        e.value.message
+        == "compression.pruning.end_step: 23 is after the job's last step (22): 1 epoch of 22 steps"
+    )
+    assert total_steps(parse_spec({**BASE, "train": {"epochs": 2}}), 1437) == (22, 44)
+
+
+def test_submit_check_refuses_a_schedule_past_the_last_step():
+    from service.limits import check_limits
+    from service.settings import Settings
+
+    spec = parse_spec({**BASE, "train": {"epochs": 1}, "compression": {"pruning": {"end_step": 23}}})
+    with pytest.raises(SpecError) as e:
+        check_limits(spec, Settings())
+    assert e.value.errors == [
+        {
+            "field": "compression.pruning.end_step",
+            "message": "23 is after the job's last step (22): 1 epoch of 22 steps",
+        }
+    ]
+    # unknown size (a uri): left to the driver's preflight
+    check_limits(parse_spec({**spec.model_dump(), "data": {"uri": "s3://b/k.npz"}}), Settings())
