@@ -20,12 +20,13 @@ from service.errors import ArtifactKeyError, SlimtrainError
 from service.outcome import Outcome, write_outcome
 from service.settings import Settings
 from service.spec import parse_spec
+from workers import logs
 
 log = logging.getLogger("workers.entrypoint")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()  # the user's log gets slimtrain's records and libraries' warnings, not their chatter
     parser = argparse.ArgumentParser(prog="workers.entrypoint", description=__doc__.splitlines()[0])
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
@@ -55,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("job %s attempt %d: %s", job_id, attempt, spec.name)
     try:
+        logs.setup()  # again: importing the driver brought Ray's and torch's own handlers
         connect(os.environ.get("RAY_ADDRESS") or "auto")
+        logs.filter_forwarded_lines()
+        path = logs.open_debug_log(f"slimtrain-{job_id}-a{attempt}.debug.log")
+        log.info("library logs of this attempt: %s (on the node that runs this driver)", path)
         # Ray Train does not restart workers here: the service resubmits a failed run as the
         # next attempt, so each failure is an attempt in the job record, with its reason.
         run_job(spec, job_id, store, worker_restarts=0)

@@ -266,7 +266,8 @@ def finished(api):
     job = api.submit(name="finished")
     jid = job["id"]
     wait_for(lambda: jid in api.ray.jobs, 10, 0.05, "submission")
-    api.ray.set(jid, RUNNING, log="driver says hello\n")
+    # as Ray forwards a worker's line: its prefix coloured
+    api.ray.set(jid, RUNNING, log="\x1b[36m(RayTrainWorker pid=7)\x1b[0m driver says hello\n")
     api.wait_state(jid, "running")
     arts = JobArtifacts(api.artifacts, jid)
     recs = [{"kind": "event", "event": "start", "step": 0, "total_steps": 30}]
@@ -351,7 +352,8 @@ def test_events_arrive_live(api):
 
 def test_logs(api, finished):
     text = api.alice.get(f"/v1/jobs/{finished['id']}/logs").text
-    assert text == f"=== attempt 1 ({finished['id']}) ===\ndriver says hello\n"
+    # plain text: no colour codes reach a pipe or the dashboard
+    assert text == f"=== attempt 1 ({finished['id']}) ===\n(RayTrainWorker pid=7) driver says hello\n"
     followed = api.alice.get(f"/v1/jobs/{finished['id']}/logs", params={"follow": "true"}).text
     assert followed == text
     queued = api.submit(name="no-log-yet", parallel={"workers": 2})

@@ -101,7 +101,12 @@ def test_digits_example_end_to_end(api, env):
     c.download(job["id"], "model.safetensors", dest)
     manifest = _json(c, job["id"], "manifest.json")["files"]
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == manifest["model.safetensors"]["sha256"]
-    assert "=== attempt 1" in c.logs(job["id"])
+    text = c.logs(job["id"])
+    assert "=== attempt 1" in text
+    # the user's log: no terminal colour codes, no library noise (that goes to Ray's own files)
+    assert "\x1b" not in text, text[-3000:]
+    for noise in ("PreemptionWatcher", "onnxscript", "torchvision", "Warning:"):
+        assert noise not in text, f"{noise!r} in the job log:\n{text[-3000:]}"
     # the idempotency key still answers with the same job
     assert c.submit(example(), idempotency_key="e2e-digits")["id"] == job["id"]
 
