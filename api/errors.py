@@ -30,6 +30,12 @@ class BadRequest(SlimtrainError):
     code = "bad_request"
 
 
+class UnsupportedMediaType(SlimtrainError):
+    """A body in a format the route does not read (its Content-Type)."""
+
+    code = "unsupported_media_type"
+
+
 STATUS: dict[type[SlimtrainError], int] = {
     SpecError: 422,
     LimitExceeded: 422,
@@ -42,6 +48,7 @@ STATUS: dict[type[SlimtrainError], int] = {
     InvalidTransition: 409,
     IdempotencyConflict: 409,
     BodyTooLarge: 413,
+    UnsupportedMediaType: 415,
     # The object store handed back bytes the job did not write: an upstream fault, not the
     # client's, and never served as if it were the artifact.
     ArtifactCorrupt: 502,
@@ -64,6 +71,7 @@ _MEANING = {
     404: "No such job for this tenant.",
     409: "The request conflicts with the job's state.",
     413: "The body is above the server's limit.",
+    415: "The body's Content-Type is not one this route reads; the message names those it does.",
     422: "Invalid parameters: `fields` names each one and what is allowed.",
     502: "The stored artifact fails its manifest checksum or cannot be parsed; it is not served.",
     503: "The Ray cluster cannot be reached; try again later.",

@@ -1,7 +1,9 @@
 """The OpenAPI document: FastAPI's, made to say exactly what the API does.
 
-- The POST /v1/jobs body is the JobSpec schema (the route reads the raw body itself: for the size
-  limit, the idempotency hash and field-named errors).
+- The POST /v1/jobs body is the JobSpec schema, as JSON or YAML (the route reads the raw body
+  itself: for the size limit, the idempotency hash and field-named errors).
+- Valid OpenAPI 3.1.0, the version FastAPI declares (tests/unit/test_openapi.py validates it with
+  openapi-spec-validator): no keyword of a later version.
 - Every error is the ErrorBody JSON of api/errors.py. FastAPI adds a 422 `HTTPValidationError`
   to every route with parameters; that body is never sent (our handler answers ErrorBody), and
   routes whose parameters cannot fail validation never answer 422 at all, so those entries go:
@@ -37,28 +39,36 @@ JOB_LINKS = {
     "ListArtifacts": {"operationId": "list_artifacts", "parameters": _JOB},
 }
 
-# One server-sent event of GET /v1/jobs/{job_id}/events (OpenAPI 3.2's `itemSchema`).
+# One server-sent event of GET /v1/jobs/{job_id}/events. OpenAPI 3.2 describes each event with
+# `itemSchema`; this document is 3.1, where that keyword is invalid, so the stream is a string and
+# the event's shape rides in the extension `x-itemSchema` (the same object 3.2 would carry).
+_EVENT = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {
+            "type": "string",
+            "pattern": "^[0-9]+$",
+            "description": "The per-job sequence number.",
+        },
+        "event": {"type": "string", "enum": ["state", "metric"]},
+        "data": {
+            "type": "string",
+            "description": "`state`: the job's new state and why; `metric`: the driver's record.",
+            "contentMediaType": "application/json",
+            "contentSchema": {"type": "object"},
+        },
+    },
+}
 EVENT_STREAM = {
     "media_type": "text/event-stream",
     "content": {
-        "itemSchema": {
-            "type": "object",
-            "required": ["id", "event", "data"],
-            "properties": {
-                "id": {
-                    "type": "string",
-                    "pattern": "^[0-9]+$",
-                    "description": "The per-job sequence number.",
-                },
-                "event": {"type": "string", "enum": ["state", "metric"]},
-                "data": {
-                    "type": "string",
-                    "description": "`state`: the job's new state and why; `metric`: the driver's record.",
-                    "contentMediaType": "application/json",
-                    "contentSchema": {"type": "object"},
-                },
-            },
-        }
+        "schema": {
+            "type": "string",
+            "description": "Server-sent events (`id:`, `event:`, `data:` lines, a blank line "
+            "after each); `x-itemSchema` describes one event.",
+        },
+        "x-itemSchema": _EVENT,
     },
 }
 
@@ -82,10 +92,12 @@ def _drop_fastapi_422(doc: dict) -> None:
 
 
 def _add_spec_examples(doc: dict) -> None:
-    body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    """The examples/ specs, under each media type the body may have (JSON or YAML: the value is
+    the spec either way; a tool writes it in the media type's syntax)."""
     examples = {e.name: {"summary": e.title, "value": yaml.safe_load(e.text)} for e in read_examples()}
     if examples:
-        body["examples"] = examples
+        for media in doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"].values():
+            media["examples"] = examples
 
 
 def document(app: FastAPI) -> dict:

@@ -90,7 +90,7 @@ class JobService:
         """Validate and queue a job spec given as a JSON body. Returns (job, replayed)."""
         try:
             data = json.loads(body)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
             raise SpecError(
                 f"the body is not valid JSON: {e}", [{"field": "(body)", "message": str(e)}]
             ) from None

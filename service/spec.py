@@ -477,17 +477,39 @@ def yaml_error(e: yaml.YAMLError) -> str:
     return out
 
 
-def decode_spec_text(text: str, source: str = "spec", field: str = "(spec)") -> Any:
+class _NoAliasLoader(yaml.SafeLoader):
+    """Refuses aliases (`*name`): a small body of nested aliases is one object in memory but
+    gigabytes once the service re-encodes it (the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted here", mark)
+        return super().compose_node(parent, index)
+
+
+def decode_spec_text(text: str, source: str = "spec", field: str = "(spec)", aliases: bool = True) -> Any:
     """YAML or JSON (JSON is YAML, but try it first for exact number handling), decoded;
-    a syntax error is a SpecError that names `source` (a file name, `spec`, `body`) and the line."""
+    a syntax error is a SpecError that names `source` (a file name, `spec`, `body`) and the line.
+    `aliases=False` for text from the network."""
     try:
         return json.loads(text)
     except ValueError:
-        try:
-            return yaml.safe_load(io.StringIO(text))
-        except yaml.YAMLError as e:
-            detail = f"not valid YAML or JSON: {yaml_error(e)}"
-            raise SpecError(f"{source}: {detail}", [{"field": field, "message": detail}]) from None
+        pass
+    except RecursionError:
+        raise _too_deep(source, field) from None
+    try:  # both loaders are safe ones: plain data, no Python objects
+        return yaml.load(io.StringIO(text), Loader=yaml.SafeLoader if aliases else _NoAliasLoader)
+    except yaml.YAMLError as e:
+        detail = f"not valid YAML or JSON: {yaml_error(e)}"
+        raise SpecError(f"{source}: {detail}", [{"field": field, "message": detail}]) from None
+    except RecursionError:
+        raise _too_deep(source, field) from None
+
+
+def _too_deep(source: str, field: str) -> SpecError:
+    detail = "nested too deeply to be a job spec"
+    return SpecError(f"{source}: {detail}", [{"field": field, "message": detail}])
 
 
 def load_spec_text(text: str, source: str = "spec", field: str = "(spec)") -> JobSpec:

@@ -3,6 +3,7 @@ Thin: each route checks HTTP-level input and calls the service layer."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -13,7 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from api import params
 from api.deps import CurrentTenant, ServiceDep, run_db
-from api.errors import BadRequest, BodyTooLarge, documented
+from api.errors import BadRequest, BodyTooLarge, UnsupportedMediaType, documented
 from api.openapi import EVENT_STREAM, JOB_LINKS
 from api.params import ArtifactName, JobId, MetricKind
 from api.routes.schemas import (
@@ -31,8 +32,10 @@ from api.routes.schemas import (
 )
 from api.sse import job_events
 from service.artifacts import NAME_MAX_CHARS, check_name, iter_file_chunks
+from service.errors import SpecError
 from service.jobs import JobState
 from service.logtext import AnsiStripper, strip_ansi
+from service.spec import decode_spec_text
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -66,13 +69,43 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# The spec as a YAML file is written (what `slimtrain submit` reads) may be sent as it is.
+YAML_MEDIA_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
+_JOB_SPEC = {"schema": {"$ref": "#/components/schemas/JobSpec"}}
 _SPEC_BODY = {
     "requestBody": {
         "required": True,
-        "description": "The job spec itself (JSON); unknown fields are rejected.",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}},
+        "description": "The job spec itself, as JSON or as YAML (aliases refused); unknown fields are "
+        "rejected. No Content-Type reads as JSON.",
+        "content": {"application/json": _JOB_SPEC, **{m: _JOB_SPEC for m in YAML_MEDIA_TYPES}},
     }
 }
+
+
+def spec_format(content_type: str | None) -> str:
+    """`json` or `yaml`, from the body's Content-Type (none at all: JSON, as it always was)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media in ("", "application/json") or media.endswith("+json"):
+        return "json"
+    if media in YAML_MEDIA_TYPES or media == "text/x-yaml" or media.endswith("+yaml"):
+        return "yaml"
+    raise UnsupportedMediaType(
+        f"Content-Type {media}: send the job spec as JSON (application/json) or YAML (application/yaml)"
+    )
+
+
+def yaml_as_json(body: bytes) -> bytes:
+    """A YAML body re-encoded as the JSON body the service validates, so both go through one
+    path (same errors, same idempotency digest: of the decoded spec, not of its bytes)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            f"body: not UTF-8 ({e.reason})", [{"field": "(body)", "message": "not UTF-8"}]
+        ) from None
+    data = decode_spec_text(text, source="body", field="(body)", aliases=False)
+    # YAML has values JSON has not (dates, binary): as their text, which the spec then checks
+    return json.dumps(data, default=str).encode()
 
 
 _CREATED = {
@@ -107,6 +140,7 @@ _CREATED = {
             401,
             409,
             413,
+            415,
             422,
             s409="Idempotency-Key reused with another body.",
             s422="Invalid spec (each bad field named), or above the server's limits.",
@@ -128,7 +162,10 @@ async def submit_job(
         ),
     ] = None,
 ) -> JobOut:
+    fmt = spec_format(request.headers.get("content-type"))
     body = await read_body(request, service.settings.max_body_bytes)
+    if fmt == "yaml":
+        body = yaml_as_json(body)
     job, replayed = await run_db(request, service.submit, tenant, body, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if replayed:

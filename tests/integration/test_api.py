@@ -145,6 +145,90 @@ def test_a_job_above_the_limits_is_422(api):
     }
 
 
+def test_an_unknown_field_names_the_nearest_known_one(api):
+    r = api.alice.post("/v1/jobs", json={**SPEC, "compression": {"pruning": {"final_sparsty": 0.9}}})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    message = "unknown field `final_sparsty`; did you mean `final_sparsity`?"
+    assert err["fields"] == [{"field": "compression.pruning.final_sparsty", "message": message}]
+    assert err["message"] == f"compression.pruning.final_sparsty: {message}"
+
+
+def test_a_schedule_past_the_last_step_is_422_at_submit(api):
+    # digits: 1437 training samples, 22 batches of 64 per epoch, 10 epochs
+    spec = {**SPEC, "compression": {"pruning": {"start_step": 0, "end_step": 221, "frequency": 10}}}
+    r = api.alice.post("/v1/jobs", json=spec)
+    assert r.status_code == 422
+    assert r.json()["error"] == {
+        "code": "invalid_spec",
+        "message": "compression.pruning.end_step: 221 is after the job's last step (220): "
+        "10 epochs of 22 steps",
+        "fields": [
+            {
+                "field": "compression.pruning.end_step",
+                "message": "221 is after the job's last step (220): 10 epochs of 22 steps",
+            }
+        ],
+    }
+    spec["compression"]["pruning"]["end_step"] = 220  # the last step itself is allowed
+    assert api.alice.post("/v1/jobs", json=spec).status_code == 201
+
+
+YAML_SPEC = "name: api-test\nmodel: {name: mlp}\ndata: {name: digits}\nparallel:\n  workers: 2\n"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/yaml", "application/x-yaml", "text/yaml; charset=utf-8"]
+)
+def test_a_yaml_body_is_read_like_json(api, content_type):
+    key = f"yaml-{content_type}"
+    r = api.alice.post(
+        "/v1/jobs",
+        content=YAML_SPEC.encode(),
+        headers={"Content-Type": content_type, "Idempotency-Key": key},
+    )
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["spec"] == api.submit()["spec"]
+    # the same spec as JSON under the same key is the same submission
+    again = api.alice.post("/v1/jobs", json=SPEC, headers={"Idempotency-Key": key})
+    assert again.status_code == 201 and again.json()["id"] == job["id"]
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (b"name: [x\n", "body: not valid YAML or JSON: line 2, column 1: expected ',' or ']'"),
+        (b"a: &a [1]\nb: *a\n", "body: not valid YAML or JSON: line 2, column 4: aliases (*name)"),
+        (b"\xff\xfe", "body: not UTF-8"),
+        (YAML_SPEC.replace("mlp", "mpl").encode(), "model.name: unknown model 'mpl'"),
+    ],
+)
+def test_a_bad_yaml_body_is_422_naming_the_line(api, body, message):
+    r = api.alice.post("/v1/jobs", content=body, headers={"Content-Type": "application/yaml"})
+    assert r.status_code == 422
+    assert r.json()["error"]["message"].startswith(message), r.json()
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/yaml"])
+def test_a_body_nested_too_deeply_is_422_not_500(api, content_type):
+    r = api.alice.post("/v1/jobs", content=b"[" * 100_000, headers={"Content-Type": content_type})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "(body)"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+def test_a_body_neither_json_nor_yaml_is_415(api, content_type):
+    r = api.alice.post("/v1/jobs", content=json.dumps(SPEC).encode(), headers={"Content-Type": content_type})
+    assert r.status_code == 415
+    assert r.json()["error"] == {
+        "code": "unsupported_media_type",
+        "message": f"Content-Type {content_type}: send the job spec as JSON (application/json) "
+        "or YAML (application/yaml)",
+    }
+
+
 def test_a_body_over_one_mib_is_413_by_length_and_by_stream(api):
     big = b'{"name": "' + b"x" * (1024 * 1024) + b'"}'
     r = api.alice.post("/v1/jobs", content=big, headers={"Content-Type": "application/json"})
@@ -156,6 +240,9 @@ def test_a_body_over_one_mib_is_413_by_length_and_by_stream(api):
 
     r = api.alice.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "larger than the limit of 1048576" in r.json()["error"]["message"]
+    big_yaml = b"name: " + b"x" * (1024 * 1024) + b"\n"
+    r = api.alice.post("/v1/jobs", content=big_yaml, headers={"Content-Type": "application/yaml"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
 def test_a_lying_content_length_is_refused(api):
