@@ -55,6 +55,16 @@ function artifactPath(id, name) {
 /** format(v), or null (the row is left out) when the report lacks the value. */
 const opt = (v, format) => (v === null || v === undefined ? null : format(v));
 
+/** The latency card's note: the dense latency and how many times faster the artifact is, or
+ * slower (the inverse ratio: "0.7× faster" would read as a speed-up). */
+export function latencyNote(dense, compressed) {
+  const base = `dense ${ms(dense)}`;
+  if (!dense || !compressed) return base;
+  const r = dense / compressed;
+  if (Math.abs(r - 1) < 0.005) return `${base} · as fast`;
+  return r > 1 ? `${base} · ${num(r)}× faster` : `${base} · ${num(1 / r)}× slower`;
+}
+
 function reportView(report) {
   const size = report.size || {};
   const lat = report.latency_ms || {};
@@ -64,7 +74,7 @@ function reportView(report) {
     { class: "cards", id: "report-cards" },
     card("Artifact accuracy", pct(report.accuracy, 2), report.accuracy_source),
     card("Compression ratio", ratio(size.ratio), `${bytes(size.compressed_bytes)} packed, ${bytes(size.dense_bytes)} dense fp32`),
-    card("Latency", ms(lat.compressed), `dense ${ms(lat.dense)}${lat.dense && lat.compressed ? ` · ${num(lat.dense / lat.compressed)}× faster` : ""}`),
+    card("Latency", ms(lat.compressed), latencyNote(lat.dense, lat.compressed)),
     card("Sparsity", pct(report.sparsity?.global, 1), `${num(params.nonzero)} of ${num(params.total)} weights non-zero`),
   );
   const details = facts([
