@@ -10,8 +10,11 @@
     .venv/bin/python -m bench.gpu_check [--steps 30] [--min-speedup 1.5]
 
 Prints a table, writes bench/out/gpu_check/{table.md,results.json}, exits 1 when a check fails.
-Without CUDA it runs check 1 on CPU over gloo with a tiny model (so the script itself is
-exercised), says clearly that the GPU checks did not run, and exits 0 (2 with --require-gpu).
+Without CUDA the GPU checks are NOT RUN, and the script says so: its status (the last line,
+`bench status: not run: no GPU`, which bench.run_all reports as the bench's status, and
+`status` in results.json) is "not run: no GPU", never "ok". It then runs check 1 on CPU over
+gloo with a tiny model, only so that the script itself is exercised, and exits 0 (1 if that
+smoke run fails). With --require-gpu it runs nothing and exits 3.
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ import torch
 import torch.distributed as dist
 
 from bench.common import machine, markdown_table, out_dir, save_json
-from service.spec import parse_spec
-from workers.data import load_dataset
-from workers.data import sharding as sh
-from workers.parallel import Dist
-from workers.train_loop import _batch, build, train_step
 
 FLAGSHIP = {"n_layer": 4, "n_head": 8, "n_embd": 512}  # ~12.7 M parameters
 SPEED = {"n_layer": 8, "n_head": 12, "n_embd": 768}  # ~57 M parameters: compute-bound on an H100
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32}
+
+NOT_RUN = "not run: no GPU"
+# The line bench.run_all reads a bench's status from (the last one wins).
+STATUS_PREFIX = "bench status: "
+# Exit status under --require-gpu without a GPU: not 1 (a check failed), not 2 (argparse's
+# usage error).
+EXIT_NOT_RUN = 3
 
 
 def init_one_rank(backend: str) -> None:
@@ -49,6 +54,13 @@ def init_one_rank(backend: str) -> None:
 
 def fsdp_check(precision: str, device: torch.device, model_args: dict, steps: int, batch: int) -> dict:
     """Train gpt under the FSDP strategy on `device`; return what the checks read."""
+    # Imported here: without a GPU, --require-gpu answers before loading the training stack.
+    from service.spec import parse_spec
+    from workers.data import load_dataset
+    from workers.data import sharding as sh
+    from workers.parallel import Dist
+    from workers.train_loop import _batch, build, train_step
+
     spec = parse_spec(
         {
             "name": f"gpu-check-fsdp-{precision}",
@@ -146,12 +158,23 @@ def step_time(precision: str, device: torch.device, model_args: dict, batch: int
     return times[len(times) // 2]
 
 
-def main() -> int:
+def status(gpu: bool, failures: list[str]) -> str:
+    """The bench's verdict: a CPU machine never passes a GPU check, it did not run it."""
+    if failures:
+        return "failed: " + ", ".join(failures)
+    return "ok" if gpu else NOT_RUN
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--min-speedup", type=float, default=1.5)
-    ap.add_argument("--require-gpu", action="store_true", help="exit 2 when there is no CUDA GPU")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--require-gpu",
+        action="store_true",
+        help=f"without a CUDA GPU, run nothing and exit {EXIT_NOT_RUN} (default: a CPU smoke run, exit 0)",
+    )
+    args = ap.parse_args(argv)
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
@@ -159,13 +182,14 @@ def main() -> int:
         torch.cuda.set_device(device)
         print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     else:
-        print(
-            "NO CUDA GPU: running the FSDP check on CPU (gloo) with a tiny model only; the GPU checks "
-            "(FSDP on a GPU, AMP speed-up) DID NOT RUN.",
-            flush=True,
-        )
+        print(f"gpu_check: {NOT_RUN}. The GPU checks (FSDP on a GPU, AMP speed-up) DID NOT RUN.", flush=True)
         if args.require_gpu:
-            return 2
+            _save(False, [], [], [], NOT_RUN, f"gpu_check: {NOT_RUN} (--require-gpu: nothing ran)")
+            print(f"{STATUS_PREFIX}{NOT_RUN}", flush=True)
+            return EXIT_NOT_RUN
+        print(
+            "Running the FSDP check on CPU (gloo) with a tiny model, to exercise the script only.", flush=True
+        )
     init_one_rank("nccl" if gpu else "gloo")
     rows, failures = [], []
     try:
@@ -216,19 +240,37 @@ def main() -> int:
             [[r["precision"], r["step_ms"], r["speedup"], r["ok"]] for r in speed_rows],
         )
     else:
-        table += "\n\n(AMP speed-up: not measured, no CUDA GPU)"
+        table = (
+            f"gpu_check: {NOT_RUN}. Below: the CPU smoke run of the script (gloo, tiny model), "
+            "which proves nothing about GPUs.\n\n" + table + "\n\n(AMP speed-up: not measured, no CUDA GPU)"
+        )
     print(table)
+    verdict = status(gpu, failures)
+    _save(gpu, rows, speed_rows, failures, verdict, table)
+    if failures:
+        print(f"FAILED: {', '.join(failures)}", file=sys.stderr)
+    elif gpu:
+        print("all GPU checks passed")
+    else:
+        print(f"gpu_check: {NOT_RUN} (the CPU smoke run of the script passed)")
+    print(f"{STATUS_PREFIX}{verdict}", flush=True)
+    return 1 if failures else 0
+
+
+def _save(gpu: bool, rows: list, speed_rows: list, failures: list[str], verdict: str, table: str) -> None:
     out = out_dir("gpu_check")
     (out / "table.md").write_text(table + "\n")
     save_json(
         out / "results.json",
-        {"machine": machine(), "gpu": gpu, "fsdp": rows, "speed": speed_rows, "failures": failures},
+        {
+            "machine": machine(),
+            "status": verdict,
+            "gpu": gpu,
+            "fsdp": rows,
+            "speed": speed_rows,
+            "failures": failures,
+        },
     )
-    if failures:
-        print(f"FAILED: {', '.join(failures)}", file=sys.stderr)
-        return 1
-    print("all checks passed" + ("" if gpu else " (CPU fallback only: run on a GPU for the real check)"))
-    return 0
 
 
 if __name__ == "__main__":

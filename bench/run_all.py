@@ -12,6 +12,10 @@ committed figures (bench/memory/results, bench/compression/results) and bench/ou
 Each bench's output is also kept in `bench/out/run_all/NAME.log`; the summary (status, seconds,
 where the tables and plots went) is printed and written to `bench/out/run_all/summary.md`.
 Exits 1 when any bench fails (non-zero exit or timeout), after running the rest.
+
+A bench may report a status other than "ok" by printing a last line `bench status: WORDS`:
+`gpu_check` on a machine without a GPU reports "not run: no GPU". That is listed as such and
+does not fail the run; `--require-gpu` makes it a failure (gpu_check then exits 3).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Bench:
     # Most benches take flags; bench.api.run reads its sizes from the environment.
     quick_env: dict[str, str] = field(default_factory=dict)
     full_env: dict[str, str] = field(default_factory=dict)
+    takes_require_gpu: bool = False  # passed --require-gpu when run_all is
 
 
 FULL_OUT = ROOT / "bench" / "out"
@@ -97,7 +102,15 @@ BENCHES = [
         _q("compression"),
         "bench/compression/results",
     ),
-    Bench("gpu_check", "bench.gpu_check", ["--steps", "5"], [], _q("gpu_check"), _o("gpu_check")),
+    Bench(
+        "gpu_check",
+        "bench.gpu_check",
+        ["--steps", "5"],
+        [],
+        _q("gpu_check"),
+        _o("gpu_check"),
+        takes_require_gpu=True,
+    ),
     Bench("load", "bench.load", ["--seconds", "30", "--clients", "50"], [], _q("load"), _o("load")),
     # Quick: a 1-minute soak exercises the sampling and the verdict (too short to be judged).
     Bench(
@@ -111,8 +124,32 @@ BENCHES = [
 ]
 
 
-def run_one(b: Bench, full: bool, log_dir: Path, timeout: float) -> dict:
+# A bench's own word on how it went (bench.gpu_check.STATUS_PREFIX).
+STATUS_PREFIX = "bench status: "
+
+
+def status_of(rc: int, elapsed: float, timeout: float, lines: list[str]) -> str:
+    """`ok`, what the bench reported (`not run: no GPU`), or `failed (...)`; only the last
+    starts with "failed"."""
+    reported = [line[len(STATUS_PREFIX) :].strip() for line in lines if line.startswith(STATUS_PREFIX)]
+    said = reported[-1] if reported else None
+    if rc == 0:
+        if said and said.startswith("failed"):  # a bench that exits 0 cannot also have failed
+            return f"failed (exit 0): {said}"
+        return said or "ok"
+    if elapsed >= timeout:
+        return f"failed (timeout {timeout:.0f} s)"
+    return f"failed (exit {rc})" + (f": {said}" if said else "")
+
+
+def failed(results: list[dict]) -> list[str]:
+    return [r["bench"] for r in results if r["status"].startswith("failed")]
+
+
+def run_one(b: Bench, full: bool, log_dir: Path, timeout: float, require_gpu: bool = False) -> dict:
     args = b.full if full else b.quick
+    if require_gpu and b.takes_require_gpu:
+        args = [*args, "--require-gpu"]
     extra = b.full_env if full else b.quick_env
     env = {**os.environ, **extra}
     if not full:
@@ -131,25 +168,22 @@ def run_one(b: Bench, full: bool, log_dir: Path, timeout: float) -> dict:
         timer.start()
         try:
             # Echo and keep every line: a failure's traceback is in the log, not only on screen.
+            lines = []
             for line in proc.stdout:
                 sys.stdout.write(line)
                 log.write(line)
+                lines.append(line)
             rc = proc.wait()
         finally:
             timer.cancel()
     elapsed = time.monotonic() - t0
-    if rc == 0:
-        status = "ok"
-    elif elapsed >= timeout:
-        status = f"failed (timeout {timeout:.0f} s)"
-    else:
-        status = f"failed (exit {rc})"
+    status = status_of(rc, elapsed, timeout, lines)
     return {
         "bench": b.name,
         "status": status,
         "seconds": round(elapsed, 1),
         "outputs": b.full_out if full else b.quick_out,
-        "log": str(log_path.relative_to(ROOT)),
+        "log": str(log_path.relative_to(ROOT) if log_path.is_relative_to(ROOT) else log_path),
         "command": shown,
     }
 
@@ -160,6 +194,11 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="The published figures (slow).")
     ap.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"Some of: {', '.join(names)}.")
     ap.add_argument("--list", action="store_true", help="Print the benches and their commands, run nothing.")
+    ap.add_argument(
+        "--require-gpu",
+        action="store_true",
+        help="gpu_check without a GPU fails the run (default: listed as 'not run: no GPU').",
+    )
     ap.add_argument(
         "--timeout-minutes", type=float, help="Per bench (default: 20 in quick mode, 120 with --full)."
     )
@@ -174,7 +213,7 @@ def main() -> int:
     timeout = 60 * (args.timeout_minutes or (120 if args.full else 20))
     log_dir = out_dir("run_all")
     started = time.monotonic()
-    results = [run_one(b, args.full, log_dir, timeout) for b in chosen]
+    results = [run_one(b, args.full, log_dir, timeout, args.require_gpu) for b in chosen]
     mode = "full" if args.full else "quick"
     table = markdown_table(
         ["bench", "status", "seconds", "tables and plots", "log", "command"],
@@ -188,9 +227,15 @@ def main() -> int:
     (log_dir / "summary.md").write_text(text)
     print("\n" + text)
     print(f"summary: {(log_dir / 'summary.md').relative_to(ROOT)}")
-    failed = [r["bench"] for r in results if r["status"] != "ok"]
-    if failed:
-        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+    not_ok = [
+        f"{r['bench']} ({r['status']})"
+        for r in results
+        if r["status"] != "ok" and r["bench"] not in failed(results)
+    ]
+    if not_ok:
+        print(f"NOT OK, not failed: {', '.join(not_ok)}", file=sys.stderr)
+    if failed(results):
+        print(f"FAILED: {', '.join(failed(results))}", file=sys.stderr)
         return 1
     return 0
 
