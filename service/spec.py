@@ -501,8 +501,9 @@ def decode_spec_text(text: str, source: str = "spec", field: str = "(spec)", ali
     try:  # both loaders are safe ones: plain data, no Python objects
         return yaml.load(io.StringIO(text), Loader=yaml.SafeLoader if aliases else _NoAliasLoader)
     except yaml.YAMLError as e:
-        detail = f"not valid YAML or JSON: {yaml_error(e)}"
-        raise SpecError(f"{source}: {detail}", [{"field": field, "message": detail}]) from None
+        # the source in the field's message too: the CLI shows only the fields
+        message = f"{source}: not valid YAML or JSON: {yaml_error(e)}"
+        raise SpecError(message, [{"field": field, "message": message}]) from None
     except RecursionError:
         raise _too_deep(source, field) from None
 
