@@ -75,6 +75,9 @@ def test_dense_lenet5_through_the_cli(ray_cluster, tmp_path):
     ):
         assert (out / name).is_file(), name
     assert JobArtifacts(LocalArtifactStore(tmp_path), "dense").verify_manifest() == []
+    # the driver said what it was doing, in order, and the manifest covers the last word
+    phases = [r["phase"] for r in _records(LocalArtifactStore(tmp_path), "dense") if r["kind"] == "phase"]
+    assert phases == ["preparing", "waiting_for_workers", "training", "exporting", "verifying", "done"]
 
 
 def test_gmp90_reaches_target_sparsity_and_accuracy(gmp90):
