@@ -336,7 +336,7 @@ def _local_report(target: str) -> dict | None:
         path = path / "report.json"
         if not path.is_file():
             console.print(
-                f"[red]folder {target} has no report.json[/] (the job is not finished, or not a job)",
+                f"[red]{path} does not exist[/] (the job is not finished, or the folder is not a job's)",
                 soft_wrap=True,
             )
             raise typer.Exit(2)

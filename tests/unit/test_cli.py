@@ -176,7 +176,7 @@ def test_report_of_neither_a_folder_nor_a_job_id(home):
 
 def test_report_of_a_folder_without_a_report_and_of_a_report_file(tmp_path):
     r = runner.invoke(app, ["report", str(tmp_path)])
-    assert r.exit_code == 2 and "has no report.json" in r.output
+    assert r.exit_code == 2 and "report.json does not exist" in " ".join(r.output.split())
     (tmp_path / "report.json").write_text(json.dumps({"name": "n", "accuracy": 0.5}))
     r = runner.invoke(app, ["report", str(tmp_path / "report.json"), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["accuracy"] == 0.5
