@@ -314,12 +314,14 @@ def run_job(
     if error is not None:
         raise training_failure(error, len(attempts.items) - first_here)
 
-    train_seconds = summary.get("train_seconds") or 0.0
     run_info = {
         "steps": total,
         "wall_seconds": time.time() - started,
-        "train_seconds": train_seconds,
-        "samples_per_second": (total * spec.train.batch_size / train_seconds) if train_seconds else None,
+        # Throughput on the training loop's wall clock (all ranks' samples); step_seconds is rank
+        # 0's time inside train_step alone (the report's train_seconds before).
+        "train_wall_seconds": summary.get("wall_seconds"),
+        "step_seconds": summary.get("train_seconds"),
+        "samples_per_second": summary.get("samples_per_second"),
         "skipped_steps": summary.get("skipped_steps", 0),
         "attempts": attempts.items,
     }

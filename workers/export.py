@@ -5,7 +5,12 @@ Artifacts: `model.safetensors` (the float weights as trained, pruned), `model.on
 `model.int8.onnx` (`model.int4.onnx` for weight-only 4 bits) when quantized, `model.packed` (the
 compressed artifact: what `size.compressed_bytes` measures; it rebuilds the weights the quantized
 graph computes with, bit for bit). `report.accuracy` is measured by running the quantized ONNX
-model (the fp32 one when not quantized) in onnxruntime over the validation split.
+model (the fp32 one when not quantized) in onnxruntime over the validation split;
+`report.sparsity` and `report.params` are counted on `model.packed` as decoded from the stored
+bytes, after checking that the runtime graph holds the same zeros and that no weight pruned in
+training came back (ExportError otherwise). `latency_ms.dense` times `model.onnx`,
+`latency_ms.compressed` the runtime artifact, side by side; when they are one file, one
+measurement fills both keys and `latency_setup.same_artifact` says so (no speed-up).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
@@ -119,26 +125,33 @@ def export(
     meta = {"model": spec.model.model_dump(), "data_info": info, "job_id": job_id}
     packed = pack.pack(deployed, meta, quantized={f"{n}.weight": qw for n, qw in qweights.items()})
     arts.put_bytes("model.packed", packed)
-    rebuilt = pack.rebuild(packed)
+    # Decoded from the stored bytes: what ships, and what sparsity and params are counted on.
+    rebuilt = pack.rebuild(arts.get_bytes("model.packed"))
     for k, v in rebuilt.state_dict().items():
         if not torch.equal(v, deployed[k]):
             raise CheckpointError(f"packed model does not rebuild {k} exactly")
 
     fp32 = onnx_export.to_onnx(plain, data.x_val)
     arts.put_bytes("model.onnx", onnx_export.to_bytes(fp32))
-    sessions = {"dense": onnx_export.session(fp32)}
     qinfo: dict = {"mode": q.mode}
     artifact = "model.onnx"
     if qweights:
         # The quantized graph starts from the model the packed file rebuilds: one set of weights.
-        qinfo.update(_quantized_onnx(spec, data, model, rebuilt, qweights, arts, total_steps))
+        extra, runtime_nodes = _quantized_onnx(spec, data, model, rebuilt, qweights, arts, total_steps)
+        qinfo.update(extra)
         artifact = qinfo["onnx"]
-        sessions["compressed"] = onnx_export.session(arts.get_bytes(artifact))
     else:
-        sessions["compressed"] = sessions["dense"]
+        runtime_nodes = onnx_export.layer_nodes(fp32, prunable_weights(plain))
 
     if on_verify:
         on_verify()
+    runtime = arts.get_bytes(artifact)
+    graph_weights = onnx_export.layer_weights(onnx.load_from_string(runtime), runtime_nodes)
+    report.check_shipped_zeros(rebuilt, plain, graph_weights, artifact)
+    # One session per artifact: with nothing quantized, the runtime artifact *is* model.onnx.
+    same_artifact = artifact == "model.onnx"
+    sessions = {"dense": onnx_export.session(arts.get_bytes("model.onnx"))}
+    sessions["compressed"] = sessions["dense"] if same_artifact else onnx_export.session(runtime)
     if qweights:
         qinfo["fp32_onnx_accuracy"] = report.onnx_accuracy(sessions["dense"], data)["accuracy"]
     artifact_scores = report.onnx_accuracy(sessions["compressed"], data)
@@ -167,8 +180,14 @@ def export(
         "float_accuracy": float_scores["accuracy"],
         "dense_accuracy": dense_acc,
         "val_loss": artifact_scores["loss"],
-        "sparsity": report.sparsity_of(plain),
-        "params": report.param_counts(plain),
+        # Counted on the decoded model.packed (checked against the runtime graph above); a
+        # quantized model may have a few more zeros than it trained with: codes rounded to 0.
+        "sparsity": {
+            **report.sparsity_of(rebuilt),
+            "measured_on": "model.packed",
+            "trained_global": report.sparsity_of(plain)["global"],
+        },
+        "params": {**report.param_counts(rebuilt), "measured_on": "model.packed"},
         "size": {
             "dense_bytes": dense,
             "compressed_bytes": len(packed),
@@ -179,9 +198,18 @@ def export(
         "latency_ms": latency,
         "latency_setup": {
             "runtime": onnx_export.runtime_name(),
-            "statistic": f"median of {latency_repeats} runs after 5 warm-up runs",
+            "statistic": f"median of {latency_repeats} runs after 5 warm-up runs"
+            + (
+                ", one artifact: dense and compressed are one measurement"
+                if same_artifact
+                else ", interleaved"
+            ),
+            # model.onnx is the fp32 graph: onnxruntime's dense kernels skip no zeros, so it
+            # runs as the unpruned model would.
             "dense": "model.onnx",
             "compressed": artifact,
+            "same_artifact": same_artifact,
+            "speedup": None if same_artifact else report.speedups(latency, LATENCY_BATCHES),
         },
         "quantization": qinfo,
         "artifacts": {
@@ -201,12 +229,15 @@ def export(
     return rep
 
 
-def _quantized_onnx(spec, data, model, rebuilt, qweights, arts: JobArtifacts, total_steps: int) -> dict:
+def _quantized_onnx(
+    spec, data, model, rebuilt, qweights, arts: JobArtifacts, total_steps: int
+) -> tuple[dict, dict[str, onnx_export.LayerNode]]:
     """Write the quantized graph of the deployed (`rebuilt`) model; return the report's
-    `quantization` details."""
+    `quantization` details and the graph's node of each layer."""
     q = spec.compression.quantization
     src = onnx_export.to_onnx(rebuilt, data.x_val)
     weights = prunable_weights(rebuilt)
+    nodes = onnx_export.layer_nodes(src, weights)
     info: dict = {"bits": q.bits, "layers": len(qweights)}
     if q.mode in ("qat", "fixed"):
         sched = quant.schedule(q, total_steps, pruning_end(spec))
@@ -234,4 +265,4 @@ def _quantized_onnx(spec, data, model, rebuilt, qweights, arts: JobArtifacts, to
         info["input_qparams"] = {n: {"scale": s, "zero_point": z} for n, (s, z) in ranges.items()}
     info["onnx"] = f"model.int{q.bits}.onnx"
     arts.put_bytes(info["onnx"], onnx_export.to_bytes(graph))
-    return info
+    return info, nodes

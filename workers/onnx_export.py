@@ -269,6 +269,35 @@ def check_codes(m: onnx.ModelProto, nodes: dict[str, LayerNode], q: dict[str, Qu
             raise ExportError(f"layer {name}: the quantized graph's codes differ from the packed ones")
 
 
+def layer_weights(m: onnx.ModelProto, nodes: dict[str, LayerNode]) -> dict[str, np.ndarray]:
+    """Each layer's weight as the graph stores it, in torch's orientation: the float initializer,
+    or the integer codes its DequantizeLinear reads (zero point 0 is checked, so a zero code is a
+    zero weight). What `report.sparsity` is checked against."""
+    inits = {i.name: i for i in m.graph.initializer}
+    producers = _producers(m)
+    by_name = {n.name: n for n in m.graph.node}
+    out = {}
+    for name, ln in nodes.items():
+        node = by_name.get(ln.node)
+        if node is None:
+            raise ExportError(f"layer {name}: node {ln.node!r} is not in the graph")
+        src = node.input[1]
+        if src not in inits:
+            dq = producers.get(src)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+                raise ExportError(f"layer {name}: its weight is neither an initializer nor dequantized codes")
+            if len(dq.input) > 2 and dq.input[2]:
+                zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64)
+                if np.any(zp != 0):
+                    raise ExportError(f"layer {name}: weight zero point is not 0")
+            src = dq.input[0]
+        arr = np.asarray(numpy_helper.to_array(inits[src]))
+        if arr.dtype == ml_dtypes.int4:
+            arr = arr.astype(np.int8)
+        out[name] = arr.T if ln.transposed else arr
+    return out
+
+
 # --- weight-only (int4) -------------------------------------------------------------------------
 
 
@@ -335,19 +364,34 @@ def predict(sess: ort.InferenceSession, x: np.ndarray, batch: int = 256) -> np.n
     return np.concatenate([sess.run(None, {INPUT: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
+def _batch_of(x: np.ndarray, batch: int) -> np.ndarray:
+    reps = -(-batch // len(x))  # x tiled when it has fewer samples
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:batch])
+
+
 def latency_ms(sess: ort.InferenceSession, x: np.ndarray, batch: int, repeats: int, warmup: int = 5) -> float:
     """Median wall time of one `sess.run` on `batch` samples (x tiled when it has fewer)."""
-    reps = -(-batch // len(x))
-    xb = np.ascontiguousarray(np.concatenate([x] * reps)[:batch])
-    feed = {INPUT: xb}
+    return latency_interleaved({0: sess}, x, batch, repeats, warmup)[0]
+
+
+def latency_interleaved(
+    sessions: dict, x: np.ndarray, batch: int, repeats: int, warmup: int = 5
+) -> dict[object, float]:
+    """Median wall time (ms) of one `run` on `batch` samples for each session, measured side by
+    side: every repeat runs each session once, in an order that rotates, so a change in the
+    machine's load falls on all of them alike instead of on whichever was timed last."""
+    feed = {INPUT: _batch_of(x, batch)}
+    keys = list(sessions)
     for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+        for k in keys:
+            sessions[k].run(None, feed)
+    times: dict[object, list[float]] = {k: [] for k in keys}
+    for r in range(repeats):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feed)
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(t) * 1e3) for k, t in times.items()}
 
 
 def runtime_name() -> str:

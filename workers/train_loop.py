@@ -95,7 +95,9 @@ class Run:
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     loss_count: int = 0
     skipped_steps: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # rank 0's seconds inside train_step, over the kept steps
+    wall_seconds: float = 0.0  # the loop's wall clock before this attempt (from the checkpoint)
+    wall_from: float = 0.0  # perf_counter when this attempt's loop started
     fake_quant: quant.FakeQuantizer | None = None  # qat / fixed: its state is in the model's buffers
 
     @property
@@ -188,6 +190,7 @@ def restore(run: Run, ckpt: Loaded | None) -> None:
     run.step = int(s["step"])
     run.skipped_steps = int(s.get("skipped_steps", 0))
     run.train_seconds = float(s.get("train_seconds", 0.0))
+    run.wall_seconds = float(s.get("wall_seconds", 0.0))
     if ckpt.meta.get("world_size") == run.dist.world_size:
         rng = ckpt.rng[run.dist.rank]
         torch.set_rng_state(rng["torch"])
@@ -325,11 +328,18 @@ def save(run: Run, session: Session) -> None:
             "pruner": pruner_state,
             "skipped_steps": run.skipped_steps,
             "train_seconds": run.train_seconds,
+            "wall_seconds": loop_seconds(run),
         }
     meta = {"world_size": run.dist.world_size, "strategy": run.strategy.name, "total_steps": run.total_steps}
     session.save(run.step, state, rngs, meta)
     if run.dist.rank == 0:
         session.emit({"kind": "event", "event": "checkpoint", "step": run.step})
+
+
+def loop_seconds(run: Run) -> float:
+    """Wall clock of the training loop so far: this attempt's, plus what the checkpoint it resumed
+    from had kept (work lost to a failure after that checkpoint is redone, and counted once)."""
+    return run.wall_seconds + time.perf_counter() - run.wall_from
 
 
 def _log_train(run: Run, session: Session, window_start: float, window_steps: int) -> None:
@@ -370,7 +380,9 @@ def _eval_due(run: Run) -> bool:
 
 def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None = None) -> dict:
     """Train to the last step, resuming from the session's newest checkpoint if there is one.
-    Returns a summary (step, train_seconds, samples) on every rank."""
+    Returns a summary on every rank: step; samples (global: every rank's); wall_seconds (the
+    loop's wall clock: data, steps, evaluation, checkpoints); samples_per_second (samples over
+    wall_seconds); train_seconds (rank 0's time inside `train_step` only)."""
     faults = faults or Faults()
     run = build(spec, data, session.dist)
     ckpt = session.restore()
@@ -395,6 +407,7 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
     run.model.train()
     perm = None
     window_start, window_steps = time.perf_counter(), 0
+    run.wall_from = window_start
     while run.step < run.total_steps:
         epoch = run.step // run.steps_per_epoch
         if perm is None or run.step % run.steps_per_epoch == 0:
@@ -419,10 +432,14 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
     update_masks(run, session)  # a schedule may end exactly at the last step
     if ckpt is None or ckpt.step < run.total_steps:
         save(run, session)  # the final state, which export reads
+    wall = loop_seconds(run)
+    samples = run.step * spec.train.batch_size  # the global batch: all ranks' samples
     summary = {
         "step": run.step,
         "train_seconds": run.train_seconds,
-        "samples": run.step * spec.train.batch_size,
+        "wall_seconds": wall,
+        "samples": samples,
+        "samples_per_second": samples / wall if wall > 0 else None,
         "skipped_steps": run.skipped_steps,
     }
     if rank0:

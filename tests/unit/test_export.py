@@ -1,6 +1,9 @@
 """The end of a job in one process: a QAT job on digits exports verified artifacts and a report
 whose accuracy is the int8 ONNX model's, measured in onnxruntime."""
 
+import shutil
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -9,7 +12,9 @@ from onnx import numpy_helper
 from safetensors.torch import load
 
 from service.artifacts import JobArtifacts, LocalArtifactStore
+from service.errors import ExportError
 from service.spec import parse_spec
+from tests.artifact_reading import onnx_weight_zeros, packed_zeros
 from workers import export, onnx_export, pack, report
 from workers.data import load_dataset
 from workers.models import build_model
@@ -27,6 +32,7 @@ SPEC = {
     },
     "checkpoint": {"every_steps": 1000},
 }
+PRUNED = {**SPEC, "name": "pruned", "compression": {"pruning": SPEC["compression"]["pruning"]}}
 
 
 def _job(store, job_id, spec_dict, data):
@@ -48,6 +54,16 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qat(store, digits):
     return _job(store, "qat", SPEC, digits)
+
+
+@pytest.fixture(scope="module")
+def pruned(store, digits):
+    return _job(store, "pruned", PRUNED, digits)
+
+
+@pytest.fixture(scope="module")
+def dense(store, digits):
+    return _job(store, "dense", {**SPEC, "compression": {}}, digits)
 
 
 def test_report_keys(qat):
@@ -102,11 +118,151 @@ def test_safetensors_hold_the_trained_float_weights_only(qat, store, digits):
     plain.load_state_dict(state)
     zeros = sum(int((state[f"layers.fc{i}.weight"] == 0).sum()) for i in (1, 2, 3))
     total = sum(state[f"layers.fc{i}.weight"].numel() for i in (1, 2, 3))
-    assert zeros / total == pytest.approx(qat["sparsity"]["global"])
+    assert zeros / total == pytest.approx(qat["sparsity"]["trained_global"])
 
 
-def test_dense_accuracy_from_a_baseline_job(qat, store, digits):
-    dense = _job(store, "dense", {**SPEC, "compression": {}}, digits)
+def _param_names(digits) -> set[str]:
+    spec = parse_spec(SPEC)
+    return {n for n, _ in build_model(spec.model.name, spec.model.args, digits.info).named_parameters()}
+
+
+def _check_counts(rep: dict, packed: dict, graph: dict, digits) -> None:
+    """The report's sparsity and params against the independent decodes of model.packed and the
+    runtime graph (`graph`: layer name -> (zeros, size))."""
+    layers = {f"layers.fc{i}" for i in (1, 2, 3)}
+    assert set(rep["sparsity"]["layers"]) == layers == set(graph)
+    for layer in layers:
+        zeros, size = packed[f"{layer}.weight"]
+        assert graph[layer] == (zeros, size), layer
+        assert rep["sparsity"]["layers"][layer] == zeros / size, layer
+    zeros = sum(packed[f"{layer}.weight"][0] for layer in layers)
+    total = sum(packed[f"{layer}.weight"][1] for layer in layers)
+    assert rep["sparsity"]["global"] == zeros / total
+    assert rep["sparsity"]["measured_on"] == "model.packed"
+    params = _param_names(digits)
+    assert rep["params"]["total"] == sum(packed[n][1] for n in params)
+    assert rep["params"]["nonzero"] == sum(packed[n][1] - packed[n][0] for n in params)
+
+
+def test_pruned_weights_are_zero_in_model_packed_and_the_int8_graph(qat, store, digits):
+    """The report's counts are the zeros model.packed and model.int8.onnx hold, read here with
+    readers of our own, not with the tensors the report was computed from."""
+    arts = JobArtifacts(store, "qat")
+    packed = packed_zeros(arts.get_bytes("model.packed"))
+    codes = onnx_weight_zeros(arts.get_bytes("model.int8.onnx"))
+    graph = {name.removesuffix(".weight_quantized"): zs for name, zs in codes.items()}
+    _check_counts(qat, packed, graph, digits)
+    assert qat["sparsity"]["global"] >= qat["sparsity"]["trained_global"]  # rounding only adds zeros
+    assert qat["sparsity"]["global"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_pruned_weights_are_zero_in_model_packed_and_model_onnx(pruned, store, digits):
+    arts = JobArtifacts(store, "pruned")
+    packed = packed_zeros(arts.get_bytes("model.packed"))
+    graph = {
+        name.removesuffix(".weight"): zs
+        for name, zs in onnx_weight_zeros(arts.get_bytes("model.onnx")).items()
+    }
+    _check_counts(pruned, packed, graph, digits)
+    assert pruned["sparsity"]["global"] == pruned["sparsity"]["trained_global"]
+    assert pruned["sparsity"]["global"] == pytest.approx(0.8, abs=0.01)
+
+
+def _copy_job(store, src: str, dst: str) -> None:
+    """A second job with `src`'s final checkpoint: exported again without touching `src`'s files."""
+    shutil.copytree(store.root / src / "checkpoints", store.root / dst / "checkpoints")
+
+
+def _tamper_codes(monkeypatch, change):
+    """Quantized weights whose first layer's codes went through `change` (codes -> codes)."""
+    original = export.quant.export_weights
+
+    def patched(model, cfg):
+        out = original(model, cfg)
+        name = next(iter(out))
+        qw = out[name]
+        out[name] = pack.QuantizedWeight(change(qw.codes.clone()), qw.scale, qw.bits)
+        return out
+
+    monkeypatch.setattr(export.quant, "export_weights", patched)
+
+
+def test_a_code_rounded_to_zero_counts_in_the_report(qat, store, digits, monkeypatch):
+    """A zero that only the artifact has (a weight quantized to code 0) is in report.sparsity:
+    the counts come from what ships, not from the float weights."""
+    _copy_job(store, "qat", "qat-rounded")
+
+    def zero_one(codes):
+        codes.view(-1)[int(codes.view(-1).nonzero()[0])] = 0
+        return codes
+
+    _tamper_codes(monkeypatch, zero_one)
+    rep = export.export(
+        parse_spec(SPEC), digits, store, "qat-rounded", qat["steps"], {"steps": qat["steps"]}, 3
+    )
+    assert rep["sparsity"]["trained_global"] == qat["sparsity"]["trained_global"]
+    assert rep["params"]["nonzero"] == qat["params"]["nonzero"] - 1
+    assert rep["sparsity"]["global"] > qat["sparsity"]["global"]
+
+
+def test_a_pruned_weight_revived_in_the_artifact_fails_the_export(qat, store, digits, monkeypatch):
+    _copy_job(store, "qat", "qat-revived")
+
+    def revive_one(codes):
+        codes.view(-1)[int((codes.view(-1) == 0).nonzero()[0])] = 1
+        return codes
+
+    _tamper_codes(monkeypatch, revive_one)
+    with pytest.raises(ExportError, match="pruned weight"):
+        export.export(
+            parse_spec(SPEC), digits, store, "qat-revived", qat["steps"], {"steps": qat["steps"]}, 3
+        )
+
+
+def test_a_pruned_float_weight_revived_in_model_packed_fails_the_export(pruned, store, digits, monkeypatch):
+    _copy_job(store, "pruned", "pruned-revived")
+    original = export.deployed_state
+
+    def revived(state, qweights):
+        out = original(state, qweights)
+        w = out["layers.fc1.weight"].clone()
+        w.view(-1)[int((w.view(-1) == 0).nonzero()[0])] = 0.5
+        return {**out, "layers.fc1.weight": w}
+
+    monkeypatch.setattr(export, "deployed_state", revived)
+    with pytest.raises(ExportError, match="layers.fc1: 1 pruned weight"):
+        export.export(
+            parse_spec(PRUNED),
+            digits,
+            store,
+            "pruned-revived",
+            pruned["steps"],
+            {"steps": pruned["steps"]},
+            3,
+        )
+
+
+def test_latency_compares_two_artifacts_or_says_there_is_one(qat, dense):
+    setup = qat["latency_setup"]
+    assert (setup["dense"], setup["compressed"], setup["same_artifact"]) == (
+        "model.onnx",
+        "model.int8.onnx",
+        False,
+    )
+    lat = qat["latency_ms"]
+    assert setup["speedup"] == {
+        "batch1": lat["dense"] / lat["compressed"],
+        "batch64": lat["dense_batch64"] / lat["compressed_batch64"],
+    }
+    assert setup["statistic"].endswith("interleaved")
+    # Nothing quantized: model.onnx is the runtime artifact; one measurement, no speed-up.
+    setup = dense["latency_setup"]
+    assert (setup["compressed"], setup["same_artifact"], setup["speedup"]) == ("model.onnx", True, None)
+    lat = dense["latency_ms"]
+    assert lat["dense"] == lat["compressed"] > 0 and lat["dense_batch64"] == lat["compressed_batch64"] > 0
+
+
+def test_dense_accuracy_from_a_baseline_job(qat, dense, store, digits):
     assert dense["dense_accuracy"] == dense["accuracy"]  # a dense job is its own baseline
     assert dense["quantization"] == {"mode": "none"}
     assert dense["accuracy_source"].startswith("model.onnx run in onnxruntime")
@@ -118,7 +274,7 @@ def test_dense_accuracy_from_a_baseline_job(qat, store, digits):
     spec = {**SPEC, "compression": {**SPEC["compression"], "baseline_job": "nope"}}
     rep = export.export(parse_spec(spec), digits, store, "qat", qat["steps"], {"steps": qat["steps"]}, 3)
     assert rep["dense_accuracy"] is None
-    assert rep["warnings"] == ["compression.baseline_job 'nope' has no report with an accuracy"]
+    assert "compression.baseline_job 'nope' has no report with an accuracy" in rep["warnings"]
 
 
 @pytest.mark.parametrize(
@@ -147,3 +303,22 @@ def test_deployed_state_puts_float_parts_on_the_float16_grid():
     assert torch.equal(out["w"], state["w"])  # 1e5 is beyond float16: kept as is
     assert torch.equal(out["i"], state["i"])
     assert torch.equal(out["l.weight"], qw.codes.float() * qw.scale[:, None])
+
+
+def test_throughput_is_global_samples_over_the_loops_wall_clock(store, digits, monkeypatch):
+    """samples_per_second divides every rank's samples by the loop's wall clock, which includes
+    what happens between steps (here a slow evaluation), not by the time inside train_step."""
+    from workers import train_loop
+
+    evaluate = train_loop.evaluate
+
+    def slow_evaluate(run):
+        time.sleep(0.5)
+        return evaluate(run)
+
+    monkeypatch.setattr(train_loop, "evaluate", slow_evaluate)
+    spec = parse_spec({**SPEC, "compression": {}, "train": {**SPEC["train"], "epochs": 2}})
+    summary = train(spec, digits, LocalSession(store, "throughput"))
+    assert summary["samples"] == summary["step"] * 64
+    assert summary["wall_seconds"] >= summary["train_seconds"] + 2 * 0.5  # two epoch-end evaluations
+    assert summary["samples_per_second"] == summary["samples"] / summary["wall_seconds"]
