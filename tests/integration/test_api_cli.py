@@ -165,6 +165,9 @@ def test_jobs_logs_report_and_download(server, spec_file, tmp_path):
     job_id = json.loads(r.stdout)["id"]
     listed = json.loads(run(server, "jobs", "--json", "--state", "succeeded").stdout)["items"]
     assert job_id in [j["id"] for j in listed]
+    # the job's progress keeps the driver's last phase and the total it announced
+    progress = json.loads(run(server, "status", job_id, "--json").stdout)["progress"]
+    assert (progress["phase"], progress["total_steps"]) == ("verifying", 22)
     table = runner.invoke(cli, ["jobs", "--url", server[0], "--token", TOKEN], env={"COLUMNS": "80"}).stdout
     assert "cli-job" in table and max(map(len, table.splitlines())) <= 80
     assert [line for line in table.splitlines() if job_id in line], table  # `| grep ID` finds it
