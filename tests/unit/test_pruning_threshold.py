@@ -62,6 +62,22 @@ def test_local_selection_on_non_finite_scores_gives_the_bisection_threshold():
     assert kth_smallest_local([x], 6) == math.inf  # more than the finite scores: nothing passes
 
 
+def test_local_selection_counts_negative_patterns_as_the_bisection_does():
+    # Scores are non-negative (|w|, RMS), but -0.0 and negatives must not break the selection.
+    x = torch.tensor([-0.0, 0.5, -1.0, 0.2, 0.0, float("-nan")])
+    for k in range(0, 8):
+        assert kth_smallest_local([x], k) == kth_smallest_bisect([x], k), k
+
+
+def test_local_selection_with_mostly_zeros_equals_bisection():
+    """After a few updates most scores are exact zeros: the threshold often falls among them."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(200_000, generator=g)
+    x[torch.randperm(x.numel(), generator=g)[:180_000]] = 0.0
+    for k in (1, 179_999, 180_000, 180_001, 190_000, 200_000):
+        assert kth_smallest_local([x], k) == kth_smallest_bisect([x], k), k
+
+
 def test_local_selection_of_float64_and_bf16_scores_rounds_as_the_bisection_does():
     g = torch.Generator().manual_seed(3)
     x64 = torch.rand(5000, generator=g, dtype=torch.float64)

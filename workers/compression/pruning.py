@@ -82,39 +82,40 @@ def kth_smallest(
 def kth_smallest_local(
     scores: list[torch.Tensor], k: float, weights: list[torch.Tensor] | None = None
 ) -> float:
-    """`kth_smallest` of scores that are all on this rank, by one selection.
+    """`kth_smallest` of scores that are all on this rank, by a two-pass radix selection.
 
-    Returns exactly what `kth_smallest_bisect` returns: the scores are compared as float32 (as
-    its bit patterns are), k <= 0 gives 0.0, and a k beyond the finite scores gives +inf (NaN
-    never counts as at or below a threshold)."""
+    Counts (or weights) are histogrammed by the high 16 bits of the float32 bit patterns, the
+    bucket where the running count reaches k is found, and its members are histogrammed by the
+    low 16 bits: two passes, whatever the ties. Selections that compare values degrade on the
+    runs of exact zeros that pruning leaves (numpy's introselect took 25-37 ms instead of 3 on
+    0.8 M scores with 78-90% zeros; torch.kthvalue 6-15 ms; this 5-7 ms; the bisection 50-100).
+
+    Returns exactly what `kth_smallest_bisect` returns, as it counts the same bit patterns:
+    negative patterns (which non-negative scores never have) count as at or below every tau,
+    NaN never does, k <= 0 gives 0.0, and a k beyond the finite scores +inf. Weighted counts are
+    exact while the weights are whole numbers (fan-ins), as in the bisection."""
     if k <= 0:
         return 0.0
-    flat = torch.cat([s.detach().float().reshape(-1) for s in scores])
-    if weights is None:
-        kk = math.ceil(k)  # counts are integers: count >= k means count >= ceil(k)
-        if kk > flat.numel():
-            return math.inf
-        if flat.device.type == "cpu":
-            # numpy's introselect is O(n) and ~15x faster here than torch.kthvalue/topk on
-            # CPU (1.5 ms vs 15-24 ms for 0.8 M scores, measured in bench.pruning_overhead).
-            tau = float(np.partition(flat.numpy(), kk - 1)[kk - 1])
-        else:
-            tau = float(flat.kthvalue(kk).values)
-    else:
-        # Weighted (channels weighing their fan-in): few entries, so a sort. The first sorted
-        # position whose running weight reaches k holds tau, ties or not; weights are whole
-        # numbers in float64, so the running sums are exact.
-        wts = torch.cat([w.detach().double().reshape(-1).to(flat.device) for w in weights])
-        vals, order = flat.sort()
-        i = int(
-            torch.searchsorted(
-                wts[order].cumsum(0), torch.tensor([float(k)], dtype=torch.float64, device=flat.device)
-            )
-        )
-        if i >= vals.numel():
-            return math.inf
-        tau = float(vals[i])
-    return math.inf if math.isnan(tau) else tau
+    bits = torch.cat([s.detach().float().reshape(-1) for s in scores]).view(torch.int32)
+    bits = bits.clamp_min(0)
+    w = None
+    if weights is not None:
+        w = torch.cat([x.detach().double().reshape(-1) for x in weights]).to(bits.device)
+    target = torch.tensor([float(k)], dtype=torch.float64, device=bits.device)
+    high = bits >> 16
+    counts = torch.bincount(high, weights=w, minlength=1 << 15).double().cumsum(0)
+    j = int(torch.searchsorted(counts, target))
+    if j >= counts.numel():
+        return math.inf
+    below = float(counts[j - 1]) if j else 0.0
+    members = high == j
+    w2 = None if w is None else w[members]
+    low = torch.bincount(bits[members] & 0xFFFF, weights=w2, minlength=1 << 16).double().cumsum(0)
+    i = int(torch.searchsorted(low, target - below))
+    tau_bits = (j << 16) | i
+    if tau_bits > 0x7F800000:  # past +inf: the k-th pattern is a NaN, which never counts
+        return math.inf
+    return float(torch.tensor(tau_bits, dtype=torch.int32).view(torch.float32))
 
 
 def kth_smallest_bisect(
