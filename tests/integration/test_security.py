@@ -106,7 +106,15 @@ def served(tmp_path_factory) -> Iterator[Served]:
     home.mkdir()
     data_dir = base / "data"  # serve creates it
     port = free_port()
-    drop = {"RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    # XDG_CONFIG_HOME goes too: serve writes the CLI's config.toml there, and it must land in
+    # this test's HOME, never in the real user's folder.
+    drop = {
+        "RAY_ADDRESS",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+        "XDG_CONFIG_HOME",
+    }
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLIMTRAIN_")}
     env |= {
         "HOME": str(home),
