@@ -6,6 +6,14 @@ adds `Authorization: Bearer <token>` itself, taking the token from `RAY_AUTH_TOK
 `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token` (ray/_private/authentication). The API process
 never calls `ray.init` for a remote cluster: it talks HTTP only, so a Ray head outage cannot take
 the API down with it (a connected driver exits when the GCS stays unreachable).
+
+What is Ray's and what is private: the endpoints called here are Ray's documented Jobs REST API
+(`/api/jobs/...`) and the state API; they travel through the SDK's `_do_request`, a private
+method, because it is what adds the cluster's auth headers and cookies. Nothing here depends on
+the wording of Ray's answers: Ray 2.60 answers a duplicate submission id with a 500 whose body is
+the agent's traceback (`ValueError: Job with submission_id ID already exists`), so a duplicate is
+recognised by asking Ray whether it holds the id, not by reading that text
+(tests/integration/test_real_ray_contract.py runs all of it against a real head).
 """
 
 from __future__ import annotations
@@ -92,7 +100,7 @@ class RayJobs:
                     raise ClusterUnavailable(f"Ray Jobs API at {self.address}: {_short(e)}") from None
             return self._client
 
-    def _request(self, method: str, endpoint: str, **kw):
+    def _request(self, method: str, endpoint: str, tolerate_server_error: bool = False, **kw):
         import requests
 
         c = self._c()
@@ -104,7 +112,7 @@ class RayJobs:
         except Exception as e:  # AuthenticationError and the like: the cluster is not usable
             self._reset()
             raise ClusterUnavailable(f"Ray Jobs API at {c._address}: {_short(e)}") from None
-        if r.status_code >= 500 and "already exists" not in r.text:
+        if r.status_code >= 500 and not tolerate_server_error:
             raise ClusterUnavailable(f"Ray Jobs API answered {r.status_code}: {r.text[:300]}")
         return r
 
@@ -125,12 +133,18 @@ class RayJobs:
             "runtime_env": {"env_vars": env_vars},
             "metadata": {k: str(v) for k, v in metadata.items()},
         }
-        r = self._request("POST", "/api/jobs/", json_data=body)
+        r = self._request("POST", "/api/jobs/", tolerate_server_error=True, json_data=body)
         if r.status_code == 200:
             return True
-        if "already exists" in r.text:
+        # Refused: because Ray already holds this id (Ray 2.60 says so only inside a 500's
+        # traceback), or for a reason of its own. Ray's own record tells them apart whatever the
+        # wording; it also covers a submission Ray took although its answer was an error.
+        if self.info(submission_id) is not None:
+            log.info("Ray already holds submission %s: the first one stands", submission_id)
             return False
-        raise SubmissionRejected(f"Ray refused submission {submission_id}: {r.status_code} {r.text[:500]}")
+        if r.status_code >= 500:
+            raise ClusterUnavailable(f"Ray Jobs API answered {r.status_code}: {_tail(r.text)}")
+        raise SubmissionRejected(f"Ray refused submission {submission_id}: {r.status_code} {_tail(r.text)}")
 
     def info(self, submission_id: str) -> RayJobInfo | None:
         """Status and message, or None when Ray does not know the submission."""
@@ -192,6 +206,12 @@ def capacity_of(nodes: list[NodeInfo]) -> Resources:
     return Resources(
         sum(n.resources.get("CPU", 0.0) for n in alive), sum(n.resources.get("GPU", 0.0) for n in alive)
     )
+
+
+def _tail(text: str, n: int = 500) -> str:
+    """The end of an answer: Ray's error bodies are tracebacks, whose last lines say what broke."""
+    text = text.strip()
+    return text if len(text) <= n else "..." + text[-n:]
 
 
 def _short(e: BaseException) -> str:
