@@ -1,8 +1,8 @@
 """A real PostgreSQL server for the tests: a throwaway cluster initdb'd in a temp dir, started on a
 free loopback port for the session and removed at its end. PostgreSQL refuses to run as root, so
 when the tests run as root the cluster belongs to the `postgres` system user (as Debian's
-`postgresql` package creates it; `.ci/run` installs it). Each user of `postgres_url` gets its own
-fresh database."""
+`postgresql` package creates it; `make test` installs it: tests/system-deps.sh). Each user of
+`postgres_url` gets its own fresh database."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def pg_bin() -> Path:
     exe = shutil.which("pg_ctl")
     if exe:
         return Path(exe).parent
-    raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (.ci/run does it)")
+    raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (make test-deps)")
 
 
 @dataclass
