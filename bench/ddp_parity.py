@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import load_at_end, machine, markdown_table, median, out_dir, save_json
+from bench.common import conditions, machine, markdown_table, median, results_dir, save_json
 from bench.proctree import cpu_between, run_metered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def main() -> None:
     # then decided a round (0.63-1.00 of plain in one invocation); 2000 steps take ~25 s.
     ap.add_argument("--steps", type=int, default=2000)
     args = ap.parse_args()
-    out = out_dir("ddp_parity")
+    out = results_dir("ddp_parity")
     runs: dict[str, list[dict]] = {name: [] for name in PATHS}
     t_all = time.monotonic()
     with tempfile.TemporaryDirectory() as tmpd:
@@ -192,14 +192,16 @@ def main() -> None:
     table = markdown_table(headers, rows)
     note = (
         f"{args.rounds} rounds x {args.steps} steps, global batch 256, 2 workers, gloo, fp32; "
-        f"{time.monotonic() - t_all:.0f} s in all; {load_at_end()}"
+        f"{time.monotonic() - t_all:.0f} s in all"
     )
-    (out / "table.md").write_text(table + "\n\n" + note + "\n")
+    m = machine()
+    (out / "table.md").write_text(f"{conditions(m)}\n{note}.\n\n{table}\n")
     save_json(
         out / "results.json",
         {
             "runs": runs,
-            "machine": machine(),
+            "machine": m,
+            "args": vars(args),
             "spec": bench_spec(args.steps),
             "warmup_windows": WARMUP_WINDOWS,
             "note": note,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from api.client import Client
-from bench.common import machine, markdown_table, out_dir, save_json
+from bench.common import conditions, machine, markdown_table, results_dir, save_json
 from tests.plugins.server import wait_ready
 from tests.raycluster import free_port
 
@@ -150,7 +150,7 @@ def plot(req: dict, path: Path) -> None:
 def main() -> None:
     seconds = float(os.environ.get("BENCH_SECONDS", "10"))
     jobs = int(os.environ.get("BENCH_JOBS", "3"))
-    out = out_dir("api")
+    out = results_dir("api")
     with tempfile.TemporaryDirectory(prefix="slimtrain-bench-") as tmp:
         work = Path(tmp)
         (work / "requests").mkdir()
@@ -186,13 +186,15 @@ def main() -> None:
     ftable = markdown_table(
         ["job", "to running (s)", "to first metric (s)", "to first loss (s)", "to end (s)", "state"], frows
     )
-    load = os.getloadavg()[0]
-    text = f"{table}\n\n{ftable}\n\nmachine: {json.dumps(machine())}, load average at the end {load:.1f}\n"
+    m = machine()
+    sizes = f"BENCH_SECONDS={seconds:g} per route, BENCH_JOBS={jobs}"
+    text = f"{conditions(m)}\n{sizes}.\n\n{table}\n\n{ftable}\n"
     (out / "table.md").write_text(text)
     save_json(
         out / "results.json",
         {
-            "machine": machine(),
+            "machine": m,
+            "settings": {"seconds_per_route": seconds, "jobs": jobs},
             "requests": {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in req.items()},
             "first_metric": first,
         },

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from bench.api.run import TOKEN, start_api
-from bench.common import machine, markdown_table, out_dir, save_json
+from bench.common import conditions, machine, markdown_table, results_dir, save_json
 
 # Just under httpx's 5 s expiry: idle longer than that and httpx opens a new connection itself.
 IDLE = {"4.90-4.99 s": (4.90, 4.99), "2 s (control)": (2.0, 2.0)}
@@ -50,7 +49,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    out = out_dir("keepalive_race")
+    out = results_dir("keepalive_race")
     results: dict[str, dict[str, list[str]]] = {s: {i: [] for i in IDLE} for s in SERVERS}
     with tempfile.TemporaryDirectory(prefix="slimtrain-ka-") as tmp:
         for k, (server, uv_args) in enumerate(SERVERS.items()):
@@ -81,10 +80,10 @@ def main() -> None:
     table = markdown_table(
         ["server keep-alive", "client idle before reuse", "requests", "failed", "how"], rows
     )
-    load = os.getloadavg()
-    note = f"{args.clients} clients x {args.rounds} rounds per cell; load average at the end {load[0]:.1f}"
-    (out / "table.md").write_text(f"{table}\n\n{note}\n")
-    save_json(out / "results.json", {"machine": machine(), "results": results})
+    m = machine()
+    note = f"{args.clients} clients x {args.rounds} rounds per cell"
+    (out / "table.md").write_text(f"{conditions(m)}\n{note}.\n\n{table}\n")
+    save_json(out / "results.json", {"machine": m, "args": vars(args), "results": results})
     print(table)
     print(note)
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import secrets
 import sys
 import tempfile
@@ -33,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, markdown_table, out_dir, save_json
+from bench.common import conditions, machine, markdown_table, results_dir, save_json
 from bench.load import clients as cl
 from bench.load import report
 from bench.load.server import sample, serve
@@ -185,7 +183,6 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
     ]
     if prom:
         summary_rows.append(["/metrics body first / last (bytes)", f"{prom[0][1]} / {prom[-1][1]}"])
-    load = os.getloadavg()
     text = f"{markdown_table(['', 'value'], summary_rows)}\n\n{lat_table}\n"
     if verdict:
         v = verdict
@@ -207,10 +204,8 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
             )
             + "\n"
         )
-    text += (
-        f"\nmachine: {json.dumps(machine())}; load average at the end "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n"
-    )
+    m = machine()
+    text = f"{conditions(m)}\n\n{text}"
     for title, lines in (
         ("connection errors", rec.error_samples),
         ("SSE problems", rec.stream_problems),
@@ -222,7 +217,7 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
     save_json(
         out / "results.json",
         {
-            "machine": machine(),
+            "machine": m,
             "args": vars(args),
             "spec": SPEC,
             "seconds": seconds,
@@ -298,7 +293,7 @@ def main() -> int:
     args = ap.parse_args()
     soak = args.soak_minutes is not None
     seconds = 60 * args.soak_minutes if soak else args.seconds
-    out = out_dir("load_soak" if soak else "load")
+    out = results_dir("load_soak" if soak else "load")
     token = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="slimtrain-load-") as tmp:
         with serve(Path(tmp), token) as server:

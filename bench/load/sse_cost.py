@@ -22,7 +22,7 @@ import psutil
 
 from api.sse import POLL_SECONDS
 from bench.api.run import TOKEN, start_api
-from bench.common import load_at_end, machine, markdown_table, median, out_dir, save_json
+from bench.common import conditions, machine, markdown_table, median, results_dir, save_json
 
 SPEC = {"name": "idle", "model": {"name": "mlp"}, "data": {"name": "digits"}}
 
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=15)
     args = ap.parse_args()
-    out = out_dir("sse_cost")
+    out = results_dir("sse_cost")
     cpu: dict[int, list[float]] = {n: [] for n in args.streams}
     with tempfile.TemporaryDirectory(prefix="slimtrain-sse-") as tmp:
         proc, url = start_api(Path(tmp), {"SLIMTRAIN_RUN_SCHEDULER": "false"})
@@ -101,12 +101,13 @@ def main() -> None:
     table = markdown_table(
         ["idle SSE streams", "API CPU % of one core (median)", "per round", "DB polls/s (bound)"], rows
     )
-    note = (
-        f"fit: {per100:.1f}% of a core per 100 idle streams; {args.rounds} rounds x {args.seconds:g} s; "
-        f"{load_at_end()}"
+    note = f"fit: {per100:.1f}% of a core per 100 idle streams; {args.rounds} rounds x {args.seconds:g} s"
+    m = machine()
+    (out / "table.md").write_text(f"{conditions(m)}\n{note}.\n\n{table}\n")
+    save_json(
+        out / "results.json",
+        {"machine": m, "args": vars(args), "cpu_percent": cpu, "per_100_streams": per100},
     )
-    (out / "table.md").write_text(f"{table}\n\n{note}\n")
-    save_json(out / "results.json", {"machine": machine(), "cpu_percent": cpu, "per_100_streams": per100})
     _plot(cpu, per100, out / "sse_cost.png")
     print(table)
     print(note)

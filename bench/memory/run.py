@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from bench.common import machine, markdown_table, save_json
+from bench.common import conditions, machine, markdown_table, results_dir, save_json
 from service.spec import parse_spec
 from workers.compression.pruning import _local
 from workers.data import load_dataset
@@ -35,7 +35,6 @@ from workers.data import sharding as sh
 from workers.parallel import Dist
 from workers.train_loop import _batch, build, train_step
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
 
 
@@ -158,9 +157,11 @@ def main() -> None:
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    # bench.run_all's quick mode writes elsewhere, so it never overwrites the committed figures.
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    # Default: bench/results/memory (committed), or BENCH_OUT/memory when set. bench.run_all's quick
+    # mode writes elsewhere, so it never overwrites the committed figures.
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    args.out = args.out or results_dir("memory")
 
     configs = [("ddp", 1)]
     for w in args.worlds:
@@ -206,9 +207,10 @@ def main() -> None:
         f"AdamW, fp32, global batch {args.batch}, 4 microbatches; largest rank per configuration."
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(header + "\n\n" + table + "\n")
+    m = machine()
+    (args.out / "table.md").write_text(f"{conditions(m)}\n{header}\n\n{table}\n")
     meta = {**vars(args), "out": str(args.out)}
-    save_json(args.out / "results.json", {"machine": machine(), "args": meta, "params": n, "rows": rows})
+    save_json(args.out / "results.json", {"machine": m, "args": meta, "params": n, "rows": rows})
     plot(rows, args.out / "memory.png")
     print(header)
     print(table)
