@@ -6,8 +6,10 @@ For `mlp` (LeNet-300-100) and `lenet5`: dense fp32; cubic GMP to 50/75/90/95%; 9
 `workers.train_loop.train` in this process with a `LocalSession` (no Ray: the numbers are about
 compression, not scheduling), then the same `workers.export.export` every job ends with.
 Accuracy is the exported ONNX model's, run in onnxruntime over the validation split (360
-digits); size is the packed artifact; latency is onnxruntime CPU with one thread, the median of
-repeated runs.
+digits); size and sparsity are the packed artifact's (`report.sparsity`, counted on model.packed);
+latency is onnxruntime CPU with one thread, the median of repeated runs of the row's runtime
+artifact, timed interleaved with the dense fp32 job's `model.onnx` of the same model and seed: the
+speed-up is against that dense baseline (never against the row's own unquantized graph).
 
     .venv/bin/python -m bench.compression.run [--seeds 0 1 2] [--models mlp lenet5] [--out DIR]
 
@@ -26,9 +28,9 @@ import warnings
 from pathlib import Path
 
 from bench.common import machine, markdown_table, save_json
-from service.artifacts import LocalArtifactStore
+from service.artifacts import JobArtifacts, LocalArtifactStore
 from service.spec import parse_spec
-from workers import export
+from workers import export, onnx_export, report
 from workers.data import load_dataset
 from workers.session import LocalSession
 from workers.train_loop import train
@@ -81,30 +83,46 @@ def spec_for(model: str, compression: dict, seed: int):
     )
 
 
+def _job_id(model: str, seed: int, label: str) -> str:
+    return f"{model}-{seed}-{[c for c, _ in CONFIGS].index(label)}"
+
+
+def against_dense(store, data, model: str, seed: int, job: str, artifact: str, repeats: int) -> dict:
+    """Latency (ms, batch 1 and 64) of `job`'s runtime artifact and of the dense fp32 job's
+    model.onnx (same model and seed), timed side by side; the dense row is its own baseline."""
+    base = _job_id(model, seed, "dense fp32")
+    dense = onnx_export.session(JobArtifacts(store, base).get_bytes("model.onnx"))
+    ours = dense if job == base else onnx_export.session(JobArtifacts(store, job).get_bytes(artifact))
+    return report.latency_table({"dense": dense, "compressed": ours}, data.x_val.numpy(), (1, 64), repeats)
+
+
 def run_one(store, data, model: str, label: str, compression: dict, seed: int, repeats: int) -> dict:
     spec = spec_for(model, compression, seed)
-    job = f"{model}-{seed}-{[c for c, _ in CONFIGS].index(label)}"
+    job = _job_id(model, seed, label)
     t0 = time.perf_counter()
     summary = train(spec, data, LocalSession(store, job))
     t1 = time.perf_counter()
     rep = export.export(spec, data, store, job, summary["step"], {"steps": summary["step"]}, repeats)
-    lat = rep["latency_ms"]
+    artifact = rep["accuracy_source"].split()[0]
+    lat = against_dense(store, data, model, seed, job, artifact, repeats)
     return {
         "model": model,
         "config": label,
         "seed": seed,
         "accuracy": rep["accuracy"],
         "float_accuracy": rep["float_accuracy"],
-        "sparsity": rep["sparsity"]["global"],
+        "sparsity": rep["sparsity"]["global"],  # of model.packed
         "dense_bytes": rep["size"]["dense_bytes"],
         "packed_bytes": rep["size"]["compressed_bytes"],
         "ratio": rep["size"]["ratio"],
-        "artifact": rep["accuracy_source"].split()[0],
+        "artifact": artifact,
         "artifact_bytes": rep["size"].get("onnx_quantized_bytes", rep["size"]["onnx_bytes"]),
         "latency_b1": lat["compressed"],
         "latency_b64": lat["compressed_batch64"],
+        # The dense fp32 job's model.onnx, timed interleaved with this row's artifact.
         "dense_latency_b1": lat["dense"],
         "dense_latency_b64": lat["dense_batch64"],
+        "baseline": job == _job_id(model, seed, "dense fp32"),
         "train_s": t1 - t0,
         "export_s": time.perf_counter() - t1,
     }
@@ -142,8 +160,13 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "artifact_bytes": mean("artifact_bytes"),
                     "latency_b1": statistics.median(r["latency_b1"] for r in rs),
                     "latency_b64": statistics.median(r["latency_b64"] for r in rs),
-                    "speedup_b1": statistics.median(r["dense_latency_b1"] / r["latency_b1"] for r in rs),
-                    "speedup_b64": statistics.median(r["dense_latency_b64"] / r["latency_b64"] for r in rs),
+                    # None for the dense row: it is the baseline, not a second artifact.
+                    "speedup_b1": None
+                    if rs[0]["baseline"]
+                    else statistics.median(r["dense_latency_b1"] / r["latency_b1"] for r in rs),
+                    "speedup_b64": None
+                    if rs[0]["baseline"]
+                    else statistics.median(r["dense_latency_b64"] / r["latency_b64"] for r in rs),
                 }
             )
     return out
@@ -155,13 +178,13 @@ def table(summary: list[dict]) -> str:
         "configuration",
         "artifact accuracy (mean, min-max)",
         "vs dense (points)",
-        "PyTorch accuracy",
-        "sparsity",
+        "PyTorch accuracy (float weights, before int8 and sharing)",
+        "sparsity (packed)",
         "packed size (B)",
         "ratio vs dense fp32",
         "runtime artifact",
         "latency b1 / b64 (ms)",
-        "speed-up vs fp32 b1 / b64",
+        "speed-up vs dense fp32 job b1 / b64",
     ]
     rows = [
         [
@@ -175,7 +198,7 @@ def table(summary: list[dict]) -> str:
             f"{s['ratio']:.1f}x",
             f"{s['artifact']} ({s['artifact_bytes'] / 1024:,.0f} KiB)",
             f"{s['latency_b1']:.4f} / {s['latency_b64']:.4f}",
-            f"{s['speedup_b1']:.2f}x / {s['speedup_b64']:.2f}x",
+            "baseline" if s["speedup_b1"] is None else f"{s['speedup_b1']:.2f}x / {s['speedup_b64']:.2f}x",
         ]
         for s in summary
     ]

@@ -200,9 +200,15 @@ def test_a_code_rounded_to_zero_counts_in_the_report(qat, store, digits, monkeyp
     rep = export.export(
         parse_spec(SPEC), digits, store, "qat-rounded", qat["steps"], {"steps": qat["steps"]}, 3
     )
-    assert rep["sparsity"]["trained_global"] == qat["sparsity"]["trained_global"]
     assert rep["params"]["nonzero"] == qat["params"]["nonzero"] - 1
+    layers = qat["sparsity"]["layers"]
+    first = next(iter(layers))
+    assert rep["sparsity"]["layers"][first] > layers[first]
+    assert {n: v for n, v in rep["sparsity"]["layers"].items() if n != first} == {
+        n: v for n, v in layers.items() if n != first
+    }
     assert rep["sparsity"]["global"] > qat["sparsity"]["global"]
+    assert rep["sparsity"]["trained_global"] == qat["sparsity"]["trained_global"]  # the floats as trained
 
 
 def test_a_pruned_weight_revived_in_the_artifact_fails_the_export(qat, store, digits, monkeypatch):
