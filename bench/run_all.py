@@ -7,8 +7,8 @@
 Each bench runs as its own process (`python -m MODULE ARGS`), so one crash cannot take the others
 down and every bench starts from a clean interpreter, as its README command does. Quick mode
 shrinks each bench (fewer rounds, steps, seeds, clients) and sends every output under
-`bench/out/quick/` (git-ignored, BENCH_OUT), so it never overwrites what `--full` writes: the
-committed figures (bench/memory/results, bench/compression/results) and bench/out/NAME.
+`bench/out/quick/` (git-ignored, BENCH_OUT), so it never overwrites what `--full` writes: each
+bench's committed results in bench/results/NAME/ (results.json, table.md, a plot).
 Each bench's output is also kept in `bench/out/run_all/NAME.log`; the summary (status, seconds,
 where the tables and plots went) is printed and written to `bench/out/run_all/summary.md`.
 Exits 1 when any bench fails (non-zero exit or timeout), after running the rest.
@@ -48,8 +48,8 @@ class Bench:
     takes_require_gpu: bool = False  # passed --require-gpu when run_all is
 
 
-FULL_OUT = ROOT / "bench" / "out"
-QUICK_OUT = FULL_OUT / "quick"
+FULL_OUT = ROOT / "bench" / "results"  # committed (bench.common.results_dir)
+QUICK_OUT = ROOT / "bench" / "out" / "quick"  # git-ignored
 
 
 def _o(name: str) -> str:
@@ -81,7 +81,7 @@ BENCHES = [
     Bench(
         "pruning_overhead",
         "bench.pruning_overhead",
-        ["--rounds", "2", "--steps", "100"],
+        ["--rounds", "2", "--steps", "100", "--out", _q("pruning_overhead")],
         [],
         _q("pruning_overhead"),
         _o("pruning_overhead"),
@@ -92,15 +92,15 @@ BENCHES = [
         ["--layers", "2", "--embd", "64", "--worlds", "2", "--out", _q("memory")],
         [],
         _q("memory"),
-        "bench/memory/results",
+        _o("memory"),
     ),
     Bench(
         "compression",
         "bench.compression.run",
         ["--seeds", "0", "--models", "mlp", "--latency-repeats", "20", "--out", _q("compression")],
-        [],
+        ["--out", _o("compression")],
         _q("compression"),
-        "bench/compression/results",
+        _o("compression"),
     ),
     Bench(
         "gpu_check",
