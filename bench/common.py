@@ -21,9 +21,6 @@ RESULTS = ROOT / "bench" / "results"
 SCRATCH = ROOT / "bench" / "out"
 OUT = Path(os.environ.get("BENCH_OUT") or SCRATCH).resolve()
 
-# The machine is shared: the load when the bench started (this module is imported first thing)
-# is as much a condition of its figures as the load at the end.
-_STARTED = (time.time(), os.getloadavg())
 
 # The packages whose versions decide the figures; all are pinned by requirements.lock.
 VERSIONED = [
@@ -101,10 +98,16 @@ def _git() -> dict:
     }
 
 
+# The machine is shared: the load when the bench started (this module is imported first thing)
+# is as much a condition of its figures as the load at the end. The commit too is the one the
+# bench started at: other engineers commit to this checkout while a long bench runs.
+_STARTED = (time.time(), os.getloadavg(), _git())
+
+
 def machine() -> dict:
     """The conditions of a run, for its results.json: when, on what, with which versions, and the
     load average when the bench started and now (this shared machine's load moves the figures)."""
-    t0, load0 = _STARTED
+    t0, load0, git = _STARTED
     return {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
@@ -114,7 +117,7 @@ def machine() -> dict:
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
         "versions": _versions(),
-        "git": _git(),
+        "git": git,
         "load_average": {
             "start": [round(x, 2) for x in load0],
             "end": [round(x, 2) for x in os.getloadavg()],
