@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,6 +38,71 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# A name in the caller's model namespace (`store://models/NAME`, `PUT /v1/models/NAME`): one
+# path segment, so no name can reach outside its tenant's folder in the artifact store.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
+_JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class InitSpec(Strict):
+    """Where a job's initial weights come from (safetensors, loaded strictly before training)."""
+
+    job: str | None = Field(
+        default=None,
+        pattern=_JOB_ID_PATTERN,
+        description="Id of a succeeded job of the same tenant: its final `model.safetensors`. "
+        "Exclusive with `uri`.",
+    )
+    uri: str | None = Field(
+        default=None,
+        description="`store://models/<name>` (uploaded with `PUT /v1/models/<name>`, in the "
+        "caller's namespace), `s3://bucket/key.safetensors`, or `s3://bucket/folder/` holding "
+        "sharded safetensors with HuggingFace's `model.safetensors.index.json`.",
+    )
+    resolved: str | None = Field(
+        default=None,
+        description="Set by the service at submission, never by a client: the artifact-store key "
+        "(or s3:// URI) the workers read the weights from.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme, sep, rest = v.partition("://")
+        if scheme == "store" and sep:
+            name = rest.removeprefix("models/")
+            if not rest.startswith("models/") or not MODEL_NAME_RE.fullmatch(name):
+                raise ValueError(
+                    "store:// weights are store://models/<name>, the name letters, digits, '.', "
+                    "'_' and '-' (up to 100, not starting with '.', '_' or '-')"
+                )
+            return v
+        if scheme == "s3" and sep:
+            bucket, _, key = rest.partition("/")
+            if not bucket or not key or ".." in key.split("/") or re.search(r"\s", v):
+                raise ValueError("must be s3://bucket/key.safetensors or s3://bucket/folder/")
+            if not (key.endswith(".safetensors") or key.endswith("/") or key.endswith(".index.json")):
+                raise ValueError(
+                    "an s3:// key must end in .safetensors, or be a folder (ending in '/') holding "
+                    "model.safetensors.index.json"
+                )
+            return v
+        raise ValueError("must be store://models/<name>, s3://bucket/key.safetensors or s3://bucket/folder/")
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> InitSpec:
+        if (self.job is None) == (self.uri is None):
+            raise ValueError("give exactly one of `job` or `uri`")
+        # A client that could name the key would read any tenant's weights: only the service,
+        # after checking the caller's access, fills this in.
+        if self.resolved is not None and (info.context or {}).get("submitted"):
+            raise ValueError("resolved: set by the service; not allowed in a submitted spec")
+        return self
+
+
 class ModelSpec(Strict):
     name: str = Field(
         description="Registry model: "
@@ -44,6 +110,10 @@ class ModelSpec(Strict):
         + ", or one installed through the `slimtrain.models` entry points."
     )
     args: dict[str, Any] = Field(default_factory=dict, description="Arguments of that model.")
+    init: InitSpec | None = Field(
+        default=None,
+        description="Start from trained weights (safetensors) instead of a random initialisation.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -59,6 +129,49 @@ class ModelSpec(Strict):
         return self
 
 
+# Data formats a `data.uri` may hold, and the file endings that name each when `data.format` is
+# not given (workers/data/formats.py reads them).
+DATA_FORMATS: dict[str, tuple[str, ...]] = {
+    "npz": (".npz",),
+    "parquet": (".parquet", ".pq"),
+    "jsonl": (".jsonl",),
+    "text": (".txt",),
+    "image_zip": (".zip",),
+    "image_tar": (".tar", ".tar.gz", ".tgz"),
+}
+# Which format-specific options each format takes; any other is refused, naming the field.
+_FORMAT_OPTIONS: dict[str, set[str]] = {
+    "npz": {"layout", "num_classes"},
+    "parquet": {"label_column", "feature_columns", "token_column", "layout", "num_classes", "seq_len"},
+    "jsonl": {"text_column", "tokenizer", "seq_len"},
+    "text": {"tokenizer", "seq_len"},
+    "image_zip": {"image_size"},
+    "image_tar": {"image_size"},
+}
+_COLUMN = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def guess_data_format(uri: str) -> str | None:
+    low = uri.lower()
+    for fmt, endings in DATA_FORMATS.items():
+        if low.endswith(endings):
+            return fmt
+    return None
+
+
+def _data_uri_error(v: str, what: str) -> str | None:
+    m = re.fullmatch(r"(s3|store)://([^\s]+)", v)
+    if not m:
+        return (
+            f"must be s3://bucket/key.npz or store://datasets/<name>.npz ({what}; formats: see data.format)"
+        )
+    if m.group(1) == "store" and not re.fullmatch(r"datasets/[A-Za-z0-9._/-]+", m.group(2)):
+        return "store:// datasets live under datasets/ in the artifact store"
+    if ".." in m.group(2).split("/"):
+        return "must not contain '..' segments"
+    return None
+
+
 class DataSpec(Strict):
     name: str | None = Field(
         default=None,
@@ -66,8 +179,63 @@ class DataSpec(Strict):
     )
     uri: str | None = Field(
         default=None,
-        description="An .npz with arrays X and y: `s3://bucket/key.npz` or "
-        "`store://datasets/<name>.npz` (a key in the artifact store).",
+        description="A dataset file: `s3://bucket/key.EXT` or `store://datasets/<name>.EXT` (a key in "
+        "the artifact store); its format comes from `format` or the ending: "
+        + "; ".join(f"{f}: {', '.join(e)}" for f, e in DATA_FORMATS.items())
+        + ".",
+    )
+    format: Literal["npz", "parquet", "jsonl", "text", "image_zip", "image_tar"] | None = Field(
+        default=None,
+        description="Format of `uri`; default: from its ending. npz: arrays X and y. parquet: "
+        "`feature_columns` (or one list column) + `label_column`, or a `token_column` of token "
+        "ids. jsonl: one JSON object per line, its `text_column` a document. text: plain UTF-8. "
+        "image_zip / image_tar: one folder per class (class index = sorted folder names).",
+    )
+    label_column: _COLUMN | None = Field(default=None, description="parquet: integer class labels 0..K-1.")
+    feature_columns: list[_COLUMN] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100_000,
+        description="parquet: numeric feature columns, or one list column (nested lists give an "
+        "image: [C][H][W], or [H][W][C] with layout nhwc).",
+    )
+    token_column: _COLUMN | None = Field(
+        default=None,
+        description="parquet: a column of integer token-id lists. With `label_column`: sequence "
+        "classification (equal lengths); without: language modelling in `seq_len` blocks.",
+    )
+    text_column: _COLUMN | None = Field(
+        default=None, description="jsonl: the field holding each document; default text."
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="jsonl / text: a HuggingFace `tokenizer.json` (same URI rules as `uri`); "
+        "default: bytes as tokens (vocabulary 256).",
+    )
+    seq_len: int | None = Field(
+        default=None,
+        ge=2,
+        le=65_536,
+        description="jsonl / text / parquet tokens: tokens per sample; default 64.",
+    )
+    layout: Literal["nchw", "nhwc"] | None = Field(
+        default=None,
+        description="npz / parquet image arrays: channel position of 4-D X; default nchw "
+        "(nhwc is transposed to the models' NCHW).",
+    )
+    image_size: int | None = Field(
+        default=None,
+        ge=4,
+        le=1024,
+        description="image_zip / image_tar: resize every image to this square side; default: "
+        "keep the size (then all images must share it).",
+    )
+    num_classes: int | None = Field(
+        default=None,
+        ge=2,
+        le=10_000_000,
+        description="npz / parquet: number of classes (vocabulary size for tokens); labels must "
+        "lie in 0..num_classes-1. Default: max label + 1, every class present.",
     )
     args: dict[str, Any] = Field(default_factory=dict, description="Arguments of that dataset.")
     val_fraction: float = Field(
@@ -86,30 +254,79 @@ class DataSpec(Strict):
     def _uri(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        m = re.fullmatch(r"(s3|store)://([^\s]+)", v)
-        if not m or not v.endswith(".npz"):
-            raise ValueError("must be s3://bucket/key.npz or store://datasets/<name>.npz")
-        if m.group(1) == "store" and not re.fullmatch(r"datasets/[A-Za-z0-9._/-]+", m.group(2)):
-            raise ValueError("store:// datasets live under datasets/ in the artifact store")
-        if ".." in m.group(2).split("/"):
-            raise ValueError("must not contain '..' segments")
+        err = _data_uri_error(v, "a dataset file")
+        if err:
+            raise ValueError(err)
+        return v
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        err = _data_uri_error(v, "a tokenizer.json")
+        if err or not v.endswith(".json"):
+            raise ValueError(err or "must name a tokenizer.json (ending in .json)")
         return v
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
         if (self.name is None) == (self.uri is None):
             raise ValueError("give exactly one of `name` or `uri`")
-        if self.uri is not None and self.args:
-            raise ValueError("args: not allowed with `uri`")
+        options = {f for fmt in _FORMAT_OPTIONS.values() for f in fmt}
+        given = sorted(f for f in options if getattr(self, f) is not None)
         if self.name is not None:
             schema = catalog.BUILTIN_DATASETS[self.name]
             self.args = _validated_args(schema, self.args)
+            extra = (["format"] if self.format is not None else []) + given
+            if extra:
+                raise ValueError(f"{extra[0]}: only with `uri` (a built-in dataset takes `args`)")
+            return self
+        if self.args:
+            raise ValueError("args: not allowed with `uri`")
+        fmt = self.format or guess_data_format(self.uri)
+        if fmt is None:
+            raise ValueError(
+                "format: cannot tell the format from the uri's ending; give format ("
+                + ", ".join(DATA_FORMATS)
+                + ") or end the uri in one of "
+                + ", ".join(e for es in DATA_FORMATS.values() for e in es)
+            )
+        for f in given:
+            if f not in _FORMAT_OPTIONS[fmt]:
+                raise ValueError(
+                    f"{f}: not an option of format {fmt} (it takes {', '.join(sorted(_FORMAT_OPTIONS[fmt]))})"
+                )
+        if fmt == "parquet":
+            if self.feature_columns is None and self.token_column is None:
+                raise ValueError("parquet data needs feature_columns (with label_column) or token_column")
+            if self.feature_columns is not None and self.token_column is not None:
+                raise ValueError("token_column: exclusive with feature_columns")
+            if self.feature_columns is not None and self.label_column is None:
+                raise ValueError("label_column: required with feature_columns")
+            if self.seq_len is not None and (self.token_column is None or self.label_column is not None):
+                raise ValueError("seq_len: only for language modelling (token_column without label_column)")
+            names = [*(self.feature_columns or []), self.token_column]
+            if self.label_column is not None and self.label_column in names:
+                raise ValueError(f"label_column: {self.label_column!r} is also a feature/token column")
         return self
+
+    @property
+    def resolved_format(self) -> str | None:
+        """The format of `uri` (given or from its ending); None for a built-in dataset."""
+        if self.uri is None:
+            return None
+        return self.format or guess_data_format(self.uri)
 
     @property
     def kind(self) -> str | None:
         """image | vector | tokens; None when only the data itself can tell (uri)."""
         if self.name is None:
+            fmt = self.resolved_format
+            if fmt in ("image_zip", "image_tar"):
+                return "image"
+            if fmt in ("jsonl", "text") or (fmt == "parquet" and self.label_column is None):
+                return "tokens"
             return None
         if self.name == "synthetic":
             side = math.isqrt(self.args["n_features"])
@@ -450,12 +667,13 @@ def format_errors(
     return out
 
 
-def parse_spec(data: Any) -> JobSpec:
-    """Validate a decoded spec; raise SpecError naming each bad field."""
+def parse_spec(data: Any, submitted: bool = False) -> JobSpec:
+    """Validate a decoded spec; raise SpecError naming each bad field. `submitted`: the spec comes
+    from a client (fields only the service sets, such as model.init.resolved, are refused)."""
     if not isinstance(data, dict):
         raise SpecError("a job spec must be a mapping", [{"field": "(spec)", "message": "must be a mapping"}])
     try:
-        return JobSpec.model_validate(data)
+        return JobSpec.model_validate(data, context={"submitted": submitted})
     except ValidationError as e:
         errors = format_errors(e, model=JobSpec)
         raise SpecError("; ".join(f"{x['field']}: {x['message']}" for x in errors), errors) from None

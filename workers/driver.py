@@ -23,7 +23,7 @@ from service.artifacts import ArtifactStore, JobArtifacts
 from service.errors import ArtifactNotFound, ConfigError, SlimtrainError, TrainingFailed
 from service.records import Phase, phase_record
 from service.spec import JobSpec
-from workers import export
+from workers import export, init_weights
 from workers.checkpoint import CHECKPOINTS
 from workers.data import load_dataset
 from workers.models import build_model
@@ -115,6 +115,9 @@ def preflight(spec: JobSpec, store: ArtifactStore):
     data = load_dataset(spec.data, store)
     spe, total = total_steps(spec, data.info.n_train)
     model = build_model(spec.model.name, spec.model.args, data.info)
+    if spec.model.init is not None:
+        # Unreadable or ill-fitting weights fail here, once, before any worker starts.
+        init_weights.apply(model, init_weights.load_init_state(spec, store))
     if spec.parallel.strategy == "pipeline":
         require_stages(model, spec.parallel.workers)
     if spec.uses_gpu:
@@ -328,6 +331,8 @@ def run_job(
     enter(Phase.EXPORTING)
     rep = export.export(spec, data, store, job_id, total, run_info, on_verify=lambda: enter(Phase.VERIFYING))
     rep["wall_seconds"] = time.time() - started
+    # model.init: the step-0 evaluation (of this driver or an earlier attempt's) is the baseline.
+    init_weights.rebase(rep, init_weights.baseline_of(metrics.lines, data.info.kind))
     arts.put_json("report.json", rep)
     enter(Phase.DONE)  # before the manifest, which lists metrics.jsonl as it ends
     arts.write_manifest()

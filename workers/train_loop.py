@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from service.errors import ConfigError, TrainingDiverged
 from service.spec import JobSpec, check_steps
+from workers import init_weights
 from workers.checkpoint import Loaded
 from workers.compression import clipping, schedules
 from workers.compression import quantization as quant
@@ -126,10 +127,14 @@ def loss_fn_for(kind: str):
     return F.cross_entropy
 
 
-def build(spec: JobSpec, data: Dataset, d: Dist) -> Run:
+def build(spec: JobSpec, data: Dataset, d: Dist, init_state: dict | None = None) -> Run:
     spe, total = total_steps(spec, data.info.n_train)
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model.name, spec.model.args, data.info, seed=spec.train.seed)
+    if init_state is not None:
+        # model.init: loaded strictly into the plain model, on every rank, before quantization
+        # swaps layers and the strategy wraps, shards or splits it.
+        init_weights.apply(model, init_state)
     q = spec.compression.quantization
     # Fake quantization goes in before the strategy wraps, shards or splits the model: the
     # swapped layers then travel with their weights into every strategy's layout.
@@ -384,8 +389,10 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
     loop's wall clock: data, steps, evaluation, checkpoints); samples_per_second (samples over
     wall_seconds); train_seconds (rank 0's time inside `train_step` only)."""
     faults = faults or Faults()
-    run = build(spec, data, session.dist)
     ckpt = session.restore()
+    # A resumed run takes its weights from the checkpoint: the initial ones are not read again.
+    init_state = init_weights.load_init_state(spec, getattr(session, "store", None)) if ckpt is None else None
+    run = build(spec, data, session.dist, init_state)
     restore(run, ckpt)
     rank0 = session.dist.rank == 0
     if rank0:
@@ -404,6 +411,11 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
                 "target_curve": curve,
             }
         )
+    if init_state is not None:
+        # The report's baseline: the initial weights, by the same evaluation, before any step.
+        ev = evaluate(run)
+        if rank0:
+            session.emit({"kind": "eval", "step": 0, "baseline": True, **ev})
     run.model.train()
     perm = None
     window_start, window_steps = time.perf_counter(), 0
