@@ -24,6 +24,7 @@ from service.settings import Settings
 from service.spec import parse_spec
 from service.store.models import Job
 from service.store.repo import NewJob, Page, Store
+from service.uploads import ModelStore, resolve_init
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class JobService:
             store, ray, artifacts, self.scheduler, self.ingester, settings.heartbeat_timeout_s
         )
         self.loops: dict[str, Loop] = {}
+        self.models = ModelStore(artifacts, settings.max_model_bytes)
 
     # --- background ------------------------------------------------------------------------------
 
@@ -94,8 +96,10 @@ class JobService:
             raise SpecError(
                 f"the body is not valid JSON: {e}", [{"field": "(body)", "message": str(e)}]
             ) from None
-        spec = parse_spec(data)
+        spec = parse_spec(data, submitted=True)
         check_limits(spec, self.settings)
+        # model.init becomes one store key now, with the caller's tenant: workers never see tenants.
+        spec = resolve_init(spec, tenant, self.artifacts, self.store)
         new = NewJob(
             job_id=new_job_id(),
             tenant=tenant,

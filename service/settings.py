@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_epochs: int = Field(default=1000, ge=1)
     max_steps: int = Field(default=1_000_000, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_model_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="Largest weights file PUT /v1/models/{name} accepts."
+    )
 
     # Job service (api/, service/scheduler.py, service/reconciler.py).
     ray_dashboard_url: str | None = Field(

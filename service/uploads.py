@@ -133,48 +133,76 @@ def safetensors_header(head: bytes, size: int) -> dict:
     return header
 
 
+class Upload:
+    """One upload in progress: `write` each chunk as it arrives (to a temporary file, hashed and
+    counted, ModelTooLarge past the limit), then `finish` checks the bytes are safetensors and
+    stores them. `close` always (it removes the temporary file)."""
+
+    def __init__(self, artifacts: ArtifactStore, prefix: str, name: str, max_bytes: int):
+        self.artifacts, self.prefix, self.name, self.max_bytes = artifacts, prefix, name, max_bytes
+        self.sha, self.size = hashlib.sha256(), 0
+        fd, self.tmp = tempfile.mkstemp(prefix="slimtrain-upload-", suffix=".safetensors")
+        self.file = os.fdopen(fd, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise ModelTooLarge(
+                f"the upload is larger than the limit of {self.max_bytes} bytes (SLIMTRAIN_MAX_MODEL_BYTES)"
+            )
+        self.sha.update(chunk)
+        self.file.write(chunk)
+
+    def finish(self) -> dict:
+        self.file.close()
+        with open(self.tmp, "rb") as f:
+            head = f.read(8)
+            if len(head) == 8:
+                (n,) = struct.unpack("<Q", head)
+                head += f.read(min(n, MAX_HEADER_BYTES))
+        header = safetensors_header(head, self.size)
+        entry = {
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha.hexdigest(),
+            "tensors": sum(1 for k in header if k != "__metadata__"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
+        # Weights first, then the entry: a listed model always has its file.
+        self.artifacts.put_file(self.prefix + WEIGHTS, self.tmp)
+        self.artifacts.put_json(self.prefix + META, entry)
+        return entry
+
+    def close(self) -> None:
+        self.file.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
 class ModelStore:
     """A tenant's uploaded weights in the artifact store."""
 
     def __init__(self, artifacts: ArtifactStore, max_bytes: int):
         self.artifacts, self.max_bytes = artifacts, max_bytes
 
+    def check_size(self, declared: int) -> None:
+        """Refuse an upload whose Content-Length is above the limit before reading it."""
+        if declared > self.max_bytes:
+            raise ModelTooLarge(
+                f"the upload is {declared} bytes; the limit is {self.max_bytes} (SLIMTRAIN_MAX_MODEL_BYTES)"
+            )
+
+    def start(self, tenant: str, name: str) -> Upload:
+        return Upload(self.artifacts, model_prefix(tenant, name), name, self.max_bytes)
+
     def put(self, tenant: str, name: str, chunks: Iterable[bytes]) -> dict:
-        """Stream `chunks` to a temporary file (hashing and counting, refused past max_bytes),
-        check it is safetensors, then store it. Returns its entry."""
-        prefix = model_prefix(tenant, name)
-        h, size = hashlib.sha256(), 0
-        fd, tmp = tempfile.mkstemp(prefix="slimtrain-upload-", suffix=".safetensors")
+        """Store `chunks` as the tenant's model `name` (an upload in one call)."""
+        upload = self.start(tenant, name)
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise ModelTooLarge(
-                            f"the upload is above the limit of {self.max_bytes} bytes "
-                            "(SLIMTRAIN_MAX_MODEL_BYTES)"
-                        )
-                    h.update(chunk)
-                    f.write(chunk)
-            with open(tmp, "rb") as f:
-                head = f.read(8)
-                if len(head) == 8:
-                    (n,) = struct.unpack("<Q", head)
-                    head += f.read(min(n, MAX_HEADER_BYTES))
-            header = safetensors_header(head, size)
-            entry = {
-                "name": name,
-                "size": size,
-                "sha256": h.hexdigest(),
-                "tensors": sum(1 for k in header if k != "__metadata__"),
-                "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            }
-            # Weights first, then the entry: a listed model always has its file.
-            self.artifacts.put_file(prefix + WEIGHTS, tmp)
-            self.artifacts.put_json(prefix + META, entry)
-            return entry
+            for chunk in chunks:
+                upload.write(chunk)
+            return upload.finish()
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            upload.close()
 
     def list(self, tenant: str) -> list[dict]:
         out = []

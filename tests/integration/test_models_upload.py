@@ -1,0 +1,123 @@
+"""`/v1/models` and `model.init` through the live API (tests/plugins/live_api.py: real uvicorn,
+SQLite, a local artifact store, and the Ray stand-in FinishingRay, whose drivers succeed at once
+leaving a model.safetensors and a manifest). About HTTP and tenants: the training from those
+weights is tests/unit/test_init_weights.py."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from service.artifacts import LocalArtifactStore
+from tests.plugins.live_api import ALICE, BOB, live_api
+
+pytestmark = pytest.mark.integration
+
+SPEC = {"name": "init", "model": {"name": "mlp"}, "data": {"name": "digits"}}
+LIMIT = 64 * 1024
+
+
+def _weights(value: float) -> bytes:
+    return st_save({"w": torch.full((4, 4), value), "b": torch.zeros(4)})
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    data = tmp_path_factory.mktemp("models")
+    with live_api(data, LocalArtifactStore(data / "artifacts"), max_model_bytes=LIMIT) as api:
+        yield api
+
+
+def _init(client, init: dict):
+    return client.post("/v1/jobs", json={**SPEC, "model": {"name": "mlp", "init": init}})
+
+
+def test_two_tenants_with_one_name_each_see_their_own(api):
+    alice, bob = api.client(ALICE), api.client(BOB)
+    a, b = _weights(1.0), _weights(2.0)
+    r = alice.put("/v1/models/base", content=a)
+    assert r.status_code == 201, r.text
+    assert r.json()["sha256"] == hashlib.sha256(a).hexdigest() and r.json()["size"] == len(a)
+    assert bob.put("/v1/models/base", content=b).status_code == 201
+    assert alice.put("/v1/models/alice-only", content=a).status_code == 201
+    mine = {m["name"]: m for m in alice.get("/v1/models").json()["items"]}
+    theirs = {m["name"]: m for m in bob.get("/v1/models").json()["items"]}
+    assert set(mine) == {"alice-only", "base"} and set(theirs) == {"base"}
+    assert mine["base"]["sha256"] == hashlib.sha256(a).hexdigest()
+    assert theirs["base"]["sha256"] == hashlib.sha256(b).hexdigest()
+    # another tenant's name is absent: not deletable, not startable from
+    assert bob.delete("/v1/models/alice-only").status_code == 404
+    r = _init(bob, {"uri": "store://models/alice-only"})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "model.init.uri"
+    # each tenant's job resolves the one name to its own weights
+    ja = _init(alice, {"uri": "store://models/base"}).json()
+    jb = _init(bob, {"uri": "store://models/base"}).json()
+    ka, kb = ja["spec"]["model"]["init"]["resolved"], jb["spec"]["model"]["init"]["resolved"]
+    assert api.artifacts.get_bytes(ka) == a and api.artifacts.get_bytes(kb) == b
+    assert alice.delete("/v1/models/alice-only").status_code == 204
+    assert [m["name"] for m in alice.get("/v1/models").json()["items"]] == ["base"]
+
+
+def test_init_from_a_job_is_for_its_own_tenant_only(api):
+    alice, bob = api.client(ALICE), api.client(BOB)
+    parent = alice.post("/v1/jobs", json=SPEC).json()
+    assert alice.get(f"/v1/jobs/{parent['id']}").json()["state"] == "succeeded"
+    r = _init(alice, {"job": parent["id"]})
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["model"]["init"]["resolved"] == f"{parent['id']}/model.safetensors"
+    other, missing = _init(bob, {"job": parent["id"]}), _init(bob, {"job": "no-such-job"})
+    assert other.status_code == missing.status_code == 422
+    fo, fm = other.json()["error"]["fields"][0], missing.json()["error"]["fields"][0]
+    assert fo["field"] == fm["field"] == "model.init.job"
+    # refused exactly like a missing job: the message differs only by the id it repeats
+    assert fo["message"].replace(parent["id"], "X") == fm["message"].replace("no-such-job", "X")
+
+
+def test_a_client_cannot_set_the_resolved_key(api):
+    bob = api.client(BOB)
+    r = _init(bob, {"uri": "store://models/base", "resolved": "_tenants/alice/models/base/model.safetensors"})
+    assert r.status_code == 422
+    assert r.json()["error"]["fields"][0]["field"] == "model.init.resolved"
+
+
+def test_over_the_limit_is_413_and_nothing_is_stored(api):
+    alice = api.client(ALICE)
+    big = st_save({"w": torch.zeros(LIMIT // 4 + 16)})
+    r = alice.put("/v1/models/big", content=big)
+    assert r.status_code == 413, r.text
+    # without Content-Length (chunked): refused while streaming
+    r = alice.put("/v1/models/big", content=iter([big[i : i + 4096] for i in range(0, len(big), 4096)]))
+    assert r.status_code == 413, r.text
+    assert "big" not in [m["name"] for m in alice.get("/v1/models").json()["items"]]
+
+
+class _Boom:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_disguised_as_safetensors_is_refused_and_never_unpickled(api, tmp_path):
+    alice = api.client(ALICE)
+    marker = tmp_path / "unpickled"
+    for raw in (pickle.dumps({"w": _Boom(str(marker))}), b"not weights", b""):
+        r = alice.put("/v1/models/evil.safetensors", content=raw)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "not_safetensors"
+        assert "safetensors" in r.json()["error"]["message"]
+    assert not marker.exists()
+    assert "evil.safetensors" not in [m["name"] for m in alice.get("/v1/models").json()["items"]]
+
+
+def test_names_that_could_escape_are_refused(api):
+    alice = api.client(ALICE)
+    for name in ("..", ".hidden", "_tenants", "a%2Fb"):
+        r = alice.put(f"/v1/models/{name}", content=_weights(1.0))
+        assert r.status_code in (404, 422), (name, r.status_code, r.text)
+    assert all(not m["name"].startswith((".", "_")) for m in alice.get("/v1/models").json()["items"])
