@@ -12,7 +12,7 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MODEL_ENTRY_POINT_GROUP = "slimtrain.models"
 
@@ -59,11 +59,29 @@ class GPTArgs(Args):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
+class ResNetArgs(Args):
+    depth: int = Field(
+        default=20,
+        ge=8,
+        le=110,
+        description="6n+2 (n BasicBlocks per stage): 8, 14, 20, 26, 32, 44, 56, 110.",
+    )
+    width: int = Field(default=16, ge=1, le=512, description="Channels of the first stage (x2, x4 after).")
+
+    @field_validator("depth")
+    @classmethod
+    def _six_n_plus_two(cls, v: int) -> int:
+        if (v - 2) % 6:
+            raise ValueError(f"{v} is not 6n+2; allowed: 8, 14, 20, 26, 32, 44, 56, 110 (any 6n+2 up to 110)")
+        return v
+
+
 BUILTIN_MODELS: dict[str, type[Args]] = {
     "mlp": MLPArgs,
     "lenet5": LeNet5Args,
     "convnet": ConvNetArgs,
     "gpt": GPTArgs,
+    "resnet": ResNetArgs,
 }
 
 # Which data kinds each built-in model accepts ("image" datasets are also "vector" ones).
@@ -72,6 +90,7 @@ MODEL_INPUT_KIND: dict[str, set[str]] = {
     "lenet5": {"image"},
     "convnet": {"image"},
     "gpt": {"tokens"},
+    "resnet": {"image"},
 }
 
 

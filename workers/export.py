@@ -34,6 +34,7 @@ from workers.compression import quantization as quant
 from workers.compression.pruning import prunable_weights
 from workers.data import Dataset
 from workers.models import build_model
+from workers.models.folding import fold_batchnorm
 from workers.train_loop import pruning_end
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,9 @@ def export(
         if not torch.equal(v, deployed[k]):
             raise CheckpointError(f"packed model does not rebuild {k} exactly")
 
-    fp32 = onnx_export.to_onnx(plain, data.x_val)
+    # BatchNorm folded into its conv (ResNet): the graph's convs then hold the weights it runs.
+    graph_model, _ = fold_batchnorm(plain)
+    fp32 = onnx_export.to_onnx(graph_model, data.x_val)
     arts.put_bytes("model.onnx", onnx_export.to_bytes(fp32))
     qinfo: dict = {"mode": q.mode}
     artifact = "model.onnx"
@@ -141,7 +144,7 @@ def export(
         qinfo.update(extra)
         artifact = qinfo["onnx"]
     else:
-        runtime_nodes = onnx_export.layer_nodes(fp32, prunable_weights(plain))
+        runtime_nodes = onnx_export.layer_nodes(fp32, prunable_weights(graph_model))
 
     if on_verify:
         on_verify()
@@ -235,6 +238,8 @@ def _quantized_onnx(
     """Write the quantized graph of the deployed (`rebuilt`) model; return the report's
     `quantization` details and the graph's node of each layer."""
     q = spec.compression.quantization
+    # Folding keeps each layer's trained codes (its scales absorb the BatchNorm): see folding.
+    rebuilt, qweights = fold_batchnorm(rebuilt, qweights)
     src = onnx_export.to_onnx(rebuilt, data.x_val)
     weights = prunable_weights(rebuilt)
     nodes = onnx_export.layer_nodes(src, weights)

@@ -1,4 +1,4 @@
-"""The model registry: built-ins (mlp, lenet5, convnet, gpt) plus operator-installed models from
+"""The model registry: built-ins (mlp, lenet5, convnet, gpt, resnet) plus operator-installed models from
 the `slimtrain.models` entry points. Models are built from validated arguments and the dataset's
 `DataInfo`; they take raw features as the dataset provides them and return logits, with
 normalisation and reshaping inside the module (so the exported graph is self-contained)."""
@@ -17,6 +17,7 @@ from workers.models.convnet import ConvNet
 from workers.models.gpt import GPT
 from workers.models.lenet5 import LeNet5
 from workers.models.mlp import MLP
+from workers.models.resnet import ResNet
 
 Builder = Callable[[dict, DataInfo], nn.Module]
 
@@ -25,6 +26,7 @@ BUILDERS: dict[str, Builder] = {
     "lenet5": lambda a, i: LeNet5(i, **a),
     "convnet": lambda a, i: ConvNet(i, **a),
     "gpt": lambda a, i: GPT(i, **a),
+    "resnet": lambda a, i: ResNet(i, **a),
 }
 
 
