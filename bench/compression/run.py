@@ -13,7 +13,7 @@ speed-up is against that dense baseline (never against the row's own unquantized
 
     .venv/bin/python -m bench.compression.run [--seeds 0 1 2] [--models mlp lenet5] [--out DIR]
 
-Writes table.md, results.json and accuracy_vs_ratio.png to bench/compression/results/.
+Writes table.md, results.json and accuracy_vs_ratio.png to bench/results/compression/ (committed).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from workers.session import LocalSession
 from workers.train_loop import train
 
 log = logging.getLogger("bench.compression")
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "compression"  # committed
 MODEL_ARGS = {"mlp": {"hidden": [300, 100]}, "lenet5": {}}
 EPOCHS = 30  # 22 steps per epoch: 660 steps
 PRUNE = {"schedule": "cubic", "start_step": 50, "end_step": 500, "frequency": 25}
