@@ -221,9 +221,15 @@ def run(
         job_id = new_job_id()
         store = open_store(settings.resolved_artifact_uri, settings.s3_endpoint_url)
 
+    from service.uploads import resolve_init
     from workers.driver import run_job
     from workers.ray_runtime import connect
 
+    try:  # one user here: store://models/NAME is the `default` tenant's, as `slimtrain serve` has it
+        job_spec = resolve_init(job_spec, "default", store)
+    except SpecError as e:
+        console.print(f"[red]cannot run:[/] {e.message}")
+        raise typer.Exit(2) from None
     logging.getLogger("ray").setLevel(logging.WARNING)
     connect(settings.ray_address, log_to_driver=False)
     console.print(f"job [bold]{job_id}[/] -> {store.uri}/{job_id}")
@@ -545,6 +551,57 @@ def cancel(
         out.print_json(json.dumps(job))
     else:
         out.print(f"{job['id']} {job['state']}")
+
+
+model_app = typer.Typer(
+    no_args_is_help=True, help="Your uploaded weights, which jobs start from (model.init)."
+)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("push")
+def model_push(
+    file: Annotated[Path, typer.Argument(help="A .safetensors file.", exists=True, dir_okay=False)],
+    name: Annotated[str, typer.Argument(help="Its name: jobs use it as store://models/NAME.")],
+    as_json: AsJson = False,
+    url: Url = None,
+    token: Token = None,
+):
+    """Upload weights (safetensors) as NAME; a job starts from them with
+    `model: {init: {uri: store://models/NAME}}`."""
+    with _api(url, token) as api:
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), console=console
+        )
+        with progress:
+            task = progress.add_task(f"push {name}", total=file.stat().st_size)
+            entry = api.push_model(file, name, lambda n: progress.advance(task, n))
+    if as_json:
+        out.print_json(json.dumps(entry))
+    else:
+        out.print(f"{entry['name']}  {entry['size']:,} bytes  sha256 {entry['sha256']}")
+
+
+@model_app.command("ls")
+def model_ls(as_json: AsJson = False, url: Url = None, token: Token = None):
+    """List your models."""
+    with _api(url, token) as api:
+        items = api.models()
+    if as_json:
+        out.print_json(json.dumps(items))
+        return
+    for m in items:
+        out.print(f"{m['name']}  {m['size']:,} bytes  {m['created']}  sha256 {m['sha256']}")
+
+
+@model_app.command("rm")
+def model_rm(
+    name: Annotated[str, typer.Argument(help="The model's name.")], url: Url = None, token: Token = None
+):
+    """Delete one of your models."""
+    with _api(url, token) as api:
+        api.delete_model(name)
+    out.print(f"{name} deleted")
 
 
 # In a download folder: the id of the job whose files it holds, written before the first file,

@@ -299,6 +299,33 @@ class Client:
                 raise Unreachable(f"lost the event stream of {job_id} at {self.url} for {give_up_after:.0f}s")
             time.sleep(1.0)
 
+    # --- models (weights for model.init) -----------------------------------------------------------
+
+    def push_model(self, path: Path, name: str, on_bytes=None) -> dict:
+        """Upload a safetensors file as the tenant's model `name`, streamed from disk (no time
+        limit on the body: a large file takes what it takes)."""
+        size = path.stat().st_size
+
+        def chunks():
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+                    if on_bytes:
+                        on_bytes(len(chunk))
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        # The answer comes once the server has checked and stored the whole file.
+        timeout = httpx.Timeout(self.http.timeout.connect, read=600.0, write=None, pool=None)
+        return self._request(
+            "PUT", f"/v1/models/{name}", content=chunks(), headers=headers, timeout=timeout
+        ).json()
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").json()["items"]
+
+    def delete_model(self, name: str) -> None:
+        self._request("DELETE", f"/v1/models/{name}")
+
 
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
     """Server-sent events from a line iterator (comments and pings are skipped)."""

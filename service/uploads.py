@@ -51,8 +51,19 @@ DTYPES = {
 }
 
 
-class InvalidModelName(SlimtrainError):
+class _Refusal(SlimtrainError):
+    """An upload refused for what it is: `errors` names the part of the request at fault."""
+
+    field = "(body)"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errors = [{"field": self.field, "message": message}]
+
+
+class InvalidModelName(_Refusal):
     code = "invalid_model_name"
+    field = "name"
 
 
 class ModelNotFound(SlimtrainError):
@@ -63,7 +74,7 @@ class ModelTooLarge(SlimtrainError):
     code = "model_too_large"
 
 
-class NotSafetensors(SlimtrainError):
+class NotSafetensors(_Refusal):
     """The bytes are not a safetensors file (a pickle under a .safetensors name, a truncated
     file): refused, never parsed by anything that could run code."""
 

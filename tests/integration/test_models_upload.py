@@ -6,6 +6,7 @@ weights is tests/unit/test_init_weights.py."""
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 
 import pytest
@@ -121,3 +122,26 @@ def test_names_that_could_escape_are_refused(api):
         r = alice.put(f"/v1/models/{name}", content=_weights(1.0))
         assert r.status_code in (404, 422), (name, r.status_code, r.text)
     assert all(not m["name"].startswith((".", "_")) for m in alice.get("/v1/models").json()["items"])
+
+
+def test_cli_push_ls_rm(api, tmp_path):
+    from typer.testing import CliRunner
+
+    from api.cli import app as cli
+
+    runner = CliRunner()
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(_weights(3.0))
+    auth = ["--url", api.url, "--token", BOB]
+    r = runner.invoke(cli, ["model", "push", str(weights), "from-cli", *auth])
+    assert r.exit_code == 0, r.output
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() in r.stdout
+    r = runner.invoke(cli, ["model", "ls", "--json", *auth])
+    assert "from-cli" in [m["name"] for m in json.loads(r.stdout)]
+    assert runner.invoke(cli, ["model", "rm", "from-cli", *auth]).exit_code == 0
+    r = runner.invoke(cli, ["model", "rm", "from-cli", *auth])
+    assert r.exit_code == 2 and "no model 'from-cli'" in r.output
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(pickle.dumps({"a": 1}))
+    r = runner.invoke(cli, ["model", "push", str(bad), "bad", *auth])
+    assert r.exit_code == 2 and "not a safetensors file" in r.output
