@@ -1,13 +1,11 @@
 """The dataset registry: `digits` (scikit-learn, real), `synthetic` (deterministic by seed),
-`text` (char-level corpus from the Python standard library's sources) and `uri` (an .npz with X
-and y from the artifact store or S3). Everything is held in memory as tensors: the datasets are
+`text` (char-level corpus from the Python standard library's sources) and `uri` (a file from the
+artifact store or S3 in one of the formats of workers/data/formats.py: npz, parquet, JSON Lines,
+text, image folders in a zip or tar). Everything is held in memory as tensors: the datasets are
 small, and index-based batching keeps every rank's view a pure function of the step."""
 
 from __future__ import annotations
 
-import io
-import zipfile
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +30,9 @@ class Dataset:
 def load_dataset(spec: DataSpec, store=None) -> Dataset:
     """Load and split a dataset. `store` (an ArtifactStore) is needed for store:// URIs."""
     if spec.uri is not None:
-        raw = _from_npz(_read_uri(spec.uri, store), spec.uri)
+        from workers.data import formats
+
+        raw = formats.load(spec, lambda uri, field: _read_uri(uri, store, field))
     elif spec.name == "digits":
         raw = sources.digits()
     elif spec.name == "synthetic":
@@ -51,7 +51,8 @@ def _split(raw: sources.Raw, val_fraction: float) -> Dataset:
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     tokens = x.dtype == np.int64
     if tokens:
-        kind = "tokens"
+        # int tokens [N, T]: next-token targets [N, T], or one class label per sequence [N]
+        kind = raw.kind or "tokens"
         num_classes = raw.num_classes or int(max(x.max(), y.max())) + 1
         mean, std = 0.0, 1.0
     else:
@@ -72,46 +73,27 @@ def _split(raw: sources.Raw, val_fraction: float) -> Dataset:
         n_train=len(tr),
         n_val=len(va),
         source=raw.source,
+        vocab_size=raw.vocab_size,
     )
     return Dataset(xt[tr], yt[tr], xt[va], yt[va], info)
 
 
-def _read_uri(uri: str, store) -> bytes:
+def _read_uri(uri: str, store, field: str = "data.uri") -> bytes:
     scheme, _, rest = uri.partition("://")
     if scheme == "store":
         if store is None:
-            raise ConfigError("data.uri: store:// needs an artifact store")
+            raise ConfigError(f"{field}: store:// needs an artifact store")
         from service.errors import ArtifactNotFound
 
         try:
             return store.get_bytes(rest)
         except ArtifactNotFound:
-            raise ConfigError(f"data.uri: {uri} not found in the artifact store") from None
+            raise ConfigError(f"{field}: {uri} not found in the artifact store") from None
     if scheme == "s3":
         from service.s3_store import read_s3_uri
 
-        return read_s3_uri(uri)
-    raise ConfigError(f"data.uri: unsupported scheme {scheme!r}")
-
-
-def _from_npz(raw: bytes, uri: str):
-    try:
-        # allow_pickle=False: an .npz from a user must never execute code when loaded.
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            x, y = z["X"], z["y"]
-    # A truncated or corrupted upload surfaces as any of these; none is fixed by a retry.
-    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({e})") from None
-    if len(x) != len(y) or len(x) < 10:
-        raise ConfigError(f"data.uri: X and y need the same length >= 10 (got {len(x)}, {len(y)})")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise ConfigError("data.uri: y must hold non-negative integer labels")
-    y = y.astype(np.int64)
-    if y.ndim == 2:  # token sequences: X and y are int [N, T]
-        if not np.issubdtype(x.dtype, np.integer) or x.shape != y.shape:
-            raise ConfigError("data.uri: token data needs integer X of the same shape as y")
-        return sources.Raw(x.astype(np.int64), y, None, uri)
-    if y.ndim != 1:
-        raise ConfigError("data.uri: y must be [N] labels or [N, T] tokens")
-    image_shape = sources.image_shape_of(x.shape[1:])
-    return sources.Raw(x.reshape(len(x), -1).astype(np.float32), y, image_shape, uri)
+        try:
+            return read_s3_uri(uri)
+        except ConfigError as e:  # its messages speak of data.uri
+            raise ConfigError(field + ": " + e.message.removeprefix("data.uri: ")) from None
+    raise ConfigError(f"{field}: unsupported scheme {scheme!r}")

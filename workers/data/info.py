@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class DataInfo:
-    kind: str  # image | vector | tokens
+    kind: str  # image | vector | tokens | sequence (int tokens [T], one class label)
     input_shape: tuple[int, ...]  # raw per-sample shape the exported model takes: (64,), (T,)
     input_dtype: str  # float32 | int64
     num_classes: int  # classes, or vocabulary size for tokens
@@ -18,6 +18,7 @@ class DataInfo:
     n_train: int = 0
     n_val: int = 0
     source: str = ""
+    vocab_size: int | None = None  # token vocabulary of a "sequence" set (num_classes: its classes)
 
     @property
     def n_features(self) -> int:

@@ -18,6 +18,8 @@ class Raw:
     image_shape: tuple[int, int, int] | None
     source: str
     num_classes: int | None = None  # None: derived from the labels
+    kind: str | None = None  # None: from the arrays; "sequence": int tokens [N, T], labels [N]
+    vocab_size: int | None = None  # token vocabulary of a "sequence" set
 
 
 def image_shape_of(shape: tuple[int, ...]) -> tuple[int, int, int] | None:

@@ -13,7 +13,7 @@ from workers.models.common import InputAdapter
 class MLP(nn.Module):
     def __init__(self, info: DataInfo, hidden: list[int] = (300, 100), dropout: float = 0.0):
         super().__init__()
-        if info.kind == "tokens":
+        if info.kind in ("tokens", "sequence"):  # token ids are not magnitudes
             raise ValueError("mlp takes feature vectors, not tokens")
         n_in = info.n_features
         self.input = InputAdapter(info.mean, info.std, (n_in,))

@@ -1,0 +1,383 @@
+"""Readers of the dataset formats a `data.uri` may hold, into the same raw arrays the built-in
+sets give (workers/data/sources.Raw), so splitting, normalisation and models see no difference.
+
+- npz: arrays X and y. Float (or small-integer) X with [N] labels is classification; 4-D X is an
+  image batch, NCHW unless `layout: nhwc`. int X with [N, T] y of its shape is language
+  modelling; int X [N, T] with [N] labels is sequence classification (kept int64, kind
+  "sequence").
+- parquet: `feature_columns` (numeric columns, or one column of fixed-length, maybe nested,
+  lists) + `label_column`; or `token_column` (lists of token ids), with `label_column` for
+  sequence classification, without it cut into `seq_len` blocks for language modelling.
+- jsonl / text: documents tokenised with a HuggingFace tokenizer.json (`tokenizers`) or as
+  UTF-8 bytes, each followed by a newline, concatenated and cut into `seq_len` blocks: X is
+  tokens[i*T : (i+1)*T], y the same shifted by one, as the built-in `text` set.
+- image_zip / image_tar: one folder per class, class index = position of the folder name in
+  sorted order; read with Pillow. All images are converted to the first image's kind (gray:
+  modes 1, L, LA, I, I;16, F; otherwise RGB), resized to `image_size` when given (else all must
+  share one size), and kept as float32 pixel values 0-255 (the model normalises its input by the
+  training split's mean and std).
+
+Labels must lie in 0..num_classes-1; with no `num_classes` given every class in 0..max must
+occur, so a stray label (-1, 255 for "ignore") is refused rather than becoming a class.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from service.errors import ConfigError
+from service.spec import DataSpec
+from workers.data import archives
+from workers.data.sources import Raw, image_shape_of
+
+DEFAULT_SEQ_LEN = 64
+MIN_SAMPLES = 10
+# Pillow's own bomb guard is a warning up to 2x its limit; this path refuses outright.
+MAX_IMAGE_PIXELS = 4096 * 4096
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+Reader = Callable[[str, str], bytes]  # (uri, spec field) -> bytes
+
+
+def load(spec: DataSpec, read: Reader) -> Raw:
+    fmt = spec.resolved_format
+    raw = read(spec.uri, "data.uri")
+    if fmt == "npz":
+        out = from_npz(raw, spec)
+    elif fmt == "parquet":
+        out = from_parquet(raw, spec)
+    elif fmt in ("jsonl", "text"):
+        tok = read(spec.tokenizer, "data.tokenizer") if spec.tokenizer else None
+        out = from_text(raw, spec, tok)
+    elif fmt == "image_zip":
+        out = from_images(archives.iter_zip(raw), spec)
+    elif fmt == "image_tar":
+        out = from_images(archives.iter_tar(raw), spec)
+    else:  # spec validation makes this unreachable
+        raise ConfigError(f"data.format: unknown format {fmt!r}")
+    if len(out.x) < MIN_SAMPLES:
+        raise ConfigError(
+            f"data.uri: {spec.uri} gives {len(out.x)} samples; at least {MIN_SAMPLES} are needed"
+        )
+    return out
+
+
+# --- labels and arrays --------------------------------------------------------------------
+
+
+def check_labels(y: np.ndarray, num_classes: int | None, field: str) -> int:
+    """The number of classes; ConfigError naming `field` when a label is out of range."""
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{field}: labels must be integers 0..K-1 (got {y.dtype})")
+    if y.size == 0:
+        raise ConfigError(f"{field}: no labels")
+    lo, hi = int(y.min()), int(y.max())
+    if num_classes is not None:
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ConfigError(
+                f"{field}: label {bad} outside the class range 0..{num_classes - 1} "
+                f"(data.num_classes={num_classes})"
+            )
+        return num_classes
+    if lo < 0:
+        raise ConfigError(f"{field}: label {lo} is negative; labels are class indices 0..K-1")
+    missing = np.setdiff1d(np.arange(hi + 1), np.unique(y))
+    if len(missing):
+        raise ConfigError(
+            f"{field}: labels run 0..{hi} but class {int(missing[0])} never occurs ({len(missing)} missing); "
+            "labels must be contiguous class indices, or set data.num_classes"
+        )
+    return hi + 1
+
+
+def _features(
+    x: np.ndarray, layout: str | None, field: str
+) -> tuple[np.ndarray, tuple[int, int, int] | None]:
+    """Float32 features [N, F] and the (C, H, W) image shape they hold, if any."""
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise ConfigError(f"{field}: features must be numeric (got {x.dtype})")
+    if x.ndim == 4:
+        if layout == "nhwc":
+            x = x.transpose(0, 3, 1, 2)
+    elif layout is not None:
+        raise ConfigError(f"data.layout: applies to 4-D image arrays [N, C, H, W]; {field} is {x.ndim}-D")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ConfigError(f"{field}: features contain NaN or infinity")
+    return x.reshape(len(x), -1), image_shape_of(x.shape[1:])
+
+
+def _blocks(tokens: np.ndarray, seq_len: int, vocab: int, source: str) -> Raw:
+    """Language-modelling samples: X = T tokens, y = the next T (as workers/data/sources.text)."""
+    n = (len(tokens) - 1) // seq_len
+    if n < MIN_SAMPLES:
+        raise ConfigError(
+            f"data.seq_len: {len(tokens)} tokens make {n} samples of {seq_len}; "
+            f"at least {MIN_SAMPLES} are needed"
+        )
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len)[None, :]
+    return Raw(tokens[idx], tokens[idx + 1], None, source, vocab)
+
+
+# --- npz ----------------------------------------------------------------------------------
+
+
+def from_npz(raw: bytes, spec: DataSpec) -> Raw:
+    uri = spec.uri
+    try:
+        # allow_pickle=False: an .npz from a user must never execute code when loaded.
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            x, y = z["X"], z["y"]
+    # A truncated or corrupted upload surfaces as any of these; none is fixed by a retry.
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({e})") from None
+    if len(x) != len(y):
+        raise ConfigError(f"data.uri: X and y need the same length (got {len(x)}, {len(y)})")
+    if y.ndim == 2:  # token sequences: X and y are int [N, T]
+        if not np.issubdtype(x.dtype, np.integer) or x.shape != y.shape:
+            raise ConfigError("data.uri: token data needs integer X of the same shape as y")
+        vocab = check_labels(np.concatenate([x.ravel(), y.ravel()]), spec.num_classes, "data.uri: X/y tokens")
+        return Raw(x.astype(np.int64), y.astype(np.int64), None, uri, vocab)
+    if y.ndim != 1:
+        raise ConfigError("data.uri: y must be [N] labels or [N, T] tokens")
+    k = check_labels(y, spec.num_classes, "data.uri: y")
+    y = y.astype(np.int64)
+    if x.ndim == 2 and np.issubdtype(x.dtype, np.integer) and x.dtype.itemsize >= 4 and spec.layout is None:
+        # int32/int64 [N, T] with one label per row: token ids, never cast to float.
+        return _sequence(x, y, k, uri)
+    x, image_shape = _features(x, spec.layout, "data.uri: X")
+    return Raw(x, y, image_shape, uri, k)
+
+
+def _sequence(x: np.ndarray, y: np.ndarray, k: int, source: str) -> Raw:
+    if x.min() < 0:
+        raise ConfigError(f"{source}: token ids must be non-negative (found {int(x.min())})")
+    return Raw(x.astype(np.int64), y, None, source, k, kind="sequence", vocab_size=int(x.max()) + 1)
+
+
+# --- parquet ------------------------------------------------------------------------------
+
+
+def _read_parquet(raw: bytes, uri: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(io.BytesIO(raw))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ConfigError(f"data.uri: {uri} is not a readable parquet file ({e})") from None
+
+
+def _column(table, name: str, field: str):
+    if name not in table.column_names:
+        cols = ", ".join(table.column_names[:20])
+        raise ConfigError(f"{field}: no column {name!r} in the parquet file (columns: {cols})")
+    col = table.column(name).combine_chunks()
+    if col.null_count:
+        raise ConfigError(f"{field}: column {name!r} has {col.null_count} null values")
+    return col
+
+
+def _list_column(col, name: str, field: str) -> np.ndarray:
+    """A column of equal-length (maybe nested) lists as one array [N, d1, d2, ...]."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n, dims = len(col), []
+    while (
+        pa.types.is_list(col.type)
+        or pa.types.is_large_list(col.type)
+        or pa.types.is_fixed_size_list(col.type)
+    ):
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths != lengths[0]).any():
+            row = int(np.argmax(lengths != lengths[0]))
+            raise ConfigError(
+                f"{field}: column {name!r} holds lists of different lengths "
+                f"({lengths[0]} and {lengths[row]}, "
+                f"at depth {len(dims) + 1}); all rows must have one shape"
+            )
+        dims.append(int(lengths[0]) if len(lengths) else 0)
+        col = pc.list_flatten(col)
+        if col.null_count:
+            raise ConfigError(f"{field}: column {name!r} has null values inside its lists")
+    return _numeric(col, name, field).reshape(n, *dims)
+
+
+def _numeric(col, name: str, field: str) -> np.ndarray:
+    import pyarrow as pa
+
+    t = col.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        raise ConfigError(f"{field}: column {name!r} is {t}, not numeric")
+    # a copy: Arrow's zero-copy views are read-only, and torch wants writable arrays
+    return np.array(col.to_numpy(zero_copy_only=False))
+
+
+def from_parquet(raw: bytes, spec: DataSpec) -> Raw:
+    import pyarrow as pa
+
+    uri = spec.uri
+    table = _read_parquet(raw, uri)
+    if spec.token_column is not None:
+        col = _column(table, spec.token_column, "data.token_column")
+        if spec.label_column is None:  # language modelling over the concatenated token lists
+            import pyarrow.compute as pc
+
+            if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
+                raise ConfigError(
+                    f"data.token_column: column {spec.token_column!r} is {col.type}, not a list of token ids"
+                )
+            tokens = _numeric(pc.list_flatten(col), spec.token_column, "data.token_column")
+            if not np.issubdtype(tokens.dtype, np.integer):
+                raise ConfigError(f"data.token_column: token ids must be integers (got {tokens.dtype})")
+            tokens = tokens.astype(np.int64)
+            vocab = check_labels(tokens, spec.num_classes, "data.token_column")
+            return _blocks(tokens, spec.seq_len or DEFAULT_SEQ_LEN, vocab, f"{uri} ({spec.token_column})")
+        x = _list_column(col, spec.token_column, "data.token_column")
+        if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+            raise ConfigError(
+                f"data.token_column: column {spec.token_column!r} must hold flat lists of integer token ids"
+            )
+        y = _numeric(
+            _column(table, spec.label_column, "data.label_column"), spec.label_column, "data.label_column"
+        )
+        k = check_labels(y, spec.num_classes, "data.label_column")
+        return _sequence(x, y.astype(np.int64), k, uri)
+    y = _numeric(
+        _column(table, spec.label_column, "data.label_column"), spec.label_column, "data.label_column"
+    )
+    k = check_labels(y, spec.num_classes, f"data.label_column ({spec.label_column!r})")
+    cols = spec.feature_columns
+    if len(cols) == 1 and not _is_scalar(table, cols[0]):
+        x = _list_column(_column(table, cols[0], "data.feature_columns"), cols[0], "data.feature_columns")
+    else:
+        x = np.stack(
+            [_numeric(_column(table, c, "data.feature_columns"), c, "data.feature_columns") for c in cols],
+            axis=1,
+        )
+    x, image_shape = _features(x, spec.layout, "data.feature_columns")
+    return Raw(x, y.astype(np.int64), image_shape, uri, k)
+
+
+def _is_scalar(table, name: str) -> bool:
+    import pyarrow as pa
+
+    if name not in table.column_names:
+        return True  # _column names the missing column
+    t = table.schema.field(name).type
+    return not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+
+
+# --- text ---------------------------------------------------------------------------------
+
+
+def _documents(raw: bytes, spec: DataSpec) -> Iterator[str]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data.uri: {spec.uri} is not UTF-8 text (byte {e.start})") from None
+    if spec.resolved_format == "text":
+        yield text
+        return
+    key = spec.text_column or "text"
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"data.uri: line {i} of {spec.uri} is not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
+            raise ConfigError(f"data.text_column: line {i} has no string field {key!r}")
+        yield obj[key]
+
+
+def from_text(raw: bytes, spec: DataSpec, tokenizer_json: bytes | None) -> Raw:
+    docs = [d if d.endswith("\n") else d + "\n" for d in _documents(raw, spec)]
+    seq_len = spec.seq_len or DEFAULT_SEQ_LEN
+    if tokenizer_json is None:
+        tokens = np.frombuffer("".join(docs).encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        return _blocks(tokens, seq_len, 256, f"{spec.uri}, bytes as tokens")
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    except Exception as e:  # the library raises plain Exception for a malformed file
+        raise ConfigError(f"data.tokenizer: {spec.tokenizer} is not a tokenizer.json ({e})") from None
+    ids = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(docs, add_special_tokens=False)]
+    tokens = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    return _blocks(tokens, seq_len, tok.get_vocab_size(), f"{spec.uri}, tokenizer {spec.tokenizer}")
+
+
+# --- image folders ------------------------------------------------------------------------
+
+
+def from_images(members: Iterator[tuple[str, bytes]], spec: DataSpec) -> Raw:
+    from PIL import Image, UnidentifiedImageError
+
+    size = spec.image_size
+    items: list[tuple[str, str, np.ndarray]] = []  # (class folder, entry, pixels)
+    mode = shape = None
+    for name, data in members:
+        parts = name.split("/")
+        if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            continue  # hidden files and macOS resource forks are archive noise, not samples
+        if len(parts) < 2:
+            raise ConfigError(f"data.uri: archive entry {name!r} is not inside a class folder")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise ConfigError(
+                        f"data.uri: archive entry {name!r} is {img.width}x{img.height}, "
+                        f"over {MAX_IMAGE_PIXELS} pixels"
+                    )
+                if mode is None:
+                    mode = "L" if img.mode in _GRAY_MODES else "RGB"
+                img = img.convert(mode)
+                if size is not None and img.size != (size, size):
+                    img = img.resize((size, size), Image.Resampling.BILINEAR)
+                px = np.asarray(img, dtype=np.float32)
+        except ConfigError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ConfigError(f"data.uri: archive entry {name!r} is not a readable image ({e})") from None
+        if shape is None:
+            shape = px.shape
+        elif px.shape != shape:
+            raise ConfigError(
+                f"data.uri: archive entry {name!r} is {px.shape[1]}x{px.shape[0]}, the first image "
+                f"{shape[1]}x{shape[0]}; set data.image_size to resize them all"
+            )
+        items.append(("/".join(parts[:-1]), name, px))
+    if not items:
+        raise ConfigError("data.uri: no images found; the archive needs one folder per class")
+    folders = sorted({c for c, _, _ in items})
+    depth = {c.count("/") for c in folders}
+    parents = {c.rpartition("/")[0] for c in folders}
+    if len(depth) != 1 or len(parents) != 1:
+        raise ConfigError(
+            f"data.uri: class folders must be siblings (found {', '.join(folders[:5])}); "
+            "put one folder per class at the archive's top (or under one common folder)"
+        )
+    if len(folders) < 2:
+        raise ConfigError(f"data.uri: one class folder ({folders[0]!r}); classification needs at least 2")
+    index = {c: i for i, c in enumerate(folders)}
+    # Archive order is whatever the packer wrote; sorting by file name (then folder) makes the
+    # sample order, hence the train/validation split, a function of the contents alone, and
+    # keeps a numbered export (00000.png, 00001.png, ... across class folders) in its order.
+    items.sort(key=lambda it: (it[1].rpartition("/")[2], it[1]))
+    x = np.stack([px if px.ndim == 3 else px[:, :, None] for _, _, px in items]).transpose(0, 3, 1, 2)
+    y = np.array([index[c] for c, _, _ in items], dtype=np.int64)
+    names = [c.rpartition("/")[2] for c in folders]
+    source = (
+        f"{spec.uri}: {len(items)} images, classes {', '.join(names[:10])}{'...' if len(names) > 10 else ''}"
+    )
+    return Raw(np.ascontiguousarray(x).reshape(len(x), -1), y, tuple(x.shape[1:]), source, len(folders))
