@@ -116,7 +116,7 @@ def test_submit_answers_201_with_the_queued_job(api):
 
 
 def test_invalid_spec_is_422_naming_each_field(api):
-    bad = {**SPEC, "model": {"name": "resnet"}, "colour": "red"}
+    bad = {**SPEC, "model": {"name": "resnet50"}, "colour": "red"}
     r = api.alice.post("/v1/jobs", json=bad)
     assert r.status_code == 422
     err = r.json()["error"]

@@ -66,7 +66,7 @@ priority: 0
     [
         ({"bogus": 1}, "bogus", "unknown field"),
         ({"train": {"bogus": 1}}, "train.bogus", "unknown field"),
-        ({"model": {"name": "resnet"}}, "model.name", "allowed: mlp, lenet5, convnet, gpt"),
+        ({"model": {"name": "resnet50"}}, "model.name", "allowed: mlp, lenet5, convnet, gpt, resnet"),
         ({"model": {"name": "mlp", "args": {"depth": 3}}}, "model.args.depth", "unknown argument"),
         (
             {"model": {"name": "mlp", "args": {"hidden": [0]}}},
