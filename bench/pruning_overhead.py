@@ -56,8 +56,8 @@ MLP = (
 # both examples' schedules: synthetic-large's is the mlp example's, digits-gmp90's updates
 # twice as often and under global scope (the most updates any example makes).
 CASES = [
-    ("lenet5 / digits, batch 64", LENET, "digits-gmp90.yaml"),
     ("mlp 1024-512 / synthetic, batch 256", MLP, "digits-gmp90.yaml"),
+    ("lenet5 / digits, batch 64", LENET, "digits-gmp90.yaml"),
     ("mlp 1024-512 / synthetic, batch 256", MLP, "synthetic-large.yaml"),
 ]
 VARIANTS = ("dense", "pruned", "pruned, bisection")
@@ -251,7 +251,12 @@ def main() -> None:
         }
         cases.append(case)
         print(label, example, _summary(case), flush=True)
-    elapsed = time.monotonic() - t_all
+        # After every case, so a run cut short on a loaded machine keeps what it measured.
+        write(args, cases, time.monotonic() - t_all)
+    print((args.out / "table.md").read_text())
+
+
+def write(args, cases: list[dict], elapsed: float) -> None:
     cond = {**machine(), "torch_threads": torch.get_num_threads()}
     note = (
         f"{args.rounds} interleaved rounds per case, each variant's run as many steps as the case "
@@ -259,16 +264,10 @@ def main() -> None:
         f"1 thread, fp32; one-update timings: median of {args.update_repeats}; "
         f"{elapsed:.0f} s in all. {conditions(cond)}"
     )
-    tables = render(cases)
-    (args.out / "table.md").write_text(tables + "\n\n" + note + "\n")
+    (args.out / "table.md").write_text(render(cases) + "\n\n" + note + "\n")
     meta = {**vars(args), "out": str(args.out)}
-    save_json(
-        args.out / "results.json",
-        {"machine": cond, "args": meta, "cases": cases, "note": note},
-    )
+    save_json(args.out / "results.json", {"machine": cond, "args": meta, "cases": cases, "note": note})
     plot(cases, args.out / "pruning_overhead.png")
-    print(tables)
-    print(note)
 
 
 def _paired(case: dict, variant: str, key: str) -> float:
