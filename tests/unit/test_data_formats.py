@@ -430,3 +430,32 @@ def test_the_format_comes_from_the_ending_or_the_field():
     # a model that cannot take the data is refused at submission when the format tells the kind
     with pytest.raises(SpecError, match="gpt"):
         parse_spec({**BASE, "model": {"name": "gpt"}, "data": {"uri": "s3://b/imgs.zip"}})
+
+
+def test_token_ids_need_not_all_occur(store):
+    # a vocabulary is not a set of classes: ids 0..max need not all appear in the data
+    x = (np.arange(40 * 8).reshape(40, 8) % 7) * 3  # ids 0, 3, 6, ... 18
+    got = _load(store, "lm.npz", _npz(X=x, y=x))
+    assert got.info.kind == "tokens" and got.info.num_classes == 19
+    rng = np.random.default_rng(1)
+    table = pa.table({"ids": [rng.integers(0, 5, 12) * 10 for _ in range(40)]})
+    assert _load(store, "lm.parquet", _parquet(table), token_column="ids", seq_len=8).info.num_classes == 41
+    with pytest.raises(ConfigError, match=r"data.token_column: token id 40 outside the vocabulary 0\.\.19"):
+        _load(store, "lm.parquet", _parquet(table), token_column="ids", seq_len=8, num_classes=20)
+
+
+def test_gray_and_rgb_images_mixed_are_all_rgb_whatever_the_order(store):
+    gray = {f"a/{i:02d}.png": _png(np.full((4, 4), 100)) for i in range(6)}
+    rgb = {f"b/{i:02d}.png": _png(np.full((4, 4, 3), 200), mode="RGB") for i in range(6, 12)}
+    one = _load(store, "m1.zip", _zip({**gray, **rgb}))
+    two = _load(store, "m2.zip", _zip({**rgb, **gray}))
+    assert one.info.image_shape == two.info.image_shape == (3, 4, 4)
+    assert torch.equal(one.x_train, two.x_train) and torch.equal(one.x_val, two.x_val)
+    assert set(torch.cat([one.x_train, one.x_val]).unique().tolist()) == {100.0, 200.0}
+
+
+def test_jsonl_lines_split_on_newline_only(store):
+    # JSON allows a raw U+2028 inside a string; it does not end the line
+    docs = [f"doc {i} \u2028 " + "x" * 50 for i in range(20)]
+    data = "\n".join(json.dumps({"text": d}, ensure_ascii=False) for d in docs).encode()
+    assert _load(store, "u.jsonl", data, seq_len=16).info.n_train > 0

@@ -82,10 +82,11 @@ class _Budget:
                 f"(at entry {name!r}); refused"
             )
 
-    def ratio(self, name: str, size: int, compressed: int) -> None:
+    def ratio(self, name: str, size: int, compressed: int, whole: bool = False) -> None:
         if size >= self.limits.ratio_floor_bytes and size > self.limits.max_ratio * max(compressed, 1):
+            what = f"archive expands, up to entry {name!r}," if whole else f"archive entry {name!r} expands"
             raise ConfigError(
-                f"{self.field}: archive entry {name!r} expands {size / max(compressed, 1):.0f}x "
+                f"{self.field}: {what} {size / max(compressed, 1):.0f}x "
                 f"(limit {self.limits.max_ratio:.0f}x): a decompression bomb; refused"
             )
 
@@ -164,7 +165,7 @@ def iter_tar(
                 raise ConfigError(f"{field}: archive entry {name!r} is {what}; refused")
             budget.add(name, member.size)
             # The whole archive's expansion so far against its compressed size.
-            budget.ratio(name, budget.total, len(raw))
+            budget.ratio(name, budget.total, len(raw), whole=True)
             try:
                 f = tf.extractfile(member)
                 data = _read_capped(f, limits.max_entry_bytes, name, field)

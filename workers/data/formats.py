@@ -12,10 +12,11 @@ sets give (workers/data/sources.Raw), so splitting, normalisation and models see
   UTF-8 bytes, each followed by a newline, concatenated and cut into `seq_len` blocks: X is
   tokens[i*T : (i+1)*T], y the same shifted by one, as the built-in `text` set.
 - image_zip / image_tar: one folder per class, class index = position of the folder name in
-  sorted order; read with Pillow. All images are converted to the first image's kind (gray:
-  modes 1, L, LA, I, I;16, F; otherwise RGB), resized to `image_size` when given (else all must
-  share one size), and kept as float32 pixel values 0-255 (the model normalises its input by the
-  training split's mean and std).
+  sorted order; samples in file-name order. Read with Pillow as 8-bit gray (modes 1, L, LA, I,
+  I;16, F) or RGB (any other; alpha dropped); one channel if every image is gray, else three
+  (gray replicated), whatever the archive order. Resized to `image_size` when given (else all
+  must share one size) and kept as float32 pixel values 0-255 (the model normalises its input by
+  the training split's mean and std).
 
 Labels must lie in 0..num_classes-1; with no `num_classes` given every class in 0..max must
 occur, so a stray label (-1, 255 for "ignore") is refused rather than becoming a class.
@@ -97,6 +98,22 @@ def check_labels(y: np.ndarray, num_classes: int | None, field: str) -> int:
     return hi + 1
 
 
+def token_vocab(tokens: np.ndarray, num_classes: int | None, field: str) -> int:
+    """The vocabulary size of a token stream: `num_classes`, else the largest id + 1. Unlike
+    class labels, ids need not all occur."""
+    if tokens.size == 0:
+        raise ConfigError(f"{field}: no tokens")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0:
+        raise ConfigError(f"{field}: token id {lo} is negative")
+    if num_classes is not None and hi >= num_classes:
+        raise ConfigError(
+            f"{field}: token id {hi} outside the vocabulary 0..{num_classes - 1} "
+            f"(data.num_classes={num_classes})"
+        )
+    return num_classes or hi + 1
+
+
 def _features(
     x: np.ndarray, layout: str | None, field: str
 ) -> tuple[np.ndarray, tuple[int, int, int] | None]:
@@ -143,7 +160,7 @@ def from_npz(raw: bytes, spec: DataSpec) -> Raw:
     if y.ndim == 2:  # token sequences: X and y are int [N, T]
         if not np.issubdtype(x.dtype, np.integer) or x.shape != y.shape:
             raise ConfigError("data.uri: token data needs integer X of the same shape as y")
-        vocab = check_labels(np.concatenate([x.ravel(), y.ravel()]), spec.num_classes, "data.uri: X/y tokens")
+        vocab = token_vocab(np.concatenate([x.ravel(), y.ravel()]), spec.num_classes, "data.uri: X/y tokens")
         return Raw(x.astype(np.int64), y.astype(np.int64), None, uri, vocab)
     if y.ndim != 1:
         raise ConfigError("data.uri: y must be [N] labels or [N, T] tokens")
@@ -239,7 +256,7 @@ def from_parquet(raw: bytes, spec: DataSpec) -> Raw:
             if not np.issubdtype(tokens.dtype, np.integer):
                 raise ConfigError(f"data.token_column: token ids must be integers (got {tokens.dtype})")
             tokens = tokens.astype(np.int64)
-            vocab = check_labels(tokens, spec.num_classes, "data.token_column")
+            vocab = token_vocab(tokens, spec.num_classes, "data.token_column")
             return _blocks(tokens, spec.seq_len or DEFAULT_SEQ_LEN, vocab, f"{uri} ({spec.token_column})")
         x = _list_column(col, spec.token_column, "data.token_column")
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
@@ -288,7 +305,8 @@ def _documents(raw: bytes, spec: DataSpec) -> Iterator[str]:
         yield text
         return
     key = spec.text_column or "text"
-    for i, line in enumerate(text.splitlines(), 1):
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which is not a line end
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -324,8 +342,8 @@ def from_images(members: Iterator[tuple[str, bytes]], spec: DataSpec) -> Raw:
     from PIL import Image, UnidentifiedImageError
 
     size = spec.image_size
-    items: list[tuple[str, str, np.ndarray]] = []  # (class folder, entry, pixels)
-    mode = shape = None
+    items: list[tuple[str, str, np.ndarray]] = []  # (class folder, entry, pixels [H, W, C])
+    shape = None  # (H, W) of the first image
     for name, data in members:
         parts = name.split("/")
         if any(p.startswith(".") or p == "__MACOSX" for p in parts):
@@ -339,19 +357,19 @@ def from_images(members: Iterator[tuple[str, bytes]], spec: DataSpec) -> Raw:
                         f"data.uri: archive entry {name!r} is {img.width}x{img.height}, "
                         f"over {MAX_IMAGE_PIXELS} pixels"
                     )
-                if mode is None:
-                    mode = "L" if img.mode in _GRAY_MODES else "RGB"
-                img = img.convert(mode)
+                # gray stays one channel; if any image is colour, all become RGB below
+                img = img.convert("L" if img.mode in _GRAY_MODES else "RGB")
                 if size is not None and img.size != (size, size):
                     img = img.resize((size, size), Image.Resampling.BILINEAR)
                 px = np.asarray(img, dtype=np.float32)
+                px = px[:, :, None] if px.ndim == 2 else px
         except ConfigError:
             raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise ConfigError(f"data.uri: archive entry {name!r} is not a readable image ({e})") from None
         if shape is None:
-            shape = px.shape
-        elif px.shape != shape:
+            shape = px.shape[:2]
+        elif px.shape[:2] != shape:
             raise ConfigError(
                 f"data.uri: archive entry {name!r} is {px.shape[1]}x{px.shape[0]}, the first image "
                 f"{shape[1]}x{shape[0]}; set data.image_size to resize them all"
@@ -374,7 +392,9 @@ def from_images(members: Iterator[tuple[str, bytes]], spec: DataSpec) -> Raw:
     # sample order, hence the train/validation split, a function of the contents alone, and
     # keeps a numbered export (00000.png, 00001.png, ... across class folders) in its order.
     items.sort(key=lambda it: (it[1].rpartition("/")[2], it[1]))
-    x = np.stack([px if px.ndim == 3 else px[:, :, None] for _, _, px in items]).transpose(0, 3, 1, 2)
+    # Gray replicated into R, G and B is what Pillow's own L -> RGB conversion gives.
+    channels = max(px.shape[2] for _, _, px in items)
+    x = np.stack([np.broadcast_to(px, (*shape, channels)) for _, _, px in items]).transpose(0, 3, 1, 2)
     y = np.array([index[c] for c, _, _ in items], dtype=np.int64)
     names = [c.rpartition("/")[2] for c in folders]
     source = (
