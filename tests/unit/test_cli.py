@@ -278,3 +278,24 @@ def test_a_running_state_event_does_not_hide_the_phase():
     assert _seen(bar)[0] == "preparing"
     bar.state_changed("queued", "attempt 1 failed; resubmitting")  # a retry starts anew
     assert _seen(bar)[0] == "queued"
+
+
+def test_report_shows_one_latency_where_the_dense_model_is_what_ships():
+    from rich.console import Console
+
+    from api.render import report_table
+
+    rep = {
+        "latency_ms": {"dense": 0.5, "compressed": 0.5, "dense_batch64": 2.0, "compressed_batch64": 2.0},
+        "latency_setup": {"runtime": "onnxruntime", "statistic": "median", "same_artifact": True},
+    }
+    console = Console(width=200, record=True)
+    console.print(report_table(rep))
+    text = console.export_text()
+    assert "1.00x" not in text
+    assert "the dense model is what ships" in text
+    rep["latency_setup"]["same_artifact"] = False
+    rep["latency_ms"]["compressed_batch64"] = 1.0
+    console = Console(width=200, record=True)
+    console.print(report_table(rep))
+    assert "(2.00x)" in console.export_text()

@@ -57,7 +57,9 @@ const opt = (v, format) => (v === null || v === undefined ? null : format(v));
 
 /** The latency card's note: the dense latency and how many times faster the artifact is, or
  * slower (the inverse ratio: "0.7× faster" would read as a speed-up). */
-export function latencyNote(dense, compressed) {
+export function latencyNote(dense, compressed, sameArtifact = false) {
+  // Nothing was quantized: the artifact is the dense model, and a ratio of it with itself is no speed-up.
+  if (sameArtifact) return "the dense model.onnx ships as is";
   const base = `dense ${ms(dense)}`;
   if (!dense || !compressed) return base;
   const r = dense / compressed;
@@ -74,7 +76,7 @@ function reportView(report) {
     { class: "cards", id: "report-cards" },
     card("Artifact accuracy", pct(report.accuracy, 2), report.accuracy_source),
     card("Compression ratio", ratio(size.ratio), `${bytes(size.compressed_bytes)} packed, ${bytes(size.dense_bytes)} dense fp32`),
-    card("Latency", ms(lat.compressed), latencyNote(lat.dense, lat.compressed)),
+    card("Latency", ms(lat.compressed), latencyNote(lat.dense, lat.compressed, report.latency_setup?.same_artifact)),
     card("Sparsity", pct(report.sparsity?.global, 1), `${num(params.nonzero)} of ${num(params.total)} weights non-zero`),
   );
   const details = facts([
