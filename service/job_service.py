@@ -63,7 +63,7 @@ class JobService:
             store, ray, artifacts, self.scheduler, self.ingester, settings.heartbeat_timeout_s
         )
         self.loops: dict[str, Loop] = {}
-        self.models = ModelStore(artifacts, settings.max_model_bytes)
+        self.models = ModelStore(artifacts, settings.max_model_bytes, settings.data_dir / "uploads")
 
     # --- background ------------------------------------------------------------------------------
 

@@ -149,10 +149,14 @@ class Upload:
     counted, ModelTooLarge past the limit), then `finish` checks the bytes are safetensors and
     stores them. `close` always (it removes the temporary file)."""
 
-    def __init__(self, artifacts: ArtifactStore, prefix: str, name: str, max_bytes: int):
+    def __init__(
+        self, artifacts: ArtifactStore, prefix: str, name: str, max_bytes: int, tmp_dir: Path | None = None
+    ):
         self.artifacts, self.prefix, self.name, self.max_bytes = artifacts, prefix, name, max_bytes
         self.sha, self.size = hashlib.sha256(), 0
-        fd, self.tmp = tempfile.mkstemp(prefix="slimtrain-upload-", suffix=".safetensors")
+        if tmp_dir is not None:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".upload-", suffix=".safetensors", dir=tmp_dir)
         self.file = os.fdopen(fd, "wb")
 
     def write(self, chunk: bytes) -> None:
@@ -192,8 +196,9 @@ class Upload:
 class ModelStore:
     """A tenant's uploaded weights in the artifact store."""
 
-    def __init__(self, artifacts: ArtifactStore, max_bytes: int):
-        self.artifacts, self.max_bytes = artifacts, max_bytes
+    def __init__(self, artifacts: ArtifactStore, max_bytes: int, tmp_dir: Path | None = None):
+        # tmp_dir: where uploads wait for their check (the data dir: /tmp may be small).
+        self.artifacts, self.max_bytes, self.tmp_dir = artifacts, max_bytes, tmp_dir
 
     def check_size(self, declared: int) -> None:
         """Refuse an upload whose Content-Length is above the limit before reading it."""
@@ -203,7 +208,7 @@ class ModelStore:
             )
 
     def start(self, tenant: str, name: str) -> Upload:
-        return Upload(self.artifacts, model_prefix(tenant, name), name, self.max_bytes)
+        return Upload(self.artifacts, model_prefix(tenant, name), name, self.max_bytes, self.tmp_dir)
 
     def put(self, tenant: str, name: str, chunks: Iterable[bytes]) -> dict:
         """Store `chunks` as the tenant's model `name` (an upload in one call)."""
