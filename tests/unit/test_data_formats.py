@@ -490,3 +490,14 @@ def test_a_gpt_learns_from_jsonl_through_a_trained_tokenizer(store):
     # falling, and far below the vocabulary size (the perplexity of uniform guessing)
     # (seeded: 204 at step 5, 114 at the end, on this corpus)
     assert len(ppl) >= 3 and ppl[-1] < 0.7 * ppl[0] and ppl[-1] < 0.4 * 400, ppl
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(store):
+    from workers.data import formats
+
+    big = _png(np.zeros((3500, 5000)))  # 17.5 M pixels; a few KB as PNG
+    entries = {"a/x.png": GOOD_PNG, "b/big.png": big}
+    with pytest.raises(
+        ConfigError, match=rf"'b/big\.png' is 5000x3500, over {formats.MAX_IMAGE_PIXELS} pixels"
+    ):
+        _load(store, "big.zip", _zip(entries))
