@@ -148,7 +148,7 @@ def test_digits_trained_from_parquet_reach_the_same_accuracy(store, builtin, tmp
     base = {
         "name": "t",
         "model": {"name": "mlp", "args": {"hidden": [32]}},
-        "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "seed": 3},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "seed": 3},
     }
     accuracy = []
     for job, data, spec_data in (("a", builtin, {"name": "digits"}), ("b", got, uri)):
