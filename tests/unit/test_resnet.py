@@ -213,3 +213,29 @@ def test_ddp_and_fsdp_train_resnet_with_the_same_masks(tmp_path):
     for k in a["model"]:
         if "running_" in k:
             assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-5), k
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "channel"])
+def test_pruning_reaches_resnet_convs_and_the_fold_keeps_their_zeros(structure):
+    from service.spec import PruningSpec
+    from workers.compression.pruning import Pruner
+    from workers.models import output_layer
+
+    model = _bn_stats(build_model("resnet", {"depth": 8, "width": 8}, DIGITS, seed=0), DIGITS)
+    skip = (output_layer(model),) if structure == "channel" else ()
+    assert skip in ((), ("fc",))
+    cfg = PruningSpec(schedule="oneshot", final_sparsity=0.6, start_step=0, structure=structure)
+    pruner = Pruner(cfg, prunable_weights(model, skip=skip))
+    pruner.update(0)
+    pruner.apply_()
+    weights = prunable_weights(model, skip=skip)
+    assert any(n.endswith("shortcut.conv") for n in weights) and len(weights) == 9 + (not skip)
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert zeros / sum(w.numel() for w in weights.values()) == pytest.approx(0.6, abs=0.02)
+    if structure == "channel":  # whole filters, every conv keeps at least one
+        for w in weights.values():  # (global scope: a layer may keep all of its filters)
+            dead = (w.flatten(1) == 0).all(dim=1)
+            assert torch.equal((w == 0).flatten(1).any(dim=1), dead) and not dead.all()
+    folded, _ = fold_batchnorm(model)
+    for n, w in prunable_weights(folded, skip=skip).items():
+        assert torch.equal(w == 0, weights[n] == 0), n
