@@ -93,6 +93,12 @@ MODEL_INPUT_KIND: dict[str, set[str]] = {
     "resnet": {"image"},
 }
 
+# Built-in models that cannot run as a pipeline, and why: refused at submission, where the
+# worker's stage split (workers/models/stages.py) would only find it at start-up.
+NO_PIPELINE: dict[str, str] = {
+    "resnet": "BatchNorm statistics would be per micro-batch",
+}
+
 
 @cache
 def model_plugins() -> dict[str, Any]:

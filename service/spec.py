@@ -555,6 +555,11 @@ class JobSpec(Strict):
             raise ValueError(
                 f"train.batch_size: {t.batch_size} is not divisible by parallel.workers ({p.workers})"
             )
+        if p.strategy == "pipeline" and self.model.name in catalog.NO_PIPELINE:
+            raise ValueError(
+                f"parallel.strategy: model {self.model.name!r} cannot run as a pipeline "
+                f"({catalog.NO_PIPELINE[self.model.name]}); use ddp or fsdp"
+            )
         if self.model.name in catalog.MODEL_INPUT_KIND and self.data.kind is not None:
             accepts = catalog.MODEL_INPUT_KIND[self.model.name]
             if self.data.kind not in accepts:

@@ -93,6 +93,12 @@ def _spec_error(d):
     return e.value
 
 
+def test_pipeline_is_refused_at_submission_naming_the_strategy():
+    spec = {**SPEC, "parallel": {"strategy": "pipeline", "workers": 2, "pipeline_microbatches": 4}}
+    errs = str(_spec_error(spec))
+    assert "parallel.strategy" in errs and "cannot run as a pipeline" in errs
+
+
 def test_pipeline_is_refused_with_a_config_error_naming_the_model():
     model = build_model("resnet", {"depth": 8, "width": 4}, DIGITS)
     with pytest.raises(ConfigError, match="model 'resnet' cannot run as a pipeline.*use ddp or fsdp"):
