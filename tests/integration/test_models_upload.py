@@ -145,3 +145,54 @@ def test_cli_push_ls_rm(api, tmp_path):
     bad.write_bytes(pickle.dumps({"a": 1}))
     r = runner.invoke(cli, ["model", "push", str(bad), "bad", *auth])
     assert r.exit_code == 2 and "not a safetensors file" in r.output
+
+
+# --- through the driver on a real Ray head (tests/conftest.py ray_cluster) ----------------------
+
+RAY_PARENT = {
+    "name": "parent",
+    "model": {"name": "mlp", "args": {"hidden": [64]}},
+    "data": {"name": "digits"},
+    "train": {"epochs": 3, "batch_size": 64, "lr": 0.1},
+}
+
+
+def test_a_pruning_job_from_a_dense_parent_through_the_driver(ray_cluster, tmp_path):
+    """run_job as the service's entrypoint runs it: the parent's exported accuracy is the child's
+    step-0 accuracy (within one validation sample) and its report's baseline."""
+    from service.errors import ConfigError
+    from service.spec import parse_spec
+    from service.uploads import model_key, resolve_init
+    from workers.driver import run_job
+
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    parent = run_job(parse_spec(RAY_PARENT), "parent", store)
+    child_spec = {
+        **RAY_PARENT,
+        "name": "child",
+        "model": {**RAY_PARENT["model"], "init": {"job": "parent"}},
+        "train": {"epochs": 3, "batch_size": 64, "lr": 0.02},
+        "compression": {"pruning": {"final_sparsity": 0.6, "start_step": 0, "end_step": 40, "frequency": 10}},
+    }
+    spec = resolve_init(parse_spec(child_spec, submitted=True), "acme", store)
+    child = run_job(spec, "child", store)
+    lines = store.get_bytes("child/metrics.jsonl").decode().splitlines()
+    step0 = [r for r in map(json.loads, lines) if r.get("kind") == "eval" and r.get("step") == 0]
+    assert len(step0) == 1
+    n_val = round(1797 * 0.2)
+    assert abs(step0[0]["val_accuracy"] - parent["accuracy"]) <= 1 / n_val + 1e-12
+    stored = json.loads(store.get_bytes("child/report.json"))
+    assert stored["baseline"]["accuracy"] == step0[0]["val_accuracy"] == child["dense_accuracy"]
+    assert abs(stored["baseline"]["accuracy"] - parent["accuracy"]) <= 1 / n_val + 1e-12
+    assert child["sparsity"]["global"] == pytest.approx(0.6, abs=0.005)
+    # weights that do not fit: refused in the driver's preflight, before any worker starts
+    store.put_bytes(model_key("acme", "wrong"), _weights(1.0))
+    bad = {
+        **RAY_PARENT,
+        "name": "bad",
+        "model": {**RAY_PARENT["model"], "init": {"uri": "store://models/wrong"}},
+    }
+    with pytest.raises(ConfigError, match="missing keys .*; unexpected keys b, w$"):
+        run_job(resolve_init(parse_spec(bad, submitted=True), "acme", store), "bad", store)
+    kinds = [json.loads(x).get("phase") for x in store.get_bytes("bad/metrics.jsonl").decode().splitlines()]
+    assert kinds == ["preparing"]
