@@ -145,6 +145,8 @@ def main() -> None:
                 else:
                     run = run_torchrun("bench/torchrun_slimtrain.py", spec_path, tmp)
                 run["steady"] = steady(run["rates"])
+                # The machine is shared: the load right after each run says what it ran beside.
+                run["load_after"] = list(os.getloadavg())
                 spec = bench_spec(args.steps)["train"]
                 run["cpu_per_ksample"] = steady_cpu(run, spec["log_every_steps"] * spec["batch_size"])
                 del run["cpu_series"]  # thousands of samples: results.json keeps the figures
