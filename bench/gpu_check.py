@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import machine, markdown_table, out_dir, save_json
+from bench.common import machine, markdown_table, results_dir, save_json
 
 FLAGSHIP = {"n_layer": 4, "n_head": 8, "n_embd": 512}  # ~12.7 M parameters
 SPEED = {"n_layer": 8, "n_head": 12, "n_embd": 768}  # ~57 M parameters: compute-bound on an H100
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _save(gpu: bool, rows: list, speed_rows: list, failures: list[str], verdict: str, table: str) -> None:
-    out = out_dir("gpu_check")
+    out = results_dir("gpu_check")
     (out / "table.md").write_text(table + "\n")
     save_json(
         out / "results.json",

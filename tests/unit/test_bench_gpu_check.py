@@ -17,7 +17,7 @@ def no_gpu(monkeypatch, tmp_path):
     """A machine without CUDA; outputs under tmp_path; no process group (the smoke run's checks
     are replaced by `rows`)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(gpu_check, "out_dir", lambda name: tmp_path)
+    monkeypatch.setattr(gpu_check, "results_dir", lambda name: tmp_path)
     monkeypatch.setattr(gpu_check, "init_one_rank", lambda backend: None)
     monkeypatch.setattr(gpu_check.dist, "destroy_process_group", lambda: None)
     return tmp_path
