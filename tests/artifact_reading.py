@@ -48,7 +48,8 @@ def packed_zeros(data: bytes) -> dict[str, tuple[int, int]]:
 
 def onnx_weight_zeros(data: bytes) -> dict[str, tuple[int, int]]:
     """{initializer name: (zeros, size)} of the weight input of every Gemm / MatMul / Conv: the
-    float initializer itself, or the integer codes its DequantizeLinear reads (zero point 0)."""
+    float initializer itself, or the integer codes its DequantizeLinear reads: a code is zero when
+    it equals its zero point (one per tensor: 0 for int8/int4, 128 for uint8-stored weights)."""
     graph = onnx.load_from_string(data).graph
     inits = {i.name: i for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
@@ -61,9 +62,14 @@ def onnx_weight_zeros(data: bytes) -> dict[str, tuple[int, int]]:
             dq = producers.get(name)
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
+            zp = 0.0
             if len(dq.input) > 2 and dq.input[2]:
-                assert not numpy_helper.to_array(inits[dq.input[2]]).any(), "zero point not 0"
+                zps = np.unique(numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32))
+                assert len(zps) == 1, "weight zero points differ across channels"
+                zp = float(zps[0])
             name = dq.input[0]
-        arr = np.asarray(numpy_helper.to_array(inits[name])).astype(np.float32)
+            arr = np.asarray(numpy_helper.to_array(inits[name])).astype(np.float32) - zp
+        else:
+            arr = np.asarray(numpy_helper.to_array(inits[name])).astype(np.float32)
         out[name] = (int(np.count_nonzero(arr == 0)), arr.size)
     return out

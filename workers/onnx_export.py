@@ -5,12 +5,19 @@
   raw features (digits: float32 [N, 64]; gpt: int64 tokens [N, T]) and returns logits. Parameter
   names survive as initializer names (a Linear on 3-D input becomes MatMul with a transposed,
   renamed initializer: `layer_nodes` finds those by value).
-- `quantize_int8`: onnxruntime's static quantizer (QDQ format, per-channel symmetric int8 weights,
+- `quantize_int8`: onnxruntime's static quantizer (QDQ format, per-channel symmetric weights,
   uint8 activations — what its CPU kernels fuse into QLinearConv/QGemm). The weights are given to
   it as overrides with *our* codes' scales and the inputs of quantized layers with the QAT
   observers' ranges, so the graph computes with exactly the grid the model trained on; the rest
   (conv outputs; every activation under `ptq` / `fixed`) is calibrated on training batches.
   `check_codes` then reads the integer weights back out of the graph and compares them with ours.
+  The weight codes (-127..127) are stored as uint8 with zero point 128 (U8U8), not as int8
+  (U8S8): on x86 CPUs without VNNI (AVX2, AVX-512F) onnxruntime's U8S8 kernels multiply with
+  VPMADDUBSW, which adds two u8*s8 products into a *saturating* int16 (255 * 127 * 2 > 32767), so
+  the fused graph silently computed something else than QAT trained (tests/unit/test_export.py's
+  digits QAT mlp on an AVX2 CPU: 0.9136 against 0.9248, where the same graph unfused scores
+  0.9248). Its U8U8 kernels widen to int16 before multiplying and are exact on every CPU
+  (onnxruntime's documented remedy; `WEIGHT_ZERO_POINT`).
 - `quantize_weights_only`: int4 (or int8) DequantizeLinear on each weight, float compute:
   onnxruntime has int4 weights (opset 21) but no int4 activation kernels on CPU. Written here
   rather than with onnxruntime's MatMulNBits quantizer, which covers MatMul only (not Gemm or
@@ -44,6 +51,8 @@ log = logging.getLogger(__name__)
 OPSET = 21  # int4 DequantizeLinear needs 21
 INPUT, OUTPUT = "input", "logits"
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+# Symmetric int8 codes c in -127..127 stored as c + 128 in uint8: see the module docstring (U8U8).
+WEIGHT_ZERO_POINT = 128
 # Ops that pass a quantized tensor on unchanged in range (or clip it at 0, which a uint8 grid
 # with zero point 0 does by itself): the range of a layer's input also holds upstream of them.
 _PASSTHROUGH = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
@@ -184,9 +193,9 @@ def weight_overrides(nodes: dict[str, LayerNode], q: dict[str, QuantizedWeight])
         out[ln.weight] = [
             {
                 "axis": ln.axis,
-                "quant_type": QuantType.QInt8,
+                "quant_type": QuantType.QUInt8,
                 "scale": np.array(s, dtype=np.float32),
-                "zero_point": np.array(0, dtype=np.int8),
+                "zero_point": np.array(WEIGHT_ZERO_POINT, dtype=np.uint8),
             }
             for s in qw.scale.float().tolist()
         ]
@@ -224,7 +233,7 @@ def quantize_int8(
             nodes_to_exclude=_float_matmuls(fp32, nodes),
             per_channel=True,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8,  # U8U8: exact on CPUs without VNNI (module docstring)
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={
                 "WeightSymmetric": True,
@@ -249,6 +258,20 @@ def _float_matmuls(m: onnx.ModelProto, nodes: dict[str, LayerNode]) -> list[str]
     return [n.name for n in m.graph.node if n.op_type == "MatMul" and n.name not in ours]
 
 
+def _codes(layer: str, dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """The signed codes a weight's DequantizeLinear reads: stored value minus zero point (int16).
+    Symmetric weights have one zero point (0 for int8/int4, 128 for uint8 storage) on every
+    channel, so a code 0 is a weight exactly 0; anything else is refused."""
+    arr = np.asarray(numpy_helper.to_array(inits[dq.input[0]]))
+    codes = arr.astype(np.int8 if arr.dtype == ml_dtypes.int4 else np.int16).astype(np.int16)
+    if len(dq.input) > 2 and dq.input[2]:
+        zp = np.unique(numpy_helper.to_array(inits[dq.input[2]]).astype(np.int16))
+        if len(zp) != 1:
+            raise ExportError(f"layer {layer}: weight zero points differ across channels (not symmetric)")
+        codes = codes - zp[0]
+    return codes
+
+
 def check_codes(m: onnx.ModelProto, nodes: dict[str, LayerNode], q: dict[str, QuantizedWeight]) -> None:
     """Every quantized layer of `m` reads exactly our integer codes and scales."""
     inits = {i.name: i for i in m.graph.initializer}
@@ -260,7 +283,7 @@ def check_codes(m: onnx.ModelProto, nodes: dict[str, LayerNode], q: dict[str, Qu
         dq = producers.get(node.input[1]) if node is not None else None
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
             raise ExportError(f"layer {name}: its weight is not dequantized from integer codes")
-        codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int8)
+        codes = _codes(name, dq, inits)
         scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
         want = qw.codes.numpy()
         if ln.transposed:
@@ -271,8 +294,8 @@ def check_codes(m: onnx.ModelProto, nodes: dict[str, LayerNode], q: dict[str, Qu
 
 def layer_weights(m: onnx.ModelProto, nodes: dict[str, LayerNode]) -> dict[str, np.ndarray]:
     """Each layer's weight as the graph stores it, in torch's orientation: the float initializer,
-    or the integer codes its DequantizeLinear reads (zero point 0 is checked, so a zero code is a
-    zero weight). What `report.sparsity` is checked against."""
+    or the signed integer codes its DequantizeLinear reads (stored value minus the one zero point,
+    so a zero code is a zero weight). What `report.sparsity` is checked against."""
     inits = {i.name: i for i in m.graph.initializer}
     producers = _producers(m)
     by_name = {n.name: n for n in m.graph.node}
@@ -286,14 +309,9 @@ def layer_weights(m: onnx.ModelProto, nodes: dict[str, LayerNode]) -> dict[str, 
             dq = producers.get(src)
             if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
                 raise ExportError(f"layer {name}: its weight is neither an initializer nor dequantized codes")
-            if len(dq.input) > 2 and dq.input[2]:
-                zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64)
-                if np.any(zp != 0):
-                    raise ExportError(f"layer {name}: weight zero point is not 0")
-            src = dq.input[0]
-        arr = np.asarray(numpy_helper.to_array(inits[src]))
-        if arr.dtype == ml_dtypes.int4:
-            arr = arr.astype(np.int8)
+            arr = _codes(name, dq, inits)
+        else:
+            arr = np.asarray(numpy_helper.to_array(inits[src]))
         out[name] = arr.T if ln.transposed else arr
     return out
 

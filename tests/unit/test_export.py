@@ -102,7 +102,8 @@ def test_packed_file_rebuilds_the_weights_the_int8_graph_computes_with(qat, stor
         if node.op_type == "Gemm" and node.input[1] in producers:
             dq = producers[node.input[1]]
             codes, scale = inits[dq.input[0]].astype(np.float32), inits[dq.input[1]]
-            deq = codes * scale.reshape(-1, 1)
+            zero_point = inits[dq.input[2]].astype(np.float32)  # 128: uint8 storage (U8U8)
+            deq = (codes - zero_point.reshape(-1, 1)) * scale.reshape(-1, 1)
             # the weight initializer was named after the layer: <layer>.weight_quantized
             name = dq.input[0].removesuffix("_quantized")
             assert np.array_equal(deq, rebuilt[name].numpy()), name
