@@ -1,6 +1,5 @@
 """Masks: thresholds, scopes, structures, and that nothing revives a pruned weight."""
 
-import threading
 from collections import OrderedDict
 
 import pytest
@@ -9,6 +8,7 @@ from torch import nn
 
 from service.errors import MaskMismatchError
 from service.spec import PruningSpec
+from tests.thread_ranks import run_on_two_ranks
 from workers.compression.pruning import (
     Pruner,
     channel_masks,
@@ -43,27 +43,9 @@ def test_kth_smallest_across_shards_matches_gathered():
     g = torch.Generator().manual_seed(2)
     full = torch.rand(10_000, generator=g)
     shards = [full[:3000], full[3000:]]
-    barrier = threading.Barrier(2)
-    box = [None, None]
-
-    def make_reduce(rank):
-        def reduce_sum(t):
-            box[rank] = t.clone()
-            barrier.wait()
-            total = box[0] + box[1]
-            barrier.wait()
-            return total
-
-        return reduce_sum
-
-    results = [None, None]
-
-    def work(rank):
-        results[rank] = kth_smallest([shards[rank]], 9000, reduce_sum=make_reduce(rank))
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    results = run_on_two_ranks(
+        lambda rank, reduce_sum: kth_smallest([shards[rank]], 9000, reduce_sum=reduce_sum)
+    )
     expected = torch.sort(full).values[8999].item()
     assert results == [expected, expected]
 

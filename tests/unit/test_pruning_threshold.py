@@ -4,7 +4,6 @@ The bisection over float32 bit patterns is the reference (it is what sharded ran
 the local selection must return the same number, so masks are unchanged value for value."""
 
 import math
-import threading
 from collections import OrderedDict
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from service.spec import PruningSpec
+from tests.thread_ranks import run_on_two_ranks
 from workers.compression import pruning
 from workers.compression.pruning import (
     Pruner,
@@ -175,27 +175,10 @@ def test_sharded_ranks_keep_the_search_across_ranks():
     the bisection's, and equals the whole tensors' local selection."""
     w = _weights(0)
     halves = [OrderedDict((n, t.flatten()[r::2]) for n, t in w.items()) for r in (0, 1)]
-    barrier = threading.Barrier(2)
-    box = [None, None]
 
-    def make_reduce(rank):
-        def reduce_sum(t):
-            box[rank] = t.clone()
-            barrier.wait()
-            total = box[0] + box[1]
-            barrier.wait()
-            return total
+    def work(rank, reduce_sum):
+        return kth_smallest([x.abs() for x in halves[rank].values()], 3000, reduce_sum=reduce_sum)
 
-        return reduce_sum
-
-    out = [None, None]
-
-    def work(rank):
-        scores = [x.abs() for x in halves[rank].values()]
-        out[rank] = kth_smallest(scores, 3000, reduce_sum=make_reduce(rank))
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    out = run_on_two_ranks(work)
     whole = kth_smallest_local([x.abs() for x in w.values()], 3000)
     assert out == [whole, whole]
