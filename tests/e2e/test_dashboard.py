@@ -105,17 +105,17 @@ def test_a_refused_spec_shows_each_field_error_on_its_line(page, server):
     page.console_errors.allow(422)  # the server's answer to the bad spec
     sign_in(page, server)
     text = open_submit(page, server)
-    bad = text.replace("lr: 0.05", "lr: -1").replace("name: lenet5", "name: resnet")
+    bad = text.replace("lr: 0.05", "lr: -1").replace("name: lenet5", "name: resnet50")
     page.fill("#spec-editor", bad)
     page.click("#submit-spec")
     lines = bad.split("\n")
-    for field, needle in [("train.lr", "lr: -1"), ("model.name", "name: resnet")]:
+    for field, needle in [("train.lr", "lr: -1"), ("model.name", "name: resnet50")]:
         line = next(i for i, s in enumerate(lines, 1) if needle in s)
         mark = page.locator(f".overlay .line:nth-child({line}) .field-error[data-field~='{field}']")
         expect(mark).to_be_visible()
         expect(mark).to_contain_text(field)
         expect(page.locator(f".gutter div:nth-child({line})")).to_have_class("bad")
-    expect(page.locator("#spec-errors")).to_contain_text("allowed: mlp, lenet5, convnet, gpt")
+    expect(page.locator("#spec-errors")).to_contain_text("allowed: mlp, lenet5, convnet, gpt, resnet")
     shot(page, "02-submit-field-errors")
     # Syntax errors are caught before anything is sent, and marked the same way.
     page.fill("#spec-editor", "name: x\nmodel: {name: mlp\ndata: {name: digits}\n")
