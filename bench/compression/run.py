@@ -5,7 +5,7 @@ For `mlp` (LeNet-300-100) and `lenet5`: dense fp32; cubic GMP to 50/75/90/95%; 9
 "packing" stages), and the same at 97% to see where 40x is crossed. Every row is a real job:
 `workers.train_loop.train` in this process with a `LocalSession` (no Ray: the numbers are about
 compression, not scheduling), then the same `workers.export.export` every job ends with.
-Accuracy is the exported ONNX model's, run in onnxruntime over the validation split (360
+Accuracy is the exported ONNX model's, run in onnxruntime over the validation split (359
 digits); size and sparsity are the packed artifact's (`report.sparsity`, counted on model.packed);
 latency is onnxruntime CPU with one thread, the median of repeated runs of the row's runtime
 artifact, timed interleaved with the dense fp32 job's `model.onnx` of the same model and seed: the
