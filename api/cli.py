@@ -11,10 +11,9 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -49,7 +48,7 @@ from service.artifacts import (
 )
 from service.errors import ArtifactKeyError, ConfigError, SlimtrainError, SpecError, TrainingFailed
 from service.records import PHASE_KIND, Phase, phase_label
-from service.spec import JobSpec, json_schema, load_spec_file
+from service.spec import JobSpec, decode_spec_file, json_schema, parse_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -94,8 +93,14 @@ def _settings():
 
 
 def _load(spec_path: Path) -> JobSpec:
+    return _load_with_data(spec_path)[0]
+
+
+def _load_with_data(spec_path: Path) -> tuple[JobSpec, Any]:
+    """The spec validated and the data it was decoded from, from one read of the file."""
     try:
-        return load_spec_file(spec_path)
+        data = decode_spec_file(spec_path)
+        return parse_spec(data), data
     except SpecError as e:
         console.print(render.spec_errors(e))
         raise typer.Exit(2) from None
@@ -447,8 +452,9 @@ def submit(
     token: Token = None,
 ):
     """Submit a job to the server. With --wait: exit 0 when it succeeds, 1 when it fails."""
-    _load(spec)  # the server checks again; this fails fast with the same field-by-field table
-    data = yaml.safe_load(spec.read_text())
+    # The server checks again; this fails fast with the same field-by-field table, and sends
+    # exactly what it checked.
+    _, data = _load_with_data(spec)
     with _api(url, token) as api:
         job = api.submit(data, idempotency_key)
         if not wait:

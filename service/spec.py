@@ -740,13 +740,18 @@ def load_spec_text(text: str, source: str = "spec", field: str = "(spec)") -> Jo
     return parse_spec(decode_spec_text(text, source, field))
 
 
-def load_spec_file(path: str | Path) -> JobSpec:
+def decode_spec_file(path: str | Path) -> Any:
+    """A spec file's YAML or JSON, decoded (not validated); errors name the file."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise SpecError(f"cannot read {p}: {e.strerror}", [{"field": "(file)", "message": str(e)}]) from None
-    return load_spec_text(text, source=str(p), field="(file)")
+    return decode_spec_text(text, source=str(p), field="(file)")
+
+
+def load_spec_file(path: str | Path) -> JobSpec:
+    return parse_spec(decode_spec_file(path))
 
 
 def json_schema() -> dict:
