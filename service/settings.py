@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     max_model_bytes: int = Field(
         default=2 * 1024**3, ge=1024, description="Largest weights file PUT /v1/models/{name} accepts."
     )
+    stream_above_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=0,
+        description="data.streaming auto: a dataset file larger than this streams through Ray Data "
+        "instead of being loaded into every worker's memory.",
+    )
 
     # Job service (api/, service/scheduler.py, service/reconciler.py).
     ray_dashboard_url: str | None = Field(

@@ -241,6 +241,12 @@ class DataSpec(Strict):
     val_fraction: float = Field(
         default=0.2, gt=0.0, le=0.5, description="Share of the data held out for validation."
     )
+    streaming: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Stream `uri` through Ray Data instead of loading it into every worker: on, "
+        "off, or auto (stream a parquet file larger than SLIMTRAIN_STREAM_ABOVE_BYTES; built-in "
+        "sets always load in memory). See docs/data.md.",
+    )
 
     @field_validator("name")
     @classmethod
