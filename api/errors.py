@@ -16,7 +16,7 @@ from service.errors import ArtifactCorrupt, ArtifactKeyError, ArtifactNotFound, 
 from service.jobs import IdempotencyConflict, InvalidTransition, JobNotFound, LimitExceeded
 from service.ray_jobs import ClusterUnavailable
 from service.store.repo import BadCursor
-from service.uploads import InvalidModelName, ModelNotFound, ModelTooLarge, NotSafetensors
+from service.tenant_files import UploadNotFound, UploadRefused, UploadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ STATUS: dict[type[SlimtrainError], int] = {
     AuthError: 401,
     JobNotFound: 404,
     ArtifactNotFound: 404,
-    ModelNotFound: 404,
-    ModelTooLarge: 413,
-    NotSafetensors: 422,
-    InvalidModelName: 422,
+    # A tenant's uploads, models and datasets alike (service/tenant_files.py).
+    UploadNotFound: 404,
+    UploadTooLarge: 413,
+    UploadRefused: 422,
     InvalidTransition: 409,
     IdempotencyConflict: 409,
     BodyTooLarge: 413,
