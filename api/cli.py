@@ -226,12 +226,14 @@ def run(
         job_id = new_job_id()
         store = open_store(settings.resolved_artifact_uri, settings.s3_endpoint_url)
 
-    from service.uploads import resolve_init
+    from service.datasets import resolve_sources
     from workers.driver import run_job
     from workers.ray_runtime import connect
 
-    try:  # one user here: store://models/NAME is the `default` tenant's, as `slimtrain serve` has it
-        job_spec = resolve_init(job_spec, "default", store)
+    # One user here: store:// names are the `default` tenant's, as `slimtrain serve` has them, and
+    # s3:// is read with the user's own credentials, so no allow-list applies.
+    try:
+        job_spec = resolve_sources(job_spec, "default", store)
     except SpecError as e:
         console.print(f"[red]cannot run:[/] {e.message}")
         raise typer.Exit(2) from None
@@ -575,13 +577,19 @@ def model_push(
 ):
     """Upload weights (safetensors) as NAME; a job starts from them with
     `model: {init: {uri: store://models/NAME}}`."""
+    _push("models", file, name, {}, as_json, url, token)
+
+
+def _push(kind: str, file: Path, name: str, params: dict, as_json: bool, url, token) -> None:
+    """Upload `file` as the tenant's `kind` (models, datasets) NAME, streamed from disk under a
+    progress bar; the server's refusal (422 naming what is wrong, 413) exits 2."""
     with _api(url, token) as api:
         progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), console=console
         )
         with progress:
             task = progress.add_task(f"push {name}", total=file.stat().st_size)
-            entry = api.push_model(file, name, lambda n: progress.advance(task, n))
+            entry = api.push(kind, file, name, lambda n: progress.advance(task, n), params)
     if as_json:
         out.print_json(json.dumps(entry))
     else:
@@ -592,7 +600,7 @@ def model_push(
 def model_ls(as_json: AsJson = False, url: Url = None, token: Token = None):
     """List your models."""
     with _api(url, token) as api:
-        items = api.models()
+        items = api.list_uploads("models")
     if as_json:
         out.print_json(json.dumps(items))
         return
@@ -606,7 +614,70 @@ def model_rm(
 ):
     """Delete one of your models."""
     with _api(url, token) as api:
-        api.delete_model(name)
+        api.delete_upload("models", name)
+    out.print(f"{name} deleted")
+
+
+dataset_app = typer.Typer(
+    no_args_is_help=True, help="Your uploaded datasets, which jobs read (data.uri, data.tokenizer)."
+)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("push")
+def dataset_push(
+    file: Annotated[Path, typer.Argument(help="A dataset file.", exists=True, dir_okay=False)],
+    name: Annotated[
+        str | None, typer.Argument(help="Its name (default: the file's): jobs use store://datasets/NAME.")
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="npz, parquet, jsonl, text, image_zip, image_tar or tokenizer; default: from NAME's ending.",
+        ),
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option("--label-column", help="parquet: the column of class labels (default: label)."),
+    ] = None,
+    text_column: Annotated[
+        str | None,
+        typer.Option("--text-column", help="jsonl: the field holding each document (default: text)."),
+    ] = None,
+    as_json: AsJson = False,
+    url: Url = None,
+    token: Token = None,
+):
+    """Upload a dataset file as NAME, checked on arrival as a job will read it; a job reads it
+    with `data: {uri: store://datasets/NAME}` (a tokenizer.json: `data.tokenizer`)."""
+    params = {"format": fmt, "label_column": label_column, "text_column": text_column}
+    _push("datasets", file, name or file.name, params, as_json, url, token)
+
+
+@dataset_app.command("ls")
+def dataset_ls(as_json: AsJson = False, url: Url = None, token: Token = None):
+    """List your datasets."""
+    with _api(url, token) as api:
+        items = api.list_uploads("datasets")
+    if as_json:
+        out.print_json(json.dumps(items))
+        return
+    for d in items:
+        classes = f"  {d['num_classes']} classes" if d.get("num_classes") is not None else ""
+        out.print(
+            f"{d['name']}  {d['format']}  {d['samples']:,} samples{classes}  "
+            f"{d['size']:,} bytes  {d['created']}"
+        )
+
+
+@dataset_app.command("rm")
+def dataset_rm(
+    name: Annotated[str, typer.Argument(help="The dataset's name.")], url: Url = None, token: Token = None
+):
+    """Delete one of your datasets."""
+    with _api(url, token) as api:
+        api.delete_upload("datasets", name)
     out.print(f"{name} deleted")
 
 

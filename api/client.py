@@ -301,9 +301,9 @@ class Client:
 
     # --- models (weights for model.init) -----------------------------------------------------------
 
-    def push_model(self, path: Path, name: str, on_bytes=None) -> dict:
-        """Upload a safetensors file as the tenant's model `name`, streamed from disk (no time
-        limit on the body: a large file takes what it takes)."""
+    def push(self, kind: str, path: Path, name: str, on_bytes=None, params: dict | None = None) -> dict:
+        """Upload a file as the tenant's `kind` (models: safetensors; datasets) `name`, streamed
+        from disk (no time limit on the body: a large file takes what it takes)."""
         size = path.stat().st_size
 
         def chunks():
@@ -316,15 +316,16 @@ class Client:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         # The answer comes once the server has checked and stored the whole file.
         timeout = httpx.Timeout(self.http.timeout.connect, read=600.0, write=None, pool=None)
+        params = {k: v for k, v in (params or {}).items() if v is not None}
         return self._request(
-            "PUT", f"/v1/models/{name}", content=chunks(), headers=headers, timeout=timeout
+            "PUT", f"/v1/{kind}/{name}", content=chunks(), headers=headers, timeout=timeout, params=params
         ).json()
 
-    def models(self) -> list[dict]:
-        return self._request("GET", "/v1/models").json()["items"]
+    def list_uploads(self, kind: str) -> list[dict]:
+        return self._request("GET", f"/v1/{kind}").json()["items"]
 
-    def delete_model(self, name: str) -> None:
-        self._request("DELETE", f"/v1/models/{name}")
+    def delete_upload(self, kind: str, name: str) -> None:
+        self._request("DELETE", f"/v1/{kind}/{name}")
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:

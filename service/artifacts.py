@@ -168,8 +168,14 @@ class ArtifactStore(ABC):
     def get_json(self, key: str):
         return json.loads(self.get_bytes(key))
 
+    def put_fileobj(self, key: str, f: BinaryIO) -> None:
+        """Store what `f` holds from its position to its end, read in chunks: an upload of any
+        size never sits whole in memory. The default suits stores with nothing better."""
+        self.put_bytes(key, f.read())
+
     def put_file(self, key: str, path: str | Path) -> None:
-        self.put_bytes(key, Path(path).read_bytes())
+        with open(path, "rb") as f:
+            self.put_fileobj(key, f)
 
     def sha256(self, key: str) -> str:
         h = hashlib.sha256()
@@ -207,13 +213,19 @@ class LocalArtifactStore(ArtifactStore):
         return p
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        self._write(key, lambda out: out.write(data))
+
+    def put_fileobj(self, key: str, f: BinaryIO) -> None:
+        self._write(key, lambda out: shutil.copyfileobj(f, out, CHUNK))
+
+    def _write(self, key: str, fill) -> None:
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename: a reader never sees a half-written object.
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            with os.fdopen(fd, "wb") as out:
+                fill(out)
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

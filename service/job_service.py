@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from service.artifacts import ArtifactStore, JobArtifacts, ObjectInfo, check_name
 from service.background import Loop
+from service.datasets import DatasetStore, resolve_sources
 from service.errors import ArtifactKeyError, ArtifactNotFound, SpecError
 from service.ids import new_job_id
 from service.ingest import Ingester
@@ -24,7 +25,7 @@ from service.settings import Settings
 from service.spec import parse_spec
 from service.store.models import Job
 from service.store.repo import NewJob, Page, Store
-from service.uploads import ModelStore, resolve_init
+from service.uploads import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class JobService:
         )
         self.loops: dict[str, Loop] = {}
         self.models = ModelStore(artifacts, settings.max_model_bytes, settings.data_dir / "uploads")
+        self.datasets = DatasetStore(artifacts, settings.max_dataset_bytes, settings.data_dir / "uploads")
 
     # --- background ------------------------------------------------------------------------------
 
@@ -98,8 +100,9 @@ class JobService:
             ) from None
         spec = parse_spec(data, submitted=True)
         check_limits(spec, self.settings)
-        # model.init becomes one store key now, with the caller's tenant: workers never see tenants.
-        spec = resolve_init(spec, tenant, self.artifacts, self.store)
+        # model.init and the data become store keys (or allowed s3:// URIs) now, with the caller's
+        # tenant: workers never see tenants.
+        spec = resolve_sources(spec, tenant, self.artifacts, self.store, self.settings.s3_allowed_prefixes)
         new = NewJob(
             job_id=new_job_id(),
             tenant=tenant,

@@ -181,6 +181,17 @@ class S3ArtifactStore(ArtifactStore):
         self._call(key, self.client.put_object, Key=self.full_key(key), Body=data)
 
     def put_file(self, key: str, path: str | Path) -> None:
+        self._transfer(
+            key, lambda full, config: self.client.upload_file(str(path), self.bucket, full, Config=config)
+        )
+
+    def put_fileobj(self, key: str, f: BinaryIO) -> None:
+        self._transfer(
+            key, lambda full, config: self.client.upload_fileobj(f, self.bucket, full, Config=config)
+        )
+
+    def _transfer(self, key: str, upload) -> None:
+        """A managed upload: multipart above the threshold, the source read part by part."""
         from boto3.s3.transfer import TransferConfig
 
         config = TransferConfig(
@@ -188,7 +199,7 @@ class S3ArtifactStore(ArtifactStore):
         )
         full = self.full_key(key)
         try:
-            self.client.upload_file(str(path), self.bucket, full, Config=config)
+            upload(full, config)
         except Exception as e:
             # boto3 wraps the ClientError of a failed upload; translate the original.
             cause = e.__context__ if isinstance(e.__context__, Exception) else e

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -44,6 +45,16 @@ class Settings(BaseSettings):
     max_model_bytes: int = Field(
         default=2 * 1024**3, ge=1024, description="Largest weights file PUT /v1/models/{name} accepts."
     )
+    max_dataset_bytes: int = Field(
+        default=8 * 1024**3, ge=1024, description="Largest dataset file PUT /v1/datasets/{name} accepts."
+    )
+    # NoDecode: a comma-separated list in the environment, not JSON.
+    s3_allowed_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="s3://bucket/prefix, comma-separated: where a job's s3:// data.uri, "
+        "data.tokenizer and model.init.uri may point. Empty: s3:// is refused, so clients cannot "
+        "read whatever the service's credentials reach (docs/security.md).",
+    )
     stream_above_bytes: int = Field(
         default=256 * 1024**2,
         ge=0,
@@ -78,6 +89,23 @@ class Settings(BaseSettings):
     @classmethod
     def _abs(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("s3_allowed_prefixes", mode="before")
+    @classmethod
+    def _prefixes(cls, v):
+        items = [p.strip() for p in v.split(",")] if isinstance(v, str) else list(v or [])
+        out = []
+        for p in filter(None, items):
+            bucket, _, key = p.removeprefix("s3://").partition("/")
+            if (
+                not p.startswith("s3://")
+                or not bucket
+                or ".." in key.split("/")
+                or any(c.isspace() for c in p)
+            ):
+                raise ValueError(f"{p!r} is not s3://bucket or s3://bucket/prefix")
+            out.append(f"s3://{bucket}/{key.strip('/')}".rstrip("/"))
+        return out
 
     @field_validator("metrics_token")
     @classmethod

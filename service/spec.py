@@ -165,8 +165,16 @@ def _data_uri_error(v: str, what: str) -> str | None:
         return (
             f"must be s3://bucket/key.npz or store://datasets/<name>.npz ({what}; formats: see data.format)"
         )
-    if m.group(1) == "store" and not re.fullmatch(r"datasets/[A-Za-z0-9._/-]+", m.group(2)):
-        return "store:// datasets live under datasets/ in the artifact store"
+    if m.group(1) == "store":
+        # One name in the caller's own datasets (`PUT /v1/datasets/<name>`), resolved to its
+        # store key at submission: a client never names a key of the artifact store.
+        name = m.group(2).removeprefix("datasets/")
+        if not m.group(2).startswith("datasets/") or not MODEL_NAME_RE.fullmatch(name):
+            return (
+                "store:// data is store://datasets/<name>, a dataset you uploaded (PUT /v1/datasets/<name>, "
+                "`slimtrain dataset push`); the name letters, digits, '.', '_' and '-', up to 100, "
+                "starting with a letter or digit"
+            )
     if ".." in m.group(2).split("/"):
         return "must not contain '..' segments"
     return None
@@ -241,6 +249,16 @@ class DataSpec(Strict):
     val_fraction: float = Field(
         default=0.2, gt=0.0, le=0.5, description="Share of the data held out for validation."
     )
+    resolved_uri: str | None = Field(
+        default=None,
+        description="Set by the service at submission, never by a client: what the workers read "
+        "for `uri` (the artifact-store key of the caller's dataset, or the s3:// URI).",
+    )
+    resolved_tokenizer: str | None = Field(
+        default=None,
+        description="Set by the service at submission, never by a client: what the workers read "
+        "for `tokenizer`.",
+    )
     streaming: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Stream `uri` through Ray Data instead of loading it into every worker: on, "
@@ -276,6 +294,16 @@ class DataSpec(Strict):
         return v
 
     @model_validator(mode="after")
+    def _not_resolved(self, info: ValidationInfo) -> DataSpec:
+        # A client that could name the key would read any tenant's data: only the service,
+        # after checking the caller's access, fills these in (service.datasets.resolve_data).
+        if (info.context or {}).get("submitted"):
+            for f in ("resolved_uri", "resolved_tokenizer"):
+                if getattr(self, f) is not None:
+                    raise ValueError(f"{f}: set by the service; not allowed in a submitted spec")
+        return self
+
+    @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
         if (self.name is None) == (self.uri is None):
             raise ValueError("give exactly one of `name` or `uri`")
@@ -291,6 +319,10 @@ class DataSpec(Strict):
         if self.args:
             raise ValueError("args: not allowed with `uri`")
         fmt = self.format or guess_data_format(self.uri)
+        if fmt is None and self.uri.startswith("store://"):
+            # An uploaded dataset's name need not end in its format: the upload recorded it,
+            # and resolution at submission fills `format` in and checks the options then.
+            return self
         if fmt is None:
             raise ValueError(
                 "format: cannot tell the format from the uri's ending; give format ("
@@ -316,6 +348,26 @@ class DataSpec(Strict):
             if self.label_column is not None and self.label_column in names:
                 raise ValueError(f"label_column: {self.label_column!r} is also a feature/token column")
         return self
+
+    def location(self, field: str = "data.uri") -> str | None:
+        """What the workers read for `field` (data.uri or data.tokenizer): the key the service
+        resolved, as store://KEY, or the s3:// URI. A store:// name is the caller's and only the
+        service knows whose: unresolved, it is refused rather than read from a shared prefix."""
+        uri, resolved = (
+            (self.uri, self.resolved_uri)
+            if field == "data.uri"
+            else (self.tokenizer, self.resolved_tokenizer)
+        )
+        if uri is None:
+            return None
+        if resolved is not None:
+            return resolved if resolved.startswith("s3://") else "store://" + resolved
+        if uri.startswith("store://"):
+            raise ConfigError(
+                f"{field}: {uri} was not resolved to a tenant's dataset; submit the job through the "
+                "service or `slimtrain run`"
+            )
+        return uri
 
     @property
     def resolved_format(self) -> str | None:

@@ -2,9 +2,7 @@
 `model.init` to the one store key its workers read.
 
 Layout: `_tenants/<tenant>/models/<name>/model.safetensors` (+ `meta.json`: size, sha256,
-created). Job ids start with a letter or digit, so no job's prefix is `_tenants`; tenants are
-`[a-z0-9_-]` (service.auth) and names one strict segment (service.spec.MODEL_NAME_RE), so no
-name reaches outside its tenant's folder.
+tensors, created); service/tenant_files.py has what models share with datasets.
 
 Resolution happens here, at submission, with the caller's tenant in hand: the stored spec then
 carries `model.init.resolved` and workers never see tenant logic. A client cannot set
@@ -13,23 +11,25 @@ carries `model.init.resolved` and workers never see tenant logic. A client canno
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import struct
-import tempfile
-from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlparse
 
-from service.artifacts import MANIFEST, ArtifactStore, JobArtifacts, manifest_files
-from service.errors import ArtifactKeyError, ArtifactNotFound, SlimtrainError, SpecError
-from service.spec import MODEL_NAME_RE, JobSpec
+from service.artifacts import MANIFEST, JobArtifacts, manifest_files
+from service.errors import ArtifactKeyError, ArtifactNotFound
+from service.spec import JobSpec
+from service.tenant_files import (
+    InvalidName,
+    TenantFiles,
+    UploadNotFound,
+    UploadRefused,
+    UploadTooLarge,
+    check_s3,
+    check_upload_name,
+    field_error,
+)
 
-TENANTS = "_tenants"
 WEIGHTS = "model.safetensors"
-META = "meta.json"
 # safetensors' own reader refuses headers above 100 MB; a header is JSON naming each tensor.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPES = {
@@ -51,30 +51,19 @@ DTYPES = {
 }
 
 
-class _Refusal(SlimtrainError):
-    """An upload refused for what it is: `errors` names the part of the request at fault."""
-
-    field = "(body)"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.errors = [{"field": self.field, "message": message}]
-
-
-class InvalidModelName(_Refusal):
+class InvalidModelName(InvalidName):
     code = "invalid_model_name"
-    field = "name"
 
 
-class ModelNotFound(SlimtrainError):
+class ModelNotFound(UploadNotFound):
     code = "model_not_found"
 
 
-class ModelTooLarge(SlimtrainError):
+class ModelTooLarge(UploadTooLarge):
     code = "model_too_large"
 
 
-class NotSafetensors(_Refusal):
+class NotSafetensors(UploadRefused):
     """The bytes are not a safetensors file (a pickle under a .safetensors name, a truncated
     file): refused, never parsed by anything that could run code."""
 
@@ -82,16 +71,11 @@ class NotSafetensors(_Refusal):
 
 
 def check_model_name(name: str) -> str:
-    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
-        raise InvalidModelName(
-            f"invalid model name {name!r}: letters, digits, '.', '_' and '-', up to 100, "
-            "starting with a letter or digit"
-        )
-    return name
+    return check_upload_name(name, "model", InvalidModelName)
 
 
 def model_prefix(tenant: str, name: str) -> str:
-    return f"{TENANTS}/{tenant}/models/{check_model_name(name)}/"
+    return ModelStore.prefix(tenant, name)
 
 
 def model_key(tenant: str, name: str) -> str:
@@ -144,121 +128,41 @@ def safetensors_header(head: bytes, size: int) -> dict:
     return header
 
 
-class Upload:
-    """One upload in progress: `write` each chunk as it arrives (to a temporary file, hashed and
-    counted, ModelTooLarge past the limit), then `finish` checks the bytes are safetensors and
-    stores them. `close` always (it removes the temporary file)."""
-
-    def __init__(
-        self, artifacts: ArtifactStore, prefix: str, name: str, max_bytes: int, tmp_dir: Path | None = None
-    ):
-        self.artifacts, self.prefix, self.name, self.max_bytes = artifacts, prefix, name, max_bytes
-        self.sha, self.size = hashlib.sha256(), 0
-        if tmp_dir is not None:
-            tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=".upload-", suffix=".safetensors", dir=tmp_dir)
-        self.file = os.fdopen(fd, "wb")
-
-    def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size > self.max_bytes:
-            raise ModelTooLarge(
-                f"the upload is larger than the limit of {self.max_bytes} bytes (SLIMTRAIN_MAX_MODEL_BYTES)"
-            )
-        self.sha.update(chunk)
-        self.file.write(chunk)
-
-    def finish(self) -> dict:
-        self.file.close()
-        with open(self.tmp, "rb") as f:
-            head = f.read(8)
-            if len(head) == 8:
-                (n,) = struct.unpack("<Q", head)
-                head += f.read(min(n, MAX_HEADER_BYTES))
-        header = safetensors_header(head, self.size)
-        entry = {
-            "name": self.name,
-            "size": self.size,
-            "sha256": self.sha.hexdigest(),
-            "tensors": sum(1 for k in header if k != "__metadata__"),
-            "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        }
-        # Weights first, then the entry: a listed model always has its file.
-        self.artifacts.put_file(self.prefix + WEIGHTS, self.tmp)
-        self.artifacts.put_json(self.prefix + META, entry)
-        return entry
-
-    def close(self) -> None:
-        self.file.close()
-        Path(self.tmp).unlink(missing_ok=True)
+def inspect_weights(path: Path, size: int) -> tuple[str, dict]:
+    """The check of an uploaded model (service.tenant_files.Upload.finish): a safetensors file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            head += f.read(min(n, MAX_HEADER_BYTES))
+    header = safetensors_header(head, size)
+    return WEIGHTS, {"tensors": sum(1 for k in header if k != "__metadata__")}
 
 
-class ModelStore:
+class ModelStore(TenantFiles):
     """A tenant's uploaded weights in the artifact store."""
 
-    def __init__(self, artifacts: ArtifactStore, max_bytes: int, tmp_dir: Path | None = None):
-        # tmp_dir: where uploads wait for their check (the data dir: /tmp may be small).
-        self.artifacts, self.max_bytes, self.tmp_dir = artifacts, max_bytes, tmp_dir
-
-    def check_size(self, declared: int) -> None:
-        """Refuse an upload whose Content-Length is above the limit before reading it."""
-        if declared > self.max_bytes:
-            raise ModelTooLarge(
-                f"the upload is {declared} bytes; the limit is {self.max_bytes} (SLIMTRAIN_MAX_MODEL_BYTES)"
-            )
-
-    def start(self, tenant: str, name: str) -> Upload:
-        return Upload(self.artifacts, model_prefix(tenant, name), name, self.max_bytes, self.tmp_dir)
-
-    def put(self, tenant: str, name: str, chunks: Iterable[bytes]) -> dict:
-        """Store `chunks` as the tenant's model `name` (an upload in one call)."""
-        upload = self.start(tenant, name)
-        try:
-            for chunk in chunks:
-                upload.write(chunk)
-            return upload.finish()
-        finally:
-            upload.close()
-
-    def list(self, tenant: str) -> list[dict]:
-        out = []
-        for obj in self.artifacts.list(f"{TENANTS}/{tenant}/models/"):
-            if obj.key.endswith("/" + META):
-                try:
-                    out.append(self.artifacts.get_json(obj.key))
-                except (ArtifactNotFound, ValueError):
-                    continue  # deleted meanwhile, or half-written by another store
-        return sorted(out, key=lambda e: e["name"])
-
-    def get(self, tenant: str, name: str) -> dict:
-        try:
-            return self.artifacts.get_json(model_prefix(tenant, name) + META)
-        except ArtifactNotFound:
-            raise ModelNotFound(f"no model {name!r}") from None
-
-    def delete(self, tenant: str, name: str) -> None:
-        self.get(tenant, name)
-        self.artifacts.delete_prefix(model_prefix(tenant, name))
+    kind, what, setting = "models", "model", "SLIMTRAIN_MAX_MODEL_BYTES"
+    invalid_name, too_large, not_found = InvalidModelName, ModelTooLarge, ModelNotFound
+    inspect = staticmethod(inspect_weights)
 
 
 # --- model.init: resolution at submission --------------------------------------------------------
 
 
-def _init_error(field: str, message: str) -> SpecError:
-    return SpecError(f"{field}: {message}", [{"field": field, "message": message}])
-
-
-def resolve_init(spec: JobSpec, tenant: str, artifacts: ArtifactStore, jobs=None) -> JobSpec:
+def resolve_init(
+    spec: JobSpec, tenant: str, artifacts, jobs=None, allowed_s3: list[str] | None = None
+) -> JobSpec:
     """Fill in `model.init.resolved` for `tenant`, checking what can be checked now. `jobs`
     (a store.repo.Store) looks up `init.job` for this tenant: another tenant's job is refused
     exactly like a missing one. Without `jobs` (`slimtrain run`, one user) the job's folder in
-    the artifact store is enough."""
+    the artifact store is enough. `allowed_s3`: service.tenant_files.check_s3."""
     init = spec.model.init
     if init is None:
         return spec
     if init.job is not None:
         field = "model.init.job"
-        missing = _init_error(
+        missing = field_error(
             field, f"no succeeded job {init.job!r} with {WEIGHTS} (jobs of your tenant only)"
         )
         if jobs is not None:
@@ -269,7 +173,7 @@ def resolve_init(spec: JobSpec, tenant: str, artifacts: ArtifactStore, jobs=None
             except JobNotFound:
                 raise missing from None
             if job.state != "succeeded":
-                raise _init_error(field, f"job {init.job!r} is {job.state}; only a succeeded job's weights")
+                raise field_error(field, f"job {init.job!r} is {job.state}; only a succeeded job's weights")
         try:
             listed = manifest_files(JobArtifacts(artifacts, init.job).get_json(MANIFEST))
         except (ArtifactNotFound, ArtifactKeyError, ValueError, KeyError, TypeError):
@@ -281,24 +185,9 @@ def resolve_init(spec: JobSpec, tenant: str, artifacts: ArtifactStore, jobs=None
         name = init.uri.removeprefix("store://models/")
         resolved = model_key(tenant, name)
         if not artifacts.exists(resolved):
-            raise _init_error("model.init.uri", f"no model {name!r} (push it with `slimtrain model push`)")
+            raise field_error("model.init.uri", f"no model {name!r} (push it with `slimtrain model push`)")
     else:
-        # The artifact store holds every tenant's weights: reaching it through s3:// would skip
-        # the tenant check above.
-        if artifacts.uri.startswith("s3://") and _inside(init.uri, artifacts.uri):
-            raise _init_error(
-                "model.init.uri",
-                "points into slimtrain's artifact store; use init.job or store://models/<name>",
-            )
-        resolved = init.uri
+        resolved = check_s3(init.uri, "model.init.uri", artifacts, allowed_s3)
     data = spec.model_dump(mode="json")
     data["model"]["init"]["resolved"] = resolved
     return JobSpec.model_validate(data)
-
-
-def _inside(uri: str, store_uri: str) -> bool:
-    u, s = urlparse(uri), urlparse(store_uri)
-    if u.netloc != s.netloc:
-        return False
-    prefix = s.path.strip("/")
-    return not prefix or u.path.lstrip("/").startswith(prefix + "/") or u.path.strip("/") == prefix

@@ -4,6 +4,7 @@ checks and stores; names live in the caller's tenant only."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
@@ -13,10 +14,12 @@ from pydantic import BaseModel, Field
 from api.deps import CurrentTenant, ServiceDep
 from api.errors import BadRequest, documented
 from service.spec import MODEL_NAME_PATTERN
+from service.tenant_files import TenantFiles, Upload
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
-ModelName = Annotated[
+# The name of a tenant's upload (a model, a dataset): one strict path segment.
+UploadName = Annotated[
     str,
     Path(
         pattern=MODEL_NAME_PATTERN,
@@ -63,23 +66,30 @@ _BODY = {
     ),
 )
 async def put_model(
-    request: Request, service: ServiceDep, tenant: CurrentTenant, name: ModelName
+    request: Request, service: ServiceDep, tenant: CurrentTenant, name: UploadName
 ) -> ModelOut:
-    models = service.models
+    return ModelOut(
+        **await receive_upload(request, service.models, lambda: service.models.start(tenant, name))
+    )
+
+
+async def receive_upload(request: Request, files: TenantFiles, start: Callable[[], Upload]) -> dict:
+    """Stream a PUT body into an upload of `files` (models, datasets): the limit is checked on
+    Content-Length before a byte is read, and again as bytes arrive (a chunked body); the
+    check and the store happen once the body is whole, off the event loop."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            models.check_size(int(declared))
+            files.check_size(int(declared))
         except ValueError:
             raise BadRequest("Content-Length: not a number") from None
-    upload = await run_in_threadpool(models.start, tenant, name)
+    upload = await run_in_threadpool(start)
     try:
         async for chunk in request.stream():
             upload.write(chunk)  # a local file write; the limit is checked as bytes arrive
-        entry = await run_in_threadpool(upload.finish)
+        return await run_in_threadpool(upload.finish)
     finally:
         upload.close()
-    return ModelOut(**entry)
 
 
 @router.get(
@@ -102,6 +112,6 @@ async def list_models(service: ServiceDep, tenant: CurrentTenant) -> ModelList:
     response_class=Response,
     responses=documented(401, 404, 422, s404="No such model for this tenant."),
 )
-async def delete_model(service: ServiceDep, tenant: CurrentTenant, name: ModelName) -> Response:
+async def delete_model(service: ServiceDep, tenant: CurrentTenant, name: UploadName) -> Response:
     await run_in_threadpool(service.models.delete, tenant, name)
     return Response(status_code=204)

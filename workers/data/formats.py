@@ -48,13 +48,15 @@ Reader = Callable[[str, str], bytes]  # (uri, spec field) -> bytes
 
 def load(spec: DataSpec, read: Reader) -> Raw:
     fmt = spec.resolved_format
-    raw = read(spec.uri, "data.uri")
+    # What the service resolved (the tenant's store key, an allowed s3:// URI); messages keep
+    # speaking of spec.uri, the name the user wrote.
+    raw = read(spec.location("data.uri"), "data.uri")
     if fmt == "npz":
         out = from_npz(raw, spec)
     elif fmt == "parquet":
         out = from_parquet(raw, spec)
     elif fmt in ("jsonl", "text"):
-        tok = read(spec.tokenizer, "data.tokenizer") if spec.tokenizer else None
+        tok = read(spec.location("data.tokenizer"), "data.tokenizer") if spec.tokenizer else None
         out = from_text(raw, spec, tok)
     elif fmt == "image_zip":
         out = from_images(archives.iter_zip(raw), spec)

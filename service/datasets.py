@@ -1,0 +1,255 @@
+"""Tenant-scoped datasets: uploads (`PUT /v1/datasets/{name}`), checked on arrival with the
+workers' own readers (workers/data/formats.py), and the resolution of a job's `data.uri` /
+`data.tokenizer` to the store keys its workers read.
+
+Layout: `_tenants/<tenant>/datasets/<name>/data.<ext>` (or `tokenizer.json`) + `meta.json`
+(size, sha256, created, format, samples, num_classes, columns); service/tenant_files.py has
+what datasets share with models. A name's ending gives its format (`?format=` overrides it);
+the stored file's name is fixed by the format, so readers never guess from the user's name.
+
+The check reads the file as the workers will: parquet batch by batch (the format meant for
+data larger than memory: decoding every page finds corruption, and only the label column's
+distinct values are kept); npz, text and archives whole, as the in-memory path loads them
+anyway (archives through workers/data/archives.py's limits, images shrunk to 4x4 so the
+check's memory is small whatever their size).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from service.artifacts import ArtifactStore
+from service.errors import ArtifactNotFound, ConfigError
+from service.spec import DATA_FORMATS, DataSpec, JobSpec, parse_spec
+from service.tenant_files import (
+    META,
+    InvalidName,
+    TenantFiles,
+    Upload,
+    UploadNotFound,
+    UploadRefused,
+    UploadTooLarge,
+    check_s3,
+    field_error,
+)
+
+TOKENIZER = "tokenizer"
+# What an upload may be, and the endings that name each when `?format=` is not given.
+UPLOAD_FORMATS: dict[str, tuple[str, ...]] = {**DATA_FORMATS, TOKENIZER: (".json",)}
+# The stored file's name: its ending is its format's, for any reader that looks at endings.
+FILENAMES = {fmt: "data" + endings[0] for fmt, endings in DATA_FORMATS.items()} | {
+    TOKENIZER: "tokenizer.json"
+}
+PARQUET_BATCH_ROWS = 65_536
+CHECK_IMAGE_SIDE = 4  # images are decoded for the check, then kept this small
+
+
+class InvalidDatasetName(InvalidName):
+    code = "invalid_dataset_name"
+
+
+class DatasetNotFound(UploadNotFound):
+    code = "dataset_not_found"
+
+
+class DatasetTooLarge(UploadTooLarge):
+    code = "dataset_too_large"
+
+
+class InvalidDataset(UploadRefused):
+    """The bytes are not a dataset of the format they claim (unreadable, no label column, no
+    class folders, an unsafe archive, labels out of range): the message says what."""
+
+    code = "invalid_dataset"
+
+
+def upload_format(name: str, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in UPLOAD_FORMATS:
+            raise InvalidDataset(f"format: {fmt!r}; allowed: {', '.join(UPLOAD_FORMATS)}", "format")
+        return fmt
+    low = name.lower()
+    for f, endings in UPLOAD_FORMATS.items():
+        if low.endswith(endings):
+            return f
+    endings = ", ".join(e for es in UPLOAD_FORMATS.values() for e in es)
+    raise InvalidDataset(
+        f"cannot tell the format from the name {name!r}: end it in one of {endings}, or give ?format=",
+        "format",
+    )
+
+
+def dataset_key(tenant: str, name: str, fmt: str) -> str:
+    return DatasetStore.prefix(tenant, name) + FILENAMES[fmt]
+
+
+# --- the check on arrival --------------------------------------------------------------------
+
+
+def inspect_dataset(
+    name: str, fmt: str, label_column: str | None, text_column: str | None, path: Path, size: int
+) -> tuple[str, dict]:
+    """Read the received file as a job would; InvalidDataset saying what is wrong."""
+    try:
+        found = _inspect(name, fmt, label_column, text_column, path)
+    except ConfigError as e:
+        # The readers speak of the job's fields; here the body is at fault.
+        raise InvalidDataset(e.message.removeprefix("data.uri: ")) from None
+    return FILENAMES[fmt], {"format": fmt, "num_classes": None, "columns": None, **found}
+
+
+def _inspect(name: str, fmt: str, label_column: str | None, text_column: str | None, path: Path) -> dict:
+    from workers.data import archives, formats
+
+    uri = f"store://datasets/{name}"
+    if fmt == "parquet":
+        return _inspect_parquet(path, label_column, uri)
+    if fmt == TOKENIZER:
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(path.read_text("utf-8"))
+        except Exception as e:  # the library raises plain Exception for a malformed file
+            raise ConfigError(f"not a tokenizer.json ({e})") from None
+        return {"samples": 0, "num_classes": tok.get_vocab_size()}
+    raw = path.read_bytes()
+    if fmt in ("jsonl", "text"):
+        spec = DataSpec(uri=uri, format=fmt, text_column=text_column if fmt == "jsonl" else None)
+        docs = list(formats._documents(raw, spec))  # UTF-8, and JSON with its text field per line
+        n = len(docs) if fmt == "jsonl" else sum(1 for line in docs[0].split("\n") if line.strip())
+        if not n:
+            raise ConfigError(f"{uri} holds no text")
+        return {"samples": n}
+    if fmt == "npz":
+        out = formats.from_npz(raw, DataSpec(uri=uri, format=fmt))
+    else:
+        members = archives.iter_zip(raw) if fmt == "image_zip" else archives.iter_tar(raw)
+        out = formats.from_images(members, DataSpec(uri=uri, format=fmt, image_size=CHECK_IMAGE_SIDE))
+    _enough(len(out.x), uri)
+    return {"samples": len(out.x), "num_classes": out.num_classes}
+
+
+def _enough(n: int, uri: str) -> None:
+    from workers.data.formats import MIN_SAMPLES
+
+    if n < MIN_SAMPLES:
+        raise ConfigError(f"{uri} holds {n} samples; a job needs at least {MIN_SAMPLES}")
+
+
+def _inspect_parquet(path: Path, label_column: str | None, uri: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.data.formats import _numeric, check_labels
+
+    try:
+        pf = pq.ParquetFile(path)
+        columns = pf.schema_arrow.names
+        label = label_column or ("label" if "label" in columns else None)
+        if label is not None and label not in columns:
+            raise ConfigError(
+                f"label_column: no column {label!r} in the parquet file (columns: {', '.join(columns[:20])})"
+            )
+        if label is None and not any(_token_list(pf.schema_arrow.field(c).type) for c in columns):
+            raise ConfigError(
+                "no label column: name it with ?label_column= (default 'label'; columns: "
+                f"{', '.join(columns[:20])}), or give a column of token-id lists for language modelling"
+            )
+        rows, classes = 0, []
+        # Every page is decoded (that is what finds a corrupt file), one batch at a time.
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            rows += batch.num_rows
+            if label is not None:
+                col = batch.column(label)
+                if col.null_count:
+                    raise ConfigError(f"label_column: column {label!r} has null values")
+                classes.append(np.unique(_numeric(col, label, "label_column")))
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{uri} is not a readable parquet file ({e})") from None
+    _enough(rows, uri)
+    found = {"samples": rows, "columns": columns}
+    if label is not None:
+        found["num_classes"] = check_labels(
+            np.unique(np.concatenate(classes)), None, f"label column {label!r}"
+        )
+    return found
+
+
+def _token_list(t) -> bool:
+    import pyarrow as pa
+
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+
+class DatasetStore(TenantFiles):
+    """A tenant's uploaded datasets in the artifact store."""
+
+    kind, what, setting = "datasets", "dataset", "SLIMTRAIN_MAX_DATASET_BYTES"
+    invalid_name, too_large, not_found = InvalidDatasetName, DatasetTooLarge, DatasetNotFound
+
+    def start(
+        self,
+        tenant: str,
+        name: str,
+        fmt: str | None = None,
+        label_column: str | None = None,
+        text_column: str | None = None,
+    ) -> Upload:
+        self.prefix(tenant, name)  # the name, then the format: both before any byte is read
+        fmt = upload_format(name, fmt)
+        return Upload(self, tenant, name, partial(inspect_dataset, name, fmt, label_column, text_column))
+
+
+# --- data.uri / data.tokenizer: resolution at submission ----------------------------------------
+
+
+def resolve_data(
+    spec: JobSpec, tenant: str, artifacts: ArtifactStore, allowed_s3: list[str] | None = None
+) -> JobSpec:
+    """Fill in `data.resolved_uri` / `data.resolved_tokenizer` for `tenant`: a store:// name
+    becomes the key of the tenant's own upload (another tenant's is exactly as absent as a
+    missing one), an s3:// URI must lie in `allowed_s3` (service.tenant_files.check_s3)."""
+    data = spec.data
+    if data.uri is None:
+        return spec
+    out = spec.model_dump(mode="json")
+    for field, uri, fmt in (
+        ("data.uri", data.uri, data.format),
+        ("data.tokenizer", data.tokenizer, TOKENIZER),
+    ):
+        if uri is None:
+            continue
+        target = "resolved_uri" if field == "data.uri" else "resolved_tokenizer"
+        if uri.startswith("s3://"):
+            out["data"][target] = check_s3(uri, field, artifacts, allowed_s3)
+            continue
+        name = uri.removeprefix("store://datasets/")
+        try:
+            stored = artifacts.get_json(DatasetStore.prefix(tenant, name) + META)["format"]
+        except (ArtifactNotFound, ValueError, KeyError, TypeError):
+            raise field_error(field, f"no dataset {name!r} (push it with `slimtrain dataset push`)") from None
+        if field == "data.tokenizer" and stored != TOKENIZER:
+            raise field_error(field, f"dataset {name!r} is {stored}, not a tokenizer.json")
+        if field == "data.uri":
+            if stored == TOKENIZER:
+                raise field_error(field, f"dataset {name!r} is a tokenizer.json, not data")
+            if fmt is not None and fmt != stored:
+                raise field_error("data.format", f"{fmt}, but dataset {name!r} was uploaded as {stored}")
+            # Given here, never guessed from the name by the workers.
+            out["data"]["format"] = stored
+        out["data"][target] = dataset_key(tenant, name, stored)
+    return parse_spec(out)
+
+
+def resolve_sources(
+    spec: JobSpec, tenant: str, artifacts: ArtifactStore, jobs=None, allowed_s3: list[str] | None = None
+) -> JobSpec:
+    """Everything a job reads, resolved for the caller's tenant at submission: `model.init`
+    (service.uploads.resolve_init) and the data."""
+    from service.uploads import resolve_init
+
+    spec = resolve_init(spec, tenant, artifacts, jobs, allowed_s3)
+    return resolve_data(spec, tenant, artifacts, allowed_s3)
