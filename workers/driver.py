@@ -25,7 +25,7 @@ from service.records import Phase, phase_record
 from service.spec import JobSpec
 from workers import export, init_weights
 from workers.checkpoint import CHECKPOINTS
-from workers.data import load_dataset
+from workers.data import load_for_job, streaming
 from workers.models import build_model
 from workers.models.stages import require_stages
 from workers.session import MetricsRelay
@@ -112,7 +112,7 @@ def _worker_entry(config: dict) -> None:
 def preflight(spec: JobSpec, store: ArtifactStore):
     """Everything that can be known to fail before a worker starts: a ConfigError here fails the
     job once, without retries (retrying cannot fix it)."""
-    data = load_dataset(spec.data, store)
+    data = load_for_job(spec.data, spec.parallel.strategy, store)
     spe, total = total_steps(spec, data.info.n_train)
     model = build_model(spec.model.name, spec.model.args, data.info)
     if spec.model.init is not None:
@@ -243,7 +243,26 @@ def run_job(
     store.delete_prefix(arts.key(RAY_SNAPSHOT))
     storage_path, filesystem = store.ray_storage(job_id)
     p = spec.parallel
-    resources = {"CPU": 1, **({"GPU": p.gpus_per_worker} if spec.uses_gpu else {})}
+    streamed = getattr(data, "streamed", False)
+    cpus = streaming.worker_cpus(p.workers, ray.cluster_resources().get("CPU", 0), streamed)
+    resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if spec.uses_gpu else {})}
+    ray_data: dict = {}
+    if streamed:
+        from ray.data import DataContext, ExecutionOptions
+        from ray.train import DataConfig
+
+        ctx = DataContext.get_current()
+        # The datasets copy the context now: no progress bars in the job's log.
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+        ray_data = {
+            "datasets": data.ray_datasets(spec.train.seed),
+            # "val" unsplit: every rank reads it and scores its rows (workers.data.streaming.Feed);
+            # order preserved, so one worker's epoch is the same batches on every run.
+            "dataset_config": DataConfig(
+                datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)
+            ),
+        }
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={
@@ -260,6 +279,7 @@ def run_job(
             num_workers=p.workers, use_gpu=spec.uses_gpu, resources_per_worker=resources
         ),
         torch_config=TorchConfig(backend="nccl" if spec.uses_gpu else "gloo"),
+        **ray_data,
         run_config=RunConfig(
             name=CHECKPOINTS,
             storage_path=storage_path,
@@ -329,6 +349,8 @@ def run_job(
         "attempts": attempts.items,
     }
     enter(Phase.EXPORTING)
+    if streamed:  # export scores the artifact on the validation split: read it here
+        data = data.for_export(export.CALIBRATION_SAMPLES)
     rep = export.export(spec, data, store, job_id, total, run_info, on_verify=lambda: enter(Phase.VERIFYING))
     rep["wall_seconds"] = time.time() - started
     # model.init: the step-0 evaluation (of this driver or an earlier attempt's) is the baseline.

@@ -15,6 +15,7 @@ import ray
 
 from service.artifacts import ArtifactStore, JobArtifacts
 from workers.checkpoint import CHECKPOINTS, Loaded, dir_name, load_latest, write_checkpoint
+from workers.data.streaming import current_rss
 from workers.parallel import Dist
 
 
@@ -79,6 +80,14 @@ class RaySession:
             device = torch.device("cpu")
         self.dist = Dist(rank, world, device)
         self.store, self.job_id, self.relay = store, job_id, relay
+        # Before the worker fetches any data: the baseline of its memory figures (train's summary).
+        self.rss_start = current_rss()
+
+    def dataset_shards(self) -> dict:
+        """This worker's Ray Data iterators of a streamed dataset (the TorchTrainer's datasets)."""
+        import ray.train
+
+        return {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
 
     def emit(self, record: dict) -> None:
         self.relay.push.remote([_stamp(record)])
@@ -122,8 +131,13 @@ class LocalSession:
         job_id: str,
         dist: Dist | None = None,
         on_record: Callable[[dict], None] | None = None,
+        shards: dict | None = None,
     ):
+        """`shards`: Ray Data iterators ("train", "val") standing in for Ray Train's dataset
+        shards when the data is streamed (tests and benches run the loop without Ray Train)."""
         self.dist = dist or Dist()
+        self.shards = shards
+        self.rss_start = current_rss()
         self.arts = JobArtifacts(store, job_id)
         self.store, self.job_id = store, job_id
         self.records: list[dict] = []
@@ -146,3 +160,8 @@ class LocalSession:
 
     def restore(self) -> Loaded | None:
         return load_latest(self.store, self.job_id)
+
+    def dataset_shards(self) -> dict:
+        if self.shards is None:
+            raise RuntimeError("a streamed dataset needs LocalSession(shards=...)")
+        return self.shards

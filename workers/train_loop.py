@@ -27,7 +27,7 @@ from workers.checkpoint import Loaded
 from workers.compression import clipping, schedules
 from workers.compression import quantization as quant
 from workers.compression.pruning import Pruner, verify_masks_agree
-from workers.data import Dataset
+from workers.data import Dataset, streaming
 from workers.data import sharding as sh
 from workers.models import build_model, output_layer
 from workers.optim import build_optimizer, lr_at, set_lr
@@ -100,6 +100,7 @@ class Run:
     wall_seconds: float = 0.0  # the loop's wall clock before this attempt (from the checkpoint)
     wall_from: float = 0.0  # perf_counter when this attempt's loop started
     fake_quant: quant.FakeQuantizer | None = None  # qat / fixed: its state is in the model's buffers
+    feed: streaming.Feed | None = None  # a streamed dataset's batches (None: data in memory)
 
     @property
     def module(self) -> nn.Module:
@@ -212,6 +213,28 @@ def _batch(run: Run, perm: torch.Tensor, step: int) -> tuple[torch.Tensor, torch
     return run.data.x_train[idx].to(dev), run.data.y_train[idx].to(dev)
 
 
+def _streamed_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = run.feed.train_batch(run.step)
+    dev = run.dist.device
+    return x.to(dev), y.to(dev)
+
+
+def open_feed(run: Run, session: Session) -> None:
+    """A streamed dataset: this rank reads its batches from its Ray Data shard (ddp only, see
+    workers.data.streaming.unsupported: every rank holds a different share of the batch)."""
+    if not getattr(run.data, "streamed", False):
+        return
+    shard, shards = run.strategy.data_shard()
+    run.feed = streaming.Feed(
+        session.dataset_shards(),
+        run.spec.train.batch_size // shards,
+        run.steps_per_epoch,
+        run.spec.train.seed,
+        shard,
+        shards,
+    )
+
+
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
     opt, prec = run.optimizer, run.precision
     set_lr(opt, lr_at(run.spec.train, run.step, run.total_steps))
@@ -241,18 +264,23 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
 def evaluate(run: Run) -> dict:
     """Loss and accuracy on the validation split, each rank scoring its share, summed."""
     data, d = run.data, run.dist
-    shard, shards = run.strategy.data_shard()
-    sl = sh.eval_slice(len(data.x_val), shard, shards)
-    x, y = data.x_val[sl].to(d.device), data.y_val[sl].to(d.device)
+    if run.feed is not None:
+        # Streamed (ddp only: a forward holds no collective, so ranks may run unequal counts).
+        chunks = ((xx.to(d.device), yy.to(d.device)) for xx, yy in run.feed.val_chunks())
+    else:
+        shard, shards = run.strategy.data_shard()
+        sl = sh.eval_slice(len(data.x_val), shard, shards)
+        x, y = data.x_val[sl].to(d.device), data.y_val[sl].to(d.device)
+        # As many chunks on every rank, some maybe empty: FSDP gathers weights in each forward
+        # and pipeline stages pass activations on, so no rank may run one forward fewer.
+        per_rank = -(-len(data.x_val) // shards)
+        n_chunks = max(1, -(-per_rank // 512))
+        chunks = zip(x.tensor_split(n_chunks), y.tensor_split(n_chunks), strict=True)
     model = run.module
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
-    # As many chunks on every rank, some maybe empty: FSDP gathers weights in each forward and
-    # pipeline stages pass activations on, so no rank may run one forward fewer.
-    per_rank = -(-len(data.x_val) // shards)
-    n_chunks = max(1, -(-per_rank // 512))
-    for xx, yy in zip(x.tensor_split(n_chunks), y.tensor_split(n_chunks), strict=True):
+    for xx, yy in chunks:
         logits = run.strategy.infer(run.model, xx)
         if logits is None:  # a pipeline stage before the last
             continue
@@ -394,6 +422,7 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
     init_state = init_weights.load_init_state(spec, getattr(session, "store", None)) if ckpt is None else None
     run = build(spec, data, session.dist, init_state)
     restore(run, ckpt)
+    open_feed(run, session)
     rank0 = session.dist.rank == 0
     if rank0:
         pruning = spec.compression.pruning
@@ -422,10 +451,10 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
     run.wall_from = window_start
     while run.step < run.total_steps:
         epoch = run.step // run.steps_per_epoch
-        if perm is None or run.step % run.steps_per_epoch == 0:
+        if run.feed is None and (perm is None or run.step % run.steps_per_epoch == 0):
             perm = sh.epoch_permutation(data.info.n_train, spec.train.seed, epoch)
         update_masks(run, session)
-        x, y = _batch(run, perm, run.step)
+        x, y = _batch(run, perm, run.step) if run.feed is None else _streamed_batch(run)
         t0 = time.perf_counter()
         train_step(run, x, y)
         run.train_seconds += time.perf_counter() - t0
@@ -453,6 +482,11 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
         "samples": samples,
         "samples_per_second": samples / wall if wall > 0 else None,
         "skipped_steps": run.skipped_steps,
+        # Each rank's resident memory: when its session started (before it fetched any data)
+        # and at its peak. What bench/data.py and the streaming tests measure.
+        "worker_memory": session.dist.all_gather_object(
+            {"rss_start": getattr(session, "rss_start", None), "rss_peak": streaming.peak_rss()}
+        ),
     }
     if rank0:
         session.emit({"kind": "event", "event": "done", **summary})

@@ -1,8 +1,9 @@
 """The dataset registry: `digits` (scikit-learn, real), `synthetic` (deterministic by seed),
 `text` (char-level corpus from the Python standard library's sources) and `uri` (a file from the
 artifact store or S3 in one of the formats of workers/data/formats.py: npz, parquet, JSON Lines,
-text, image folders in a zip or tar). Everything is held in memory as tensors: the datasets are
-small, and index-based batching keeps every rank's view a pure function of the step."""
+text, image folders in a zip or tar). Held in memory as tensors, where index-based batching keeps
+every rank's view a pure function of the step; a parquet file larger than memory streams through
+Ray Data instead (`load_for_job`, workers/data/streaming.py)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,25 @@ def load_dataset(spec: DataSpec, store=None) -> Dataset:
     return _split(raw, spec.val_fraction)
 
 
+def load_for_job(spec: DataSpec, strategy: str, store=None, stream_above_bytes: int | None = None):
+    """The job's data: a `Dataset` in memory, or a `streaming.StreamedData` that workers read
+    through Ray Data, as `data.streaming` decides (auto: files above `stream_above_bytes`,
+    default SLIMTRAIN_STREAM_ABOVE_BYTES)."""
+    from workers.data import streaming
+
+    size = path = fs = None
+    if spec.streaming != "off" and streaming.unsupported(spec, strategy) is None:
+        # What the service resolved (the tenant's key), as the in-memory path reads it.
+        path, fs, size = locate_uri(spec.location("data.uri"), store)
+    if stream_above_bytes is None:
+        from service.settings import Settings
+
+        stream_above_bytes = Settings().stream_above_bytes
+    if streaming.wants_streaming(spec, strategy, size, stream_above_bytes):
+        return streaming.open_streamed(spec, path, fs)
+    return load_dataset(spec, store)
+
+
 def _split(raw: sources.Raw, val_fraction: float) -> Dataset:
     x, y = raw.x, raw.y
     n = len(x)
@@ -78,17 +98,44 @@ def _split(raw: sources.Raw, val_fraction: float) -> Dataset:
     return Dataset(xt[tr], yt[tr], xt[va], yt[va], info)
 
 
-def _read_uri(uri: str, store, field: str = "data.uri") -> bytes:
+def _store_key(uri: str, store, field: str) -> str | None:
+    """The artifact-store key a store:// URI names (None for another scheme)."""
     scheme, _, rest = uri.partition("://")
-    if scheme == "store":
-        if store is None:
-            raise ConfigError(f"{field}: store:// needs an artifact store")
+    if scheme != "store":
+        return None
+    if store is None:
+        raise ConfigError(f"{field}: store:// needs an artifact store")
+    return rest
+
+
+def locate_uri(uri: str, store, field: str = "data.uri") -> tuple[str, object, int]:
+    """(path, pyarrow filesystem, size in bytes) of the file a store:// URI names, for readers
+    that stream it (workers/data/streaming.py) rather than take its bytes (`_read_uri`)."""
+    import pyarrow.fs as pafs
+
+    key = _store_key(uri, store, field)
+    if key is None:
+        raise ConfigError(f"{field}: only store:// datasets can be streamed (got {uri})")
+    if hasattr(store, "path"):  # LocalArtifactStore: a file under its root
+        path, fs = str(store.path(key)), pafs.LocalFileSystem()
+    else:  # S3: bucket/key and a pyarrow S3FileSystem with the store's endpoint and credentials
+        path, fs = store.ray_storage(key)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise ConfigError(f"{field}: {uri} not found in the artifact store")
+    return path, fs, int(info.size)
+
+
+def _read_uri(uri: str, store, field: str = "data.uri") -> bytes:
+    rest = _store_key(uri, store, field)
+    if rest is not None:
         from service.errors import ArtifactNotFound
 
         try:
             return store.get_bytes(rest)
         except ArtifactNotFound:
             raise ConfigError(f"{field}: {uri} not found in the artifact store") from None
+    scheme = uri.partition("://")[0]
     if scheme == "s3":
         from service.s3_store import read_s3_uri
 

@@ -1,0 +1,418 @@
+"""Datasets larger than memory: a parquet file streamed through Ray Data to the training workers,
+instead of loaded whole, `ray.put` once and copied into every worker (workers/data/__init__.py).
+
+Driver side (`open_streamed`): one pass over the file, a row group at a time, validates it and
+computes what the in-memory path derives from the whole array (DataInfo: shapes, classes, the
+training split's mean and std); `StreamedData.ray_datasets` then defines the "train" and "val"
+Ray Datasets that the driver hands to the TorchTrainer (`datasets=`). Worker side (`Feed`): each
+rank iterates its `get_dataset_shard("train")` with `iter_torch_batches`, and scores its share of
+"val".
+
+The same rows, the same tensors: samples are decoded by the in-memory path's own parquet
+functions (workers/data/formats.py), and the train/validation split is the in-memory path's
+(`sharding.split_indices` over row positions), so a file gives the same training and validation
+samples, the same dtypes and shapes, whichever path reads it. Ray Data's `read_parquet` does not
+say which row of the file a row is, and the split needs that: the reader here is one Ray Data
+task per parquet row group (`ray.data.range` over the row groups, `map_batches` reading each),
+which knows every row's position. What changes is the order (see docs/reliability.md): a streamed
+epoch visits the row groups in a seeded order and mixes rows in a seeded local shuffle buffer;
+it is not the in-memory path's global permutation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.errors import ConfigError
+from service.spec import DataSpec
+from workers.data import formats as F
+from workers.data import sharding as sh
+from workers.data.info import DataInfo
+
+log = logging.getLogger(__name__)
+
+# Rows each worker's local shuffle buffer holds (iter_torch_batches' local_shuffle_buffer_size):
+# the memory a rank spends on mixing, a few MB for most feature widths.
+SHUFFLE_BUFFER_ROWS = 4096
+# CPU a streamed job leaves free for Ray Data's read tasks. With every CPU taken by training
+# workers Ray Data never starts a read ("backpressured ... 0 CPU") and the job hangs forever.
+DATA_CPUS = 1.0
+# One Ray Data read task (a row group); two fit in the CPU left free.
+READ_TASK_CPUS = 0.5
+# Rows per forward pass when a rank scores its share of the validation split.
+EVAL_CHUNK_ROWS = 512
+
+
+# --- which path ---------------------------------------------------------------------------
+
+
+def unsupported(spec: DataSpec, strategy: str) -> str | None:
+    """Why this dataset cannot stream (None when it can). Pure."""
+    if spec.uri is None:
+        return "built-in datasets load in memory"
+    fmt = spec.resolved_format
+    if fmt != "parquet":
+        return f"only parquet files stream (this is {fmt})"
+    if spec.token_column is not None and spec.label_column is None:
+        return "token_column without label_column (language-modelling blocks) loads in memory"
+    if strategy != "ddp":
+        return f"parallel.strategy {strategy} needs the data in memory; streaming is for ddp"
+    if (spec.resolved_uri or spec.uri).startswith("s3://"):
+        return "only store:// datasets stream (s3:// URIs load in memory)"
+    return None
+
+
+def wants_streaming(spec: DataSpec, strategy: str, size: int | None, threshold: int) -> bool:
+    """The `data.streaming` decision. Pure: `size` is the file's bytes (None when not looked up).
+    `on` for a dataset that cannot stream is the user's error, named; `auto` falls back."""
+    if spec.streaming == "off":
+        return False
+    why = unsupported(spec, strategy)
+    if spec.streaming == "on":
+        if why:
+            raise ConfigError(f"data.streaming: on is not possible: {why}; use auto or off")
+        return True
+    return why is None and size is not None and size > threshold
+
+
+def worker_cpus(workers: int, cluster_cpus: float, streamed: bool) -> float:
+    """CPUs each training worker reserves. Streamed jobs leave DATA_CPUS free for Ray Data on a
+    small cluster (2 workers on 2 CPUs get 0.5 each); ConfigError when even that cannot fit."""
+    if not streamed:
+        return 1.0
+    spare = cluster_cpus - DATA_CPUS
+    if spare <= 0 or spare / workers < 0.1:
+        raise ConfigError(
+            f"parallel.workers: a streamed dataset needs {DATA_CPUS:g} CPU left for Ray Data besides "
+            f"{workers} training workers; the Ray cluster has {cluster_cpus:g} CPUs "
+            "(use fewer workers, or data.streaming: off)"
+        )
+    return min(1.0, round(spare / workers, 2))
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParquetPlan:
+    """Everything a Ray Data read task needs: picklable and small (the validation rows travel
+    as a bit set, n/8 bytes)."""
+
+    uri: str
+    path: str
+    filesystem: object  # pyarrow.fs.FileSystem
+    spec: dict  # the DataSpec (columns, layout), as JSON
+    row_starts: tuple[int, ...]  # first row of each row group
+    n: int
+    val_bits: bytes
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec.model_validate(self.spec)
+
+    def columns(self) -> list[str]:
+        s = self.data_spec
+        return [c for c in [*(s.feature_columns or []), s.token_column, s.label_column] if c is not None]
+
+    def is_val(self, start: int, count: int) -> np.ndarray:
+        """Whether each of the rows start..start+count-1 is in the validation split."""
+        lo, hi = start // 8, (start + count + 7) // 8
+        bits = np.unpackbits(np.frombuffer(self.val_bits, np.uint8)[lo:hi])
+        off = start - lo * 8
+        return bits[off : off + count].astype(bool)
+
+    def read_group(self, i: int):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            with self.filesystem.open_input_file(self.path) as f:
+                return pq.ParquetFile(f).read_row_group(i, columns=self.columns())
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise ConfigError(f"data.uri: {self.uri}: row group {i} is not readable parquet ({e})") from None
+
+    def rows(self, i: int, part: str) -> dict[str, np.ndarray]:
+        """Row group i's samples of one split ("train" or "val"): x, y and each row's position."""
+        spec = self.data_spec
+        x, y, _ = decode(self.read_group(i), spec)
+        start = self.row_starts[i]
+        val = self.is_val(start, len(y))
+        keep = val if part == "val" else ~val
+        row = np.arange(start, start + len(y), dtype=np.int64)
+        return {"x": x[keep], "y": y[keep].astype(np.int64), "row": row[keep]}
+
+
+def decode(table, spec: DataSpec) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int] | None]:
+    """(x, y, image shape) of a parquet table, as workers/data/formats.from_parquet decodes the
+    whole file (with its helpers, so the two paths cannot drift); labels are checked by the
+    caller over the whole file."""
+    if spec.token_column is not None:  # sequence classification: int token lists, one label
+        x = F._list_column(
+            F._column(table, spec.token_column, "data.token_column"), spec.token_column, "data.token_column"
+        )
+        if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+            raise ConfigError(
+                f"data.token_column: column {spec.token_column!r} must hold flat lists of integer token ids"
+            )
+        if x.size and x.min() < 0:
+            raise ConfigError(f"{spec.uri}: token ids must be non-negative (found {int(x.min())})")
+        y = F._numeric(
+            F._column(table, spec.label_column, "data.label_column"), spec.label_column, "data.label_column"
+        )
+        return x.astype(np.int64), y, None
+    y = F._numeric(
+        F._column(table, spec.label_column, "data.label_column"), spec.label_column, "data.label_column"
+    )
+    cols = spec.feature_columns
+    if len(cols) == 1 and not F._is_scalar(table, cols[0]):
+        x = F._list_column(F._column(table, cols[0], "data.feature_columns"), cols[0], "data.feature_columns")
+    else:
+        x = np.stack(
+            [
+                F._numeric(F._column(table, c, "data.feature_columns"), c, "data.feature_columns")
+                for c in cols
+            ],
+            axis=1,
+        ).reshape(len(y), len(cols))
+    x, image_shape = F._features(x, spec.layout, "data.feature_columns")
+    return x, y, image_shape
+
+
+@dataclass
+class StreamedData:
+    """What the driver and the workers hold of a streamed dataset: its description, never its
+    rows. `streamed` tells the training loop to read batches from its Ray Data shard."""
+
+    info: DataInfo
+    plan: ParquetPlan
+    streamed: bool = True
+
+    def ray_datasets(self, seed: int) -> dict:
+        """The TorchTrainer's `datasets`: "train" (split across workers) and "val" (every worker
+        reads it and scores its share). One block per row group; the order in which train row
+        groups are read is seeded."""
+        import ray.data
+
+        plan = self.plan
+        groups = len(plan.row_starts)
+
+        def reader(part: str):
+            def read(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                parts = [plan.rows(int(i), part) for i in batch["id"]]
+                return {k: np.concatenate([p[k] for p in parts]) for k in ("x", "y", "row")}
+
+            return read
+
+        def dataset(part: str):
+            ds = ray.data.range(groups, override_num_blocks=groups)
+            if part == "train":
+                ds = ds.randomize_block_order(seed=seed)
+            return ds.map_batches(reader(part), batch_size=1, batch_format="numpy", num_cpus=READ_TASK_CPUS)
+
+        return {"train": dataset("train"), "val": dataset("val")}
+
+    def for_export(self, calibration_rows: int):
+        """An in-memory Dataset for export and the final report, which score the exported model
+        on the whole validation split: the validation rows and the first `calibration_rows`
+        training rows, read here on the driver (the workers never hold them)."""
+        from workers.data import Dataset
+
+        train: list[dict] = []
+        val: list[dict] = []
+        have = 0
+        for i in range(len(self.plan.row_starts)):
+            val.append(self.plan.rows(i, "val"))
+            if have < calibration_rows:
+                part = self.plan.rows(i, "train")
+                train.append(part)
+                have += len(part["y"])
+
+        def cat(parts: list[dict], k: str) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate([p[k] for p in parts]))
+
+        # The validation rows in split order (sharding.split_indices), as the in-memory path.
+        val_rows = cat(val, "row")
+        _, val_idx = sh.split_indices(self.plan.n, self.plan.data_spec.val_fraction)
+        rank_of = torch.empty(self.plan.n, dtype=torch.int64)
+        rank_of[val_idx] = torch.arange(len(val_idx))
+        order = torch.argsort(rank_of[val_rows])
+        return Dataset(
+            cat(train, "x")[:calibration_rows],
+            cat(train, "y")[:calibration_rows],
+            cat(val, "x")[order],
+            cat(val, "y")[order],
+            self.info,
+        )
+
+
+def open_streamed(spec: DataSpec, path: str, filesystem) -> StreamedData:
+    """Plan and check a parquet file for streaming: one pass, a row group at a time (memory: one
+    row group), raising ConfigError for what the in-memory path refuses."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with filesystem.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ConfigError(f"data.uri: {spec.uri} is not a readable parquet file ({e})") from None
+    n = meta.num_rows
+    if n < F.MIN_SAMPLES:
+        raise ConfigError(f"data.uri: {spec.uri} gives {n} samples; at least {F.MIN_SAMPLES} are needed")
+    starts = tuple(
+        int(s) for s in np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])[:-1]
+    )
+    _, val_idx = sh.split_indices(n, spec.val_fraction)
+    mask = np.zeros(n, dtype=bool)
+    mask[val_idx.numpy()] = True
+    plan = ParquetPlan(
+        spec.uri, path, filesystem, spec.model_dump(mode="json"), starts, n, np.packbits(mask).tobytes()
+    )
+    return StreamedData(scan(plan, len(val_idx)), plan)
+
+
+def scan(plan: ParquetPlan, n_val: int) -> DataInfo:
+    """The DataInfo workers/data/_split derives from the whole array, from one pass."""
+    spec = plan.data_spec
+    labels = None
+    total, total_sq, count = 0.0, 0.0, 0
+    x_shape = image_shape = None
+    x_dtype = None
+    vocab = 0
+    for i, start in enumerate(plan.row_starts):
+        x, y, img = decode(plan.read_group(i), spec)
+        u = np.unique(y)
+        labels = u if labels is None else np.union1d(labels, u)
+        if x_shape is None:
+            x_shape, image_shape, x_dtype = x.shape[1:], img, x.dtype
+        elif x.shape[1:] != x_shape:
+            raise ConfigError(
+                f"data.feature_columns: row group {i} has samples of shape {list(x.shape[1:])}, "
+                f"the first {list(x_shape)}; all rows must have one shape"
+            )
+        if x_dtype == np.int64:
+            vocab = max(vocab, int(x.max()) + 1 if x.size else 0)
+        else:
+            train = x[~plan.is_val(start, len(y))].astype(np.float64)
+            total += float(train.sum())
+            total_sq += float(np.square(train).sum())
+            count += train.size
+    field = "data.label_column" if spec.token_column else f"data.label_column ({spec.label_column!r})"
+    k = F.check_labels(labels, spec.num_classes, field)
+    if x_dtype == np.int64:
+        kind, mean, std, vocab_size = "sequence", 0.0, 1.0, vocab
+    else:
+        kind = "image" if image_shape else "vector"
+        mean = total / count
+        # Unbiased, as torch.std on the in-memory path; clamped the same way.
+        var = max(total_sq - count * mean * mean, 0.0) / max(count - 1, 1)
+        std = max(float(np.sqrt(var)), 1e-6)
+        vocab_size = None
+    return DataInfo(
+        kind=kind,
+        input_shape=tuple(int(d) for d in x_shape),
+        input_dtype=str(np.dtype(x_dtype)),
+        num_classes=k,
+        image_shape=image_shape,
+        mean=float(mean),
+        std=std,
+        n_train=plan.n - n_val,
+        n_val=n_val,
+        source=plan.uri,
+        vocab_size=vocab_size,
+    )
+
+
+# --- worker side --------------------------------------------------------------------------
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The local shuffle's seed of an epoch (numpy seeds are below 2**32)."""
+    return (seed * 1_000_003 + epoch) % (2**32)
+
+
+class Feed:
+    """One rank's batches from its Ray Data shards ("train": its split of the training rows;
+    "val": all validation rows, of which it scores row % world == rank).
+
+    `train_batch(step)` returns the batch of that step: the epoch's iterator is opened on the
+    first step of an epoch, or, after a resume in the middle of an epoch, opened and advanced
+    past the batches the checkpoint had already trained (see docs/reliability.md for what that
+    repeats exactly)."""
+
+    def __init__(
+        self,
+        shards: Mapping[str, object],
+        per_rank_batch: int,
+        steps_per_epoch: int,
+        seed: int,
+        rank: int,
+        world: int,
+    ):
+        self.shards, self.batch, self.spe, self.seed = shards, per_rank_batch, steps_per_epoch, seed
+        self.rank, self.world = rank, world
+        self._it: Iterator | None = None
+        self._epoch: int | None = None
+        self._next = 0  # step in epoch the open iterator yields next
+
+    def _open(self, epoch: int) -> None:
+        if self._it is not None:
+            # Finish the previous epoch's split (at most a ragged tail: drop_last) so that Ray
+            # Data's coordinator sees every rank done before the next epoch starts.
+            for _ in self._it:
+                pass
+        self._it = iter(
+            self.shards["train"].iter_torch_batches(
+                batch_size=self.batch,
+                drop_last=True,
+                local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, self.batch),
+                local_shuffle_seed=epoch_seed(self.seed, epoch),
+            )
+        )
+        self._epoch, self._next = epoch, 0
+
+    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, k = divmod(step, self.spe)
+        if epoch != self._epoch or k < self._next:
+            self._open(epoch)
+        while True:
+            try:
+                b = next(self._it)
+            except StopIteration:
+                raise RuntimeError(
+                    f"rank {self.rank}: the streamed epoch {epoch} ended after {self._next} batches; "
+                    f"{self.spe} were expected"
+                ) from None
+            self._next += 1
+            if self._next - 1 == k:
+                return b["x"], b["y"]
+
+    def val_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the validation rows (each row is scored by exactly one rank)."""
+        for b in self.shards["val"].iter_torch_batches(batch_size=EVAL_CHUNK_ROWS):
+            mine = b["row"] % self.world == self.rank
+            if mine.any():
+                yield b["x"][mine], b["y"][mine]
+
+
+def current_rss() -> int:
+    """This process's resident set size now, in bytes (Linux)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
