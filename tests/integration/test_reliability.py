@@ -16,6 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from api.client import Client
+from service.datasets import dataset_key
 from tests.conftest import wait_for
 from tests.plugins.faults import (
     TERMINAL,
@@ -125,13 +126,16 @@ def test_retry_budget_and_configuration_errors(api, artifacts, ray_cluster):
     """A job that fails on every attempt ends `failed` after exactly retries + 1 attempts (one
     Ray job each); a job that cannot run as specified fails once, with the reason."""
     c = Client(api.url, TOKEN)
-    datasets = artifacts / "datasets"
-    datasets.mkdir(parents=True, exist_ok=True)
-    # an upload cut short: the first half of a valid .npz
     whole = _npz(X=np.zeros((40, 64), np.float32), y=np.zeros(40, np.int64))
-    (datasets / "truncated.npz").write_bytes(whole[: len(whole) // 2])
-    # valid data, but 10 features are no image: lenet5 cannot be built for it
-    (datasets / "vectors.npz").write_bytes(_npz(X=np.ones((400, 10), np.float32), y=np.arange(400) % 3))
+    # vectors.npz: valid data, but 10 features are no image: lenet5 cannot be built for it
+    for name, data in (
+        ("truncated.npz", whole),
+        ("vectors.npz", _npz(X=np.ones((400, 10)), y=np.arange(400) % 3)),
+    ):
+        (artifacts.parent / name).write_bytes(data)
+        c.push("datasets", artifacts.parent / name, name)
+    # an upload damaged in the store after its check: the first half of a valid .npz
+    (artifacts / dataset_key("reliability", "truncated.npz", "npz")).write_bytes(whole[: len(whole) // 2])
 
     def uri_job(name: str, model: str, uri: str) -> str:
         spec = {"name": name, "model": {"name": model}, "data": {"uri": uri}, "parallel": {"workers": 1}}

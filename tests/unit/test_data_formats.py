@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from service.artifacts import LocalArtifactStore
+from service.datasets import DatasetStore, dataset_key, resolve_data, upload_format
 from service.errors import ConfigError
 from service.spec import DataSpec, SpecError, parse_spec
 from workers.data import archives, load_dataset, sources
@@ -34,9 +35,18 @@ def store(tmp_path):
     return LocalArtifactStore(tmp_path)
 
 
-def _load(store, name: str, data: bytes, **opts):
-    store.put_bytes(f"datasets/{name}", data)
-    return load_dataset(DataSpec(uri=f"store://datasets/{name}", **opts), store)
+def _key(name: str, fmt: str | None = None) -> str:
+    """Where the service keeps tenant t's upload `name` (what a job's store:// name resolves to)."""
+    return dataset_key("t", name, fmt or upload_format(name, None))
+
+
+def _load(store, name: str, data: bytes, tokenizer: str | None = None, **opts):
+    store.put_bytes(_key(name, opts.get("format")), data)
+    if tokenizer is not None:
+        opts.update(tokenizer=tokenizer, resolved_tokenizer=_key(tokenizer.removeprefix("store://datasets/")))
+    return load_dataset(
+        DataSpec(uri=f"store://datasets/{name}", resolved_uri=_key(name, opts.get("format")), **opts), store
+    )
 
 
 def _png(pixels: np.ndarray, mode: str = "L") -> bytes:
@@ -182,11 +192,9 @@ def _bpe(docs: list[str], vocab_size: int = 400):
 def test_jsonl_with_a_trained_bpe_tokenizer_gives_int64_tokens(store):
     docs = _corpus_docs()
     tok = _bpe(docs)
-    store.put_bytes("datasets/corpus/tokenizer.json", tok.to_str().encode())
+    store.put_bytes(_key("corpus-tokenizer.json"), tok.to_str().encode())
     jsonl = "\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)).encode()
-    got = _load(
-        store, "corpus/train.jsonl", jsonl, tokenizer="store://datasets/corpus/tokenizer.json", seq_len=32
-    )
+    got = _load(store, "corpus.jsonl", jsonl, tokenizer="store://datasets/corpus-tokenizer.json", seq_len=32)
     assert got.info.kind == "tokens" and got.info.input_dtype == "int64"
     assert got.x_train.dtype == got.y_train.dtype == torch.int64
     assert got.info.input_shape == (32,) and got.info.num_classes == tok.get_vocab_size()
@@ -389,12 +397,12 @@ def test_missing_and_non_numeric_columns_are_named(store):
 
 
 def test_a_bad_tokenizer_is_refused(store):
-    store.put_bytes("datasets/tok.json", b'{"not": "a tokenizer"}')
+    store.put_bytes(_key("tok.json"), b'{"not": "a tokenizer"}')
     with pytest.raises(
         ConfigError, match="data.tokenizer: store://datasets/tok.json is not a tokenizer.json"
     ):
         _load(store, "c.txt", b"x" * 2000, tokenizer="store://datasets/tok.json")
-    with pytest.raises(ConfigError, match="data.tokenizer: store://datasets/none.json not found"):
+    with pytest.raises(ConfigError, match=r"data.tokenizer: store://\S+/none.json/tokenizer.json not found"):
         _load(store, "c.txt", b"x" * 2000, tokenizer="store://datasets/none.json")
 
 
@@ -471,19 +479,29 @@ def test_a_gpt_learns_from_jsonl_through_a_trained_tokenizer(store):
     from workers.train_loop import train
 
     docs = _corpus_docs()
-    store.put_bytes("datasets/c/tokenizer.json", _bpe(docs).to_str().encode())
-    store.put_bytes("datasets/c/train.jsonl", "\n".join(json.dumps({"text": d}) for d in docs).encode())
+    uploads = DatasetStore(store, 1 << 30)  # uploaded and checked as PUT /v1/datasets does
+    for name, data in (
+        ("c-tokenizer.json", _bpe(docs).to_str().encode()),
+        ("c.jsonl", "\n".join(json.dumps({"text": d}) for d in docs).encode()),
+    ):
+        upload = uploads.start("t", name)
+        try:
+            upload.write(data)
+            upload.finish()
+        finally:
+            upload.close()
     spec = parse_spec(
         {
             "name": "lm",
             "model": {"name": "gpt", "args": {"n_layer": 1, "n_head": 2, "n_embd": 32}},
             "data": {
-                "uri": "store://datasets/c/train.jsonl",
-                "tokenizer": "store://datasets/c/tokenizer.json",
+                "uri": "store://datasets/c.jsonl",
+                "tokenizer": "store://datasets/c-tokenizer.json",
             },
             "train": {"epochs": 3, "batch_size": 32, "lr": 1e-2, "optimizer": "adamw", "eval_every_steps": 5},
         }
     )
+    spec = resolve_data(spec, "t", store)  # as the service does at submission
     session = LocalSession(store, "lm")
     train(spec, load_dataset(spec.data, store), session)
     ppl = [r["val_perplexity"] for r in session.records if r["kind"] == "eval"]

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from service.artifacts import LocalArtifactStore
+from service.datasets import dataset_key
 from service.errors import ConfigError
 from service.spec import DataSpec
 from workers.data import load_dataset
+
+KEY = dataset_key("t", "d.npz", "npz")  # what the service resolves tenant t's d.npz to
 
 
 def _npz(compressed: bool = False, **arrays) -> bytes:
@@ -41,14 +44,14 @@ def _flip(data: bytes, at: int) -> bytes:
 )
 def test_a_damaged_dataset_is_a_configuration_error(tmp_path, damage):
     store = LocalArtifactStore(tmp_path)
-    store.put_bytes("datasets/d.npz", damage())
+    store.put_bytes(KEY, damage())
     with pytest.raises(
         ConfigError, match=r"^data.uri: store://datasets/d.npz is not an .npz with arrays X and y"
     ):
-        load_dataset(DataSpec(uri="store://datasets/d.npz"), store)
+        load_dataset(DataSpec(uri="store://datasets/d.npz", resolved_uri=KEY), store)
 
 
 def test_the_undamaged_dataset_loads(tmp_path):
     store = LocalArtifactStore(tmp_path)
-    store.put_bytes("datasets/d.npz", _npz(**GOOD))
-    assert load_dataset(DataSpec(uri="store://datasets/d.npz"), store).info.n_train == 32
+    store.put_bytes(KEY, _npz(**GOOD))
+    assert load_dataset(DataSpec(uri="store://datasets/d.npz", resolved_uri=KEY), store).info.n_train == 32

@@ -8,6 +8,7 @@ import torch
 
 from service import catalog
 from service.artifacts import LocalArtifactStore
+from service.datasets import dataset_key
 from service.errors import ConfigError
 from service.spec import DataSpec
 from workers.data import load_dataset
@@ -91,18 +92,27 @@ def test_uri_dataset_from_the_store(tmp_path):
     store = LocalArtifactStore(tmp_path)
     buf = io.BytesIO()
     np.savez(buf, X=np.random.rand(50, 4, 4).astype(np.float32), y=np.arange(50) % 3)
-    store.put_bytes("datasets/small.npz", buf.getvalue())
-    data = load_dataset(DataSpec(uri="store://datasets/small.npz"), store)
+    store.put_bytes(dataset_key("t", "small.npz", "npz"), buf.getvalue())
+    spec = DataSpec(uri="store://datasets/small.npz", resolved_uri=dataset_key("t", "small.npz", "npz"))
+    data = load_dataset(spec, store)
     assert data.info.image_shape == (1, 4, 4) and data.info.num_classes == 3
     assert data.x_train.shape[1] == 16
     with pytest.raises(ConfigError, match="not found"):
-        load_dataset(DataSpec(uri="store://datasets/none.npz"), store)
+        load_dataset(
+            DataSpec(uri="store://datasets/none.npz", resolved_uri="_tenants/t/datasets/none.npz"), store
+        )
+    # a store:// name is a tenant's: read only once the service has resolved it
+    store.put_bytes("datasets/small.npz", buf.getvalue())
+    with pytest.raises(ConfigError, match="data.uri: store://datasets/small.npz was not resolved"):
+        load_dataset(DataSpec(uri="store://datasets/small.npz"), store)
 
 
 def test_uri_dataset_with_pickled_objects_is_refused(tmp_path):
     store = LocalArtifactStore(tmp_path)
     buf = io.BytesIO()
     np.savez(buf, X=np.array([object()] * 20, dtype=object), y=np.arange(20))
-    store.put_bytes("datasets/evil.npz", buf.getvalue())
+    store.put_bytes(dataset_key("t", "evil.npz", "npz"), buf.getvalue())
     with pytest.raises(ConfigError, match="not an .npz with arrays X and y"):
-        load_dataset(DataSpec(uri="store://datasets/evil.npz"), store)
+        load_dataset(
+            DataSpec(uri="store://datasets/evil.npz", resolved_uri=dataset_key("t", "evil.npz", "npz")), store
+        )

@@ -76,7 +76,11 @@ priority: 0
         ({"data": {"name": "mnist"}}, "data.name", "allowed: digits, synthetic, text"),
         ({"data": {"name": "digits", "uri": "s3://b/k.npz"}}, "data", "exactly one of"),
         ({"data": {"uri": "file:///etc/passwd"}}, "data.uri", "s3://bucket/key.npz"),
-        ({"data": {"uri": "store://datasets/../../x.npz"}}, "data.uri", "'..'"),
+        ({"data": {"uri": "s3://b/../../x.npz"}}, "data.uri", "'..'"),
+        # store:// names one dataset of the caller's (PUT /v1/datasets/NAME), never a path
+        ({"data": {"uri": "store://datasets/../../x.npz"}}, "data.uri", "store://datasets/<name>"),
+        ({"data": {"uri": "store://datasets/a/b.npz"}}, "data.uri", "store://datasets/<name>"),
+        ({"data": {"uri": "store://_tenants/bob/datasets/x.npz"}}, "data.uri", "a dataset you uploaded"),
         ({"train": {"optimizer": "adam"}}, "train.optimizer", "'sgd' or 'adamw'"),
         ({"train": {"lr_schedule": "poly"}}, "train.lr_schedule", "'constant', 'cosine' or 'step'"),
         ({"precision": "fp8"}, "precision", "'fp32', 'fp16' or 'bf16'"),
@@ -133,6 +137,30 @@ def test_errors_name_the_field_and_what_is_allowed(patch, field, needle):
     errs = errors({**BASE, **patch})
     assert field in errs, errs
     assert needle in errs[field]
+
+
+def test_a_store_name_needs_no_ending_and_is_read_only_once_resolved():
+    from service.errors import ConfigError
+
+    # the upload recorded the format; resolution at submission fills it in
+    spec = parse_spec({**BASE, "data": {"uri": "store://datasets/digits"}}, submitted=True)
+    assert spec.data.format is None
+    with pytest.raises(ConfigError, match="data.uri: store://datasets/digits was not resolved"):
+        spec.data.location("data.uri")
+    assert (
+        spec.data.model_copy(update={"resolved_uri": "k/data.npz"}).location("data.uri")
+        == "store://k/data.npz"
+    )
+    assert parse_spec({**BASE, "data": {"uri": "s3://b/k.npz"}}).data.location("data.uri") == "s3://b/k.npz"
+    # a client that could set the resolved keys would read any tenant's data
+    for data in (
+        {"uri": "store://datasets/x.npz", "resolved_uri": "_tenants/bob/datasets/x.npz/data.npz"},
+        {"uri": "s3://b/x.txt", "tokenizer": "s3://b/t.json", "resolved_tokenizer": "s3://b/t.json"},
+    ):
+        with pytest.raises(SpecError) as e:
+            parse_spec({**BASE, "data": data}, submitted=True)
+        field = next(k for k in data if k.startswith("resolved"))
+        assert e.value.errors[0]["field"] == f"data.{field}", e.value.errors
 
 
 def test_not_a_mapping_and_bad_yaml():
