@@ -6,6 +6,7 @@ weights is tests/unit/test_init_weights.py."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 
@@ -196,3 +197,25 @@ def test_a_pruning_job_from_a_dense_parent_through_the_driver(ray_cluster, tmp_p
         run_job(resolve_init(parse_spec(bad, submitted=True), "acme", store), "bad", store)
     kinds = [json.loads(x).get("phase") for x in store.get_bytes("bad/metrics.jsonl").decode().splitlines()]
     assert kinds == ["preparing"]
+
+
+class _NeverWhole(io.BytesIO):
+    """A file that refuses to be read whole: each read must name a size."""
+
+    def read(self, size=-1):
+        assert size is not None and size >= 0, "the whole file was read into memory"
+        return super().read(size)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_uploads_reach_the_store_in_parts(kind, tmp_path, request):
+    """What an upload (a model, a dataset) hands the artifact store is a file, copied part by
+    part (boto3's managed upload for S3), never read whole into memory."""
+    if kind == "local":
+        store = LocalArtifactStore(tmp_path / "store")
+    else:
+        server = request.getfixturevalue("s3_server")
+        store = server.store(request.getfixturevalue("s3_bucket"), "p")
+    data = bytes(range(256)) * 8192  # 2 MiB: several of the local store's 1 MiB parts
+    store.put_fileobj("_tenants/t/models/m/model.safetensors", _NeverWhole(data))
+    assert store.get_bytes("_tenants/t/models/m/model.safetensors") == data
