@@ -613,8 +613,12 @@ def model_rm(
     name: Annotated[str, typer.Argument(help="The model's name.")], url: Url = None, token: Token = None
 ):
     """Delete one of your models."""
+    _rm("models", name, url, token)
+
+
+def _rm(kind: str, name: str, url, token) -> None:
     with _api(url, token) as api:
-        api.delete_upload("models", name)
+        api.delete_upload(kind, name)
     out.print(f"{name} deleted")
 
 
@@ -676,9 +680,7 @@ def dataset_rm(
     name: Annotated[str, typer.Argument(help="The dataset's name.")], url: Url = None, token: Token = None
 ):
     """Delete one of your datasets."""
-    with _api(url, token) as api:
-        api.delete_upload("datasets", name)
-    out.print(f"{name} deleted")
+    _rm("datasets", name, url, token)
 
 
 # In a download folder: the id of the job whose files it holds, written before the first file,

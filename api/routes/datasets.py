@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import CurrentTenant, ServiceDep
 from api.errors import documented
-from api.routes.models import UploadName, receive_upload
+from api.routes.models import UploadName, octet_stream_body, receive_upload
 from service.datasets import UPLOAD_FORMATS
 
 router = APIRouter(prefix="/v1", tags=["datasets"])
@@ -42,14 +42,10 @@ class DatasetList(BaseModel):
     items: list[DatasetOut] = Field(description="The tenant's datasets, by name.")
 
 
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "The raw bytes of one dataset file (streamed; the limit is "
-        "SLIMTRAIN_MAX_DATASET_BYTES), checked on arrival as the workers will read it.",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    }
-}
+_BODY = octet_stream_body(
+    "The raw bytes of one dataset file (streamed; the limit is SLIMTRAIN_MAX_DATASET_BYTES), "
+    "checked on arrival as the workers will read it."
+)
 
 
 @router.put(

@@ -40,14 +40,21 @@ class ModelList(BaseModel):
     items: list[ModelOut] = Field(description="The tenant's models, by name.")
 
 
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "The raw bytes of one safetensors file (streamed; the limit is "
-        "SLIMTRAIN_MAX_MODEL_BYTES). Anything else (a pickle, a .bin) is refused.",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+def octet_stream_body(description: str) -> dict:
+    """The OpenAPI request body of an upload: raw bytes, streamed."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
     }
-}
+
+
+_BODY = octet_stream_body(
+    "The raw bytes of one safetensors file (streamed; the limit is SLIMTRAIN_MAX_MODEL_BYTES). "
+    "Anything else (a pickle, a .bin) is refused."
+)
 
 
 @router.put(
