@@ -1,12 +1,14 @@
 // Submit: a YAML/JSON editor prefilled from the server's example specs. The API validates; each
 // field it refuses is marked on the line where that field is written, with the API's message
-// beside it. On success the page moves to the new job.
+// beside it. On success the page moves to the new job. Pickers above the editor (sources.js)
+// write the data and the initial weights into the spec from the tenant's uploads and jobs.
 
 import { ApiError, get, post } from "../api.js";
 import { h, fill } from "../dom.js";
 import { describeField, lineOf, parseSpec } from "../specdoc.js";
 import { stringify } from "../../vendor/yaml.esm.js";
 import { errorNote } from "./common.js";
+import { sourcePickers } from "./sources.js";
 
 export const title = () => "Submit a job";
 
@@ -41,6 +43,7 @@ export function render(view) {
   const overlay = h("div", { class: "overlay", "aria-hidden": "true" });
   const errors = h("div", { id: "spec-errors", class: "spec-errors", role: "alert" });
   const submit = h("button", { type: "submit", class: "primary", id: "submit-spec" }, "Submit job");
+  const sources = sourcePickers({ edit: editSpec, read: readSpec });
   const form = h(
     "form",
     { class: "submit-form", novalidate: true },
@@ -52,6 +55,7 @@ export function render(view) {
       h("label", { for: "format" }, " as "),
       format,
     ),
+    sources.element,
     h("div", { class: "editor" }, gutter, h("div", { class: "editor-main" }, overlay, editor)),
     errors,
     h("div", { class: "actions" }, submit),
@@ -144,9 +148,28 @@ export function render(view) {
     editor.value = text;
     idempotencyKey = crypto.randomUUID();
     setMarks([], "");
+    sources.sync();
+  }
+
+  function readSpec() {
+    const parsed = parseSpec(editor.value);
+    return parsed.errors.length ? null : parsed.doc.toJS();
+  }
+
+  // A picker's change applied to the spec's document (comments and order kept in YAML).
+  function editSpec(change) {
+    const parsed = parseSpec(editor.value);
+    if (parsed.errors.length) {
+      setMarks(parsed.errors, "Fix the syntax before choosing data or weights:");
+      return false;
+    }
+    change(parsed.doc);
+    load(format.value === "json" ? `${JSON.stringify(parsed.doc.toJS(), null, 2)}\n` : parsed.doc.toString());
+    return true;
   }
 
   editor.addEventListener("scroll", syncScroll);
+  editor.addEventListener("change", () => sources.sync()); // typed edits, once the editor is left
   editor.addEventListener("input", () => {
     idempotencyKey = crypto.randomUUID();
     if (marks.length) setMarks([], ""); // stale once the text changed
@@ -193,11 +216,13 @@ export function render(view) {
     }
   });
 
-  get("/v1/spec/schema")
+  const schemaLoaded = get("/v1/spec/schema");
+  schemaLoaded
     .then((s) => {
       schema = s;
     })
     .catch(() => {}); // only the explanations are missing without it; the API still names the field
+  sources.load(schemaLoaded);
   get("/v1/spec/examples")
     .then((res) => {
       examples = res.items;
