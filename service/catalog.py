@@ -76,12 +76,131 @@ class ResNetArgs(Args):
         return v
 
 
+# --- HuggingFace transformers (workers/models/hf.py) ----------------------------------------------
+#
+# The config dict is checked here, without importing transformers (the API stays light): keys
+# outside these lists are refused by name, so a typo (`n_layr`) is a 422, not a silently
+# ignored attribute. tests/unit/test_hf_models.py checks that every key is a real attribute of
+# transformers' config class.
+_HF_COMMON = {"model_type", "vocab_size", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id"}
+HF_CONFIG_KEYS: dict[str, set[str]] = {
+    "gpt2": _HF_COMMON
+    | {
+        "n_positions",
+        "n_embd",
+        "n_layer",
+        "n_head",
+        "n_inner",
+        "activation_function",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "layer_norm_epsilon",
+        "tie_word_embeddings",
+        "scale_attn_weights",
+        "scale_attn_by_inverse_layer_idx",
+        "reorder_and_upcast_attn",
+    },  # fmt: skip
+    "llama": _HF_COMMON
+    | {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "attention_bias",
+        "attention_dropout",
+        "mlp_bias",
+    },  # fmt: skip
+    "bert": _HF_COMMON
+    | {
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "layer_norm_eps",
+        "classifier_dropout",
+    },  # fmt: skip
+}
+# (width key, heads key) per model_type: heads must divide the width.
+_HF_HEADS = {
+    "gpt2": ("n_embd", "n_head"),
+    "llama": ("hidden_size", "num_attention_heads"),
+    "bert": ("hidden_size", "num_attention_heads"),
+}
+HF_MAX_SIZE = 1 << 16  # any integer size in a config (widths, layers, vocab, positions)
+
+
+def _check_hf_config(config: dict, allowed_types: tuple[str, ...]) -> dict:
+    mt = config.get("model_type")
+    if mt not in allowed_types:
+        raise ValueError(
+            f"model_type: {mt!r} is not supported here; allowed: {', '.join(allowed_types)}"
+            if "model_type" in config
+            else f"model_type: required; allowed: {', '.join(allowed_types)}"
+        )
+    keys = HF_CONFIG_KEYS[mt]
+    for k, v in config.items():
+        if k not in keys:
+            raise ValueError(f"{k}: unknown key for model_type {mt}; allowed: {', '.join(sorted(keys))}")
+        if isinstance(v, bool) or k in ("model_type", "activation_function", "hidden_act"):
+            continue
+        if isinstance(v, int) and not (0 <= v <= HF_MAX_SIZE) and not k.endswith("token_id"):
+            raise ValueError(f"{k}: {v} is out of range 0..{HF_MAX_SIZE}")
+        if not isinstance(v, (int, float, str)) and v is not None:
+            raise ValueError(f"{k}: must be a number, a string or null (got {type(v).__name__})")
+    width, heads = _HF_HEADS[mt]
+    if width in config and heads in config:
+        w, h = config[width], config[heads]
+        if isinstance(w, int) and isinstance(h, int) and (h < 1 or w % h):
+            raise ValueError(f"{width}: {w} is not divisible by {heads} ({h})")
+    return config
+
+
+class HFCausalLMArgs(Args):
+    config: dict[str, Any] = Field(
+        description="A HuggingFace config dict: model_type gpt2 or llama and that config's fields "
+        "(e.g. n_layer, n_head, n_embd). vocab_size defaults to the data's vocabulary; built from "
+        "the config alone (random init, or model.init), nothing is downloaded."
+    )
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v: dict) -> dict:
+        return _check_hf_config(v, ("gpt2", "llama"))
+
+
+class HFSeqClsArgs(Args):
+    config: dict[str, Any] = Field(
+        description="A HuggingFace config dict: model_type bert and its fields (hidden_size, "
+        "num_hidden_layers, ...). vocab_size defaults to the data's token vocabulary, the labels "
+        "to the data's classes."
+    )
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v: dict) -> dict:
+        return _check_hf_config(v, ("bert",))
+
+
 BUILTIN_MODELS: dict[str, type[Args]] = {
     "mlp": MLPArgs,
     "lenet5": LeNet5Args,
     "convnet": ConvNetArgs,
     "gpt": GPTArgs,
     "resnet": ResNetArgs,
+    "hf_causal_lm": HFCausalLMArgs,
+    "hf_seq_cls": HFSeqClsArgs,
 }
 
 # Which data kinds each built-in model accepts ("image" datasets are also "vector" ones).
@@ -91,12 +210,18 @@ MODEL_INPUT_KIND: dict[str, set[str]] = {
     "convnet": {"image"},
     "gpt": {"tokens"},
     "resnet": {"image"},
+    "hf_causal_lm": {"tokens"},
+    "hf_seq_cls": {"sequence"},
 }
 
 # Built-in models that cannot run as a pipeline, and why: refused at submission, where the
 # worker's stage split (workers/models/stages.py) would only find it at start-up.
 NO_PIPELINE: dict[str, str] = {
     "resnet": "BatchNorm statistics would be per micro-batch",
+    # A HuggingFace model's forward is one call into transformers (masks, positions and caches
+    # built inside it), not a chain of modules that stages could be cut from.
+    "hf_causal_lm": "a HuggingFace model has no stage split",
+    "hf_seq_cls": "a HuggingFace model has no stage split",
 }
 
 

@@ -60,9 +60,16 @@ def float_weights(spec: JobSpec, data: Dataset, model: nn.Module) -> tuple[nn.Mo
     """A plain registry model holding `model`'s parameters and buffers (no quantizer state)."""
     plain = build_model(spec.model.name, spec.model.args, data.info).eval()
     trained = model.state_dict()
-    state = {k: trained[k].detach().clone().contiguous() for k in plain.state_dict()}
+    state = _State((k, trained[k].detach().clone().contiguous()) for k in plain.state_dict())
+    state.tied = dict(getattr(plain, "_tied", {}))
     plain.load_state_dict(state)
     return plain, state
+
+
+class _State(dict):
+    """A state dict that knows its tied aliases (alias key -> stored key)."""
+
+    tied: dict[str, str]
 
 
 def deployed_state(state: dict[str, torch.Tensor], qweights: dict) -> dict[str, torch.Tensor]:
@@ -77,8 +84,34 @@ def deployed_state(state: dict[str, torch.Tensor], qweights: dict) -> dict[str, 
         half = v.half().float() if v.dtype == torch.float32 else v
         out[k] = half if bool(torch.isfinite(half).all()) else v  # beyond float16's range: as is
     for name, qw in qweights.items():
-        out[f"{name}.weight"] = quant.dequantize(qw)
+        out[weight_key(state, name)] = quant.dequantize(qw)
     return out
+
+
+def weight_key(state: dict, layer: str) -> str:
+    """The state-dict key of a layer's weight. A tied weight is stored once, under the other
+    name (GPT-2's lm_head.weight is transformer.wte.weight; workers.models.hf)."""
+    key = f"{layer}.weight"
+    if key in state:
+        return key
+    for alias, kept in getattr(state, "tied", {}).items():
+        if alias == key:
+            return kept
+    raise CheckpointError(f"layer {layer}: no weight {key} in the model's state")
+
+
+def _token_contract(model: nn.Module) -> dict:
+    """HuggingFace models take token ids of any batch and length up to their position table."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "onnx_max_seq"):
+        return {}
+    return {
+        "shape": ["batch", "seq"],
+        "ids": "token ids",
+        "vocab_size": int(config.vocab_size),
+        "max_positions": int(model.onnx_max_seq),
+        "dynamic_axes": ["batch", "seq"],
+    }
 
 
 def _calibration(data: Dataset, batch: int) -> list[np.ndarray]:
@@ -124,7 +157,7 @@ def export(
     # the header is a visible part of a few-KB artifact.
     info = {k: v for k, v in data.info.to_dict().items() if k not in ("source", "n_train", "n_val")}
     meta = {"model": spec.model.model_dump(), "data_info": info, "job_id": job_id}
-    packed = pack.pack(deployed, meta, quantized={f"{n}.weight": qw for n, qw in qweights.items()})
+    packed = pack.pack(deployed, meta, quantized={weight_key(state, n): qw for n, qw in qweights.items()})
     arts.put_bytes("model.packed", packed)
     # Decoded from the stored bytes: what ships, and what sparsity and params are counted on.
     rebuilt = pack.rebuild(arts.get_bytes("model.packed"))
@@ -177,6 +210,7 @@ def export(
             "shape": ["N", *data.info.input_shape],
             "dtype": data.info.input_dtype,
             "kind": data.info.kind,
+            **_token_contract(plain),
         },
         "accuracy": artifact_scores["accuracy"],
         "accuracy_source": f"{artifact} run in onnxruntime on the validation split",

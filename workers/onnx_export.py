@@ -62,6 +62,11 @@ def to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     """Export a float model (eval mode) with a dynamic batch axis."""
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    dims = {0: batch}
+    # Token models (HuggingFace's) take any length up to their position table: dynamic too.
+    max_len = getattr(model, "onnx_max_seq", None)
+    if max_len:
+        dims[1] = torch.export.Dim("seq", min=1, max=max_len)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -71,7 +76,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
             opset_version=OPSET,
             input_names=[INPUT],
             output_names=[OUTPUT],
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=(dims,),
             verbose=False,
         )
     return program.model_proto
@@ -89,17 +94,26 @@ class LayerNode:
     node: str  # name of the Conv / Gemm / MatMul node
     op: str
     weight: str  # initializer name of its weight
-    transposed: bool  # the initializer is the torch weight transposed (MatMul)
+    transposed: bool  # the initializer is the torch weight transposed (Linear -> MatMul)
     input: str  # the activation tensor it reads
+    axis: int = 0  # output-channel axis of the initializer (what the node computes)
 
-    @property
-    def axis(self) -> int:
-        """Output-channel axis of the initializer."""
-        return 1 if self.transposed else 0
+
+def _init_axis(node: onnx.NodeProto) -> int:
+    """The output-feature axis of a node's weight input: Conv's filters are dim 0, MatMul's B is
+    (in, out), Gemm's B is (out, in) with transB=1, (in, out) without."""
+    if node.op_type == "MatMul":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
+    return 0
 
 
 def layer_nodes(m: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> dict[str, LayerNode]:
-    """The node computing each torch layer (by layer name), found through its weight's values."""
+    """The node computing each torch layer (by layer name), found through its weight's values.
+    `weights` may say each weight's own output axis (`out_axis`, as prunable_weights does: 1 for
+    transformers' Conv1D); whether the initializer is the torch weight transposed follows."""
+    torch_axis = getattr(weights, "out_axis", {})
     inits = {i.name: i for i in m.graph.initializer}
     by_value: dict[tuple, tuple[str, bool]] = {}
     for name, w in weights.items():
@@ -117,10 +131,10 @@ def layer_nodes(m: onnx.ModelProto, weights: dict[str, torch.Tensor]) -> dict[st
         if hit is None:
             continue
         name, transposed = hit
-        if node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            transposed = not trans_b
-        out[name] = LayerNode(node.name, node.op_type, node.input[1], transposed, node.input[0])
+        axis = _init_axis(node)
+        if arr.ndim == 2:
+            transposed = axis != torch_axis.get(name, 0)
+        out[name] = LayerNode(node.name, node.op_type, node.input[1], transposed, node.input[0], axis)
     missing = sorted(set(weights) - set(out))
     if missing:
         raise ExportError(f"ONNX graph has no node for layer(s) {missing}")

@@ -43,6 +43,7 @@ class QuantizedWeight:
     codes: torch.Tensor  # int8 storage, weight's shape, within [-(2**(bits-1) - 1), 2**(bits-1) - 1]
     scale: torch.Tensor  # float32, [out_channels]
     bits: int = 8
+    axis: int = 0  # the output-channel axis of `codes` (1 for transformers' Conv1D, stored (in, out))
 
 
 def _np_dtype(t: torch.Tensor) -> np.dtype:
@@ -113,6 +114,8 @@ def pack(
             nz = codes != 0
             scale = _narrow(q.scale.float().cpu().numpy())
             e["bits"], e["scale_dtype"] = q.bits, str(scale.dtype)
+            if q.axis:
+                e["axis"] = q.axis
             e["scale"] = w.add(scale.tobytes())
             if nz.mean() < SPARSE_BELOW:
                 e["encoding"] = "sparse_int8"
@@ -194,7 +197,9 @@ def _decode(e: dict, blobs: memoryview) -> torch.Tensor:
         else:
             codes[:] = np.frombuffer(blob("values"), dtype=np.int8)
         codes = codes.reshape(shape)
-        w = codes.astype(np.float32) * scale.reshape(-1, *([1] * (len(shape) - 1)))
+        per_channel = [1] * len(shape)
+        per_channel[e.get("axis", 0)] = -1
+        w = codes.astype(np.float32) * scale.reshape(per_channel)
         return torch.from_numpy(w).to(dtype)
     raise ValueError(f"unknown encoding {enc!r}")
 

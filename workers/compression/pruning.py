@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -46,15 +47,49 @@ def _sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "to_local")
 
 
-def prunable_weights(
-    model: nn.Module, exclude: list[str] = (), skip: tuple[str, ...] = ()
-) -> OrderedDict[str, nn.Parameter]:
-    """Weights of Linear and Conv layers, by module name. Biases and norms are never pruned."""
-    out: OrderedDict[str, nn.Parameter] = OrderedDict()
+def _hf_conv1d() -> type | None:
+    """transformers' Conv1D (GPT-2), when transformers is loaded: a Linear whose weight is stored
+    (in, out). Looked up, never imported: a model holding one has imported it already."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None)
+
+
+def is_prunable(module: nn.Module) -> bool:
+    conv1d = _hf_conv1d()
+    return isinstance(module, PRUNABLE) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def out_axis(module: nn.Module) -> int:
+    """The weight's output-feature axis: 1 for transformers' Conv1D (stored (in, out)), else 0."""
+    conv1d = _hf_conv1d()
+    return 1 if conv1d is not None and isinstance(module, conv1d) else 0
+
+
+class LayerWeights(OrderedDict):
+    """Prunable weights by layer name, with each weight's output axis (`out_axis`, 0 unless the
+    layer stores its weight (in, out)): what channel pruning and quantization cut along."""
+
+    out_axis: dict[str, int]
+
+
+def prunable_weights(model: nn.Module, exclude: list[str] = (), skip: tuple[str, ...] = ()) -> LayerWeights:
+    """Weights of Linear and Conv layers (and transformers' Conv1D), by module name. Biases and
+    norms are never pruned. A weight shared by two layers (tied embeddings) is listed once."""
+    out = LayerWeights()
+    out.out_axis = {}
+    seen: set[int] = set()
     for name, module in model.named_modules():
-        if isinstance(module, PRUNABLE) and selected(name, exclude, skip):
+        if is_prunable(module) and selected(name, exclude, skip) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
             out[name] = module.weight
+            out.out_axis[name] = out_axis(module)
     return out
+
+
+def axes_of(weights) -> dict[str, int]:
+    """Output axis of each weight (0 where the mapping does not say)."""
+    given = getattr(weights, "out_axis", {})
+    return {n: given.get(n, 0) for n in weights}
 
 
 def selected(name: str, exclude: list[str] = (), skip: tuple[str, ...] = ()) -> bool:
@@ -183,16 +218,29 @@ def unstructured_masks(
 
 
 def channel_masks(
-    weights: dict[str, torch.Tensor], sparsity: float, scope: str, reduce_sum: ReduceSum | None = None
+    weights: dict[str, torch.Tensor],
+    sparsity: float,
+    scope: str,
+    reduce_sum: ReduceSum | None = None,
+    axes: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Prune whole output channels (rows of a Linear, filters of a Conv) by RMS norm.
+    """Prune whole output channels (rows of a Linear, filters of a Conv, columns of a
+    transformers Conv1D: `axes` gives each weight's output axis) by RMS norm.
 
     RMS (L2 / sqrt(fan-in)) rather than L2 makes channels of layers with different fan-in
     comparable under global scope; the target counts weights, so a channel weighs its size.
     Every layer keeps at least its strongest channel."""
+    axes = axes or {}
+    for n, w in weights.items():
+        if axes.get(n, 0) and _sharded(w):
+            # FSDP shards dim 0, the Conv1D's *input* axis: a column's norm would span ranks.
+            raise ConfigError(
+                f"compression.pruning.structure: channel pruning of {n} (a transformers Conv1D) "
+                "is not supported under parallel.strategy fsdp; use ddp, or structure unstructured"
+            )
     rms, sizes = {}, {}
     for n, w in weights.items():
-        lw = _local(w).detach().float()
+        lw = _local(w).detach().float().movedim(axes.get(n, 0), 0)
         flat = lw.flatten(1)  # not reshape(rows, -1): a rank may hold no rows of a layer
         rms[n] = flat.pow(2).mean(dim=1).sqrt()
         sizes[n] = torch.full((flat.shape[0],), float(flat.shape[1]))
@@ -218,10 +266,12 @@ def channel_masks(
             red = _group_reduce(weights, [n], "layer", reduce_sum)
             best = kth_smallest([rms[n]], _total([rms[n].numel()], reduce_sum), reduce_sum=red)
             kp |= rms[n] >= best
-    return {
-        n: keep[n].reshape(-1, *([1] * (_local(w).dim() - 1))).expand_as(_local(w)).clone()
-        for n, w in weights.items()
-    }
+    out = {}
+    for n, w in weights.items():
+        lw = _local(w).movedim(axes.get(n, 0), 0)
+        m = keep[n].reshape(-1, *([1] * (lw.dim() - 1))).expand_as(lw)
+        out[n] = m.movedim(0, axes.get(n, 0)).contiguous().clone()
+    return out
 
 
 def threshold_masks(
@@ -296,8 +346,10 @@ class Pruner:
             )
         else:
             s = schedules.target_sparsity(cfg, step)
-            fn = unstructured_masks if cfg.structure == "unstructured" else channel_masks
-            new = fn(self.weights, s, cfg.scope, self.reduce_sum)
+            if cfg.structure == "unstructured":
+                new = unstructured_masks(self.weights, s, cfg.scope, self.reduce_sum)
+            else:
+                new = channel_masks(self.weights, s, cfg.scope, self.reduce_sum, axes_of(self.weights))
         # Masks only shrink: a weight pruned once stays pruned (with ties at zero it could
         # otherwise flip back in and out).
         self.masks = {n: self.masks[n] & new[n] for n in self.masks}

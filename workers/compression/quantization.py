@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.spec import QuantizationSpec
-from workers.compression.pruning import prunable_weights
+from workers.compression.pruning import out_axis, prunable_weights
 from workers.pack import QuantizedWeight, kmeans_1d
 
 log = logging.getLogger(__name__)
@@ -105,43 +105,49 @@ def _ceil_scale(s: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int16).view(torch.float16).float()
 
 
-def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel scale max|w_c| / qmax, rounded up onto the scale grid (float32). An
-    all-zero (pruned) channel gets the smallest scale: its codes are 0 either way."""
-    absmax = w.detach().float().abs().reshape(w.shape[0], -1).amax(dim=1)
+def weight_scale(w: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
+    """Per-output-channel scale max|w_c| / qmax, rounded up onto the scale grid (float32); the
+    channels lie along `axis` (1 for transformers' Conv1D, stored (in, out)). An all-zero
+    (pruned) channel gets the smallest scale: its codes are 0 either way."""
+    w = w.detach().float().movedim(axis, 0)
+    absmax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
     return _ceil_scale(absmax / qmax(bits))
 
 
-def fixed_scale(w: torch.Tensor, q: float) -> torch.Tensor:
+def fixed_scale(w: torch.Tensor, q: float, axis: int = 0) -> torch.Tensor:
     """`fixed` mode: one grid 1/Q for every channel."""
-    return torch.full((w.shape[0],), 1.0 / q, dtype=torch.float32, device=w.device)
+    return torch.full((w.shape[axis],), 1.0 / q, dtype=torch.float32, device=w.device)
 
 
-def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
     """codes * scale with straight-through gradients (zero outside the grid's range)."""
     zero = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
     q = qmax(bits)
-    return torch.fake_quantize_per_channel_affine(w.float(), scale.to(w.device), zero, 0, -q, q)
+    return torch.fake_quantize_per_channel_affine(w.float(), scale.to(w.device), zero, axis, -q, q)
 
 
-def _per_channel(scale: torch.Tensor, ndim: int) -> torch.Tensor:
-    return scale.reshape(-1, *([1] * (ndim - 1)))
+def _per_channel(scale: torch.Tensor, ndim: int, axis: int = 0) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
 
 
-def quantize_weight(w: torch.Tensor, bits: int, fixed: float | None = None) -> QuantizedWeight:
-    """The integer form of a weight: codes (int8 storage) and per-channel scales, such that
-    codes * scale is bit for bit what `fake_quantize_weight` gives (the QAT forward)."""
+def quantize_weight(w: torch.Tensor, bits: int, fixed: float | None = None, axis: int = 0) -> QuantizedWeight:
+    """The integer form of a weight: codes (int8 storage, the weight's own layout) and scales per
+    output channel (along `axis`), such that codes * scale is bit for bit what
+    `fake_quantize_weight` gives (the QAT forward)."""
     w = w.detach().float().cpu()
-    scale = fixed_scale(w, fixed) if fixed is not None else weight_scale(w, bits)
-    fq = fake_quantize_weight(w, scale, bits)
+    scale = fixed_scale(w, fixed, axis) if fixed is not None else weight_scale(w, bits, axis)
+    fq = fake_quantize_weight(w, scale, bits, axis)
     # fq is code * scale in float32, so dividing by the scale recovers the integer exactly.
-    codes = torch.round(fq / _per_channel(scale, w.dim())).to(torch.int8)
-    assert torch.equal(dequantize(QuantizedWeight(codes, scale, bits)), fq)
-    return QuantizedWeight(codes, scale, bits)
+    codes = torch.round(fq / _per_channel(scale, w.dim(), axis)).to(torch.int8)
+    q = QuantizedWeight(codes, scale, bits, axis)
+    assert torch.equal(dequantize(q), fq)
+    return q
 
 
 def dequantize(q: QuantizedWeight) -> torch.Tensor:
-    return q.codes.float() * _per_channel(q.scale.float(), q.codes.dim())
+    return q.codes.float() * _per_channel(q.scale.float(), q.codes.dim(), q.axis)
 
 
 def share_codes(q: QuantizedWeight, index_bits: int) -> QuantizedWeight:
@@ -159,7 +165,7 @@ def share_codes(q: QuantizedWeight, index_bits: int) -> QuantizedWeight:
     shared = np.where(shared == 0, np.where(centroids >= 0, 1, -1), shared)
     out = codes.copy()
     out[nz] = shared[idx]
-    return QuantizedWeight(torch.from_numpy(out.astype(np.int8)), q.scale, q.bits)
+    return QuantizedWeight(torch.from_numpy(out.astype(np.int8)), q.scale, q.bits, q.axis)
 
 
 # --- activations ---------------------------------------------------------------------------------
@@ -237,17 +243,19 @@ class WeightFakeQuant(nn.Module):
     frozen: a frozen scale would clip weights that grow and waste codes on weights that shrink
     under pruning. `fixed` mode uses the constant grid 1/Q instead."""
 
-    def __init__(self, bits: int, fixed: float | None = None):
+    def __init__(self, bits: int, fixed: float | None = None, axis: int = 0):
         super().__init__()
         self.bits = bits
         self.fixed = fixed
+        self.axis = axis  # output-channel axis of the weight (1 for transformers' Conv1D)
         self.register_buffer("enabled", torch.zeros((), dtype=torch.bool))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.enabled):
             return w
-        scale = fixed_scale(w, self.fixed) if self.fixed is not None else weight_scale(w, self.bits)
-        return fake_quantize_weight(w, scale, self.bits).to(w.dtype)
+        a = self.axis
+        scale = fixed_scale(w, self.fixed, a) if self.fixed is not None else weight_scale(w, self.bits, a)
+        return fake_quantize_weight(w, scale, self.bits, a).to(w.dtype)
 
 
 class _FakeQuantized:
@@ -292,6 +300,24 @@ SWAPS = {
     nn.Conv2d: FakeQuantConv2d,
     nn.Conv3d: FakeQuantConv3d,
 }
+
+
+def _swap_for(cls: type) -> type:
+    """The fake-quantized class of a layer class; transformers' Conv1D (weight (in, out), so
+    `x @ w + b`) gets one on first use, where transformers is loaded already."""
+    if cls not in SWAPS:
+        from transformers.pytorch_utils import Conv1D
+
+        if not issubclass(cls, Conv1D):
+            raise TypeError(f"no fake-quantized form of {cls.__name__}")
+
+        def forward(self, x):
+            x, w = self._inputs(x)
+            out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), w)
+            return out.view(*x.shape[:-1], self.nf)
+
+        SWAPS[cls] = type("FakeQuantHFConv1D", (_FakeQuantized, cls), {"forward": forward})
+    return SWAPS[cls]
 
 
 class FakeQuantizer:
@@ -355,8 +381,10 @@ def prepare(model: nn.Module, cfg: QuantizationSpec) -> int:
     observe = cfg.mode == "qat" and cfg.bits == 8
     for m in layers.values():
         device = m.weight.device
-        m.__class__ = SWAPS[type(m)]
-        m.weight_quant = WeightFakeQuant(cfg.bits, cfg.scale if cfg.mode == "fixed" else None).to(device)
+        axis = out_axis(m)
+        m.__class__ = _swap_for(type(m))
+        fixed = cfg.scale if cfg.mode == "fixed" else None
+        m.weight_quant = WeightFakeQuant(cfg.bits, fixed, axis).to(device)
         m.input_quant = ActivationFakeQuant().to(device) if observe else None
     log.info("fake quantization on %d layers (%s, %d bits)", len(layers), cfg.mode, cfg.bits)
     return len(layers)
@@ -381,8 +409,9 @@ def export_weights(model: nn.Module, cfg: QuantizationSpec) -> OrderedDict[str, 
     with weight sharing applied when `codebook_bits` asks for it."""
     fixed = cfg.scale if cfg.mode == "fixed" else None
     out: OrderedDict[str, QuantizedWeight] = OrderedDict()
-    for name, w in prunable_weights(model).items():
-        q = quantize_weight(w, cfg.bits, fixed)
+    weights = prunable_weights(model)
+    for name, w in weights.items():
+        q = quantize_weight(w, cfg.bits, fixed, weights.out_axis[name])
         if cfg.codebook_bits is not None:
             q = share_codes(q, cfg.codebook_bits)
         out[name] = q

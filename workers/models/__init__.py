@@ -27,7 +27,16 @@ BUILDERS: dict[str, Builder] = {
     "convnet": lambda a, i: ConvNet(i, **a),
     "gpt": lambda a, i: GPT(i, **a),
     "resnet": lambda a, i: ResNet(i, **a),
+    # transformers is imported on first use only: ~4 s that the built-ins should not pay.
+    "hf_causal_lm": lambda a, i: _hf().causal_lm(a, i),
+    "hf_seq_cls": lambda a, i: _hf().seq_cls(a, i),
 }
+
+
+def _hf():
+    from workers.models import hf
+
+    return hf
 
 
 def build_model(name: str, args: dict, info: DataInfo, seed: int | None = None) -> nn.Module:
