@@ -74,6 +74,14 @@ def _config(url: str) -> schemathesis.Config:
                     },
                 },
                 {
+                    # Any bytes fit the document's `binary` body; only a dataset file its format's
+                    # reader accepts is stored, the rest answered with 422 naming what is wrong.
+                    "include-operation-id": "put_dataset",
+                    "checks": {
+                        "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "413", "422"]}
+                    },
+                },
+                {
                     # Any bytes fit the document's `binary` body; only a safetensors file is
                     # accepted, the rest answered with 422 naming the body.
                     "include-operation-id": "put_model",
@@ -82,9 +90,9 @@ def _config(url: str) -> schemathesis.Config:
                     },
                 },
                 {
-                    # No link leads to or from the models routes: in the stateful phase they would
+                    # No link leads to or from the upload routes: in the stateful phase they would
                     # only take scenarios from the job's links, which that phase is here to follow.
-                    "include-path-regex": "^/v1/models",
+                    "include-path-regex": "^/v1/(models|datasets)",
                     "phases": {"stateful": {"enabled": False}},
                 },
             ],
