@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from sklearn.datasets import load_digits
 
 from service.artifacts import LocalArtifactStore
-from tests.plugins.browser import shot
+from tests.plugins.browser import NARROW, shot
 from tests.plugins.live_api import ALICE, BOB, LiveApi, live_api
 
 pytestmark = pytest.mark.e2e
@@ -107,6 +107,9 @@ def test_uploads_and_finished_jobs_are_offered_and_end_up_in_the_spec(page, api)
     expect(editor).to_have_value(re.compile(rf"init: \{{ uri: store://models/{MODEL} \}}"))
     assert editing(page)["model"] == {"name": "mlp", "init": {"uri": f"store://models/{MODEL}"}}
     shot(page, "20-submit-uploads")
+    page.set_viewport_size(NARROW)  # long option labels must not widen a phone's page
+    assert page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth") <= 0
+    shot(page, "20-submit-uploads-narrow")
 
     page.click("#submit-spec")
     page.wait_for_url(re.compile(r"#/jobs/[0-9a-z-]+$"))
