@@ -248,20 +248,13 @@ def run_job(
     resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if spec.uses_gpu else {})}
     ray_data: dict = {}
     if streamed:
-        from ray.data import DataContext, ExecutionOptions
         from ray.train import DataConfig
 
-        ctx = DataContext.get_current()
-        # The datasets copy the context now: no progress bars in the job's log.
-        ctx.enable_progress_bars = False
-        ctx.enable_operator_progress_bars = False
+        options = streaming.ingest_options()  # before the datasets, which copy the context
         ray_data = {
             "datasets": data.ray_datasets(spec.train.seed),
-            # "val" unsplit: every rank reads it and scores its rows (workers.data.streaming.Feed);
-            # order preserved, so one worker's epoch is the same batches on every run.
-            "dataset_config": DataConfig(
-                datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)
-            ),
+            # "val" unsplit: every rank reads it and scores its rows (workers.data.streaming.Feed).
+            "dataset_config": DataConfig(datasets_to_split=["train"], execution_options=options),
         }
     trainer = TorchTrainer(
         _worker_entry,

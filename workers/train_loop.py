@@ -449,6 +449,7 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
     perm = None
     window_start, window_steps = time.perf_counter(), 0
     run.wall_from = window_start
+    rss_first_step = None
     while run.step < run.total_steps:
         epoch = run.step // run.steps_per_epoch
         if run.feed is None and (perm is None or run.step % run.steps_per_epoch == 0):
@@ -458,6 +459,8 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
         t0 = time.perf_counter()
         train_step(run, x, y)
         run.train_seconds += time.perf_counter() - t0
+        if rss_first_step is None:
+            rss_first_step = streaming.current_rss()
         run.step += 1
         window_steps += 1
         if run.step % spec.train.log_every_steps == 0 or run.step == run.total_steps:
@@ -482,10 +485,15 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
         "samples": samples,
         "samples_per_second": samples / wall if wall > 0 else None,
         "skipped_steps": run.skipped_steps,
-        # Each rank's resident memory: when its session started (before it fetched any data)
-        # and at its peak. What bench/data.py and the streaming tests measure.
+        # Each rank's resident memory: when its session started (before it fetched any data),
+        # after this attempt's first step, and at its peak. What bench/data.py and the
+        # streaming tests measure.
         "worker_memory": session.dist.all_gather_object(
-            {"rss_start": getattr(session, "rss_start", None), "rss_peak": streaming.peak_rss()}
+            {
+                "rss_start": getattr(session, "rss_start", None),
+                "rss_first_step": rss_first_step,
+                "rss_peak": streaming.peak_rss(),
+            }
         ),
     }
     if rank0:

@@ -95,6 +95,17 @@ def worker_cpus(workers: int, cluster_cpus: float, streamed: bool) -> float:
     return min(1.0, round(spare / workers, 2))
 
 
+def ingest_options():
+    """Ray Data's execution options for the job's datasets (the TorchTrainer's DataConfig):
+    blocks in order, so one worker's epoch is the same batches on every run; no progress bars."""
+    from ray.data import DataContext, ExecutionOptions
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    return ExecutionOptions(preserve_order=True)
+
+
 # --- reading ------------------------------------------------------------------------------
 
 
@@ -215,6 +226,15 @@ class StreamedData:
             return ds.map_batches(reader(part), batch_size=1, batch_format="numpy", num_cpus=READ_TASK_CPUS)
 
         return {"train": dataset("train"), "val": dataset("val")}
+
+    def local_shards(self, seed: int) -> dict:
+        """The iterators one Ray Train worker of a 1-worker job gets, without Ray Train (tests and
+        benches drive the loop through LocalSession(shards=...))."""
+        out = {}
+        for name, ds in self.ray_datasets(seed).items():
+            ds.context.execution_options = ingest_options()
+            out[name] = ds.iterator()
+        return out
 
     def for_export(self, calibration_rows: int):
         """An in-memory Dataset for export and the final report, which score the exported model

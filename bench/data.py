@@ -1,0 +1,210 @@
+"""In-memory vs Ray Data streamed datasets: per-worker peak memory and training throughput against
+the dataset's size, side by side in one run.
+
+For each size a deterministic parquet file (float32 features in one list column, 4 classes,
+row groups of 2,000 rows) goes into a local artifact store, and the same 2-worker DDP job (an MLP
+whose step is not trivially cheap) runs twice through the real driver on an embedded 2-CPU Ray
+head: `data.streaming: off` (the whole set loaded, ray.put and copied into each worker) and `on`
+(read by Ray Data, one task per row group, each worker iterating its shard). Each run trains
+`--steps` optimizer steps.
+
+- peak RSS per worker: the largest of the two workers' ru_maxrss (the whole process's peak, the
+  training loop's `worker_memory` record), and its RSS when its session started, before it
+  fetched any data;
+- samples/s: the median over the loop's logging windows (the first left out: warm-up) of the
+  global samples per second, so the job's start, evaluation and export do not count.
+
+    .venv/bin/python -m bench.data [--rows 10000 31623 100000] [--features 256] [--steps 300]
+
+Writes results.json, table.md and data.png to bench/results/data/ (BENCH_OUT redirects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import conditions, machine, markdown_table, results_dir, save_json
+
+MIB = 2**20
+ROW_GROUP = 2_000
+
+
+def write_parquet(path: Path, n: int, f: int, seed: int = 0) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 4).astype(np.int64)
+    x = (rng.standard_normal((n, f), dtype=np.float32) + y[:, None]).astype(np.float32)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), f)
+    pq.write_table(pa.table({"x": col, "label": y}), path, row_group_size=ROW_GROUP)
+    return x.nbytes
+
+
+def job(name: str, mode: str, steps: int, hidden: list[int], batch: int) -> dict:
+    return {
+        "name": f"data-{mode}",
+        "model": {"name": "mlp", "args": {"hidden": hidden}},
+        "data": {
+            "uri": f"store://datasets/{name}",
+            "resolved_uri": f"datasets/{name}",
+            "feature_columns": ["x"],
+            "label_column": "label",
+            "streaming": mode,
+        },
+        "train": {
+            "epochs": 10_000,
+            "max_steps": steps,
+            "batch_size": batch,
+            "lr": 0.02,
+            "seed": 0,
+            "log_every_steps": 20,
+            "eval_every_steps": steps,
+        },
+        "parallel": {"strategy": "ddp", "workers": 2},
+        "checkpoint": {"every_steps": steps},
+        "retries": 0,
+    }
+
+
+def run_one(store, name: str, mode: str, args) -> dict:
+    from service.spec import parse_spec
+    from workers.driver import run_job
+
+    records: list[dict] = []
+    t0 = time.time()
+    rep = run_job(
+        parse_spec(job(name, mode, args.steps, args.hidden, args.batch)),
+        f"{Path(name).stem}-{mode}",
+        store,
+        on_record=records.append,
+    )
+    done = next(r for r in records if r.get("event") == "done")
+    windows = [r["samples_per_second"] for r in records if r.get("kind") == "train"][1:]
+    mem = done["worker_memory"]
+    return {
+        "mode": mode,
+        "samples_per_second": statistics.median(windows),
+        "windows": windows,
+        "loop_samples_per_second": done["samples_per_second"],
+        "steps": done["step"],
+        "peak_rss_mib": max(m["rss_peak"] for m in mem) / MIB,
+        "start_rss_mib": max(m["rss_start"] for m in mem) / MIB,
+        "worker_memory": mem,
+        "accuracy": rep["accuracy"],
+        "job_seconds": time.time() - t0,
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, label in (("off", "in memory"), ("on", "Ray Data streamed")):
+        rs = [r for r in rows if r["mode"] == mode]
+        size = [r["dataset_mib"] for r in rs]
+        a.plot(size, [r["peak_rss_mib"] for r in rs], "o-", label=label)
+        b.plot(size, [r["samples_per_second"] for r in rs], "o-", label=label)
+    a.set(xscale="log", xlabel="dataset features (MiB)", ylabel="peak RSS per worker (MiB)")
+    b.set(xscale="log", xlabel="dataset features (MiB)", ylabel="training samples/s (2 workers)")
+    a.legend()
+    b.legend()
+    fig.suptitle("bench/data: 2-worker DDP, in memory vs streamed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 31_623, 100_000])
+    ap.add_argument("--features", type=int, default=256)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+
+    from service.artifacts import LocalArtifactStore
+    from workers.ray_runtime import connect
+
+    connect(None, num_cpus=2, log_to_driver=False)
+    out = results_dir("data")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalArtifactStore(Path(tmp) / "store")
+        for n in args.rows:
+            name = f"rows{n}.parquet"
+            src = Path(tmp) / name
+            nbytes = write_parquet(src, n, args.features)
+            store.put_file(f"datasets/{name}", src)
+            for mode in ("off", "on"):
+                r = run_one(store, name, mode, args)
+                r.update(rows=n, dataset_mib=nbytes / MIB, file_mib=src.stat().st_size / MIB)
+                rows.append(r)
+                print(
+                    f"{n} rows ({nbytes / MIB:.0f} MiB) {mode}: peak {r['peak_rss_mib']:.0f} MiB, "
+                    f"{r['samples_per_second']:.0f} samples/s",
+                    flush=True,
+                )
+
+    def pick(mode):
+        return [r for r in rows if r["mode"] == mode]
+
+    st, mem = pick("on"), pick("off")
+    flat = st[-1]["peak_rss_mib"] / st[0]["peak_rss_mib"]
+    speed = [s["samples_per_second"] / m["samples_per_second"] for s, m in zip(st, mem, strict=True)]
+    summary = {
+        "streamed_memory_largest_over_smallest": flat,
+        "streamed_over_in_memory_samples_per_second": speed,
+        "targets": {"memory_flat_max": 1.2, "throughput_min": 0.9},
+        "memory_target_met": flat <= 1.2,
+        "throughput_target_met": min(speed) >= 0.9,
+    }
+    m = machine()
+    save_json(out / "results.json", {"args": vars(args), "machine": m, "runs": rows, "summary": summary})
+    table = markdown_table(
+        [
+            "rows",
+            "features MiB",
+            "path",
+            "peak RSS/worker MiB",
+            "RSS at start MiB",
+            "samples/s",
+            "streamed/in-memory samples/s",
+            "accuracy",
+        ],
+        [
+            [
+                r["rows"],
+                round(r["dataset_mib"], 1),
+                "in memory" if r["mode"] == "off" else "streamed",
+                round(r["peak_rss_mib"]),
+                round(r["start_rss_mib"]),
+                round(r["samples_per_second"]),
+                round(s["samples_per_second"] / mm["samples_per_second"], 2) if r["mode"] == "on" else "",
+                round(r["accuracy"], 3),
+            ]
+            for mm, s in zip(mem, st, strict=True)
+            for r in (mm, s)
+        ],
+    )
+    (out / "table.md").write_text(
+        f"{conditions(m)}\n\n2 DDP workers, mlp hidden {args.hidden}, global batch {args.batch}, "
+        f"{args.steps} steps, {args.features} float32 features, row groups of {ROW_GROUP} rows.\n\n"
+        f"{table}\n\nStreamed peak RSS, largest/smallest dataset: {flat:.2f} (target <= 1.2); "
+        f"streamed/in-memory samples/s: {', '.join(f'{s:.2f}' for s in speed)} (target >= 0.9).\n"
+    )
+    plot(rows, out / "data.png")
+    print((out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
