@@ -41,11 +41,29 @@ SCATTER = StateDictOptions(full_state_dict=True)
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules sharded as one group each, bottom-up: the items of top-level module lists
     (a GPT's transformer blocks) and every other top-level child with parameters (embedding,
-    head; a CNN's feature and classifier stacks). The root takes whatever is left."""
-    out = []
-    for child in model.children():
-        parts = list(child) if isinstance(child, nn.ModuleList) else [child]
-        out.extend(p for p in parts if next(p.parameters(), None) is not None)
+    head; a CNN's feature and classifier stacks). The root takes whatever is left.
+
+    A child holding a tied parameter (GPT-2's wte, which is lm_head's weight) is not a unit: one
+    parameter in two groups would be resharded by one while the other computes with it. Its own
+    children are considered instead, and the tied modules stay with the root, in one group."""
+    seen: set[int] = set()
+    tied: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (tied if id(p) in seen else seen).add(id(p))
+    out: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            for part in list(child) if isinstance(child, nn.ModuleList) else [child]:
+                params = list(part.parameters())
+                if not params:
+                    continue
+                if any(id(p) in tied for p in params):
+                    visit(part)
+                else:
+                    out.append(part)
+
+    visit(model)
     return out
 
 
