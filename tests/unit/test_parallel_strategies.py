@@ -25,7 +25,13 @@ import torch.multiprocessing as mp
 from service.artifacts import LocalArtifactStore
 from service.spec import PruningSpec, parse_spec
 from workers.checkpoint import load_latest
-from workers.compression.pruning import Pruner, channel_masks, threshold_masks, unstructured_masks
+from workers.compression.pruning import (
+    Pruner,
+    axes_of,
+    channel_masks,
+    threshold_masks,
+    unstructured_masks,
+)
 from workers.compression.schedules import threshold_at
 from workers.data import load_dataset
 from workers.models import build_model
@@ -64,6 +70,23 @@ GPT = {
     "compression": {"pruning": {"final_sparsity": 0.7, "start_step": 5, "end_step": 25, "frequency": 5}},
     "parallel": {"pipeline_schedule": "gpipe", "pipeline_microbatches": 4},
     "checkpoint": {"every_steps": 10},
+}
+# HuggingFace GPT-2: Conv1D weights (in, out), sharded by FSDP along their *input* axis, and a
+# tied embedding (wte is lm_head's weight) that FSDP must keep in one group.
+HF_GPT2 = {
+    "name": "hf_causal_lm",
+    "args": {
+        "config": {
+            "model_type": "gpt2",
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "n_positions": 32,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
+    },
 }
 LENET = {  # channel pruning, per-layer scope, 1F1B
     "name": "lenet-eq",
@@ -301,12 +324,14 @@ def _masks_vs_gathered_for(rank, world, strategy_name: str, model_spec: dict, da
         assert all(torch.equal(local[n], pruner.masks[n]) for n in pruner.masks)
         if rank != 0:
             continue
-        weights = {n: full[f"{n}.weight"] for n in masks}
+        tied = getattr(strategy.unwrap(wrapped), "_tied", {})  # stored once, under the other name
+        weights = {n: full[tied.get(f"{n}.weight", f"{n}.weight")] for n in masks}
         if pr.schedule == "threshold":
             ones = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
             expect = threshold_masks(weights, ones, threshold_at(pr, step))
         elif pr.structure == "channel":
-            expect = channel_masks(weights, 0.7, pr.scope)
+            # along each weight's output axis (columns of a transformers Conv1D)
+            expect = channel_masks(weights, 0.7, pr.scope, axes=axes_of(pruner.weights))
         else:
             expect = unstructured_masks(weights, 0.7, pr.scope)
         assert list(masks) == list(expect)
@@ -321,7 +346,8 @@ def _masks_vs_gathered_for(rank, world, strategy_name: str, model_spec: dict, da
 @pytest.mark.parametrize(
     ("strategy", "models"),
     [
-        ("fsdp", [(MLP["model"], MLP["data"]), (GPT["model"], GPT["data"])]),  # uneven and even shards
+        # uneven and even shards; Conv1D columns and tied embeddings
+        ("fsdp", [(MLP["model"], MLP["data"]), (GPT["model"], GPT["data"]), (HF_GPT2, GPT["data"])]),
         ("pipeline", [(GPT["model"], GPT["data"]), ({"name": "convnet"}, {"name": "digits"})]),
     ],
 )

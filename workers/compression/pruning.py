@@ -231,19 +231,34 @@ def channel_masks(
     comparable under global scope; the target counts weights, so a channel weighs its size.
     Every layer keeps at least its strongest channel."""
     axes = axes or {}
-    for n, w in weights.items():
-        if axes.get(n, 0) and _sharded(w):
-            # FSDP shards dim 0, the Conv1D's *input* axis: a column's norm would span ranks.
-            raise ConfigError(
-                f"compression.pruning.structure: channel pruning of {n} (a transformers Conv1D) "
-                "is not supported under parallel.strategy fsdp; use ddp, or structure unstructured"
-            )
+    world = _total([1.0], reduce_sum)  # ranks sharing the weights (1 without a reduction)
     rms, sizes = {}, {}
+    replicated: set[str] = set()  # layers whose every channel's norm every rank holds
     for n, w in weights.items():
-        lw = _local(w).detach().float().movedim(axes.get(n, 0), 0)
-        flat = lw.flatten(1)  # not reshape(rows, -1): a rank may hold no rows of a layer
+        ax = axes.get(n, 0)
+        lw = _local(w).detach().float()
+        if ax and _sharded(w):
+            # FSDP shards dim 0, a Conv1D's *input* axis: each rank holds part of every output
+            # column. Column sums of squares are summed across ranks, after which every rank
+            # holds all columns' norms; counted with weight 1/world, they count once in total.
+            sq = lw.pow(2).sum(dim=0)
+            sq = reduce_sum(sq.double()).float() if reduce_sum else sq
+            rms[n] = (sq / w.shape[0]).sqrt()
+            sizes[n] = torch.full((rms[n].numel(),), float(w.shape[0]) / world)
+            replicated.add(n)
+            continue
+        flat = lw.movedim(ax, 0).flatten(1)  # not reshape(rows, -1): a rank may hold no rows of a layer
         rms[n] = flat.pow(2).mean(dim=1).sqrt()
         sizes[n] = torch.full((flat.shape[0],), float(flat.shape[1]))
+
+    def reduction(names: list[str], scope: str) -> ReduceSum | None:
+        if scope == "layer" and all(x in replicated for x in names):
+            return None  # every rank holds the whole layer's norms: select locally
+        return _group_reduce(weights, names, scope, reduce_sum)
+
+    def channels(n: str) -> float:
+        return float(rms[n].numel()) if n in replicated else _total([rms[n].numel()], reduce_sum)
+
     groups = [list(rms)] if scope == "global" else [[n] for n in rms]
     keep: dict[str, torch.Tensor] = {}
     for names in groups:
@@ -252,19 +267,17 @@ def channel_masks(
             k = sparsity * _total([float(sizes[n].sum()) for n in names], reduce_sum)
         else:  # whole channels of this layer: round(sparsity * channels)
             wts = None
-            k = round(sparsity * _total([rms[names[0]].numel()], reduce_sum))
+            k = round(sparsity * channels(names[0]))
         if k <= 0:
             keep.update({n: torch.ones_like(rms[n], dtype=torch.bool) for n in names})
             continue
-        red = _group_reduce(weights, names, scope, reduce_sum)
-        tau = kth_smallest([rms[n] for n in names], k, weights=wts, reduce_sum=red)
+        tau = kth_smallest([rms[n] for n in names], k, weights=wts, reduce_sum=reduction(names, scope))
         keep.update({n: rms[n] > tau for n in names})
     for n, kp in keep.items():
         if not _total([int(kp.sum())], reduce_sum):
             # Keep the layer alive: its strongest channel(s) survive. The max is the k-th
             # smallest with k = all channels, so sharded rows need no gather either.
-            red = _group_reduce(weights, [n], "layer", reduce_sum)
-            best = kth_smallest([rms[n]], _total([rms[n].numel()], reduce_sum), reduce_sum=red)
+            best = kth_smallest([rms[n]], channels(n), reduce_sum=reduction([n], "layer"))
             kp |= rms[n] >= best
     out = {}
     for n, w in weights.items():
