@@ -387,6 +387,8 @@ class DataSpec(Strict):
                 return "tokens"
             return None
         if self.name == "synthetic":
+            if self.args.get("vocab_size") is not None:
+                return "sequence"
             side = math.isqrt(self.args["n_features"])
             return "image" if side * side == self.args["n_features"] else "vector"
         return catalog.DATASET_KIND[self.name]

@@ -48,7 +48,13 @@ def digits():
 
 
 def synthetic(
-    n_samples: int, n_features: int, n_classes: int, n_informative: int | None, class_sep: float, seed: int
+    n_samples: int,
+    n_features: int,
+    n_classes: int,
+    n_informative: int | None,
+    class_sep: float,
+    seed: int,
+    vocab_size: int | None = None,
 ):
     from sklearn.datasets import make_classification
 
@@ -64,6 +70,15 @@ def synthetic(
         class_sep=class_sep,
         random_state=seed,
     )
+    if vocab_size is not None:
+        # Token sequences for sequence classifiers (hf_seq_cls): each feature, clipped to +-3 std,
+        # binned into vocab_size equal-width ids; one class label per sequence.
+        edges = np.linspace(-3.0, 3.0, vocab_size + 1)[1:-1]
+        tokens = np.digitize(x / x.std(), edges).astype(np.int64)
+        source = f"synthetic {n_samples}x{n_features} tokens (vocab {vocab_size}), {n_classes} classes"
+        source += f", seed {seed}"
+        y = y.astype(np.int64)
+        return Raw(tokens, y, None, source, n_classes, kind="sequence", vocab_size=vocab_size)
     return Raw(
         x.astype(np.float32),
         y.astype(np.int64),
