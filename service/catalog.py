@@ -265,6 +265,13 @@ class SyntheticArgs(Args):
     n_informative: int | None = Field(default=None, ge=1, description="Default: n_features // 2.")
     class_sep: float = Field(default=1.0, gt=0.0)
     seed: int = Field(default=0, ge=0, description="Generator seed; the data is a pure function of it.")
+    vocab_size: int | None = Field(
+        default=None,
+        ge=2,
+        le=65_536,
+        description="Token sequences instead of features (for hf_seq_cls): each feature binned into "
+        "this many token ids, one label per sequence.",
+    )
 
 
 class TextArgs(Args):

@@ -261,17 +261,14 @@ def test_gpt2_perplexity_is_the_int8_onnx_models(gpt2_gmp50, store):
 
 
 @pytest.fixture(scope="module")
-def bert_int8(store, tmp_path_factory):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 40, size=(400, 16)).astype(np.int64)
-    y = (x[:, 0] >= 20).astype(np.int64)  # the first token's half: learnable in a few steps
-    path = tmp_path_factory.mktemp("tok") / "tokens.npz"
-    np.savez(path, X=x, y=y)
-    store.put_bytes("datasets/tokens.npz", path.read_bytes())
+def bert_int8(store):
     spec = {
         "name": "bert",
         "model": {"name": "hf_seq_cls", "args": {"config": BERT}},
-        "data": {"uri": "store://datasets/tokens.npz"},
+        "data": {
+            "name": "synthetic",
+            "args": {"n_samples": 400, "n_features": 16, "n_classes": 2, "class_sep": 2.0, "vocab_size": 40},
+        },
         "train": {"epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 0.003},
         "compression": {"quantization": {"mode": "qat", "start_step": 10}},
         "checkpoint": {"every_steps": 1000},
