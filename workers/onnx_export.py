@@ -237,7 +237,12 @@ def quantize_int8(
         raw.write_bytes(to_bytes(fp32))
         # onnxruntime's recommended preparation: shape inference (its graph optimisation is
         # skipped: it would rename or fold the initializers our overrides are keyed by).
-        quant_pre_process(str(raw), str(src), skip_optimization=True)
+        # onnxruntime's symbolic shape inference gives up on a graph with a dynamic sequence
+        # axis as well (BERT's position slice: "unsupported broadcast between Min(32, seq) seq")
+        # and then writes its partial model into the working directory: such graphs get onnx's
+        # own shape inference only, which is all the QDQ quantizer needs.
+        dynamic = sum(bool(d.dim_param) for d in fp32.graph.input[0].type.tensor_type.shape.dim)
+        quant_pre_process(str(raw), str(src), skip_optimization=True, skip_symbolic_shape=dynamic > 1)
         quantize_static(
             str(src),
             str(out),
