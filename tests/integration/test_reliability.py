@@ -130,7 +130,7 @@ def test_retry_budget_and_configuration_errors(api, artifacts, ray_cluster):
     # vectors.npz: valid data, but 10 features are no image: lenet5 cannot be built for it
     for name, data in (
         ("truncated.npz", whole),
-        ("vectors.npz", _npz(X=np.ones((400, 10)), y=np.arange(400) % 3)),
+        ("vectors.npz", _npz(X=np.ones((400, 10), np.float32), y=np.arange(400) % 3)),
     ):
         (artifacts.parent / name).write_bytes(data)
         c.push("datasets", artifacts.parent / name, name)
