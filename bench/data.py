@@ -8,9 +8,10 @@ head: `data.streaming: off` (the whole set loaded, ray.put and copied into each 
 (read by Ray Data, one task per row group, each worker iterating its shard). Each run trains
 `--steps` optimizer steps.
 
-- peak RSS per worker: the largest of the two workers' ru_maxrss (the whole process's peak, the
-  training loop's `worker_memory` record), and its RSS when its session started, before it
-  fetched any data;
+- peak RSS per worker: the larger of the two workers' peak resident memory over the training
+  loop (sampled every 50 ms from /proc/self/status: VmRSS, and RssAnon, the private part, which
+  leaves out Ray object-store pages read zero-copy), and the RSS when its session started,
+  before it fetched any data (the training loop's `worker_memory` record);
 - samples/s: the median over the loop's logging windows (the first left out: warm-up) of the
   global samples per second, so the job's start, evaluation and export do not count.
 
@@ -94,8 +95,9 @@ def run_one(store, name: str, mode: str, args) -> dict:
         "windows": windows,
         "loop_samples_per_second": done["samples_per_second"],
         "steps": done["step"],
-        "peak_rss_mib": max(m["rss_peak"] for m in mem) / MIB,
-        "start_rss_mib": max(m["rss_start"] for m in mem) / MIB,
+        "peak_rss_mib": max(m["peak"]["rss"] for m in mem) / MIB,
+        "peak_private_mib": max(m["peak"]["anon"] for m in mem) / MIB,
+        "start_rss_mib": max(m["start"]["rss"] for m in mem) / MIB,
         "worker_memory": mem,
         "accuracy": rep["accuracy"],
         "job_seconds": time.time() - t0,
@@ -176,6 +178,7 @@ def main() -> None:
             "features MiB",
             "path",
             "peak RSS/worker MiB",
+            "of which private MiB",
             "RSS at start MiB",
             "samples/s",
             "streamed/in-memory samples/s",
@@ -187,6 +190,7 @@ def main() -> None:
                 round(r["dataset_mib"], 1),
                 "in memory" if r["mode"] == "off" else "streamed",
                 round(r["peak_rss_mib"]),
+                round(r["peak_private_mib"]),
                 round(r["start_rss_mib"]),
                 round(r["samples_per_second"]),
                 round(s["samples_per_second"] / mm["samples_per_second"], 2) if r["mode"] == "on" else "",

@@ -15,7 +15,7 @@ import ray
 
 from service.artifacts import ArtifactStore, JobArtifacts
 from workers.checkpoint import CHECKPOINTS, Loaded, dir_name, load_latest, write_checkpoint
-from workers.data.streaming import current_rss
+from workers.data.streaming import memory_now
 from workers.parallel import Dist
 
 
@@ -81,7 +81,7 @@ class RaySession:
         self.dist = Dist(rank, world, device)
         self.store, self.job_id, self.relay = store, job_id, relay
         # Before the worker fetches any data: the baseline of its memory figures (train's summary).
-        self.rss_start = current_rss()
+        self.memory_start = memory_now()
 
     def dataset_shards(self) -> dict:
         """This worker's Ray Data iterators of a streamed dataset (the TorchTrainer's datasets)."""
@@ -137,7 +137,7 @@ class LocalSession:
         shards when the data is streamed (tests and benches run the loop without Ray Train)."""
         self.dist = dist or Dist()
         self.shards = shards
-        self.rss_start = current_rss()
+        self.memory_start = memory_now()
         self.arts = JobArtifacts(store, job_id)
         self.store, self.job_id = store, job_id
         self.records: list[dict] = []

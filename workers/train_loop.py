@@ -449,7 +449,8 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
     perm = None
     window_start, window_steps = time.perf_counter(), 0
     run.wall_from = window_start
-    rss_first_step = None
+    memory_first_step = memory_first_eval = None
+    sampler = streaming.MemorySampler().start()
     while run.step < run.total_steps:
         epoch = run.step // run.steps_per_epoch
         if run.feed is None and (perm is None or run.step % run.steps_per_epoch == 0):
@@ -459,8 +460,8 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
         t0 = time.perf_counter()
         train_step(run, x, y)
         run.train_seconds += time.perf_counter() - t0
-        if rss_first_step is None:
-            rss_first_step = streaming.current_rss()
+        if memory_first_step is None:
+            memory_first_step = streaming.memory_now()
         run.step += 1
         window_steps += 1
         if run.step % spec.train.log_every_steps == 0 or run.step == run.total_steps:
@@ -468,6 +469,8 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
             window_start, window_steps = time.perf_counter(), 0
         if _eval_due(run):
             ev = evaluate(run)
+            if memory_first_eval is None:
+                memory_first_eval = streaming.memory_now()
             if rank0:
                 session.emit({"kind": "eval", "step": run.step, **ev})
         if run.step % spec.checkpoint.every_steps == 0 and run.step < run.total_steps:
@@ -485,14 +488,17 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
         "samples": samples,
         "samples_per_second": samples / wall if wall > 0 else None,
         "skipped_steps": run.skipped_steps,
-        # Each rank's resident memory: when its session started (before it fetched any data),
-        # after this attempt's first step, and at its peak. What bench/data.py and the
-        # streaming tests measure.
+        # Each rank's resident memory (bytes: rss, anon, shmem): when its session started
+        # (before it fetched any data), after this attempt's first step and first evaluation,
+        # and the peaks over the loop (rss_hwm: the process's lifetime peak). What
+        # bench/data.py and the streaming tests measure.
         "worker_memory": session.dist.all_gather_object(
             {
-                "rss_start": getattr(session, "rss_start", None),
-                "rss_first_step": rss_first_step,
-                "rss_peak": streaming.peak_rss(),
+                "start": getattr(session, "memory_start", None),
+                "first_step": memory_first_step,
+                "first_eval": memory_first_eval,
+                "peak": sampler.stop(),
+                "rss_hwm": streaming.peak_rss(),
             }
         ),
     }
