@@ -85,8 +85,8 @@ PLANS: dict[str, Plan] = {
             "weight_decay": 5e-4,
             "lr_schedule": "cosine",
         },
-        parent_steps=440,
-        compress_steps=220,
+        parent_steps=220,  # 10 epochs
+        compress_steps=110,  # 5 epochs
         sparsity=0.8,
         prune_from=0.1,
         prune_to=0.6,
@@ -97,7 +97,7 @@ PLANS: dict[str, Plan] = {
     # weight (global scope, the tied embedding counted once), no quantization: the target is
     # about pruning alone.
     "gpt2": Plan(
-        label="GPT-2 (2 layers, 64 dims), text",
+        label="GPT-2 (2 layers, 32 dims), text",
         model={
             "name": "hf_causal_lm",
             "args": {
@@ -105,7 +105,7 @@ PLANS: dict[str, Plan] = {
                     "model_type": "gpt2",
                     "n_layer": 2,
                     "n_head": 2,
-                    "n_embd": 64,
+                    "n_embd": 32,
                     "n_positions": 64,
                     "resid_pdrop": 0.0,
                     "embd_pdrop": 0.0,
@@ -124,8 +124,8 @@ PLANS: dict[str, Plan] = {
             "warmup_steps": 20,
             "grad_clip_norm": 1.0,
         },
-        parent_steps=600,
-        compress_steps=300,
+        parent_steps=400,
+        compress_steps=200,
         sparsity=0.5,
         prune_from=0.1,
         prune_to=0.7,
@@ -426,15 +426,18 @@ def plot(summary: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write(out: Path, rows: list[dict], m: dict, args: dict) -> list[dict]:
+def write(out: Path, rows: list[dict], machines: dict, args: dict) -> list[dict]:
+    """table.md, results.json and the plot. `machines` and `args`: per model, the conditions and
+    the command line of the run that measured it (each model may come from its own run: --keep)."""
     summary = summarise(rows)
     targets = check_targets(summary)
     md = table(summary)
     verdicts = "\n".join(f"- {verdict(t)}: {t['target']}: {t['measured']}" for t in targets)
-    (out / "table.md").write_text(f"{md}\n\n{verdicts}\n\n{conditions(m)}\n")
+    measured = "\n".join(f"- {model}: {conditions(m)}" for model, m in machines.items())
+    (out / "table.md").write_text(f"{md}\n\n{verdicts}\n\n{measured}\n")
     save_json(
         out / "results.json",
-        {"machine": m, "args": args, "runs": rows, "summary": summary, "targets": targets},
+        {"machine": machines, "args": args, "runs": rows, "summary": summary, "targets": targets},
     )
     plot(summary, out / "metric_vs_size.png")
     return targets
@@ -450,6 +453,18 @@ def main() -> None:
     ap.add_argument(
         "--latency-repeats", type=int, default=20, help="Export's latency runs (not reported here)."
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared 2-CPU machine more threads only contend; "
+        "the figures are accuracy and size, not speed).",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="Keep the other models' runs in the existing results.json (run one model at a time).",
+    )
     ap.add_argument("--replot", action="store_true", help="Redraw table and plot from results.json.")
     args = ap.parse_args()
     out = results_dir("finetune")
@@ -460,10 +475,13 @@ def main() -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         log.setLevel(logging.INFO)
         warnings.filterwarnings("ignore")
+        import torch
+
         from service.artifacts import LocalArtifactStore
         from service.spec import parse_spec
         from workers.data import load_dataset
 
+        torch.set_num_threads(args.threads)
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             store = LocalArtifactStore(tmp)
@@ -483,7 +501,14 @@ def main() -> None:
                             r["sparsity"], r["ratio"], r["train_s"], r["export_s"],
                         )  # fmt: skip
                         rows.append(r)
-        targets = write(out, rows, machine(), vars(args) | {"out": str(out)})
+        machines = {name: machine() for name in args.models}
+        run_args = {name: vars(args) | {"out": str(out)} for name in args.models}
+        if args.keep and (out / "results.json").exists():
+            old = json.loads((out / "results.json").read_text())
+            rows = [r for r in old["runs"] if r["model"] not in args.models] + rows
+            machines = {k: v for k, v in old["machine"].items() if k not in args.models} | machines
+            run_args = {k: v for k, v in old["args"].items() if k not in args.models} | run_args
+        targets = write(out, rows, machines, run_args)
     print((out / "table.md").read_text())
     for t in targets:
         print(f"{verdict(t)} [{t['model']}] {t['target']}: {t['measured']}")
