@@ -105,6 +105,15 @@ BENCHES = [
         _o("compression"),
     ),
     Bench(
+        "finetune",
+        "bench.finetune",
+        # Quick: ResNet only, one seed, a quarter of each budget.
+        ["--models", "resnet", "--seeds", "0", "--scale", "0.25"],
+        [],
+        _q("finetune"),
+        _o("finetune"),
+    ),
+    Bench(
         "gpu_check",
         "bench.gpu_check",
         ["--steps", "5"],
