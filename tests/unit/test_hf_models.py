@@ -2,6 +2,8 @@
 pruned and quantized along its output axis, tied embeddings counted and stored once, and the
 exported artifacts read back independently of the code that wrote them."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -299,3 +301,22 @@ def test_pruner_masks_a_conv1d_column_wise_under_channel_structure():
         m = pr.masks[name]
         assert torch.equal(m, m.all(dim=0).expand_as(m)), name
         assert float((~m).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_weights_saved_by_huggingface_load_strictly_with_their_key_names(tmp_path):
+    """model.init reads HuggingFace's own files (save_pretrained: tied lm_head left out, a
+    sharded folder with model.safetensors.index.json) into the registry model, strictly."""
+    from service.errors import ConfigError
+    from workers import init_weights
+
+    trained = _gpt2(seed=3).eval()
+    trained.save_pretrained(tmp_path, max_shard_size="50KB")  # several shards and the index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    state = init_weights.read_state(str(tmp_path) + "/", lambda k: Path(k).read_bytes())
+    model = init_weights.apply(_gpt2(seed=0).eval(), state)
+    x = torch.randint(0, 64, (2, 16))
+    assert torch.equal(model(x), trained(x))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    state.pop("transformer.h.1.mlp.c_fc.weight")
+    with pytest.raises(ConfigError, match=r"missing keys transformer\.h\.1\.mlp\.c_fc\.weight"):
+        init_weights.apply(_gpt2(), state)
