@@ -28,8 +28,8 @@ from torch import nn
 from workers.data.info import DataInfo
 
 # Before the first transformers import anywhere in this process: never reach the hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def _config(args_config: dict, vocab: int, max_len: int, num_labels: int | None = None):
