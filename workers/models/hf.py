@@ -146,15 +146,3 @@ def seq_cls(args: dict, info: DataInfo) -> nn.Module:
     vocab = info.vocab_size or 0
     cfg = _config(args["config"], vocab, info.input_shape[0], num_labels=info.num_classes)
     return _build(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(cfg)], cfg)
-
-
-def input_contract(model: nn.Module, info: DataInfo) -> dict:
-    """What an exported HuggingFace model takes: report.json's `input.tokens`."""
-    return {
-        "ids": "token ids",
-        "dtype": "int64",
-        "shape": ["batch", "seq"],
-        "vocab_size": int(model.config.vocab_size),
-        "max_positions": max_positions(model),
-        "dynamic_axes": {"0": "batch", "1": "seq"},
-    }
