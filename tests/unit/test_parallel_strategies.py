@@ -88,6 +88,23 @@ HF_GPT2 = {
         }
     },
 }
+HF_RUN = {  # QAT on Conv1D under both strategies; lm_head (the tied embedding) left dense
+    "name": "hf-eq",
+    "model": HF_GPT2,
+    "data": GPT["data"],
+    "train": {"epochs": 1, "max_steps": 12, "batch_size": 16, "optimizer": "adamw", "lr": 0.003},
+    "compression": {
+        "pruning": {
+            "final_sparsity": 0.5,
+            "start_step": 2,
+            "end_step": 8,
+            "frequency": 2,
+            "exclude": ["lm_head"],
+        },
+        "quantization": {"mode": "qat", "start_step": 6},
+    },
+    "checkpoint": {"every_steps": 100},
+}
 LENET = {  # channel pruning, per-layer scope, 1F1B
     "name": "lenet-eq",
     "model": {"name": "lenet5"},
@@ -235,6 +252,17 @@ def test_fsdp_follows_ddp_and_prunes_the_same_weights(runs, fsdp_and_ddp):
     # shards differ between the ranks, so do their checksums; the whole masks are DDP's (above)
     assert len(set(ups[-1]["mask_checksums"])) == 2
     assert final["step"] == 44
+
+
+def test_hf_gpt2_under_fsdp_follows_ddp(runs):
+    """A HuggingFace GPT-2 (Conv1D layers, tied embedding in the root's FSDP group) trains the
+    same under both strategies, with the same masks."""
+    spec = {**HF_RUN, "train": {**HF_RUN["train"], "log_every_steps": 1}}
+    ddp = runs.run(_with(spec, "ddp", 2), "hf-ddp")
+    fsdp = runs.run(_with(spec, "fsdp", 2), "hf-fsdp")
+    final = _assert_same_run(runs, "hf-fsdp", fsdp, "hf-ddp", ddp)
+    assert "lm_head.weight" not in final["model"]  # stored once, as transformer.wte.weight
+    assert [r for r in fsdp if r["kind"] == "train"][-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize(("spec", "job"), [(GPT, "gpt"), (LENET, "lenet")])
