@@ -209,6 +209,7 @@ class StreamedData:
         groups are read is seeded."""
         import ray.data
 
+        ingest_options()  # progress bars off in the context the datasets copy
         plan = self.plan
         groups = len(plan.row_starts)
 
@@ -231,8 +232,9 @@ class StreamedData:
         """The iterators one Ray Train worker of a 1-worker job gets, without Ray Train (tests and
         benches drive the loop through LocalSession(shards=...))."""
         out = {}
+        options = ingest_options()
         for name, ds in self.ray_datasets(seed).items():
-            ds.context.execution_options = ingest_options()
+            ds.context.execution_options = options
             out[name] = ds.iterator()
         return out
 
