@@ -232,7 +232,7 @@ def test_every_example_passes_the_drivers_preflight(path, tmp_path):
             {"data": {"name": "synthetic", "args": {"qqq": 1}}},
             "data.args.qqq",
             "unknown argument `qqq`; allowed: n_samples, n_features, n_classes, n_informative, "
-            "class_sep, seed",
+            "class_sep, seed, vocab_size",
         ),
     ],
 )
