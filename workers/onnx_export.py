@@ -79,7 +79,44 @@ def to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
             dynamic_shapes=(dims,),
             verbose=False,
         )
-    return program.model_proto
+    return _fold_weight_transposes(program.model_proto)
+
+
+def _fold_weight_transposes(m: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every MatMul / Gemm whose weight is `Transpose(initializer)` a pre-transposed
+    initializer of its own. The exporter's constant folding stops at a size limit (8192
+    elements), so a tied output projection (GPT-2's `lm_head` = `wte`, also read by the
+    embedding's Gather) reaches a MatMul through a Transpose node once the model is wider than
+    a toy: layer mapping, int8 quantization (initializer weights only) and the zero checks all
+    need the weight as an initializer."""
+    inits = {i.name: i for i in m.graph.initializer}
+    producers = _producers(m)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    folded = set()
+    for node in m.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        t = producers.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        arr = numpy_helper.to_array(inits[t.input[0]])
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        if arr.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{t.input[0]}.T"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr.T), name)
+            m.graph.initializer.append(inits[name])
+        node.input[1] = name
+        if all(c is node or c.input[1:2] == [name] for c in consumers.get(t.output[0], [])):
+            folded.add(t.output[0])
+    keep = [n for n in m.graph.node if not (n.op_type == "Transpose" and n.output[0] in folded)]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
 
 
 def to_bytes(m: onnx.ModelProto) -> bytes:

@@ -180,6 +180,22 @@ def test_conv1d_fake_quant_scales_are_per_output_column():
         assert torch.allclose(model(x), ref, atol=1e-6)
 
 
+def test_a_wider_gpt2s_tied_lm_head_is_an_initializer_of_its_matmul():
+    """Above the exporter's constant-folding limit (8192 elements) the tied lm_head reached its
+    MatMul through a Transpose node, and export failed: 'no node for layer(s) [lm_head]'."""
+    info = DataInfo(kind="tokens", input_shape=(32,), input_dtype="int64", num_classes=256)
+    model = build_model("hf_causal_lm", {"config": {**GPT2, "n_embd": 64}}, info).eval()
+    x = torch.randint(0, 256, (2, 32))
+    m = onnx_export.to_onnx(model, x)
+    weights = prunable_weights(model)
+    nodes = onnx_export.layer_nodes(m, weights)
+    assert set(nodes) == set(weights) and "lm_head" in nodes
+    inits = {i.name for i in m.graph.initializer}
+    assert not [n for n in m.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+    got = onnx_export.session(onnx_export.to_bytes(m)).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-5)
+
+
 # --- jobs: train, export, read the artifacts back -------------------------------------------------
 
 
