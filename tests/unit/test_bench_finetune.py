@@ -32,15 +32,19 @@ def test_job_specs_same_plan_and_budget_and_parent_init():
     parent_id, parent = jobs["parent"]
     assert parent["compression"] == {} and parent["train"]["max_steps"] == plan.parent_steps
     _, tune = jobs["finetune"]
+    _, cont = jobs["dense_continue"]
     _, scratch = jobs["scratch"]
     _, total = jobs["scratch_total"]
-    assert tune["model"]["init"] == {"job": parent_id}
+    assert tune["model"]["init"] == cont["model"]["init"] == {"job": parent_id}
+    # The control: the fine-tune job without its compression, nothing else changed.
+    assert cont["compression"] == {} and tune["compression"] != {}
+    assert cont["train"] == tune["train"]
     assert "init" not in scratch["model"] and "init" not in total["model"]
     # Same plan, same budget: the two B-step jobs differ only in their initial weights.
     assert tune["compression"] == scratch["compression"]
     assert tune["train"] == scratch["train"] == {**parent["train"], "max_steps": plan.compress_steps}
     assert total["train"]["max_steps"] == plan.parent_steps + plan.compress_steps
-    for spec in (parent, tune, scratch, total):
+    for spec in (parent, tune, cont, scratch, total):
         parse_spec(spec)  # every spec is a valid job spec
 
 
@@ -96,8 +100,44 @@ def test_perplexity_target_is_relative_and_lower_is_better(monkeypatch):
         ]
         summary = ft.summarise(rows)
         assert summary[1]["vs_parent"]["mean"] == pytest.approx(100 * (ppl / 10 - 1))
+        assert summary[1]["vs_continue"] is None  # no control run: no column, no second line
         (t,) = [t for t in ft.check_targets(summary) if t["model"] == "gpt2"]
         return t["passed"]
 
     assert verdict(10.4) and verdict(9.0)
     assert not verdict(10.6)
+
+
+def test_dense_continue_isolates_the_cost_of_compression(monkeypatch):
+    """The fine-tuned model beats its parent (it trained B steps more) but loses 10% against the
+    same B steps of dense training: the issue's target still reads against the parent (PASS), the
+    informational line against the control (FAIL)."""
+    plan = ft.Plan("gpt2", {}, {}, {}, 10, 10, 0.5, 0.1, 0.6, None, metric="perplexity")
+    monkeypatch.setitem(ft.PLANS, "gpt2", plan)
+    rows = []
+    for seed, (p, c, f) in enumerate([(10.0, 8.0, 8.8), (12.0, 10.0, 11.0)]):
+        rows.append(_row("gpt2", "parent", seed, p, metric="perplexity"))
+        rows.append(_row("gpt2", "dense_continue", seed, c, metric="perplexity", baseline=p))
+        rows.append(_row("gpt2", "finetune", seed, f, sparsity=0.5, metric="perplexity", baseline=p))
+    s = {x["arm"]: x for x in ft.summarise(rows)}
+    assert s["finetune"]["vs_parent"]["mean"] == pytest.approx(-10.1667, abs=1e-3)  # -12%, -8.33%
+    assert s["finetune"]["vs_continue"]["mean"] == pytest.approx(10.0)  # +10% on both seeds
+    assert s["dense_continue"]["vs_parent"]["mean"] == pytest.approx(-18.333, abs=1e-3)
+    assert s["dense_continue"]["vs_continue"] is None and s["parent"]["vs_parent"] is None
+    parent_t, control_t = ft.check_targets(list(s.values()))
+    assert parent_t["passed"] and not parent_t.get("informational")
+    assert control_t["informational"] and not control_t["passed"]
+    assert "vs dense_continue" in control_t["target"]
+    assert "+10.00% perplexity" in control_t["measured"]  # (9.9 / 9.0 - 1) on the seed means
+    assert "vs dense_continue (same seed)" in ft.table(list(s.values()))
+
+
+def test_last_eval_change_says_whether_the_parent_flattened():
+    assert ft.last_eval_change("perplexity", [[88, 9.0], [176, 8.0], [264, 7.9]]) == pytest.approx(-1.25)
+    assert ft.last_eval_change("accuracy", [[22, 0.95], [44, 0.97]]) == pytest.approx(2.0)
+    assert ft.last_eval_change("perplexity", [[88, 9.0]]) is None
+    rows = [
+        _row("gpt2", "parent", s, 8.0, metric="perplexity") | {"evals": [[1, 10.0], [2, 9.8]]} for s in (0, 1)
+    ]
+    (parent,) = ft.summarise(rows)
+    assert parent["last_eval_change"]["mean"] == pytest.approx(-2.0)
