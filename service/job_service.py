@@ -22,9 +22,10 @@ from service.ray_jobs import ClusterUnavailable, NodeInfo, RayJobs, capacity_of
 from service.reconciler import Reconciler
 from service.scheduler import Scheduler
 from service.settings import Settings
-from service.spec import parse_spec
+from service.spec import parse_spec, streaming_unsupported
 from service.store.models import Job
 from service.store.repo import NewJob, Page, Store
+from service.tenant_files import field_error
 from service.uploads import ModelStore
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ class JobService:
         # model.init and the data become store keys (or allowed s3:// URIs) now, with the caller's
         # tenant: workers never see tenants.
         spec = resolve_sources(spec, tenant, self.artifacts, self.store, self.settings.s3_allowed_prefixes)
+        # `streaming: on` is a promise the workers could only break at start: refuse it now.
+        if spec.data.streaming == "on" and (why := streaming_unsupported(spec.data, spec.parallel.strategy)):
+            raise field_error("data.streaming", f"on is not possible: {why}; use auto or off")
         new = NewJob(
             job_id=new_job_id(),
             tenant=tenant,

@@ -588,6 +588,23 @@ JobName = Annotated[
 ]
 
 
+def streaming_unsupported(spec: DataSpec, strategy: str) -> str | None:
+    """Why this dataset cannot stream through Ray Data (None when it can). Pure: checked at
+    submission for `data.streaming: on` (once the upload's format is known) and by the workers."""
+    if spec.uri is None:
+        return "built-in datasets load in memory"
+    fmt = spec.resolved_format
+    if fmt != "parquet":
+        return f"only parquet files stream (this is {fmt})"
+    if spec.token_column is not None and spec.label_column is None:
+        return "token_column without label_column (language-modelling blocks) loads in memory"
+    if strategy != "ddp":
+        return f"parallel.strategy {strategy} needs the data in memory; streaming is for ddp"
+    if (spec.resolved_uri or spec.uri).startswith("s3://"):
+        return "only store:// datasets stream (s3:// URIs load in memory)"
+    return None
+
+
 class JobSpec(Strict):
     """A training job with its compression plan."""
 

@@ -221,7 +221,7 @@ def _streamed_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
 
 def open_feed(run: Run, session: Session) -> None:
     """A streamed dataset: this rank reads its batches from its Ray Data shard (ddp only, see
-    workers.data.streaming.unsupported: every rank holds a different share of the batch)."""
+    service.spec.streaming_unsupported: every rank holds a different share of the batch)."""
     if not getattr(run.data, "streamed", False):
         return
     shard, shards = run.strategy.data_shard()

@@ -145,6 +145,13 @@ def test_a_job_above_the_limits_is_422(api):
     }
 
 
+def test_streaming_on_for_data_that_cannot_stream_is_422_at_submit(api):
+    r = api.alice.post("/v1/jobs", json={**SPEC, "data": {"name": "digits", "streaming": "on"}})
+    assert r.status_code == 422
+    message = "on is not possible: built-in datasets load in memory; use auto or off"
+    assert r.json()["error"]["fields"] == [{"field": "data.streaming", "message": message}]
+
+
 def test_an_unknown_field_names_the_nearest_known_one(api):
     r = api.alice.post("/v1/jobs", json={**SPEC, "compression": {"pruning": {"final_sparsty": 0.9}}})
     assert r.status_code == 422

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from service.errors import ConfigError
-from service.spec import DataSpec
+from service.spec import DataSpec, streaming_unsupported
 from workers.data import sources
 from workers.data.info import DataInfo
 from workers.data.sharding import split_indices
@@ -52,7 +52,7 @@ def load_for_job(spec: DataSpec, strategy: str, store=None, stream_above_bytes: 
     from workers.data import streaming
 
     size = path = fs = None
-    if spec.streaming != "off" and streaming.unsupported(spec, strategy) is None:
+    if spec.streaming != "off" and streaming_unsupported(spec, strategy) is None:
         # What the service resolved (the tenant's key), as the in-memory path reads it.
         path, fs, size = locate_uri(spec.location("data.uri"), store)
     if stream_above_bytes is None:

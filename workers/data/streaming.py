@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from service.errors import ConfigError
-from service.spec import DataSpec
+from service.spec import DataSpec, streaming_unsupported
 from workers.data import formats as F
 from workers.data import sharding as sh
 from workers.data.info import DataInfo
@@ -51,28 +51,12 @@ EVAL_CHUNK_ROWS = 512
 # --- which path ---------------------------------------------------------------------------
 
 
-def unsupported(spec: DataSpec, strategy: str) -> str | None:
-    """Why this dataset cannot stream (None when it can). Pure."""
-    if spec.uri is None:
-        return "built-in datasets load in memory"
-    fmt = spec.resolved_format
-    if fmt != "parquet":
-        return f"only parquet files stream (this is {fmt})"
-    if spec.token_column is not None and spec.label_column is None:
-        return "token_column without label_column (language-modelling blocks) loads in memory"
-    if strategy != "ddp":
-        return f"parallel.strategy {strategy} needs the data in memory; streaming is for ddp"
-    if (spec.resolved_uri or spec.uri).startswith("s3://"):
-        return "only store:// datasets stream (s3:// URIs load in memory)"
-    return None
-
-
 def wants_streaming(spec: DataSpec, strategy: str, size: int | None, threshold: int) -> bool:
     """The `data.streaming` decision. Pure: `size` is the file's bytes (None when not looked up).
     `on` for a dataset that cannot stream is the user's error, named; `auto` falls back."""
     if spec.streaming == "off":
         return False
-    why = unsupported(spec, strategy)
+    why = streaming_unsupported(spec, strategy)
     if spec.streaming == "on":
         if why:
             raise ConfigError(f"data.streaming: on is not possible: {why}; use auto or off")
