@@ -200,6 +200,8 @@ def test_api_job_on_postgres_and_s3(s3_server, postgres_url, tmp_path):
         "SLIMTRAIN_RAY_ADDRESS": head.address,
         "SLIMTRAIN_RAY_DASHBOARD_URL": head.dashboard_url,
         "SLIMTRAIN_API_TOKENS": f"{TOKEN}:s3",
+        # the operator allows the folder the data lies in (s3:// is refused by default)
+        "SLIMTRAIN_S3_ALLOWED_PREFIXES": f"s3://{bucket}/datasets",
         "SLIMTRAIN_DRIVER_PYTHON": sys.executable,
         "SLIMTRAIN_SCHEDULER_INTERVAL_S": "0.2",
         "SLIMTRAIN_INGEST_INTERVAL_S": "0.25",
