@@ -117,7 +117,8 @@ class Upload:
 
 
 class TenantFiles:
-    """One kind of a tenant's uploads (`models`, `datasets`) in the artifact store."""
+    """One kind of a tenant's uploads (`models`, `datasets`) in the artifact store. Each kind
+    gives `start(tenant, name, ...)`: an `Upload` with the check its bytes must pass."""
 
     kind = "files"
     what = "file"  # for messages: "no dataset 'x'"
@@ -140,13 +141,6 @@ class TenantFiles:
             raise self.too_large(
                 f"the upload is {declared} bytes; the limit is {self.max_bytes} ({self.setting})"
             )
-
-    def start(self, tenant: str, name: str) -> Upload:
-        return Upload(self, tenant, name, self.inspect)
-
-    @staticmethod
-    def inspect(path: Path, size: int) -> tuple[str, dict]:
-        raise NotImplementedError
 
     def list(self, tenant: str) -> list[dict]:
         out = []

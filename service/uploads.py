@@ -21,6 +21,7 @@ from service.spec import JobSpec
 from service.tenant_files import (
     InvalidName,
     TenantFiles,
+    Upload,
     UploadNotFound,
     UploadRefused,
     UploadTooLarge,
@@ -144,7 +145,9 @@ class ModelStore(TenantFiles):
 
     kind, what, setting = "models", "model", "SLIMTRAIN_MAX_MODEL_BYTES"
     invalid_name, too_large, not_found = InvalidModelName, ModelTooLarge, ModelNotFound
-    inspect = staticmethod(inspect_weights)
+
+    def start(self, tenant: str, name: str) -> Upload:
+        return Upload(self, tenant, name, inspect_weights)
 
 
 # --- model.init: resolution at submission --------------------------------------------------------
