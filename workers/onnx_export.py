@@ -91,11 +91,6 @@ def _fold_weight_transposes(m: onnx.ModelProto) -> onnx.ModelProto:
     need the weight as an initializer."""
     inits = {i.name: i for i in m.graph.initializer}
     producers = _producers(m)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in m.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    folded = set()
     for node in m.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
@@ -111,9 +106,13 @@ def _fold_weight_transposes(m: onnx.ModelProto) -> onnx.ModelProto:
             inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr.T), name)
             m.graph.initializer.append(inits[name])
         node.input[1] = name
-        if all(c is node or c.input[1:2] == [name] for c in consumers.get(t.output[0], [])):
-            folded.add(t.output[0])
-    keep = [n for n in m.graph.node if not (n.op_type == "Transpose" and n.output[0] in folded)]
+    # A Transpose of an initializer that nothing reads any more (nor the graph's outputs) goes.
+    used = _consumers(m).keys() | {o.name for o in m.graph.output}
+    keep = [
+        n
+        for n in m.graph.node
+        if not (n.op_type == "Transpose" and n.input[0] in inits and n.output[0] not in used)
+    ]
     del m.graph.node[:]
     m.graph.node.extend(keep)
     return m
