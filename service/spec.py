@@ -445,6 +445,9 @@ class ParallelSpec(Strict):
         return self
 
 
+NM_STRUCTURE_RE = re.compile(r"(\d+):(\d+)")
+
+
 class PruningSpec(Strict):
     schedule: Literal["cubic", "linear", "oneshot", "threshold"] = Field(
         default="cubic",
@@ -460,13 +463,47 @@ class PruningSpec(Strict):
     end_step: int = Field(default=1000, ge=0)
     frequency: int = Field(default=100, ge=1, description="Steps between mask updates.")
     scope: Literal["global", "layer"] = Field(default="global")
-    structure: Literal["unstructured", "channel"] = Field(default="unstructured")
+    structure: str = Field(
+        default="unstructured",
+        description="unstructured (single weights), channel (whole output channels), or 'N:M' "
+        "semi-structured (e.g. '2:4': at most N non-zeros in every M consecutive weights along "
+        "the input axis; final_sparsity is then 1 - N/M).",
+        json_schema_extra={"examples": ["unstructured", "channel", "2:4"]},
+    )
     exclude: list[str] = Field(
         default_factory=list, description="Layer names (or fnmatch patterns) never pruned."
     )
 
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        if v in ("unstructured", "channel"):
+            return v
+        m = NM_STRUCTURE_RE.fullmatch(v)
+        if m is None or not 0 < int(m.group(1)) < int(m.group(2)):
+            raise ValueError(
+                f"Input should be 'unstructured' or 'channel', or 'N:M' with whole numbers "
+                f"0 < N < M (e.g. '2:4'); got {v!r}"
+            )
+        return f"{int(m.group(1))}:{int(m.group(2))}"
+
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M structure, else None."""
+        m = NM_STRUCTURE_RE.fullmatch(self.structure)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
     @model_validator(mode="after")
     def _rules(self) -> PruningSpec:
+        nm = self.nm()
+        if nm is not None:
+            # N:M fixes the sparsity: derived when omitted, an error when it disagrees.
+            implied = 1.0 - nm[0] / nm[1]
+            if "final_sparsity" in self.model_fields_set and abs(self.final_sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"final_sparsity: structure '{self.structure}' prunes exactly 1 - {nm[0]}/{nm[1]} = "
+                    f"{implied:g} of the weights; omit final_sparsity or set it to {implied:g}"
+                )
+            self.final_sparsity = implied
         if self.schedule == "threshold":
             if self.threshold is None:
                 raise ValueError("threshold: required when schedule is `threshold`")
