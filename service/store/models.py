@@ -56,10 +56,13 @@ class Job(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # Optimistic concurrency: every state change is `UPDATE ... WHERE version = :seen`.
     version: Mapped[int] = mapped_column(Integer, default=1)
+    # The sweep this job is a trial (or the dense baseline) of; NULL for a job submitted alone.
+    sweep_id: Mapped[str | None] = mapped_column(String(128), nullable=True, default=None)
 
     __table_args__ = (
         Index("ix_jobs_state_priority", "state", "priority", "created_at"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_sweep", "sweep_id"),
     )
 
 
@@ -120,3 +123,45 @@ class IdempotencyKey(Base):
     body_sha256: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class Sweep(Base):
+    """A search over one base spec (service/sweeps). Its progress is derived from its trials'
+    rows and their jobs, never kept in memory, so a restarted API carries on where it stopped."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(128))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)  # the validated SweepRequest
+    state: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    total_trials: Mapped[int] = mapped_column(Integer)
+    baseline_job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (
+        Index("ix_sweeps_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_sweeps_state", "state"),
+    )
+
+
+class SweepTrial(Base):
+    """Trial `trial_index` of a sweep. Inserted in the same transaction as its job, and the
+    primary key (sweep_id, trial_index) refuses a second row for the same index: a trial is
+    created once even when two processes advance the sweep or one dies half-way."""
+
+    __tablename__ = "sweep_trials"
+
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id"), primary_key=True)
+    trial_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    # The measured values (service.sweeps.plan.METRICS) once its job ended; NULL before.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -47,6 +47,34 @@ class NewJob:
     spec: dict[str, Any]
     priority: int
     max_attempts: int
+    sweep_id: str | None = None  # a trial of this sweep (service/sweeps)
+
+
+def add_job_rows(s: Session, new: NewJob, now: float) -> Job:
+    """A queued job and its first event, in the caller's transaction (the sweep service creates
+    a trial's job in the same transaction as the trial's row)."""
+    job = Job(
+        id=new.job_id,
+        tenant_id=new.tenant,
+        name=new.name,
+        spec=new.spec,
+        state=JobState.QUEUED.value,
+        priority=new.priority,
+        reason="waiting for the scheduler",
+        attempts=0,
+        max_attempts=new.max_attempts,
+        created_at=now,
+        updated_at=now,
+        event_seq=1,
+        metrics_lines=0,
+        progress={},
+        version=1,
+        sweep_id=new.sweep_id,
+    )
+    s.add(job)
+    s.flush()  # the job row before rows that reference it
+    s.add(Event(job_id=job.id, seq=1, type="state", data=_state_event(job), created_at=now))
+    return job
 
 
 @dataclass(frozen=True)
@@ -99,26 +127,7 @@ class Store:
                     existing = self._replay(s, new.tenant, idempotency_key, body_sha256)
                     if existing is not None:
                         return existing, True
-                job = Job(
-                    id=new.job_id,
-                    tenant_id=new.tenant,
-                    name=new.name,
-                    spec=new.spec,
-                    state=JobState.QUEUED.value,
-                    priority=new.priority,
-                    reason="waiting for the scheduler",
-                    attempts=0,
-                    max_attempts=new.max_attempts,
-                    created_at=now,
-                    updated_at=now,
-                    event_seq=1,
-                    metrics_lines=0,
-                    progress={},
-                    version=1,
-                )
-                s.add(job)
-                s.flush()  # the job row before rows that reference it
-                s.add(Event(job_id=job.id, seq=1, type="state", data=_state_event(job), created_at=now))
+                job = add_job_rows(s, new, now)
                 if idempotency_key is not None:
                     s.add(
                         IdempotencyKey(

@@ -33,10 +33,19 @@ def new(tenant="t", name="j", priority=0) -> NewJob:
 
 def test_schema_is_at_head_and_upgrade_is_idempotent(store):
     db = store.db
-    assert db.current_revision() == db.head_revision() == "0001"
+    assert db.current_revision() == db.head_revision() == "0002_sweeps"
     db.upgrade()
     tables = set(inspect(db.engine).get_table_names())
-    assert {"tenants", "jobs", "attempts", "metrics", "events", "idempotency_keys"} <= tables
+    assert {
+        "tenants",
+        "jobs",
+        "attempts",
+        "metrics",
+        "events",
+        "idempotency_keys",
+        "sweeps",
+        "sweep_trials",
+    } <= tables
 
 
 def test_concurrent_duplicates_create_exactly_one_job(store):
