@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.artifacts import JobArtifacts
 
 PHASE_KIND = "phase"
 
@@ -60,3 +64,37 @@ def phase_label(name: str | None) -> str | None:
         return Phase(name).label
     except ValueError:
         return str(name).replace("_", " ")
+
+
+# --- where the stream lives in the artifact store ---------------------------------------------
+# The driver writes the records as append-only parts, each written once and named by the sequence
+# number of its first record (zero-padded, so names sort in order): the API reads the part that
+# starts where it stopped, with no listing and no re-reading. `metrics.jsonl` is the whole series
+# concatenated, written when a driver ends: the artifact users download.
+METRICS = "metrics.jsonl"
+PARTS = "metrics/"
+_PART_DIGITS = 9
+
+
+def part_name(first_seq: int) -> str:
+    return f"{PARTS}part-{first_seq:0{_PART_DIGITS}d}.jsonl"
+
+
+def part_first(name: str) -> int | None:
+    """The first sequence number of a part's name (relative to the job), None for another name."""
+    if not (name.startswith(f"{PARTS}part-") and name.endswith(".jsonl")):
+        return None
+    digits = name[len(PARTS) + 5 : -len(".jsonl")]
+    return int(digits) if digits.isdigit() else None
+
+
+def list_parts(arts: JobArtifacts) -> list[tuple[int, str]]:
+    """(first sequence number, name) of the job's parts, in order. One listing: callers use it
+    once per driver start or API restart, never per tick."""
+    out = []
+    for obj in arts.list(PARTS):
+        name = arts.name_of(obj.key)
+        first = part_first(name)
+        if first is not None:
+            out.append((first, name))
+    return sorted(out)

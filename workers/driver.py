@@ -2,8 +2,9 @@
 
 It checks that the job can run at all (data loads, model builds, schedule fits the run, the
 cluster has the GPUs), runs the training loop on a Ray Train `TorchTrainer`, relays rank 0's
-records to `metrics.jsonl` and to the caller, then exports and reports. It runs wherever Ray is
-reachable: inside `slimtrain run`, or as the entrypoint of a Ray Job submitted by the service.
+records to the job's metrics (`workers.metrics_log`) and to the caller, then exports and
+reports. It runs wherever Ray is reachable: inside `slimtrain run`, or as the entrypoint of a
+Ray Job submitted by the service.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import ray
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from service.artifacts import ArtifactStore, JobArtifacts
-from service.errors import ArtifactNotFound, ConfigError, SlimtrainError, TrainingFailed
-from service.records import Phase, phase_record
+from service.errors import ConfigError, SlimtrainError, TrainingFailed
+from service.records import PARTS, Phase, phase_record
 from service.spec import JobSpec
 from workers import export, init_weights
 from workers.checkpoint import CHECKPOINTS
 from workers.data import load_for_job, streaming
+from workers.metrics_log import MetricsLog
 from workers.models import build_model
 from workers.models.stages import require_stages
 from workers.session import MetricsRelay
@@ -36,31 +38,6 @@ OnRecord = Callable[[dict], None]
 # Ray Train's checkpoint-manager state, in its run folder (RunConfig(name=CHECKPOINTS)).
 RAY_SNAPSHOT = f"{CHECKPOINTS}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
 MESSAGE_CHARS = 200  # of a foreign exception's message in a failure reason
-
-
-class MetricsLog:
-    """metrics.jsonl in the artifact store, rewritten at most every `interval` seconds (object
-    stores have no append) and once more at the end."""
-
-    def __init__(self, arts: JobArtifacts, interval: float = 1.0):
-        self.arts, self.interval = arts, interval
-        # A job id that already has records is a resumed job (as its checkpoints say): its
-        # series goes on, so a driver resubmitted by the service neither loses the earlier
-        # attempts' records nor renumbers the lines the API has already ingested.
-        try:
-            self.lines: list[str] = arts.get_bytes("metrics.jsonl").decode().splitlines()
-        except ArtifactNotFound:
-            self.lines = []
-        self.dirty, self.last = False, 0.0
-
-    def add(self, record: dict) -> None:
-        self.lines.append(json.dumps(record, sort_keys=True))
-        self.dirty = True
-
-    def flush(self, force: bool = False) -> None:
-        if self.dirty and (force or time.monotonic() - self.last >= self.interval):
-            self.arts.put_bytes("metrics.jsonl", ("\n".join(self.lines) + "\n").encode())
-            self.dirty, self.last = False, time.monotonic()
 
 
 @dataclass
@@ -196,10 +173,25 @@ def training_failure(err: BaseException, attempts: int) -> TrainingFailed:
     return TrainingFailed(message, retryable=True)
 
 
-def run_job(
+def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, **options) -> dict:
+    """Run one job (`_run_job`, which takes the `options`), and leave its metrics.jsonl
+    whether it succeeds or fails."""
+    metrics = MetricsLog(JobArtifacts(store, job_id))
+    try:
+        return _run_job(spec, job_id, store, metrics, **options)
+    except BaseException:
+        try:
+            metrics.close()
+        except Exception as e:  # the job's own error is the one to report
+            log.warning("job %s: writing metrics.jsonl: %s", job_id, e)
+        raise
+
+
+def _run_job(
     spec: JobSpec,
     job_id: str,
     store: ArtifactStore,
+    metrics: MetricsLog,
     *,
     on_record: OnRecord | None = None,
     faults: dict | None = None,
@@ -219,7 +211,6 @@ def run_job(
     started = time.time()
     arts = JobArtifacts(store, job_id)
     arts.put_json("spec.json", spec.model_dump(mode="json"))
-    metrics = MetricsLog(arts)
 
     def enter(phase: Phase, **known) -> None:
         # Written out at once: the phases outside the loop are the long silent stretches
@@ -350,5 +341,7 @@ def run_job(
     init_weights.rebase(rep, init_weights.baseline_of(metrics.lines, data.info.kind))
     arts.put_json("report.json", rep)
     enter(Phase.DONE)  # before the manifest, which lists metrics.jsonl as it ends
-    arts.write_manifest()
+    metrics.close()
+    # The parts are the stream the API reads; metrics.jsonl holds the same records.
+    arts.write_manifest(exclude_prefixes=(f"{CHECKPOINTS}/", PARTS))
     return rep

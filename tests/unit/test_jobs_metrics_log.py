@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from service.artifacts import JobArtifacts, LocalArtifactStore
-from workers.driver import MetricsLog
+from workers.metrics_log import MetricsLog
 from workers.session import RelayBuffer
 
 
@@ -17,7 +17,7 @@ def test_metrics_log_continues_an_existing_series(tmp_path):
     first.flush(force=True)
     second = MetricsLog(arts)  # the next attempt's driver
     second.add({"kind": "train", "step": 20})
-    second.flush(force=True)
+    second.close()  # the parts, then the whole series as metrics.jsonl
     lines = arts.get_bytes("metrics.jsonl").decode().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [10, 20]
 
