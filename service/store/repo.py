@@ -270,16 +270,27 @@ class Store:
         with self.db.write() as s:
             s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=now or time.time()))
 
-    def queued_jobs(self) -> list[Job]:
-        """In admission order: priority (higher first), then age."""
+    def queued_jobs(
+        self, limit: int | None = None, offset: int = 0, created_after: float | None = None
+    ) -> list[Job]:
+        """In admission order: priority (higher first), then age. `limit`/`offset`: a slice of
+        that order (the scheduler reads the head of a deep queue, not all of it);
+        `created_after`: only jobs queued since then."""
+        q = select(Job).where(Job.state == JobState.QUEUED.value)
+        if created_after is not None:
+            q = q.where(Job.created_at > created_after)
+        q = q.order_by(Job.priority.desc(), Job.created_at.asc(), Job.id.asc()).offset(offset).limit(limit)
         with self.db.read() as s:
-            return list(
-                s.scalars(
-                    select(Job)
-                    .where(Job.state == JobState.QUEUED.value)
-                    .order_by(Job.priority.desc(), Job.created_at.asc(), Job.id.asc())
-                )
-            )
+            return list(s.scalars(q))
+
+    def queue_signature(self) -> tuple[int, float | None]:
+        """(queued jobs, newest created_at among them), from the state index alone: what tells
+        the scheduler that the queue changed without reading its rows."""
+        with self.db.read() as s:
+            n, newest = s.execute(
+                select(func.count(), func.max(Job.created_at)).where(Job.state == JobState.QUEUED.value)
+            ).one()
+        return int(n), newest
 
     def live_jobs(self) -> list[tuple[Job, Attempt | None]]:
         """Jobs in starting/running, each with its newest attempt."""
