@@ -637,8 +637,6 @@ def streaming_unsupported(spec: DataSpec, strategy: str) -> str | None:
         return "token_column without label_column (language-modelling blocks) loads in memory"
     if strategy != "ddp":
         return f"parallel.strategy {strategy} needs the data in memory; streaming is for ddp"
-    if (spec.resolved_uri or spec.uri).startswith("s3://"):
-        return "only store:// datasets stream (s3:// URIs load in memory)"
     return None
 
 
