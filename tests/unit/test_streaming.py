@@ -71,7 +71,6 @@ def test_streaming_decision(kw, strategy, size, threshold, want):
         (DataSpec(name="digits", streaming="on"), "ddp", "built-in"),
         (DataSpec(uri="store://datasets/d.npz", streaming="on"), "ddp", "only parquet"),
         (spec_for("store://datasets/d.parquet", streaming="on"), "pipeline", "pipeline"),
-        (spec_for("s3://bucket/d.parquet", streaming="on"), "ddp", "s3://"),
     ],
 )
 def test_streaming_on_refuses_what_cannot_stream(spec, strategy, named):
@@ -178,3 +177,33 @@ def test_bad_labels_and_columns_are_refused_like_in_memory(store, tmp_path):
             str(tmp_path / "store" / "datasets" / "junk.parquet"),
             pafs.LocalFileSystem(),
         )
+
+
+def test_s3_parquet_streams_with_the_credentials_the_plan_carries(
+    s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    """s3:// parquet streams (the allow-list is checked at submission): the driver scans it with
+    the service's credentials, and a read task gets them inside the pickled plan, as Ray Data's
+    tasks do, without AWS variables of its own."""
+    import pickle
+
+    from service.spec import streaming_unsupported
+
+    x, y = write_parquet(tmp_path / "d.parquet")
+    s3_server.client().upload_file(str(tmp_path / "d.parquet"), s3_bucket, "data/d.parquet")
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    spec = spec_for(f"s3://{s3_bucket}/data/d.parquet", streaming="on")
+    assert streaming_unsupported(spec, "ddp") is None
+    st = load_for_job(spec, "ddp", None)
+    mem = load_dataset(spec.model_copy(update={"streaming": "off"}), None)
+    assert st.streamed and st.info.n_train == len(mem.x_train)
+    with pytest.raises(ConfigError, match="data.uri: .*missing.parquet not found"):
+        locate_uri(f"s3://{s3_bucket}/data/missing.parquet", None)
+    plan = pickle.loads(pickle.dumps(st.plan))
+    for k in s3_server.env:
+        monkeypatch.delenv(k)
+    parts = [plan.rows(i, "train") for i in range(len(plan.row_starts))]
+    got = np.column_stack([np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])])
+    want = np.column_stack([mem.x_train.numpy(), mem.y_train.numpy()])
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))

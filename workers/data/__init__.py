@@ -109,21 +109,60 @@ def _store_key(uri: str, store, field: str) -> str | None:
 
 
 def locate_uri(uri: str, store, field: str = "data.uri") -> tuple[str, object, int]:
-    """(path, pyarrow filesystem, size in bytes) of the file a store:// URI names, for readers
+    """(path, pyarrow filesystem, size in bytes) of the file a store:// or s3:// URI names, for readers
     that stream it (workers/data/streaming.py) rather than take its bytes (`_read_uri`)."""
     import pyarrow.fs as pafs
 
     key = _store_key(uri, store, field)
     if key is None:
-        raise ConfigError(f"{field}: only store:// datasets can be streamed (got {uri})")
-    if hasattr(store, "path"):  # LocalArtifactStore: a file under its root
+        if uri.partition("://")[0] != "s3":
+            raise ConfigError(f"{field}: only store:// and s3:// datasets can be streamed (got {uri})")
+        path, fs = s3_location(uri, field)
+    elif hasattr(store, "path"):  # LocalArtifactStore: a file under its root
         path, fs = str(store.path(key)), pafs.LocalFileSystem()
     else:  # S3: bucket/key and a pyarrow S3FileSystem with the store's endpoint and credentials
         path, fs = store.ray_storage(key)
-    info = fs.get_file_info(path)
+    where = "in the artifact store" if key is not None else "(or not readable with the service's credentials)"
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:  # S3: access denied, no such bucket, endpoint unreachable
+        raise ConfigError(f"{field}: {uri} is not readable ({e})") from None
     if info.type != pafs.FileType.File:
-        raise ConfigError(f"{field}: {uri} not found in the artifact store")
+        raise ConfigError(f"{field}: {uri} not found {where}")
     return path, fs, int(info.size)
+
+
+def s3_location(uri: str, field: str = "data.uri", endpoint_url: str | None = None) -> tuple[str, object]:
+    """(bucket/key, pyarrow S3FileSystem) of an s3:// URI, with the endpoint and the static
+    credentials the in-memory reader (service.s3_store.read_s3_uri) uses: the filesystem travels
+    pickled into Ray Data's read tasks, so they need no AWS variables of their own. The
+    operator's allow-list (SLIMTRAIN_S3_ALLOWED_PREFIXES) was checked at submission."""
+    from urllib.parse import urlparse
+
+    import boto3
+    import pyarrow.fs as pafs
+
+    from service.s3_store import DEFAULT_REGION, check_endpoint, parse_s3_uri, static_credentials
+
+    bucket, key = parse_s3_uri(uri, setting=field)
+    if not key:
+        raise ConfigError(f"{field}: {uri!r} names a bucket, not an object")
+    if endpoint_url is None:
+        from service.settings import Settings
+
+        endpoint_url = Settings().s3_endpoint_url
+    endpoint_url = check_endpoint(endpoint_url)
+    session = boto3.session.Session()
+    kwargs: dict = {"region": session.region_name or DEFAULT_REGION}
+    if endpoint_url:
+        parsed = urlparse(endpoint_url)
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    creds = static_credentials(session)
+    if creds is not None:
+        kwargs.update(
+            access_key=creds.access_key, secret_key=creds.secret_key, session_token=creds.session_token
+        )
+    return f"{bucket}/{key}", pafs.S3FileSystem(**kwargs)
 
 
 def _read_uri(uri: str, store, field: str = "data.uri") -> bytes:
