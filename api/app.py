@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from api import errors, openapi
-from api.routes import dashboard, datasets, docs, jobs, models, system
+from api.routes import dashboard, datasets, docs, jobs, models, sweeps, system
 from api.routes.prometheus import RequestMetrics, StoreCollector, request_latency
 from api.sse import JobHeads, Notifier
 from service.artifacts import ArtifactStore, open_store
@@ -80,6 +80,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(datasets.router)
+    app.include_router(sweeps.router)
     dashboard.install(app)
     docs.install(app)
     app.add_middleware(RequestMetrics, latency=request_latency(registry))

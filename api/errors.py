@@ -16,6 +16,7 @@ from service.errors import ArtifactCorrupt, ArtifactKeyError, ArtifactNotFound, 
 from service.jobs import IdempotencyConflict, InvalidTransition, JobNotFound, LimitExceeded
 from service.ray_jobs import ClusterUnavailable
 from service.store.repo import BadCursor
+from service.sweeps.service import SweepNotFound
 from service.tenant_files import UploadNotFound, UploadRefused, UploadTooLarge
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ STATUS: dict[type[SlimtrainError], int] = {
     BadCursor: 400,
     AuthError: 401,
     JobNotFound: 404,
+    SweepNotFound: 404,
     ArtifactNotFound: 404,
     # A tenant's uploads, models and datasets alike (service/tenant_files.py).
     UploadNotFound: 404,

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from api.routes.dashboard import read_examples
 from api.routes.schemas import ErrorBody
 from service.spec import JobSpec
+from service.sweeps.plan import SweepRequest
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 _FASTAPI_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
@@ -99,5 +100,6 @@ def document(app: FastAPI) -> dict:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     _add_model(schemas, JobSpec)
     _add_model(schemas, ErrorBody)
+    _add_model(schemas, SweepRequest)  # the body of POST /v1/sweeps
     app.openapi_schema = doc
     return doc

@@ -22,9 +22,10 @@ from service.ray_jobs import ClusterUnavailable, NodeInfo, RayJobs, capacity_of
 from service.reconciler import Reconciler
 from service.scheduler import Scheduler
 from service.settings import Settings
-from service.spec import parse_spec, streaming_unsupported
+from service.spec import JobSpec, parse_spec, streaming_unsupported
 from service.store.models import Job
 from service.store.repo import NewJob, Page, Store
+from service.sweeps.service import SweepService
 from service.tenant_files import field_error
 from service.uploads import ModelStore
 
@@ -67,6 +68,7 @@ class JobService:
         self.loops: dict[str, Loop] = {}
         self.models = ModelStore(artifacts, settings.max_model_bytes, settings.data_dir / "uploads")
         self.datasets = DatasetStore(artifacts, settings.max_dataset_bytes, settings.data_dir / "uploads")
+        self.sweeps = SweepService(self)
 
     # --- background ------------------------------------------------------------------------------
 
@@ -77,6 +79,7 @@ class JobService:
             "reconciler": Loop("reconciler", self.reconciler.tick, s.reconcile_interval_s),
             "scheduler": Loop("scheduler", self.scheduler.tick, s.scheduler_interval_s),
             "ingest": Loop("ingest", self.ingester.tick, s.ingest_interval_s),
+            "sweeps": Loop("sweeps", self.sweeps.tick, s.sweep_interval_s),
         }
         for loop in self.loops.values():
             loop.start()
@@ -99,14 +102,7 @@ class JobService:
             raise SpecError(
                 f"the body is not valid JSON: {e}", [{"field": "(body)", "message": str(e)}]
             ) from None
-        spec = parse_spec(data, submitted=True)
-        check_limits(spec, self.settings)
-        # model.init and the data become store keys (or allowed s3:// URIs) now, with the caller's
-        # tenant: workers never see tenants.
-        spec = resolve_sources(spec, tenant, self.artifacts, self.store, self.settings.s3_allowed_prefixes)
-        # `streaming: on` is a promise the workers could only break at start: refuse it now.
-        if spec.data.streaming == "on" and (why := streaming_unsupported(spec.data, spec.parallel.strategy)):
-            raise field_error("data.streaming", f"on is not possible: {why}; use auto or off")
+        spec = self.validate_spec(tenant, data)
         new = NewJob(
             job_id=new_job_id(),
             tenant=tenant,
@@ -120,6 +116,18 @@ class JobService:
         if not replayed:
             self._wake("scheduler")
         return job, replayed
+
+    def validate_spec(self, tenant: str, data) -> JobSpec:
+        """Everything a submission checks of a decoded spec (also each sweep trial's)."""
+        spec = parse_spec(data, submitted=True)
+        check_limits(spec, self.settings)
+        # model.init and the data become store keys (or allowed s3:// URIs) now, with the caller's
+        # tenant: workers never see tenants.
+        spec = resolve_sources(spec, tenant, self.artifacts, self.store, self.settings.s3_allowed_prefixes)
+        # `streaming: on` is a promise the workers could only break at start: refuse it now.
+        if spec.data.streaming == "on" and (why := streaming_unsupported(spec.data, spec.parallel.strategy)):
+            raise field_error("data.streaming", f"on is not possible: {why}; use auto or off")
+        return spec
 
     def get(self, tenant: str, job_id: str) -> Job:
         return self.store.get_job(job_id, tenant)

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     scheduler_interval_s: float = Field(default=1.0, gt=0)
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     ingest_interval_s: float = Field(default=0.5, gt=0)
+    # Sweeps (service/sweeps): how often running sweeps create trials and record results.
+    sweep_interval_s: float = Field(default=2.0, gt=0)
+    max_sweep_trials: int = Field(default=64, ge=1, description="Trials one sweep may ask for.")
     heartbeat_timeout_s: float = Field(
         default=60.0, gt=0, description="A live job the Ray cluster has not confirmed for this long is lost."
     )

@@ -72,6 +72,9 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None = Field(description="Last time Ray confirmed the driver alive (UTC).")
     progress: Progress = Field(description="Latest values reported by the running job.")
     spec: dict[str, Any] = Field(description="The job spec, with every default filled in.")
+    sweep_id: str | None = Field(
+        default=None, description="The sweep this job is a trial (or the dense baseline) of."
+    )
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -94,6 +97,7 @@ class JobOut(BaseModel):
                 {k: v for k, v in (job.progress or {}).items() if k in _PROGRESS}
             ),
             spec=job.spec,
+            sweep_id=job.sweep_id,
         )
 
 

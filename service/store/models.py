@@ -139,6 +139,8 @@ class Sweep(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     total_trials: Mapped[int] = mapped_column(Integer)
     baseline_job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # The baseline's measured values once its job ended (as SweepTrial.result); NULL before.
+    baseline_result: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -162,6 +164,7 @@ class SweepTrial(Base):
     job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
-    # The measured values (service.sweeps.plan.METRICS) once its job ended; NULL before.
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The measured values (service.sweeps.plan.METRICS) once its job ended; SQL NULL before
+    # (none_as_null: not JSON 'null', so `IS NULL` finds the trials still to record).
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
