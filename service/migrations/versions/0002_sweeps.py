@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("priority", sa.Integer(), nullable=False),
         sa.Column("total_trials", sa.Integer(), nullable=False),
         sa.Column("baseline_job_id", sa.String(128), nullable=True),
+        sa.Column("baseline_result", sa.JSON(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("updated_at", sa.Float(), nullable=False),
