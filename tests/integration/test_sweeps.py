@@ -284,3 +284,23 @@ def test_kill_9_of_the_api_mid_sweep_loses_nothing_and_creates_no_trial_twice(tm
         assert len(sweep["pareto"]) >= 1
     finally:
         server.stop()
+
+
+def test_a_tpe_sweep_asks_optuna_for_each_trial(api):
+    alice, _, _ = api
+    body = sweep_body(
+        "digits-tpe",
+        method="tpe",
+        grid={"compression.quantization.bits": [8, 4]},
+        random={"compression.pruning.final_sparsity": {"low": 0.5, "high": 0.95}},
+        max_trials=4,
+        baseline=False,
+    )
+    sweep_id = alice.post("/v1/sweeps", json=body).json()["id"]
+    sweep = wait_state(alice, sweep_id, {"succeeded", "failed"})
+    assert sweep["state"] == "succeeded" and len(sweep["trials"]) == 4
+    for t in sweep["trials"]:
+        assert t["params"]["compression.quantization.bits"] in (8, 4)
+        assert 0.5 <= t["params"]["compression.pruning.final_sparsity"] <= 0.95
+        assert t["accuracy"] == fake_report(alice.get(f"/v1/jobs/{t['job_id']}").json()["spec"])["accuracy"]
+    assert sweep["pareto"] and sweep["baseline_job"] is None

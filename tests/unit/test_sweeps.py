@@ -224,3 +224,62 @@ def test_metric_of_reads_dotted_report_keys():
     assert metric_of(report, "accuracy") == 0.9
     assert metric_of(report, "latency_ms.compressed") is None
     assert metric_of(report, "ok") is None and metric_of(report, "nope.x") is None
+
+
+# --- what a sweep does next (service.sweeps.service.next_step) -------------------------------------
+
+from service.sweeps.service import Step, next_step  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("state", "baseline", "trials", "step"),
+    [
+        ("running", "running", [], Step(0)),  # trials wait for the dense baseline
+        ("running", "succeeded", [], Step(2)),
+        ("running", "failed", [], Step(2)),  # a failed baseline does not stop the sweep
+        ("running", None, [("running", False)], Step(1)),
+        ("running", None, [("queued", False), ("starting", False)], Step(0)),
+        ("running", None, [("succeeded", True), ("failed", True), ("running", False)], Step(1)),
+        ("running", None, [("succeeded", True)] * 3 + [("running", False)], Step(0)),  # all 4 created
+        ("running", None, [("succeeded", True)] * 3 + [("failed", False)], Step(0)),  # not yet recorded
+        ("running", None, [("succeeded", True)] * 3 + [("failed", True)], Step(0, "succeeded")),
+        ("running", None, [("failed", True)] * 2 + [("cancelled", True)] * 2, Step(0, "failed")),
+        ("cancelled", None, [], Step(0)),
+        ("succeeded", None, [("succeeded", True)] * 4, Step(0)),
+    ],
+)
+def test_next_step(state, baseline, trials, step):
+    assert next_step(state, 4, 2, baseline, trials) == step
+
+
+def test_tpe_asks_inside_the_space_and_the_same_again_from_the_same_history():
+    from service.sweeps.search import Told, ask, check_tpe
+
+    r = parse_request(
+        {
+            "name": "s",
+            "base": BASE,
+            "method": "tpe",
+            "max_trials": 8,
+            "grid": {"compression.quantization.bits": [4, 8]},
+            "random": {"compression.pruning.final_sparsity": {"low": 0.5, "high": 0.95}},
+            "objective": ["accuracy max", "size.ratio max"],
+        }
+    )
+    assert check_request(r) == 8
+    history = [
+        Told({"compression.quantization.bits": 8, "compression.pruning.final_sparsity": 0.6}, [0.97, 10.0]),
+        Told({"compression.quantization.bits": 4, "compression.pruning.final_sparsity": 0.9}, None),
+        Told(
+            {"compression.quantization.bits": 4, "compression.pruning.final_sparsity": 0.7},
+            None,
+            running=True,
+        ),
+    ]
+    first = ask(r, history, 3)
+    assert first == ask(r, history, 3)  # a restart asks again and gets the same trial
+    assert first["compression.quantization.bits"] in (4, 8)
+    assert 0.5 <= first["compression.pruning.final_sparsity"] <= 0.95
+    with pytest.raises(SpecError) as e:
+        check_tpe(parse_request({**r.model_dump(), "grid": {"model.args.hidden": [[32]]}}))
+    assert field_of(e) == "grid.model.args.hidden[0]"
