@@ -6,6 +6,14 @@ on Ray's view would admit several jobs into the same free CPUs. A job that needs
 whole cluster stays queued with that reason (it may fit once nodes join); a job that fits the
 cluster but not the free room blocks the jobs behind it, so big jobs are not starved by a stream
 of small ones.
+
+A deep queue costs nothing while it waits: a tick reads the queue's size from its index, Ray's
+capacity and what open attempts hold, and stops there when none of them changed. Otherwise it
+reads the head of the queue page by page until the first job that must wait for resources
+(everything behind it waits too), parses each job's spec once (cached by job id and version),
+and writes a job's reason only when it changes. The rest of the queue is read only when what it
+waits behind changes (another blocking job, another cluster size), and new jobs alone when
+jobs were submitted.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -40,10 +49,19 @@ class Decision:
     reason: str | None = None
 
 
-def plan(queue: list[tuple[str, Resources]], capacity: Resources, free: Resources) -> list[Decision]:
-    """Decide for each queued job (in admission order) whether it starts now; pure."""
+HEAD_PAGE = 32  # queued jobs read at a time from the head of the queue
+REPLAN_S = 10.0  # the head is planned again at least this often, changed or not
+
+
+def plan(
+    queue: list[tuple[str, Resources]],
+    capacity: Resources,
+    free: Resources,
+    blocked_by: str | None = None,
+) -> list[Decision]:
+    """Decide for each queued job (in admission order) whether it starts now; pure. `blocked_by`:
+    the job the queue's earlier part waits for resources behind (deciding a queue's tail alone)."""
     out: list[Decision] = []
-    blocked_by: str | None = None
     for job_id, need in queue:
         if not need.fits(capacity):
             out.append(
@@ -69,35 +87,103 @@ def _nonneg(r: Resources) -> Resources:
 class Scheduler:
     def __init__(self, store: Store, ray: RayJobs, artifacts: ArtifactStore, settings: Settings):
         self.store, self.ray, self.artifacts, self.settings = store, ray, artifacts, settings
+        # Per (job id, version): its demand (None: its spec no longer validates), and the reason
+        # last written, so that a waiting job costs no parse and no write per tick.
+        self._needs: dict[tuple[str, int], Resources | None] = {}
+        self._reasons: dict[tuple[str, int], str] = {}
+        self._seen: tuple | None = None  # the inputs of the last plan
+        self._planned_at = 0.0
+        self._tail: tuple | None = None  # (blocking job, capacity) the tail's reasons say
+        self._newest: float | None = None  # created_at of the newest job the tail was given
+        self.parses = 0  # specs parsed: the work follows new jobs, not the queue's length
 
     def tick(self) -> None:
-        queued = self.store.queued_jobs()
-        if not queued:
+        count, newest = self.store.queue_signature()
+        if not count:
+            self._seen = None
             return
         try:
             capacity = self.ray.capacity()
         except ClusterUnavailable as e:
-            for job in queued:
-                self.store.set_reason(job.id, f"waiting for the Ray cluster: {e.message}")
+            self._seen = self._tail = None
+            for job in self.store.queued_jobs():
+                self._set_reason(job, f"waiting for the Ray cluster: {e.message}")
+            return
+        reserved = self.store.reserved()
+        seen = (count, newest, capacity, reserved)
+        if seen == self._seen and time.monotonic() - self._planned_at < REPLAN_S:
+            return
+        self._seen, self._planned_at = seen, time.monotonic()
+        free = capacity - reserved
+        queue: list[tuple[str, Resources]] = []
+        jobs: dict[str, Job] = {}
+        while True:  # the head, until a job must wait for resources (or the queue ends)
+            page = self.store.queued_jobs(limit=HEAD_PAGE, offset=len(jobs))
+            for job in page:
+                jobs[job.id] = job
+                if (need := self._need(job)) is not None:
+                    queue.append((job.id, need))
+            decisions = plan(queue, capacity, free)
+            blocker = next(
+                (d.job_id for d in decisions if d.reason and d.reason.startswith("waiting for resources")),
+                None,
+            )
+            if blocker is not None or len(page) < HEAD_PAGE:
+                break
+        needs = dict(queue)
+        admitted = 0
+        for d in decisions:
+            if d.admit:
+                admitted += self.start(jobs[d.job_id], needs[d.job_id])
+                # The queue this plan saw is gone: a job that comes back to it (a lost driver,
+                # requeued) would leave the signature as it was.
+                self._seen = None
+            else:
+                self._set_reason(jobs[d.job_id], d.reason)
+        if blocker is not None:
+            self._decide_tail(blocker, capacity, len(jobs) - admitted, set(jobs), newest)
+        self._tail = None if blocker is None else self._tail
+        self._newest = newest
+
+    def _decide_tail(self, blocker: str, capacity: Resources, offset: int, head: set[str], newest) -> None:
+        """Reasons for the jobs behind the head: all of them when what they wait behind changed,
+        else only those submitted since the last tick."""
+        if self._tail != (blocker, capacity):
+            tail = self.store.queued_jobs(offset=offset)
+            self._tail = (blocker, capacity)
+            keep = {(j.id, j.version) for j in tail} | {k for k in self._needs if k[0] in head}
+            self._needs = {k: v for k, v in self._needs.items() if k in keep}
+            self._reasons = {k: v for k, v in self._reasons.items() if k in keep}
+        elif newest != self._newest:
+            tail = [j for j in self.store.queued_jobs(created_after=self._newest) if j.id not in head]
+        else:
             return
         queue, jobs = [], {}
-        for job in queued:
+        for job in tail:
+            jobs[job.id] = job
+            if (need := self._need(job)) is not None:
+                queue.append((job.id, need))
+        for d in plan(queue, capacity, Resources(0.0, 0.0), blocked_by=blocker):
+            self._set_reason(jobs[d.job_id], d.reason)
+
+    def _need(self, job: Job) -> Resources | None:
+        key = (job.id, job.version)
+        if key not in self._needs:
+            self.parses += 1
             try:
-                spec = JobSpec.model_validate(job.spec)
+                self._needs[key] = demand(JobSpec.model_validate(job.spec))
             except ValidationError as e:  # a spec stored by an older version that no longer validates
+                self._needs[key] = None
                 self._fail(
                     job, "invalid_spec", f"the stored spec no longer validates: {e.errors()[0]['msg']}"
                 )
-                continue
-            queue.append((job.id, demand(spec)))
-            jobs[job.id] = job
-        free = capacity - self.store.reserved()
-        needs = dict(queue)
-        for d in plan(queue, capacity, free):
-            if d.admit:
-                self.start(jobs[d.job_id], needs[d.job_id])
-            else:
-                self.store.set_reason(d.job_id, d.reason)
+        return self._needs[key]
+
+    def _set_reason(self, job: Job, reason: str) -> None:
+        key = (job.id, job.version)
+        if self._reasons.get(key) != reason:
+            self.store.set_reason(job.id, reason)
+            self._reasons[key] = reason
 
     def start(self, job: Job, need: Resources) -> bool:
         if job.attempts >= 1:
