@@ -243,7 +243,10 @@ def _run_job(
 
         options = streaming.ingest_options()  # before the datasets, which copy the context
         ray_data = {
-            "datasets": data.ray_datasets(spec.train.seed),
+            # From the newest checkpoint's epoch to the last, in one Ray Data execution.
+            "datasets": data.ray_datasets(
+                spec.train.seed, spec.train.batch_size, _spe, total, streaming.resume_step(arts)
+            ),
             # "val" unsplit: every rank reads it and scores its rows (workers.data.streaming.Feed).
             "dataset_config": DataConfig(datasets_to_split=["train"], execution_options=options),
         }

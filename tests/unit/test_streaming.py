@@ -207,3 +207,28 @@ def test_s3_parquet_streams_with_the_credentials_the_plan_carries(
     got = np.column_stack([np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])])
     want = np.column_stack([mem.x_train.numpy(), mem.y_train.numpy()])
     assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
+
+
+def test_read_tasks_group_row_groups_up_to_the_rows_or_bytes_limit(monkeypatch):
+    monkeypatch.setattr(streaming, "TASK_ROWS", 100)
+    monkeypatch.setattr(streaming, "TASK_BYTES", 1000)
+    starts = (0, 40, 80, 120, 160, 300)
+    # rows: 40 40 40 40 140 10; bytes small except group 3
+    got = streaming.read_tasks(starts, 310, (10, 10, 10, 2000, 10, 10))
+    assert got == [(0, 1, 2), (3,), (4,), (5,)]
+    assert [g for t in got for g in t] == list(range(len(starts)))  # every group once, in order
+
+
+@pytest.mark.parametrize("drop", [0, 7, 45])
+def test_epoch_plan_is_a_seeded_permutation_that_drops_the_ragged_tail(drop):
+    rows = [20, 30, 10, 25]
+    plan = streaming.epoch_plan(3, 1, rows, drop)
+    assert sorted(t for t, _ in plan) == [0, 1, 2, 3]
+    assert sum(k for _, k in plan) == sum(rows) - drop
+    assert all(0 <= k <= rows[t] for t, k in plan)
+    # the drop comes off the epoch's last tasks
+    kept_whole = [k == rows[t] for t, k in plan]
+    assert kept_whole == sorted(kept_whole, reverse=True)
+    assert plan == streaming.epoch_plan(3, 1, rows, drop)
+    orders = {tuple(t for t, _ in streaming.epoch_plan(3, e, rows, drop)) for e in range(6)}
+    assert len(orders) > 1  # each epoch its own order

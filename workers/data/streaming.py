@@ -36,9 +36,12 @@ from workers.data.info import DataInfo
 
 log = logging.getLogger(__name__)
 
-# Rows each worker's local shuffle buffer holds (iter_torch_batches' local_shuffle_buffer_size):
-# the memory a rank spends on mixing, a few MB for most feature widths.
-SHUFFLE_BUFFER_ROWS = 4096
+# One Ray Data read task reads consecutive row groups until it has this many rows or bytes
+# (whichever comes first), and shuffles them: the rows a batch is mixed from, and the size of
+# the blocks a worker holds. Fewer, larger tasks than one per row group: each task and block
+# costs the executor and the iterators fixed work, on the CPUs the training workers need.
+TASK_ROWS = 4096
+TASK_BYTES = 16 * 2**20
 # CPU a streamed job leaves free for Ray Data's read tasks. With every CPU taken by training
 # workers Ray Data never starts a read ("backpressured ... 0 CPU") and the job hangs forever.
 DATA_CPUS = 1.0
@@ -105,6 +108,7 @@ class ParquetPlan:
     row_starts: tuple[int, ...]  # first row of each row group
     n: int
     val_bits: bytes
+    group_bytes: tuple[int, ...] = ()  # each row group's uncompressed bytes (parquet metadata)
 
     @property
     def data_spec(self) -> DataSpec:
@@ -140,6 +144,44 @@ class ParquetPlan:
         keep = val if part == "val" else ~val
         row = np.arange(start, start + len(y), dtype=np.int64)
         return {"x": x[keep], "y": y[keep].astype(np.int64), "row": row[keep]}
+
+
+def read_tasks(row_starts: tuple[int, ...], n: int, group_bytes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Consecutive row groups per read task: each task up to TASK_ROWS rows or TASK_BYTES
+    (a row group larger than that is a task of its own). Pure."""
+    tasks: list[tuple[int, ...]] = []
+    cur: list[int] = []
+    rows = size = 0
+    ends = (*row_starts[1:], n)
+    for i, (start, end) in enumerate(zip(row_starts, ends, strict=True)):
+        cur.append(i)
+        rows += end - start
+        size += group_bytes[i] if i < len(group_bytes) else 0
+        if rows >= TASK_ROWS or size >= TASK_BYTES:
+            tasks.append(tuple(cur))
+            cur, rows, size = [], 0, 0
+    if cur:
+        tasks.append(tuple(cur))
+    return tasks
+
+
+def epoch_plan(seed: int, epoch: int, train_rows: list[int], drop: int) -> list[tuple[int, int]]:
+    """(task, rows kept) in the order an epoch reads its tasks: a permutation seeded by
+    (seed, epoch), and the last `drop` rows of the epoch (after each task's own shuffle) left
+    out, so that an epoch holds whole global batches, as the in-memory path drops its
+    permutation's ragged tail. Pure."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(train_rows))
+    keep = [train_rows[t] for t in order]
+    for j in range(len(keep) - 1, -1, -1):
+        d = min(drop, keep[j])
+        keep[j] -= d
+        drop -= d
+    return [(int(t), k) for t, k in zip(order, keep, strict=True)]
+
+
+def task_seed(seed: int, epoch: int, task: int) -> list[int]:
+    """The seed of a read task's row shuffle in one epoch (numpy's SeedSequence entropy)."""
+    return [seed, epoch, task]
 
 
 def decode(table, spec: DataSpec) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int] | None]:
@@ -187,37 +229,70 @@ class StreamedData:
     plan: ParquetPlan
     streamed: bool = True
 
-    def ray_datasets(self, seed: int) -> dict:
+    def ray_datasets(
+        self, seed: int, batch_size: int, steps_per_epoch: int, total_steps: int, start_step: int = 0
+    ) -> dict:
         """The TorchTrainer's `datasets`: "train" (split across workers) and "val" (every worker
-        reads it and scores its share). One block per row group; the order in which train row
-        groups are read is seeded."""
+        reads it and scores its share).
+
+        "train" is every epoch the job still trains, from the epoch of `start_step` (the newest
+        checkpoint's step: a resume skips within one epoch, not all before it) to the last, in
+        one Ray Data execution: an execution per epoch costs each epoch a start (the executor,
+        the first read tasks) during which the workers wait. Each epoch reads the read tasks in
+        its own seeded order; each task shuffles its rows (seeded by seed, epoch, task) and
+        leaves out its share of the epoch's ragged tail (`epoch_plan`), so that an epoch is
+        exactly `steps_per_epoch` global batches. Every row carries "from_epoch", the epoch the
+        stream starts at, so that a worker's Feed knows which step its first batch is."""
         import ray.data
 
         ingest_options()  # progress bars off in the context the datasets copy
         plan = self.plan
-        groups = len(plan.row_starts)
+        tasks = read_tasks(plan.row_starts, plan.n, plan.group_bytes)
+        ends = (*plan.row_starts[1:], plan.n)
+        train_rows = [
+            sum(int((~plan.is_val(plan.row_starts[g], ends[g] - plan.row_starts[g])).sum()) for g in t)
+            for t in tasks
+        ]
+        drop = self.info.n_train - steps_per_epoch * batch_size
+        first = start_step // steps_per_epoch
+        last = -(-total_steps // steps_per_epoch)  # epochs the job trains, the last maybe partly
+        items = [
+            {"epoch": e, "task": t, "keep": k}
+            for e in range(first, max(last, first + 1))
+            for t, k in epoch_plan(seed, e, train_rows, drop)
+        ]
 
-        def reader(part: str):
-            def read(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-                parts = [plan.rows(int(i), part) for i in batch["id"]]
-                return {k: np.concatenate([p[k] for p in parts]) for k in ("x", "y", "row")}
+        def read_train(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            e, t, k = (int(batch[c][0]) for c in ("epoch", "task", "keep"))
+            parts = [plan.rows(g, "train") for g in tasks[t]]
+            out = {c: np.concatenate([p[c] for p in parts]) for c in ("x", "y", "row")}
+            take = np.random.default_rng(task_seed(seed, e, t)).permutation(len(out["y"]))[:k]
+            out = {c: v[take] for c, v in out.items()}
+            out["from_epoch"] = np.full(k, first, dtype=np.int64)
+            return out
 
-            return read
+        def read_val(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            parts = [plan.rows(g, "val") for g in tasks[int(batch["task"][0])]]
+            return {c: np.concatenate([p[c] for p in parts]) for c in ("x", "y", "row")}
 
-        def dataset(part: str):
-            ds = ray.data.range(groups, override_num_blocks=groups)
-            if part == "train":
-                ds = ds.randomize_block_order(seed=seed)
-            return ds.map_batches(reader(part), batch_size=1, batch_format="numpy", num_cpus=READ_TASK_CPUS)
+        def dataset(rows: list[dict], read):
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+            return ds.map_batches(read, batch_size=1, batch_format="numpy", num_cpus=READ_TASK_CPUS)
 
-        return {"train": dataset("train"), "val": dataset("val")}
+        return {
+            "train": dataset(items, read_train),
+            "val": dataset([{"task": t} for t in range(len(tasks))], read_val),
+        }
 
-    def local_shards(self, seed: int) -> dict:
+    def local_shards(
+        self, seed: int, batch_size: int, steps_per_epoch: int, total_steps: int, start_step: int = 0
+    ) -> dict:
         """The iterators one Ray Train worker of a 1-worker job gets, without Ray Train (tests and
         benches drive the loop through LocalSession(shards=...))."""
         out = {}
         options = ingest_options()
-        for name, ds in self.ray_datasets(seed).items():
+        datasets = self.ray_datasets(seed, batch_size, steps_per_epoch, total_steps, start_step)
+        for name, ds in datasets.items():
             ds.context.execution_options = options
             out[name] = ds.iterator()
         return out
@@ -276,8 +351,16 @@ def open_streamed(spec: DataSpec, path: str, filesystem) -> StreamedData:
     _, val_idx = sh.split_indices(n, spec.val_fraction)
     mask = np.zeros(n, dtype=bool)
     mask[val_idx.numpy()] = True
+    sizes = tuple(int(meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups))
     plan = ParquetPlan(
-        spec.uri, path, filesystem, spec.model_dump(mode="json"), starts, n, np.packbits(mask).tobytes()
+        spec.uri,
+        path,
+        filesystem,
+        spec.model_dump(mode="json"),
+        starts,
+        n,
+        np.packbits(mask).tobytes(),
+        sizes,
     )
     return StreamedData(scan(plan, len(val_idx)), plan)
 
@@ -337,18 +420,15 @@ def scan(plan: ParquetPlan, n_val: int) -> DataInfo:
 # --- worker side --------------------------------------------------------------------------
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The local shuffle's seed of an epoch (numpy seeds are below 2**32)."""
-    return (seed * 1_000_003 + epoch) % (2**32)
-
-
 class Feed:
-    """One rank's batches from its Ray Data shards ("train": its split of the training rows;
-    "val": all validation rows, of which it scores row % world == rank).
+    """One rank's batches from its Ray Data shards ("train": its split of the training stream,
+    `StreamedData.ray_datasets`; "val": all validation rows, of which it scores
+    row % world == rank).
 
-    `train_batch(step)` returns the batch of that step: the epoch's iterator is opened on the
-    first step of an epoch, or, after a resume in the middle of an epoch, opened and advanced
-    past the batches the checkpoint had already trained (see docs/reliability.md for what that
+    `train_batch(step)` returns the batch of that step: the stream is opened once, its first
+    batch says which epoch it starts at (from_epoch), and a step is the stream's batch
+    `step - from_epoch * steps_per_epoch`; after a resume in the middle of an epoch the batches
+    before the checkpoint's step are read and dropped (see docs/reliability.md for what that
     repeats exactly)."""
 
     def __init__(
@@ -363,37 +443,39 @@ class Feed:
         self.shards, self.batch, self.spe, self.seed = shards, per_rank_batch, steps_per_epoch, seed
         self.rank, self.world = rank, world
         self._it: Iterator | None = None
-        self._epoch: int | None = None
-        self._next = 0  # step in epoch the open iterator yields next
+        self._head: dict | None = None  # the stream's first batch, read to learn from_epoch
+        self._first_step = 0  # the step of the stream's first batch
+        self._next = 0  # index in the stream of the batch the open iterator yields next
 
-    def _open(self, epoch: int) -> None:
-        if self._it is not None:
-            # Finish the previous epoch's split (at most a ragged tail: drop_last) so that Ray
-            # Data's coordinator sees every rank done before the next epoch starts.
-            for _ in self._it:
-                pass
-        self._it = iter(
-            self.shards["train"].iter_torch_batches(
-                batch_size=self.batch,
-                drop_last=True,
-                local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, self.batch),
-                local_shuffle_seed=epoch_seed(self.seed, epoch),
-            )
-        )
-        self._epoch, self._next = epoch, 0
+    def _open(self) -> None:
+        self._it = iter(self.shards["train"].iter_torch_batches(batch_size=self.batch, drop_last=True))
+        self._head = next(self._it, None)
+        if self._head is None:
+            raise RuntimeError(f"rank {self.rank}: the streamed training split gave no batch")
+        self._first_step = int(self._head["from_epoch"][0]) * self.spe
+        self._next = 0
 
     def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, k = divmod(step, self.spe)
-        if epoch != self._epoch or k < self._next:
-            self._open(epoch)
+        if self._it is None:
+            self._open()
+        k = step - self._first_step
+        if k < 0:
+            raise RuntimeError(
+                f"rank {self.rank}: step {step} comes before the stream's first step {self._first_step} "
+                "(it starts at the newest listed checkpoint's epoch, which did not load)"
+            )
+        if k < self._next:
+            raise RuntimeError(f"rank {self.rank}: step {step} was already read from the stream")
         while True:
-            try:
-                b = next(self._it)
-            except StopIteration:
+            if self._head is not None:
+                b, self._head = self._head, None
+            else:
+                b = next(self._it, None)
+            if b is None:
                 raise RuntimeError(
-                    f"rank {self.rank}: the streamed epoch {epoch} ended after {self._next} batches; "
-                    f"{self.spe} were expected"
-                ) from None
+                    f"rank {self.rank}: the streamed data ended after {self._next} batches "
+                    f"(step {self._first_step + self._next}); step {step} was asked for"
+                )
             self._next += 1
             if self._next - 1 == k:
                 return b["x"], b["y"]
@@ -404,6 +486,14 @@ class Feed:
             mine = b["row"] % self.world == self.rank
             if mine.any():
                 yield b["x"][mine], b["y"][mine]
+
+
+def resume_step(arts) -> int:
+    """The newest listed checkpoint's step (0 without one): where a resumed run's stream
+    starts (its epoch). Listed, not verified: workers.checkpoint.load_latest decides."""
+    from workers.checkpoint import list_checkpoints
+
+    return max((step for step, _ in list_checkpoints(arts)), default=0)
 
 
 def memory_now() -> dict[str, int]:
