@@ -799,6 +799,12 @@ def _verify_checkpoints(dest: Path, names: list[str]) -> list[str]:
     return bad
 
 
+# At the end: api.sweep_cli builds on this module's helpers (_api, the options).
+from api.sweep_cli import sweep_app  # noqa: E402
+
+app.add_typer(sweep_app, name="sweep")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -199,6 +199,21 @@ class Client:
     def report(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}/report").json()
 
+    # --- sweeps ----------------------------------------------------------------------------------
+
+    def submit_sweep(self, request: dict) -> dict:
+        return self._request("POST", "/v1/sweeps", json=request).json()
+
+    def sweep(self, sweep_id: str, max_accuracy_drop: float | None = None) -> dict:
+        params = {"max_accuracy_drop": max_accuracy_drop} if max_accuracy_drop is not None else {}
+        return self._request("GET", f"/v1/sweeps/{sweep_id}", params=params).json()
+
+    def sweeps(self) -> dict:
+        return self._request("GET", "/v1/sweeps").json()
+
+    def cancel_sweep(self, sweep_id: str) -> dict:
+        return self._request("POST", f"/v1/sweeps/{sweep_id}/cancel").json()
+
     def metrics(self, job_id: str, kinds: list[str] | None = None) -> list[dict]:
         items, cursor = [], None
         while True:

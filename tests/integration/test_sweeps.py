@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import yaml
 
 from api.app import create_app
 from service.artifacts import ArtifactStore, JobArtifacts, LocalArtifactStore, open_store
@@ -97,6 +98,10 @@ class ReportingRay(FakeRay):
         ):
             return RayJobInfo(SUCCEEDED, "Job finished successfully.")
         return found
+
+
+def api_url(client: httpx.Client) -> str:
+    return str(client.base_url).rstrip("/")
 
 
 def app_factory():
@@ -304,3 +309,32 @@ def test_a_tpe_sweep_asks_optuna_for_each_trial(api):
         assert 0.5 <= t["params"]["compression.pruning.final_sparsity"] <= 0.95
         assert t["accuracy"] == fake_report(alice.get(f"/v1/jobs/{t['job_id']}").json()["spec"])["accuracy"]
     assert sweep["pareto"] and sweep["baseline_job"] is None
+
+
+def test_cli_submit_wait_shows_the_trials_and_front_marks_the_best(api, tmp_path):
+    from typer.testing import CliRunner
+
+    from api.cli import app as cli
+
+    alice, _, _ = api
+    runner, url = CliRunner(), ["--url", api_url(alice), "--token", ALICE]
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(sweep_body("cli-sweep")))
+    r = runner.invoke(
+        cli, ["sweep", "submit", str(f), "--wait", "--interval", "0.2", *url], env={"COLUMNS": "200"}
+    )
+    assert r.exit_code == 0, r.output
+    assert (
+        "succeeded, 4/4 trials over" in r.output and "0.8938" in r.output and "final_sparsity" in r.output
+    ), r.output
+    sweep_id = next(s["id"] for s in alice.get("/v1/sweeps").json()["items"] if s["name"] == "cli-sweep")
+    r = runner.invoke(
+        cli, ["sweep", "front", sweep_id, "--max-accuracy-drop", "7", *url], env={"COLUMNS": "200"}
+    )
+    assert r.exit_code == 0, r.output
+    front_rows = [line for line in r.output.splitlines() if "*" in line]
+    assert len(front_rows) == 3 and sum("best" in line for line in front_rows) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(sweep_body("x", grid={"compression.pruning.final_sparsty": [0.5]})))
+    r = runner.invoke(cli, ["sweep", "submit", str(bad), *url], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "grid.compression.pruning.final_sparsty" in r.output
