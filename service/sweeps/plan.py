@@ -249,6 +249,11 @@ def check_request(
         if path in req.grid or path in req.random:
             section = "grid" if path in req.grid else "random"
             raise _spec_error(f"{section}.{path}", f"cannot be swept: {RESERVED_PATHS[path]}")
+    # The count first: it is cheap, and a grid far above the limit is not validated value by value.
+    n = trial_count(req)
+    if max_trials is not None and n > max_trials:
+        field = "grid" if req.method == "grid" else ("samples" if req.samples else "max_trials")
+        raise _spec_error(field, f"{n} trials; this server allows at most {max_trials} per sweep")
     base_name = trial_name(req.name, 0)
     _validate_one(validate, {**req.base, "name": base_name}, "base", "base")
     for section, entries in (("grid", req.grid), ("random", req.random)):
@@ -269,10 +274,6 @@ def check_request(
             _validate_one(validate, spec, f"random.{path}.{end}", f"value {value!r}")
     if req.baseline:
         _validate_one(validate, baseline_spec(req), "base", "the dense baseline (base without compression)")
-    n = trial_count(req)
-    if max_trials is not None and n > max_trials:
-        field = "grid" if req.method == "grid" else ("samples" if req.samples else "max_trials")
-        raise _spec_error(field, f"{n} trials; this server allows at most {max_trials} per sweep")
     return n
 
 
