@@ -64,7 +64,7 @@ def test_streamed_epochs_hold_the_in_memory_samples_and_resume_exactly(ray_clust
     assert st.streamed and st.info.n_train == len(mem.x_train) == 800
     spe, batch, seed = 8, 100, 3  # 800 training rows: every one is in some batch of an epoch
 
-    feed = streaming.Feed(st.local_shards(seed), batch, spe, seed, rank=0, world=1)
+    feed = streaming.Feed(st.local_shards(seed, batch, spe, 2 * spe), batch, spe, seed, rank=0, world=1)
     got = [feed.train_batch(s) for s in range(2 * spe)]
     x0, y0 = got[0]
     assert x0.dtype == mem.x_train.dtype and x0.shape == (batch, *mem.x_train.shape[1:])
@@ -76,8 +76,10 @@ def test_streamed_epochs_hold_the_in_memory_samples_and_resume_exactly(ray_clust
         assert rows(torch.column_stack([xs, ys])) == rows(torch.column_stack([mem.x_train, mem.y_train]))
     assert not torch.equal(got[0][0], got[spe][0])  # each epoch its own (seeded) order
 
-    # A resume in the middle of epoch 1 (step 11), with new iterators: the same batches.
-    again = streaming.Feed(st.local_shards(seed), batch, spe, seed, rank=0, world=1)
+    # A resume in the middle of epoch 1 (step 11), with new iterators: the same batches, from a
+    # stream that starts at epoch 1 (the driver starts it at the newest checkpoint's epoch).
+    shards = st.local_shards(seed, batch, spe, 2 * spe, start_step=11)
+    again = streaming.Feed(shards, batch, spe, seed, rank=0, world=1)
     for s in range(11, 2 * spe):
         x, y = again.train_batch(s)
         assert torch.equal(x, got[s][0]) and torch.equal(y, got[s][1])
@@ -104,7 +106,10 @@ def test_one_worker_resumed_from_a_mid_epoch_checkpoint_ends_as_an_uninterrupted
     assert data.streamed
 
     def session(job):
-        return LocalSession(store, job, shards=data.local_shards(spec.train.seed))
+        # What the driver does: the stream starts at the newest checkpoint's epoch.
+        start = streaming.resume_step(JobArtifacts(store, job))
+        shards = data.local_shards(spec.train.seed, 100, 8, 16, start_step=start)
+        return LocalSession(store, job, shards=shards)
 
     train(spec, data, session("whole"))
     with pytest.raises(RuntimeError, match="injected"):
@@ -120,15 +125,18 @@ def test_ddp_job_on_parquet_several_times_a_workers_memory_cap(ray_cluster, stor
     """A 2-worker DDP job, workers at 0.5 CPU on the 2-CPU head (Ray Data keeps 1: no
     "backpressured ... 0 CPU" hang; the thread join bounds the test if it did hang), through one
     epoch of a file 4x the cap. The cap is measured, not enforced: once a worker is warm (after
-    its first evaluation, at step 10: imports, process group, model, Ray Data's executor for the
+    its first evaluation, at step 12: imports, process group, model, Ray Data's executor for the
     validation split and the first blocks in place), its private resident memory (RssAnon,
     sampled every 50 ms) never exceeds what it was then by more than a quarter of the dataset's
-    feature bytes while it streams the other 84% of the epoch and evaluates 6 more times.
-    Holding its share of the rows would break it. Shared pages (Ray object-store blocks read
-    zero-copy) are printed, not capped: the store's size bounds them."""
+    feature bytes while it streams the other 68% of the epoch and evaluates 3 more times.
+    Holding its share of the rows (40% of the file) would break it. Shared pages (Ray
+    object-store blocks read zero-copy) are printed, not capped: the store's size bounds them.
+    Sized for CI: 24,000 rows (47 MiB, cap 11.7 MiB) and 4 evaluations, each a Ray Data
+    execution per rank, which is where such a job's time goes; 40,000 rows and 7 evaluations
+    took 4 minutes."""
     from workers.driver import run_job
 
-    nbytes = write_parquet(store, tmp_path, "big.parquet", n=40_000, f=512, row_group=1_000)
+    nbytes = write_parquet(store, tmp_path, "big.parquet", n=24_000, f=512, row_group=1_000)
     cap = nbytes // 4
     spec = parse_spec(
         {
@@ -141,7 +149,7 @@ def test_ddp_job_on_parquet_several_times_a_workers_memory_cap(ray_cluster, stor
                 "lr": 0.05,
                 "seed": 0,
                 "log_every_steps": 20,
-                "eval_every_steps": 10,
+                "eval_every_steps": 12,
             },
             "parallel": {"strategy": "ddp", "workers": 2},
             "checkpoint": {"every_steps": 1000},
@@ -166,7 +174,7 @@ def test_ddp_job_on_parquet_several_times_a_workers_memory_cap(ray_cluster, stor
         for line in JobArtifacts(store, "streamed-ddp").get_bytes("metrics.jsonl").decode().splitlines()
     ]
     done = next(r for r in records if r.get("event") == "done")
-    assert done["step"] == 32_000 // 512
+    assert done["step"] == 19_200 // 512
     mem = done["worker_memory"]
     growth = [m["peak"]["anon"] - m["first_eval"]["anon"] for m in mem]
     mib = 2**20
