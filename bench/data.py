@@ -5,8 +5,8 @@ For each size a deterministic parquet file (float32 features in one list column,
 row groups of 2,000 rows) goes into a local artifact store, and the same 2-worker DDP job (an MLP
 whose step is not trivially cheap) runs twice through the real driver on an embedded 2-CPU Ray
 head: `data.streaming: off` (the whole set loaded, ray.put and copied into each worker) and `on`
-(read by Ray Data, one task per row group, each worker iterating its shard). Each run trains
-`--steps` optimizer steps.
+(read by Ray Data in one execution across epochs, read tasks of up to 4,096 rows, each worker
+iterating its shard). Each run trains `--steps` optimizer steps.
 
 - peak RSS per worker: the larger of the two workers' peak resident memory over the training
   loop (sampled every 50 ms from /proc/self/status: VmRSS, and RssAnon, the private part, which
