@@ -102,7 +102,13 @@ def test_operational_routes_are_open(api):
     assert api.anon.get("/healthz").json() == {"status": "ok", "checks": {}}
     r = api.anon.get("/readyz")
     assert r.status_code == 200
-    assert r.json()["checks"] == {"database": "ok", "reconciler": "ok", "scheduler": "ok", "ingest": "ok"}
+    assert r.json()["checks"] == {
+        "database": "ok",
+        "reconciler": "ok",
+        "scheduler": "ok",
+        "ingest": "ok",
+        "sweeps": "ok",
+    }
 
 
 def test_submit_answers_201_with_the_queued_job(api):

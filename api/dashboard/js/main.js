@@ -8,6 +8,7 @@ import * as job from "./pages/job.js";
 import * as submit from "./pages/submit.js";
 import * as compare from "./pages/compare.js";
 import * as cluster from "./pages/cluster.js";
+import * as sweeps from "./pages/sweeps.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -28,6 +29,7 @@ function pageFor(path) {
   if (path[0] === "submit") return [submit, {}];
   if (path[0] === "compare") return [compare, {}];
   if (path[0] === "cluster") return [cluster, {}];
+  if (path[0] === "sweeps") return [sweeps, { id: path[1] }];
   return [jobs, {}];
 }
 
