@@ -340,66 +340,95 @@ def from_text(raw: bytes, spec: DataSpec, tokenizer_json: bytes | None) -> Raw:
 # --- image folders ------------------------------------------------------------------------
 
 
-def from_images(members: Iterator[tuple[str, bytes]], spec: DataSpec) -> Raw:
+def decode_image(name: str, data: bytes, size: int | None) -> tuple[str, np.ndarray] | None:
+    """(class folder, pixels [H, W, C] float32 0-255) of one archive entry, None for archive
+    noise (hidden files, macOS resource forks). The streamed path decodes with it too."""
     from PIL import Image, UnidentifiedImageError
 
-    size = spec.image_size
+    parts = name.split("/")
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return None  # hidden files and macOS resource forks are archive noise, not samples
+    if len(parts) < 2:
+        raise ConfigError(f"data.uri: archive entry {name!r} is not inside a class folder")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ConfigError(
+                    f"data.uri: archive entry {name!r} is {img.width}x{img.height}, "
+                    f"over {MAX_IMAGE_PIXELS} pixels"
+                )
+            # gray stays one channel; if any image is colour, all become RGB (`image_array`)
+            img = img.convert("L" if img.mode in _GRAY_MODES else "RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            px = np.asarray(img, dtype=np.float32)
+            px = px[:, :, None] if px.ndim == 2 else px
+    except ConfigError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ConfigError(f"data.uri: archive entry {name!r} is not a readable image ({e})") from None
+    return "/".join(parts[:-1]), px
+
+
+def check_image_shape(name: str, px: np.ndarray, shape: tuple[int, int] | None) -> tuple[int, int]:
+    if shape is not None and px.shape[:2] != shape:
+        raise ConfigError(
+            f"data.uri: archive entry {name!r} is {px.shape[1]}x{px.shape[0]}, the first image "
+            f"{shape[1]}x{shape[0]}; set data.image_size to resize them all"
+        )
+    return px.shape[:2]
+
+
+def class_index(folders: set[str]) -> dict[str, int]:
+    """Class folder -> label: the folder's position in sorted order; the folders must be
+    siblings, at least two."""
+    if not folders:
+        raise ConfigError("data.uri: no images found; the archive needs one folder per class")
+    ordered = sorted(folders)
+    depth = {c.count("/") for c in ordered}
+    parents = {c.rpartition("/")[0] for c in ordered}
+    if len(depth) != 1 or len(parents) != 1:
+        raise ConfigError(
+            f"data.uri: class folders must be siblings (found {', '.join(ordered[:5])}); "
+            "put one folder per class at the archive's top (or under one common folder)"
+        )
+    if len(ordered) < 2:
+        raise ConfigError(f"data.uri: one class folder ({ordered[0]!r}); classification needs at least 2")
+    return {c: i for i, c in enumerate(ordered)}
+
+
+def sample_key(name: str) -> tuple[str, str]:
+    """Archive order is whatever the packer wrote; sorting by file name (then folder) makes the
+    sample order, hence the train/validation split, a function of the contents alone, and
+    keeps a numbered export (00000.png, 00001.png, ... across class folders) in its order."""
+    return name.rpartition("/")[2], name
+
+
+def image_array(pxs: list[np.ndarray], shape: tuple[int, int], channels: int) -> np.ndarray:
+    """Images [H, W, c] as one float32 array [N, channels*H*W] (NCHW flattened); gray
+    replicated into R, G and B is what Pillow's own L -> RGB conversion gives."""
+    x = np.stack([np.broadcast_to(px, (*shape, channels)) for px in pxs]).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x).reshape(len(pxs), -1)
+
+
+def from_images(members: Iterator[tuple[str, bytes]], spec: DataSpec) -> Raw:
     items: list[tuple[str, str, np.ndarray]] = []  # (class folder, entry, pixels [H, W, C])
     shape = None  # (H, W) of the first image
     for name, data in members:
-        parts = name.split("/")
-        if any(p.startswith(".") or p == "__MACOSX" for p in parts):
-            continue  # hidden files and macOS resource forks are archive noise, not samples
-        if len(parts) < 2:
-            raise ConfigError(f"data.uri: archive entry {name!r} is not inside a class folder")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise ConfigError(
-                        f"data.uri: archive entry {name!r} is {img.width}x{img.height}, "
-                        f"over {MAX_IMAGE_PIXELS} pixels"
-                    )
-                # gray stays one channel; if any image is colour, all become RGB below
-                img = img.convert("L" if img.mode in _GRAY_MODES else "RGB")
-                if size is not None and img.size != (size, size):
-                    img = img.resize((size, size), Image.Resampling.BILINEAR)
-                px = np.asarray(img, dtype=np.float32)
-                px = px[:, :, None] if px.ndim == 2 else px
-        except ConfigError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ConfigError(f"data.uri: archive entry {name!r} is not a readable image ({e})") from None
-        if shape is None:
-            shape = px.shape[:2]
-        elif px.shape[:2] != shape:
-            raise ConfigError(
-                f"data.uri: archive entry {name!r} is {px.shape[1]}x{px.shape[0]}, the first image "
-                f"{shape[1]}x{shape[0]}; set data.image_size to resize them all"
-            )
-        items.append(("/".join(parts[:-1]), name, px))
-    if not items:
-        raise ConfigError("data.uri: no images found; the archive needs one folder per class")
-    folders = sorted({c for c, _, _ in items})
-    depth = {c.count("/") for c in folders}
-    parents = {c.rpartition("/")[0] for c in folders}
-    if len(depth) != 1 or len(parents) != 1:
-        raise ConfigError(
-            f"data.uri: class folders must be siblings (found {', '.join(folders[:5])}); "
-            "put one folder per class at the archive's top (or under one common folder)"
-        )
-    if len(folders) < 2:
-        raise ConfigError(f"data.uri: one class folder ({folders[0]!r}); classification needs at least 2")
-    index = {c: i for i, c in enumerate(folders)}
-    # Archive order is whatever the packer wrote; sorting by file name (then folder) makes the
-    # sample order, hence the train/validation split, a function of the contents alone, and
-    # keeps a numbered export (00000.png, 00001.png, ... across class folders) in its order.
-    items.sort(key=lambda it: (it[1].rpartition("/")[2], it[1]))
-    # Gray replicated into R, G and B is what Pillow's own L -> RGB conversion gives.
+        got = decode_image(name, data, spec.image_size)
+        if got is None:
+            continue
+        folder, px = got
+        shape = check_image_shape(name, px, shape)
+        items.append((folder, name, px))
+    index = class_index({c for c, _, _ in items})
+    folders = sorted(index)
+    items.sort(key=lambda it: sample_key(it[1]))
     channels = max(px.shape[2] for _, _, px in items)
-    x = np.stack([np.broadcast_to(px, (*shape, channels)) for _, _, px in items]).transpose(0, 3, 1, 2)
+    x = image_array([px for _, _, px in items], shape, channels)
     y = np.array([index[c] for c, _, _ in items], dtype=np.int64)
     names = [c.rpartition("/")[2] for c in folders]
     source = (
         f"{spec.uri}: {len(items)} images, classes {', '.join(names[:10])}{'...' if len(names) > 10 else ''}"
     )
-    return Raw(np.ascontiguousarray(x).reshape(len(x), -1), y, tuple(x.shape[1:]), source, len(folders))
+    return Raw(x, y, (channels, *shape), source, len(folders))
