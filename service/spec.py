@@ -631,8 +631,8 @@ def streaming_unsupported(spec: DataSpec, strategy: str) -> str | None:
     if spec.uri is None:
         return "built-in datasets load in memory"
     fmt = spec.resolved_format
-    if fmt != "parquet":
-        return f"only parquet files stream (this is {fmt})"
+    if fmt not in ("parquet", "image_zip"):
+        return f"only parquet files and image zip archives stream (this is {fmt})"
     if spec.token_column is not None and spec.label_column is None:
         return "token_column without label_column (language-modelling blocks) loads in memory"
     if strategy != "ddp":
