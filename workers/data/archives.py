@@ -91,14 +91,13 @@ class _Budget:
             )
 
 
-def iter_zip(
-    raw: bytes, field: str = "data.uri", limits: Limits | None = None
-) -> Iterator[tuple[str, bytes]]:
-    """(path, bytes) of each file in a zip, in archive order; folders are skipped."""
+def iter_zip(raw, field: str = "data.uri", limits: Limits | None = None) -> Iterator[tuple[str, bytes]]:
+    """(path, bytes) of each file in a zip (its bytes, or a seekable binary file: the streamed
+    path reads the archive where it lies), in archive order; folders are skipped."""
     limits = limits or LIMITS  # read at call time, so a test or an operator can tighten it
     budget = _Budget(limits, field)
     try:
-        zf = zipfile.ZipFile(io.BytesIO(raw))
+        zf = zipfile.ZipFile(io.BytesIO(raw) if isinstance(raw, bytes | bytearray | memoryview) else raw)
         infos = zf.infolist()
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as e:
         raise ConfigError(f"{field}: not a readable zip archive ({e})") from None

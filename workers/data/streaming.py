@@ -97,26 +97,23 @@ def ingest_options():
 
 
 @dataclass(frozen=True)
-class ParquetPlan:
+class Plan:
     """Everything a Ray Data read task needs: picklable and small (the validation rows travel
-    as a bit set, n/8 bytes)."""
+    as a bit set, n/8 bytes). A "group" is the unit a read task reads whole: a parquet row
+    group, or a run of images of a zip archive. Subclasses say how a group's samples decode."""
 
     uri: str
     path: str
     filesystem: object  # pyarrow.fs.FileSystem
     spec: dict  # the DataSpec (columns, layout), as JSON
-    row_starts: tuple[int, ...]  # first row of each row group
+    row_starts: tuple[int, ...]  # first sample of each group
     n: int
     val_bits: bytes
-    group_bytes: tuple[int, ...] = ()  # each row group's uncompressed bytes (parquet metadata)
+    group_bytes: tuple[int, ...] = ()  # each group's decoded bytes (an estimate for parquet)
 
     @property
     def data_spec(self) -> DataSpec:
         return DataSpec.model_validate(self.spec)
-
-    def columns(self) -> list[str]:
-        s = self.data_spec
-        return [c for c in [*(s.feature_columns or []), s.token_column, s.label_column] if c is not None]
 
     def is_val(self, start: int, count: int) -> np.ndarray:
         """Whether each of the rows start..start+count-1 is in the validation split."""
@@ -124,6 +121,24 @@ class ParquetPlan:
         bits = np.unpackbits(np.frombuffer(self.val_bits, np.uint8)[lo:hi])
         off = start - lo * 8
         return bits[off : off + count].astype(bool)
+
+    def rows(self, i: int, part: str) -> dict[str, np.ndarray]:
+        """Group i's samples of one split ("train" or "val"): x, y and each row's position."""
+        x, y = self.samples(i)  # each format's plan (a subclass) decodes its own groups
+        start = self.row_starts[i]
+        val = self.is_val(start, len(y))
+        keep = val if part == "val" else ~val
+        row = np.arange(start, start + len(y), dtype=np.int64)
+        return {"x": x[keep], "y": y[keep].astype(np.int64), "row": row[keep]}
+
+
+@dataclass(frozen=True)
+class ParquetPlan(Plan):
+    """A parquet file: a group is a row group."""
+
+    def columns(self) -> list[str]:
+        s = self.data_spec
+        return [c for c in [*(s.feature_columns or []), s.token_column, s.label_column] if c is not None]
 
     def read_group(self, i: int):
         import pyarrow as pa
@@ -135,15 +150,49 @@ class ParquetPlan:
         except (pa.ArrowException, OSError, ValueError) as e:
             raise ConfigError(f"data.uri: {self.uri}: row group {i} is not readable parquet ({e})") from None
 
-    def rows(self, i: int, part: str) -> dict[str, np.ndarray]:
-        """Row group i's samples of one split ("train" or "val"): x, y and each row's position."""
-        spec = self.data_spec
-        x, y, _ = decode(self.read_group(i), spec)
+    def samples(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y, _ = decode(self.read_group(i), self.data_spec)
+        return x, y
+
+
+@dataclass(frozen=True)
+class ZipPlan(Plan):
+    """An image zip (one folder per class): a group is a run of images in sample order (by file
+    name, as workers/data/formats.from_images orders them), decoded by the in-memory path's
+    own functions. Read tasks open the archive where it lies (zip is random access; a tar is
+    not, and loads in memory)."""
+
+    members: tuple[str, ...] = ()  # entries in sample order
+    labels: bytes = b""  # int64 label of each sample, in sample order
+    shape: tuple[int, int] = (0, 0)  # (H, W) of every image
+    channels: int = 1
+
+    def samples(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        import zipfile
+        import zlib
+
+        from workers.data import archives
+
         start = self.row_starts[i]
-        val = self.is_val(start, len(y))
-        keep = val if part == "val" else ~val
-        row = np.arange(start, start + len(y), dtype=np.int64)
-        return {"x": x[keep], "y": y[keep].astype(np.int64), "row": row[keep]}
+        end = self.row_starts[i + 1] if i + 1 < len(self.row_starts) else self.n
+        size = self.data_spec.image_size
+        pxs = []
+        try:
+            with self.filesystem.open_input_file(self.path) as f, zipfile.ZipFile(f) as zf:
+                for name in self.members[start:end]:
+                    with zf.open(name) as m:
+                        data = archives._read_capped(m, archives.LIMITS.max_entry_bytes, name, "data.uri")
+                    got = F.decode_image(name, data, size)
+                    if got is None:  # the plan lists samples only: the archive changed
+                        raise ConfigError(f"data.uri: {self.uri}: entry {name!r} is no longer an image")
+                    pxs.append(got[1])
+                    F.check_image_shape(name, got[1], self.shape)
+        except (zipfile.BadZipFile, zlib.error, KeyError, OSError, EOFError) as e:
+            raise ConfigError(
+                f"data.uri: {self.uri}: images {start}..{end - 1} are not readable ({e})"
+            ) from None
+        y = np.frombuffer(self.labels, np.int64)[start:end]
+        return F.image_array(pxs, self.shape, self.channels), y
 
 
 def read_tasks(row_starts: tuple[int, ...], n: int, group_bytes: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -226,7 +275,7 @@ class StreamedData:
     rows. `streamed` tells the training loop to read batches from its Ray Data shard."""
 
     info: DataInfo
-    plan: ParquetPlan
+    plan: Plan
     streamed: bool = True
 
     def ray_datasets(
@@ -332,6 +381,92 @@ class StreamedData:
 
 
 def open_streamed(spec: DataSpec, path: str, filesystem) -> StreamedData:
+    """Plan and check a dataset for streaming: one pass, a row group (an image) at a time,
+    raising ConfigError for what the in-memory path refuses."""
+    if spec.resolved_format == "image_zip":
+        return open_zip(spec, path, filesystem)
+    return open_parquet(spec, path, filesystem)
+
+
+def open_zip(spec: DataSpec, path: str, filesystem) -> StreamedData:
+    """One pass over the archive, an entry at a time (workers/data/archives.iter_zip: names,
+    links, sizes and bombs checked as on the in-memory path), decoding each image to learn the
+    classes, the shape, the channels and, per image, the sums the training split's mean and std
+    need; the images are then read again by the read tasks."""
+    from workers.data import archives
+
+    names: list[str] = []
+    folders: list[str] = []
+    stats: list[tuple[float, float, int, int]] = []  # sum, sum of squares, values, channels
+    shape = None
+    try:
+        f = filesystem.open_input_file(path)
+    except OSError as e:
+        raise ConfigError(f"data.uri: {spec.uri} is not readable ({e})") from None
+    with f:
+        for name, data in archives.iter_zip(f, "data.uri"):
+            got = F.decode_image(name, data, spec.image_size)
+            if got is None:
+                continue
+            folder, px = got
+            shape = F.check_image_shape(name, px, shape)
+            p64 = px.astype(np.float64)
+            names.append(name)
+            folders.append(folder)
+            stats.append((float(p64.sum()), float(np.square(p64).sum()), px.size, px.shape[2]))
+    index = F.class_index(set(folders))
+    n = len(names)
+    if n < F.MIN_SAMPLES:
+        raise ConfigError(f"data.uri: {spec.uri} gives {n} samples; at least {F.MIN_SAMPLES} are needed")
+    order = sorted(range(n), key=lambda i: F.sample_key(names[i]))
+    channels = max(st[3] for st in stats)
+    _, val_idx = sh.split_indices(n, spec.val_fraction)
+    mask = np.zeros(n, dtype=bool)
+    mask[val_idx.numpy()] = True
+    total = total_sq = 0.0
+    count = 0
+    for pos, i in enumerate(order):
+        if not mask[pos]:
+            s, q, c, ch = stats[i]
+            rep = channels // ch  # gray replicated into R, G and B
+            total, total_sq, count = total + s * rep, total_sq + q * rep, count + c * rep
+    mean = total / count
+    std = max(float(np.sqrt(max(total_sq - count * mean * mean, 0.0) / max(count - 1, 1))), 1e-6)
+    image_bytes = channels * shape[0] * shape[1] * 4
+    per = max(1, min(TASK_ROWS, TASK_BYTES // image_bytes))
+    starts = tuple(range(0, n, per))
+    plan = ZipPlan(
+        spec.uri,
+        path,
+        filesystem,
+        spec.model_dump(mode="json"),
+        starts,
+        n,
+        np.packbits(mask).tobytes(),
+        tuple(min(per, n - s) * image_bytes for s in starts),
+        members=tuple(names[i] for i in order),
+        labels=np.array([index[folders[i]] for i in order], dtype=np.int64).tobytes(),
+        shape=shape,
+        channels=channels,
+    )
+    classes = [c.rpartition("/")[2] for c in sorted(index)]
+    info = DataInfo(
+        kind="image",
+        input_shape=(channels * shape[0] * shape[1],),
+        input_dtype="float32",
+        num_classes=len(index),
+        image_shape=(channels, *shape),
+        mean=float(mean),
+        std=std,
+        n_train=n - len(val_idx),
+        n_val=len(val_idx),
+        source=f"{spec.uri}: {n} images, classes {', '.join(classes[:10])}{'...' * (len(classes) > 10)}",
+        vocab_size=None,
+    )
+    return StreamedData(info, plan)
+
+
+def open_parquet(spec: DataSpec, path: str, filesystem) -> StreamedData:
     """Plan and check a parquet file for streaming: one pass, a row group at a time (memory: one
     row group), raising ConfigError for what the in-memory path refuses."""
     import pyarrow as pa
