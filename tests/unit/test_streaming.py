@@ -232,3 +232,55 @@ def test_epoch_plan_is_a_seeded_permutation_that_drops_the_ragged_tail(drop):
     assert plan == streaming.epoch_plan(3, 1, rows, drop)
     orders = {tuple(t for t, _ in streaming.epoch_plan(3, e, rows, drop)) for e in range(6)}
     assert len(orders) > 1  # each epoch its own order
+
+
+def _png(px: np.ndarray, mode: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(px.astype(np.uint8), mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_zip_streams_the_in_memory_samples(store, tmp_path, monkeypatch):
+    """An image zip (3 class folders, gray and colour PNGs of two sizes, resized, archive noise
+    and names out of order): the same DataInfo, training samples and validation split as the
+    in-memory path, read in runs of images as the Ray Data tasks read them."""
+    import zipfile
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("__MACOSX/._x.png", b"junk")
+        for i in rng.permutation(60):
+            side = 6 if i % 2 else 9
+            rgb = i % 5 == 0
+            px = rng.integers(0, 255, (side, side, 3) if rgb else (side, side))
+            z.writestr(f"top/c{i % 3}/{i:03d}.png", _png(px, "RGB" if rgb else "L"))
+    store.put_file("datasets/imgs.zip", src)
+    spec = DataSpec(uri="store://datasets/imgs.zip", resolved_uri="datasets/imgs.zip", image_size=8)
+    mem = load_dataset(spec, store)
+    monkeypatch.setattr(streaming, "TASK_ROWS", 7)  # several groups
+    st = load_for_job(spec.model_copy(update={"streaming": "on"}), "ddp", store)
+    assert st.streamed and len(st.plan.row_starts) == 9
+    a, b = mem.info.to_dict(), st.info.to_dict()
+    assert b.pop("mean") == pytest.approx(a.pop("mean"), rel=1e-6)
+    assert b.pop("std") == pytest.approx(a.pop("std"), rel=1e-6)
+    assert a == b
+    assert tuple(a["image_shape"]) == (3, 8, 8)  # gray replicated: one colour image makes all RGB
+    import pickle
+
+    plan = pickle.loads(pickle.dumps(st.plan))  # as Ray Data's read tasks get it
+    parts = [plan.rows(i, "train") for i in range(len(plan.row_starts))]
+    x, y = np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])
+    assert x.dtype == np.float32 and y.dtype == np.int64
+    got = sorted(map(tuple, np.column_stack([x, y]).tolist()))
+    assert got == sorted(map(tuple, np.column_stack([mem.x_train.numpy(), mem.y_train.numpy()]).tolist()))
+    exp = st.for_export(calibration_rows=5)
+    assert torch.equal(exp.x_val, mem.x_val) and torch.equal(exp.y_val, mem.y_val)
+    # tar is not random access: it loads in memory (on: refused, naming data.streaming)
+    tar = DataSpec(uri="store://datasets/i.tar", resolved_uri="datasets/i.tar", streaming="on")
+    with pytest.raises(ConfigError, match="data.streaming"):
+        streaming.wants_streaming(tar, "ddp", 10**9, 0)
