@@ -20,8 +20,14 @@ from service.sweeps.plan import check_request, parse_request
 
 sweep_app = typer.Typer(no_args_is_help=True, help="Sweeps: many trials of one spec and their Pareto front.")
 
-_OVER = {"succeeded", "failed", "cancelled"}
-_STATE_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
+_OVER = {"succeeded", "failed", "cancelled", "pruned"}
+_STATE_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "pruned": "yellow",
+    "running": "cyan",
+}
 
 
 def _num(v: float | None, fmt: str) -> str:

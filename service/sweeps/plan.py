@@ -84,6 +84,16 @@ class Range(Strict):
         return self
 
 
+class EarlyStopping(Strict):
+    """Median stopping (Golovin et al., Google Vizier): a running trial whose best validation
+    accuracy so far is below the median of the succeeded trials' best at the same step is
+    stopped and reported as `pruned`."""
+
+    rule: Literal["median"] = "median"
+    min_trials: int = Field(default=3, ge=1, description="Succeeded trials needed before any is stopped.")
+    grace_steps: int = Field(default=0, ge=0, description="No trial is stopped before this step.")
+
+
 class SweepRequest(Strict):
     """`POST /v1/sweeps`. `base` is a job spec; each trial is `base` with its parameters set."""
 
@@ -109,6 +119,9 @@ class SweepRequest(Strict):
         "names it as compression.baseline_job.",
     )
     seed: int = Field(default=0, ge=0, description="Seed of random draws and of the tpe sampler.")
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="Stop trials that cannot reach the front (reported as `pruned`)."
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> SweepRequest:

@@ -37,6 +37,7 @@ from service.sweeps.plan import (
     planned_params,
     trial_spec,
 )
+from service.sweeps.stopping import median_stop
 
 if TYPE_CHECKING:
     from service.job_service import JobService
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
+PRUNED = "pruned"  # a trial stopped early by the sweep (its job is cancelled)
 SWEEP_STATES = (RUNNING, SUCCEEDED, FAILED, CANCELLED)
 _TERMINAL_JOB = {s.value for s in JobState if s.terminal}
 
@@ -229,7 +231,9 @@ class SweepService:
                     index=t.trial_index,
                     job_id=t.job_id,
                     params=t.params,
-                    state=job_state or res.get("state") or JobState.FAILED.value,
+                    state=PRUNED
+                    if res.get("state") == PRUNED
+                    else (job_state or res.get("state") or JobState.FAILED.value),
                     values=values,
                     error=t.error or res.get("error"),
                 )
@@ -331,6 +335,8 @@ class SweepService:
         for t, job_state in rows:
             if t.result is None and job_state in _TERMINAL_JOB:
                 self._record(t, job_state)
+        if req.early_stopping is not None:
+            self._early_stop(req, self._rows(sweep_id))
         rows = self._rows(sweep_id)
         trials = [(st or (t.result or {}).get("state", FAILED), t.result is not None) for t, st in rows]
         step = next_step(sweep.state, sweep.total_trials, req.max_concurrent, baseline_state, trials)
@@ -371,6 +377,54 @@ class SweepService:
                 )
                 .values(result=result)
             )
+
+    def _curve(self, job_id: str) -> list[tuple[int, float]]:
+        page = self.jobs.store.metrics(job_id, kinds=["eval"], limit=100_000)
+        return [
+            (m.step, float(m.data["val_accuracy"]))
+            for m in page.items
+            if m.step is not None and isinstance(m.data.get("val_accuracy"), int | float)
+        ]
+
+    def _early_stop(self, req: SweepRequest, rows) -> None:
+        """Median stopping: a running trial below the succeeded trials' median is recorded as
+        `pruned` first, then its job cancelled; a crash in between is finished by the next tick
+        (a pruned trial whose job is still live)."""
+        es = req.early_stopping
+        live = [(t, st) for t, st in rows if st is not None and st not in _TERMINAL_JOB]
+        for t, _ in live:
+            if (t.result or {}).get("state") == PRUNED:
+                self._cancel_pruned(t)
+        candidates = [t for t, st in live if t.result is None and st == JobState.RUNNING]
+        if not candidates:
+            return
+        finished = [self._curve(t.job_id) for t, st in rows if st == JobState.SUCCEEDED]
+        for t in candidates:
+            curve = self._curve(t.job_id)
+            if median_stop(curve, finished, es.min_trials, es.grace_steps):
+                best = max(v for _, v in curve)
+                why = (
+                    f"pruned: best val_accuracy {best:.4f} by step {curve[-1][0]} is below the "
+                    "median of the finished trials'"
+                )
+                with self.db.write() as s:
+                    s.execute(
+                        update(SweepTrial)
+                        .where(
+                            SweepTrial.sweep_id == t.sweep_id,
+                            SweepTrial.trial_index == t.trial_index,
+                            SweepTrial.result.is_(None),
+                        )
+                        .values(result={"state": PRUNED, "error": why})
+                    )
+                log.info("sweep %s: trial %d %s", t.sweep_id, t.trial_index, why)
+                self._cancel_pruned(t)
+
+    def _cancel_pruned(self, t: SweepTrial) -> None:
+        with self.db.read() as s:
+            tenant = s.get(Job, t.job_id).tenant_id
+        with contextlib.suppress(InvalidTransition):
+            self.jobs.cancel(tenant, t.job_id)
 
     def _record_baseline(self, sweep: Sweep, job_state: str) -> None:
         report = None

@@ -11,6 +11,7 @@ survives the API's death as a real cluster's jobs would."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -87,7 +88,11 @@ class ReportingRay(FakeRay):
 
     def _finish(self, submission_id: str, job_id: str) -> None:
         arts = JobArtifacts(self.artifacts, job_id)
-        arts.put_json("report.json", fake_report(arts.get_json("spec.json")))
+        report = fake_report(arts.get_json("spec.json"))
+        # A validation curve ending at the report's accuracy (what early stopping compares).
+        evals = [{"kind": "eval", "step": n, "val_accuracy": report["accuracy"] - 0.1 / n} for n in (10, 20)]
+        arts.put_bytes("metrics.jsonl", "".join(json.dumps(e) + "\n" for e in evals).encode())
+        arts.put_json("report.json", report)
         arts.write_manifest()
         self.set(submission_id, SUCCEEDED, "Job finished successfully.", log="driver: done\n")
 
@@ -338,3 +343,52 @@ def test_cli_submit_wait_shows_the_trials_and_front_marks_the_best(api, tmp_path
     bad.write_text(yaml.safe_dump(sweep_body("x", grid={"compression.pruning.final_sparsty": [0.5]})))
     r = runner.invoke(cli, ["sweep", "submit", str(bad), *url], env={"COLUMNS": "200"})
     assert r.exit_code == 2 and "grid.compression.pruning.final_sparsty" in r.output
+
+
+def test_median_stopping_prunes_a_trial_below_the_finished_ones(tmp_path):
+    """In process, the loops ticked by hand: two trials finish with their validation curves, the
+    third reports a curve below their median while running and is pruned (its job cancelled),
+    and the sweep goes on to the fourth."""
+    from service.job_service import JobService
+    from service.store.db import Database
+    from service.store.repo import Store
+
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.upgrade()
+    artifacts = LocalArtifactStore(tmp_path / "artifacts")
+    ray = ReportingRay(artifacts=artifacts)
+    svc = JobService(Settings(data_dir=tmp_path), Store(db), ray, artifacts)
+    grid = {"compression.pruning.final_sparsity": [0.5, 0.6, 0.7, 0.8]}
+    body = sweep_body("es", grid=grid, baseline=False, max_concurrent=1, early_stopping={"min_trials": 2})
+    sweep_id = svc.sweeps.submit("t", json.dumps(body).encode()).id
+
+    def trials(tick=True):
+        if tick:
+            svc.reconciler.tick(), svc.scheduler.tick(), svc.ingester.tick(), svc.sweeps.tick()
+        return svc.sweeps.get("t", sweep_id).trials
+
+    # Trial 2 is created in the tick that records trial 1, and submitted in the next one.
+    wait_for(lambda: [t.state for t in trials()][:2] == ["succeeded", "succeeded"], 20, 0.01, "two trials")
+    ray.hold = True
+    running = wait_for(
+        lambda: len(t := trials()) == 3 and t[2].state == "running" and t[2], 20, 0.01, "trial 2"
+    )
+    low = [
+        {"kind": "eval", "step": 10, "val_accuracy": 0.5},
+        {"kind": "eval", "step": 20, "val_accuracy": 0.6},
+    ]
+    JobArtifacts(artifacts, running.job_id).put_bytes(
+        "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in low).encode()
+    )
+    pruned = wait_for(lambda: (t := trials()[2]).state == "pruned" and t, 20, 0.01, "trial 2 pruned")
+    assert "below the median" in pruned.error and running.job_id in ray.stops
+    assert svc.store.get_job(running.job_id).state == "cancelled"
+    ray.hold = False
+
+    def over():
+        trials()  # one round of the loops
+        return svc.sweeps.get("t", sweep_id).sweep.state == "succeeded"
+
+    wait_for(over, 20, 0.01, "the sweep to end")
+    assert [t.state for t in trials(tick=False)] == ["succeeded", "succeeded", "pruned", "succeeded"]
+    db.dispose()

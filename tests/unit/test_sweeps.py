@@ -283,3 +283,32 @@ def test_tpe_asks_inside_the_space_and_the_same_again_from_the_same_history():
     with pytest.raises(SpecError) as e:
         check_tpe(parse_request({**r.model_dump(), "grid": {"model.args.hidden": [[32]]}}))
     assert field_of(e) == "grid.model.args.hidden[0]"
+
+
+# --- early stopping (service.sweeps.stopping) ------------------------------------------------------
+
+from service.sweeps.stopping import best_so_far, median_stop  # noqa: E402
+
+DONE = [[(10, 0.80), (20, 0.90)], [(10, 0.70), (20, 0.95)], [(10, 0.60), (20, 0.85)]]
+
+
+def test_best_so_far():
+    assert best_so_far([(10, 0.5), (20, 0.4), (30, 0.7)], 25) == 0.5
+    assert best_so_far([(10, 0.5)], 5) is None
+
+
+@pytest.mark.parametrize(
+    ("curve", "min_trials", "grace", "stop"),
+    [
+        ([(10, 0.69)], 3, 0, True),  # median at 10 of 0.80, 0.70, 0.60 is 0.70
+        ([(10, 0.70)], 3, 0, False),  # at the median: kept
+        ([(10, 0.5), (20, 0.89)], 3, 0, True),  # median at 20: 0.90
+        ([(10, 0.5), (20, 0.90)], 3, 0, False),
+        ([(10, 0.1)], 4, 0, False),  # only 3 finished trials
+        ([(10, 0.1)], 3, 11, False),  # inside the grace period
+        ([(5, 0.1)], 1, 0, False),  # no finished trial reached step 5 yet
+        ([], 1, 0, False),
+    ],
+)
+def test_median_stopping(curve, min_trials, grace, stop):
+    assert median_stop(curve, DONE, min_trials, grace) is stop

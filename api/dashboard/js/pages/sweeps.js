@@ -8,7 +8,7 @@ import { badge, every, errorNote } from "./common.js";
 
 const REFRESH_MS = 3000;
 const SVG = "http://www.w3.org/2000/svg";
-const OVER = new Set(["succeeded", "failed", "cancelled"]);
+const OVER = new Set(["succeeded", "failed", "cancelled", "pruned"]);
 
 export const title = (params) => (params.id ? `Sweep ${params.id}` : "Sweeps");
 
