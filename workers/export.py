@@ -31,11 +31,12 @@ from service.spec import JobSpec
 from workers import onnx_export, pack, report
 from workers.checkpoint import load_latest
 from workers.compression import quantization as quant
+from workers.compression import registry
 from workers.compression.pruning import prunable_weights
+from workers.compression.schedules import pruning_end
 from workers.data import Dataset
 from workers.models import build_model
 from workers.models.folding import fold_batchnorm
-from workers.train_loop import pruning_end
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,9 @@ def export(
         "warnings": warnings,
         **run_info,
     }
+    # Each compression method's own measurements of the shipped model (e.g. N:M compliance).
+    for section, part in registry.report_parts(spec, rebuilt).items():
+        rep.setdefault(section, {}).update(part)
     if data.info.kind == "tokens":
         rep["perplexity"] = float(np.exp(artifact_scores["loss"]))
     for w in warnings:

@@ -20,16 +20,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from service.errors import ConfigError, TrainingDiverged
+from service.errors import TrainingDiverged
 from service.spec import JobSpec, check_steps
 from workers import init_weights
 from workers.checkpoint import Loaded
-from workers.compression import clipping, schedules
-from workers.compression import quantization as quant
-from workers.compression.pruning import Pruner, verify_masks_agree
+from workers.compression import registry
+from workers.compression.protocol import Context, Method
 from workers.data import Dataset, streaming
 from workers.data import sharding as sh
-from workers.models import build_model, output_layer
+from workers.models import build_model
 from workers.optim import build_optimizer, lr_at, set_lr
 from workers.parallel import Dist, Strategy, get_strategy
 from workers.precision import Precision
@@ -88,8 +87,7 @@ class Run:
     model: nn.Module  # as wrapped by the strategy
     optimizer: torch.optim.Optimizer
     precision: Precision
-    pruner: Pruner | None
-    clip_weights: list[nn.Parameter]
+    methods: list[Method]  # the active compression methods, in registry order
     steps_per_epoch: int
     total_steps: int
     step: int = 0
@@ -99,12 +97,21 @@ class Run:
     train_seconds: float = 0.0  # rank 0's seconds inside train_step, over the kept steps
     wall_seconds: float = 0.0  # the loop's wall clock before this attempt (from the checkpoint)
     wall_from: float = 0.0  # perf_counter when this attempt's loop started
-    fake_quant: quant.FakeQuantizer | None = None  # qat / fixed: its state is in the model's buffers
     feed: streaming.Feed | None = None  # a streamed dataset's batches (None: data in memory)
 
     @property
     def module(self) -> nn.Module:
         return self.strategy.unwrap(self.model)
+
+    def method(self, name: str) -> Method | None:
+        """The active method of a `compression` section (for tools and benches; the loop itself
+        calls every method alike)."""
+        return next((m for m in self.methods if m.name == name), None)
+
+    @property
+    def pruner(self):
+        """The pruning method's Pruner, or None (benches read its masks)."""
+        return getattr(self.method("pruning"), "pruner", None)
 
 
 def total_steps(spec: JobSpec, n_train: int) -> tuple[int, int]:
@@ -112,14 +119,6 @@ def total_steps(spec: JobSpec, n_train: int) -> tuple[int, int]:
     for one global batch or a schedule ends after the last step. The API makes the same check at
     submit (service.spec.schedule_errors) where the dataset's size is known from the spec."""
     return check_steps(spec, n_train)
-
-
-def pruning_end(spec: JobSpec) -> int | None:
-    """The step of the last mask update (None without pruning)."""
-    pr = spec.compression.pruning
-    if pr is None:
-        return None
-    return pr.start_step if pr.schedule == "oneshot" else pr.end_step
 
 
 def loss_fn_for(kind: str):
@@ -136,28 +135,16 @@ def build(spec: JobSpec, data: Dataset, d: Dist, init_state: dict | None = None)
         # model.init: loaded strictly into the plain model, on every rank, before quantization
         # swaps layers and the strategy wraps, shards or splits it.
         init_weights.apply(model, init_state)
-    q = spec.compression.quantization
-    # Fake quantization goes in before the strategy wraps, shards or splits the model: the
-    # swapped layers then travel with their weights into every strategy's layout.
-    quantized = quant.prepare(model, q)
+    methods = registry.build_methods(spec)
+    # Methods change the plain model (fake-quantized layers) before the strategy wraps, shards
+    # or splits it: what they swapped in then travels into every strategy's layout.
+    for m in methods:
+        m.convert(model)
     strategy = get_strategy(spec.parallel.strategy)(d, spec)
     wrapped = strategy.wrap(model)
-    fake_quant = None
-    if quantized:
-        # Observers see this rank's share of the global batch: their ranges are max-reduced
-        # across ranks. Pipeline stages each see the whole batch (and hold different layers).
-        reduce = None if strategy.name == "pipeline" else quant.dist_reduce_max(d)
-        sched = quant.schedule(q, total, pruning_end(spec))
-        fake_quant = quant.FakeQuantizer(strategy.unwrap(wrapped), sched, reduce)
-    pruner = None
-    pr = spec.compression.pruning
-    if pr is not None:
-        # A channel-pruned output layer would delete classes: it is never channel-pruned.
-        skip = (output_layer(model),) if pr.structure == "channel" else ()
-        pruner = Pruner(pr, strategy.prunable(wrapped, pr.exclude, skip), strategy.pruner_reduce())
-    clip = []
-    if spec.compression.clipping is not None:
-        clip = list(strategy.prunable(wrapped, [], ()).values())
+    ctx = Context(spec, d, strategy, wrapped, total)
+    for m in methods:
+        m.attach(ctx)
     optimizer = build_optimizer(strategy.unwrap(wrapped), spec.train)
     precision = Precision(spec.precision, d.device)
     if precision.scaler is not None:
@@ -170,11 +157,9 @@ def build(spec: JobSpec, data: Dataset, d: Dist, init_state: dict | None = None)
         wrapped,
         optimizer,
         precision,
-        pruner,
-        clip,
+        methods,
         spe,
         total,
-        fake_quant=fake_quant,
     )
 
 
@@ -187,12 +172,9 @@ def restore(run: Run, ckpt: Loaded | None) -> None:
     run.strategy.load_full_state_dict(run.model, s["model"])
     run.strategy.load_optimizer_state_dict(run.model, run.optimizer, s["optimizer"])
     run.precision.load_state_dict(s["precision"])
-    if run.pruner is not None:
-        if s.get("pruner") is None:
-            raise ConfigError("checkpoint has no pruning masks but the spec prunes")
-        # Masks are stored whole, like the model; sharded strategies keep their part.
-        masks = run.strategy.local_masks(run.pruner.weights, s["pruner"]["masks"])
-        run.pruner.load_state_dict({**s["pruner"], "masks": masks})
+    for m in run.methods:
+        if m.state_key is not None:
+            m.load_state_dict(s.get(m.state_key))
     run.step = int(s["step"])
     run.skipped_steps = int(s.get("skipped_steps", 0))
     run.train_seconds = float(s.get("train_seconds", 0.0))
@@ -238,24 +220,22 @@ def open_feed(run: Run, session: Session) -> None:
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
     opt, prec = run.optimizer, run.precision
     set_lr(opt, lr_at(run.spec.train, run.step, run.total_steps))
-    if run.fake_quant is not None:
-        run.fake_quant.begin_step(run.step)
+    for m in run.methods:
+        m.before_forward(run.step)
     opt.zero_grad(set_to_none=True)
     loss = run.strategy.forward_backward(run.model, x, y, loss_fn_for(run.data.info.kind), prec)
-    if run.fake_quant is not None:
-        run.fake_quant.end_step()
+    # Unscaled first: a method sees real gradients, and masking cannot hide an inf from the
+    # scaler's check.
     prec.unscale_(opt)
-    if run.pruner is not None:
-        run.pruner.mask_grads_()
+    for m in run.methods:
+        m.after_backward()
     if run.spec.train.grad_clip_norm:
         run.strategy.clip_grad_norm_(run.model, run.spec.train.grad_clip_norm)
     if not prec.step(opt):
         run.skipped_steps += 1
-    # Unconditionally, also after a step the GradScaler skipped: pruned weights stay exactly 0.
-    if run.pruner is not None:
-        run.pruner.apply_()
-    if run.clip_weights:
-        clipping.clip_weights_(run.clip_weights, run.spec.compression.clipping.max_abs)
+    # Unconditionally, also after a step the GradScaler skipped (masks, clamps hold).
+    for m in run.methods:
+        m.after_optimizer_step()
     run.loss_sum += loss.cpu()
     run.loss_count += 1
 
@@ -300,23 +280,11 @@ def evaluate(run: Run) -> dict:
 
 
 def update_masks(run: Run, session: Session) -> None:
-    if run.pruner is None or not run.pruner.maybe_update(run.step, run.optimizer):
-        return
-    checksums = run.dist.all_gather_object(run.pruner.checksum())
-    if run.strategy.masks_must_match():
-        verify_masks_agree(checksums)
-    sparsity, _ = run.pruner.sparsity()
-    if run.dist.rank == 0:
-        session.emit(
-            {
-                "kind": "event",
-                "event": "mask_update",
-                "step": run.step,
-                "target_sparsity": run.pruner.target(run.step),
-                "sparsity": sparsity,
-                "mask_checksums": checksums,
-            }
-        )
+    """Every method's schedule at `run.step` (on every rank); rank 0 reports what changed."""
+    for m in run.methods:
+        event = m.on_step(run.step, run.optimizer)
+        if event is not None and run.dist.rank == 0:
+            session.emit({"kind": "event", **event})
 
 
 def nonfinite_weights(module: nn.Module) -> int:
@@ -347,10 +315,11 @@ def save(run: Run, session: Session) -> None:
     rngs = run.dist.all_gather_object(rng)
     model_state = run.strategy.full_state_dict(run.model)
     opt_state = run.strategy.optimizer_state_dict(run.model, run.optimizer)
-    pruner_state = None
-    if run.pruner is not None:
-        pruner_state = run.pruner.state_dict()
-        pruner_state["masks"] = run.strategy.gather_masks(run.pruner.weights, pruner_state["masks"])
+    # Every method key is written, None for a method that is off: one layout for every spec.
+    method_states = dict.fromkeys(registry.state_keys())
+    for m in run.methods:
+        if m.state_key is not None:
+            method_states[m.state_key] = m.state_dict()
     state = None
     if run.dist.rank == 0:
         state = {
@@ -358,7 +327,7 @@ def save(run: Run, session: Session) -> None:
             "model": model_state,
             "optimizer": opt_state,
             "precision": run.precision.state_dict(),
-            "pruner": pruner_state,
+            **method_states,
             "skipped_steps": run.skipped_steps,
             "train_seconds": run.train_seconds,
             "wall_seconds": loop_seconds(run),
@@ -382,8 +351,8 @@ def _log_train(run: Run, session: Session, window_start: float, window_steps: in
     )
     run.loss_sum, run.loss_count = torch.zeros(()), 0
     _raise_if_diverged(run, float(stats[2]))
-    # On every rank: with sharded or staged weights, measuring sparsity is a collective.
-    sparsity = run.pruner.sparsity()[0] if run.pruner is not None else None
+    # On every rank: with sharded or staged weights, measuring (sparsity) is a collective.
+    parts = [m.train_part(run.step) for m in run.methods]
     if run.dist.rank != 0:
         return
     elapsed = max(time.perf_counter() - window_start, 1e-9)
@@ -396,11 +365,8 @@ def _log_train(run: Run, session: Session, window_start: float, window_steps: in
         "samples_per_second": window_steps * run.spec.train.batch_size / elapsed,
         "skipped_steps": run.skipped_steps,
     }
-    if run.pruner is not None:
-        rec["sparsity"] = sparsity
-        # The target of the masks this record measures: those of the last update at or before
-        # the step just trained (run.step - 1); the update at run.step has not happened yet.
-        rec["target_sparsity"] = run.pruner.target(run.step - 1)
+    for part in parts:
+        rec.update(part)
     session.emit(rec)
 
 
@@ -425,21 +391,19 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
     open_feed(run, session)
     rank0 = session.dist.rank == 0
     if rank0:
-        pruning = spec.compression.pruning
-        curve = schedules.target_curve(pruning, run.total_steps) if pruning else None
-        session.emit(
-            {
-                "kind": "event",
-                "event": "start",
-                "step": run.step,
-                "resumed_from": ckpt.step if ckpt else None,
-                "total_steps": run.total_steps,
-                "steps_per_epoch": run.steps_per_epoch,
-                "world_size": session.dist.world_size,
-                # The whole schedule, so a chart can draw the target ahead of the run.
-                "target_curve": curve,
-            }
-        )
+        start = {
+            "kind": "event",
+            "event": "start",
+            "step": run.step,
+            "resumed_from": ckpt.step if ckpt else None,
+            "total_steps": run.total_steps,
+            "steps_per_epoch": run.steps_per_epoch,
+            "world_size": session.dist.world_size,
+            "target_curve": None,  # a scheduled method's whole curve (below), for charts
+        }
+        for m in run.methods:
+            start.update(m.start_part())
+        session.emit(start)
     if init_state is not None:
         # The report's baseline: the initial weights, by the same evaluation, before any step.
         ev = evaluate(run)

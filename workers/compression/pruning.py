@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from service.errors import ConfigError, MaskMismatchError
-from service.spec import PruningSpec
-from workers.compression import schedules
+from service.spec import JobSpec, PruningSpec
+from workers.compression import nm, schedules
+from workers.compression.protocol import BaseMethod, Context
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
@@ -287,6 +288,47 @@ def channel_masks(
     return out
 
 
+def nm_masks(
+    weights: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    keep: int,
+    group: int,
+    axes: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """N:M masks (`keep` of every `group` along each weight's input axis, by |w|), within the
+    current `masks`. Groups never span ranks: FSDP shards dim 0, which is the output axis of a
+    Linear or Conv (whole rows here, so the groups along dim 1 are local); a transformers Conv1D
+    stores (in, out), so its dim-0 shards would cut groups, and its mask is computed on the
+    gathered weight (every rank the same), each rank keeping its own rows of it."""
+    axes = axes or {}
+    out = {}
+    for name, w in weights.items():
+        ax = nm.in_axis(w.dim(), axes.get(name, 0))
+        if _sharded(w) and ax == 0:
+            from torch.distributed.tensor import distribute_tensor
+
+            full = w.detach().full_tensor()
+            alive = _gather_mask(w, masks[name])
+            whole = nm.nm_mask(full.abs(), keep, group, ax, alive).to(torch.uint8)
+            local = distribute_tensor(whole, w.device_mesh, w.placements, src_data_rank=None).to_local()
+            out[name] = local.to(torch.bool)
+            continue
+        out[name] = nm.nm_mask(_local(w).detach().abs(), keep, group, ax, masks[name])
+    return out
+
+
+def _gather_mask(w: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The whole mask of a sharded weight from this rank's part (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    # gloo gathers no bool tensors: masks travel as bytes
+    part = local.to(device=w.device, dtype=torch.uint8)
+    whole = DTensor.from_local(
+        part, w.device_mesh, w.placements, shape=w.shape, stride=w.stride(), run_check=False
+    )
+    return whole.full_tensor().to(torch.bool)
+
+
 def threshold_masks(
     weights: dict[str, torch.Tensor],
     masks: dict[str, torch.Tensor],
@@ -361,6 +403,10 @@ class Pruner:
             s = schedules.target_sparsity(cfg, step)
             if cfg.structure == "unstructured":
                 new = unstructured_masks(self.weights, s, cfg.scope, self.reduce_sum)
+            elif cfg.nm() is not None:
+                group = cfg.nm()[1]
+                keep = round((1.0 - s) * group)  # s is a multiple of 1/M here (schedules.target_sparsity)
+                new = nm_masks(self.weights, self.masks, keep, group, axes_of(self.weights))
             else:
                 new = channel_masks(self.weights, s, cfg.scope, self.reduce_sum, axes_of(self.weights))
         # Masks only shrink: a weight pruned once stays pruned (with ties at zero it could
@@ -447,3 +493,98 @@ def verify_masks_agree(checksums: list[int]) -> None:
             f"pruning masks differ between ranks (checksums by rank: {checksums}); "
             "stopping before the replicas diverge"
         )
+
+
+# --- the method (workers.compression.protocol) -------------------------------------------------
+
+
+class PruningMethod(BaseMethod):
+    """`compression.pruning`: masks recomputed on the schedule, held through every step."""
+
+    name = "pruning"
+    state_key = "pruner"  # the checkpoint key since before the protocol: old checkpoints load
+
+    def __init__(self, cfg: PruningSpec):
+        self.cfg = cfg
+        self.skip: tuple[str, ...] = ()
+        self.pruner: Pruner | None = None
+        self.ctx: Context | None = None
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> PruningMethod | None:
+        pr = spec.compression.pruning
+        return None if pr is None else cls(pr)
+
+    def convert(self, model: nn.Module) -> None:
+        from workers.models import output_layer
+
+        # A channel-pruned output layer would delete classes: it is never channel-pruned.
+        self.skip = (output_layer(model),) if self.cfg.structure == "channel" else ()
+
+    def attach(self, ctx: Context) -> None:
+        self.ctx = ctx
+        s = ctx.strategy
+        self.pruner = Pruner(self.cfg, s.prunable(ctx.model, self.cfg.exclude, self.skip), s.pruner_reduce())
+
+    def on_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
+        p, ctx = self.pruner, self.ctx
+        if not p.maybe_update(step, optimizer):
+            return None
+        checksums = ctx.dist.all_gather_object(p.checksum())
+        if ctx.strategy.masks_must_match():
+            verify_masks_agree(checksums)
+        sparsity, _ = p.sparsity()
+        return {
+            "event": "mask_update",
+            "step": step,
+            "target_sparsity": p.target(step),
+            "sparsity": sparsity,
+            "mask_checksums": checksums,
+        }
+
+    def after_backward(self) -> None:
+        self.pruner.mask_grads_()
+
+    def after_optimizer_step(self) -> None:
+        # Also after a step the GradScaler skipped: pruned weights stay exactly 0.
+        self.pruner.apply_()
+
+    def start_part(self) -> dict:
+        # The whole schedule, so a chart can draw the target ahead of the run.
+        return {"target_curve": schedules.target_curve(self.cfg, self.ctx.total_steps)}
+
+    def train_part(self, step: int) -> dict:
+        sparsity = self.pruner.sparsity()[0]  # a collective with sharded or staged weights
+        # The target of the masks this record measures: those of the last update at or before
+        # the step just trained (step - 1); the update at `step` has not happened yet.
+        return {"sparsity": sparsity, "target_sparsity": self.pruner.target(step - 1)}
+
+    def state_dict(self) -> dict:
+        state = self.pruner.state_dict()
+        # Masks are stored whole, like the model: a restart may use another strategy's layout.
+        state["masks"] = self.ctx.strategy.gather_masks(self.pruner.weights, state["masks"])
+        return state
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            raise ConfigError("checkpoint has no pruning masks but the spec prunes")
+        # Sharded strategies keep their part.
+        masks = self.ctx.strategy.local_masks(self.pruner.weights, state["masks"])
+        self.pruner.load_state_dict({**state, "masks": masks})
+
+    @classmethod
+    def report_part(cls, spec: JobSpec, model: nn.Module) -> dict[str, dict]:
+        pr = spec.compression.pruning
+        if pr is None or pr.nm() is None:
+            return {}
+        return {"sparsity": {"nm_compliance": nm_compliance(prunable_weights(model, pr.exclude), *pr.nm())}}
+
+
+def nm_compliance(weights: LayerWeights, n: int, m: int) -> dict:
+    """report.sparsity.nm_compliance: per layer, the fraction of its groups of M along the input
+    axis holding at most N non-zeros (1.0: N:M sparse); `min` over the layers."""
+    axes = axes_of(weights)
+    layers = {
+        name: nm.compliance(w.detach(), n, m, nm.in_axis(w.dim(), axes[name])) for name, w in weights.items()
+    }
+    return {"pattern": f"{n}:{m}", "min": min(layers.values(), default=1.0), "layers": layers}

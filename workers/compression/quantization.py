@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.spec import QuantizationSpec
+from workers.compression.protocol import BaseMethod
 from workers.compression.pruning import out_axis, prunable_weights
 from workers.pack import QuantizedWeight, kmeans_1d
 
@@ -416,3 +417,49 @@ def export_weights(model: nn.Module, cfg: QuantizationSpec) -> OrderedDict[str, 
             q = share_codes(q, cfg.codebook_bits)
         out[name] = q
     return out
+
+
+# --- the method (workers.compression.protocol) -------------------------------------------------
+
+
+class QuantizationMethod(BaseMethod):
+    """`compression.quantization` (qat / fixed at training time; ptq acts at export only). Its
+    state (observer ranges, flags) lives in the fake-quantized layers' buffers, so it travels
+    with the model's state dict: nothing of its own to checkpoint."""
+
+    name = "quantization"
+
+    def __init__(self, cfg: QuantizationSpec, pruning_end: int | None):
+        self.cfg = cfg
+        self.pruning_end = pruning_end
+        self.quantized = 0
+        self.fake_quant: FakeQuantizer | None = None
+
+    @classmethod
+    def from_spec(cls, spec) -> QuantizationMethod | None:
+        from workers.compression.schedules import pruning_end
+
+        q = spec.compression.quantization
+        return None if q.mode == "none" else cls(q, pruning_end(spec))
+
+    def convert(self, model: nn.Module) -> None:
+        # Before the strategy wraps, shards or splits the model: the swapped layers then travel
+        # with their weights into every strategy's layout.
+        self.quantized = prepare(model, self.cfg)
+
+    def attach(self, ctx) -> None:
+        if not self.quantized:
+            return
+        # Observers see this rank's share of the global batch: their ranges are max-reduced
+        # across ranks. Pipeline stages each see the whole batch (and hold different layers).
+        reduce = None if ctx.strategy.name == "pipeline" else dist_reduce_max(ctx.dist)
+        sched = schedule(self.cfg, ctx.total_steps, self.pruning_end)
+        self.fake_quant = FakeQuantizer(ctx.module, sched, reduce)
+
+    def before_forward(self, step: int) -> None:
+        if self.fake_quant is not None:
+            self.fake_quant.begin_step(step)
+
+    def after_backward(self) -> None:
+        if self.fake_quant is not None:
+            self.fake_quant.end_step()

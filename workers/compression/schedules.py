@@ -7,7 +7,8 @@ Before `start_step` nothing is pruned (target 0)."""
 
 from __future__ import annotations
 
-from service.spec import PruningSpec
+from service.spec import JobSpec, PruningSpec
+from workers.compression.nm import keep_at
 
 
 def _progress(step: int, start: int, end: int) -> float:
@@ -33,6 +34,18 @@ def oneshot(step: int, s_f: float, start: int) -> float:
 
 
 def target_sparsity(cfg: PruningSpec, step: int) -> float:
+    """The target of the update at `step`. Under an N:M structure the curve is quantized to the
+    N':M patterns it passes (M:M, (M-1):M, ... N:M; see workers.compression.nm.keep_at): every
+    mask of the ramp is itself N':M, and the last one is N:M exactly."""
+    s = _curve(cfg, step)
+    nm = cfg.nm()
+    if nm is None:
+        return s
+    n, m = nm
+    return 1.0 - keep_at(m, n, s) / m
+
+
+def _curve(cfg: PruningSpec, step: int) -> float:
     if cfg.schedule == "cubic":
         return cubic(step, cfg.initial_sparsity, cfg.final_sparsity, cfg.start_step, cfg.end_step)
     if cfg.schedule == "linear":
@@ -109,3 +122,11 @@ def target_curve(cfg: PruningSpec, total_steps: int, max_points: int = 256) -> l
     if out[-1][0] < total_steps:
         out.append((total_steps, out[-1][1]))
     return out
+
+
+def pruning_end(spec: JobSpec) -> int | None:
+    """The step of the last mask update (None without pruning)."""
+    pr = spec.compression.pruning
+    if pr is None:
+        return None
+    return pr.start_step if pr.schedule == "oneshot" else pr.end_step
