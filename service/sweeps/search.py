@@ -63,7 +63,7 @@ def ask(req: SweepRequest, history: Sequence[Told], index: int) -> dict[str, Any
     sampler = optuna.samplers.TPESampler(
         # Seeded by the trial index too: asking again for the same index after a crash, from the
         # same history, gives the same parameters.
-        seed=req.seed * 100_003 + index,
+        seed=(req.seed * 100_003 + index) % 2**32,  # numpy's seeds are 32-bit
         n_startup_trials=max(1, min(10, (req.max_trials or 1) // 2)),
         constant_liar=True,
     )

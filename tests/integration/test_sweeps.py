@@ -345,7 +345,7 @@ def test_cli_submit_wait_shows_the_trials_and_front_marks_the_best(api, tmp_path
     assert r.exit_code == 2 and "grid.compression.pruning.final_sparsty" in r.output
 
 
-def test_median_stopping_prunes_a_trial_below_the_finished_ones(tmp_path):
+def test_median_stopping_prunes_a_trial_below_the_finished_ones(tmp_path, database_url):
     """In process, the loops ticked by hand: two trials finish with their validation curves, the
     third reports a curve below their median while running and is pruned (its job cancelled),
     and the sweep goes on to the fourth."""
@@ -353,7 +353,7 @@ def test_median_stopping_prunes_a_trial_below_the_finished_ones(tmp_path):
     from service.store.db import Database
     from service.store.repo import Store
 
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db = Database(database_url)  # SQLite and PostgreSQL: the sweep's queries on both
     db.upgrade()
     artifacts = LocalArtifactStore(tmp_path / "artifacts")
     ray = ReportingRay(artifacts=artifacts)

@@ -280,6 +280,7 @@ def test_tpe_asks_inside_the_space_and_the_same_again_from_the_same_history():
     assert first == ask(r, history, 3)  # a restart asks again and gets the same trial
     assert first["compression.quantization.bits"] in (4, 8)
     assert 0.5 <= first["compression.pruning.final_sparsity"] <= 0.95
+    assert ask(parse_request({**r.model_dump(), "seed": 2**40}), history, 3)  # above numpy's 32 bits
     with pytest.raises(SpecError) as e:
         check_tpe(parse_request({**r.model_dump(), "grid": {"model.args.hidden": [[32]]}}))
     assert field_of(e) == "grid.model.args.hidden[0]"
