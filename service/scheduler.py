@@ -142,7 +142,10 @@ class Scheduler:
                 self._set_reason(jobs[d.job_id], d.reason)
         if blocker is not None:
             self._decide_tail(blocker, capacity, len(jobs) - admitted, set(jobs), newest)
-        self._tail = None if blocker is None else self._tail
+        else:  # the whole queue was read: forget the jobs that left it
+            self._tail = None
+            self._needs = {k: v for k, v in self._needs.items() if k[0] in jobs}
+            self._reasons = {k: v for k, v in self._reasons.items() if k[0] in jobs}
         self._newest = newest
 
     def _decide_tail(self, blocker: str, capacity: Resources, offset: int, head: set[str], newest) -> None:
