@@ -205,3 +205,68 @@ def test_report_part_measures_the_exported_model():
     part = PruningMethod.report_part(spec, model)["sparsity"]["nm_compliance"]
     assert part == {"pattern": "2:4", "min": 1.0, "layers": {"0": 1.0}}  # "2" excluded
     assert PruningMethod.report_part(parse_spec({**BASE, "compression": {"pruning": {}}}), model) == {}
+
+
+# --- FSDP on real process groups (gloo, 2 processes) --------------------------------------------
+
+FSDP_MLP = {  # odd widths: uneven dim-0 shards (17 rows over 2 ranks)
+    "name": "nm-fsdp",
+    "model": {"name": "mlp", "args": {"hidden": [36, 17]}},
+    "data": {"name": "digits"},
+    "train": {"max_steps": 12, "batch_size": 64, "lr": 0.05, "log_every_steps": 4},
+    "compression": {"pruning": {"structure": "2:4", "start_step": 2, "end_step": 8, "frequency": 2}},
+    "parallel": {"strategy": "fsdp", "workers": 2},
+    "precision": "fp16",
+    "checkpoint": {"every_steps": 100},
+}
+
+
+def _fsdp_nm(rank, world, root: str):
+    from service.artifacts import LocalArtifactStore
+    from tests.unit.test_parallel_strategies import GPT, HF_GPT2, _with
+    from workers.checkpoint import load_latest
+    from workers.data import load_dataset
+    from workers.models import build_model
+    from workers.parallel import Dist, get_strategy
+    from workers.session import LocalSession
+    from workers.train_loop import train
+
+    # 1. Masks on shards equal the gathered weight's: a Linear's groups lie in its rows; a GPT-2
+    # Conv1D (in, out) is sharded along its *input* axis, where groups would be cut.
+    for model_spec, data_spec in ((FSDP_MLP["model"], FSDP_MLP["data"]), (HF_GPT2, GPT["data"])):
+        spec = parse_spec(_with({"name": "m", "model": model_spec, "data": data_spec}, "fsdp", world))
+        info = load_dataset(spec.data).info
+        strategy = get_strategy("fsdp")(Dist(rank, world), spec)
+        wrapped = strategy.wrap(build_model(spec.model.name, spec.model.args, info, seed=0))
+        full = strategy.full_state_dict(wrapped)
+        pr = PruningSpec(structure="2:4", schedule="oneshot", start_step=0, exclude=["lm_head"])
+        pruner = Pruner(pr, strategy.prunable(wrapped, pr.exclude, ()), strategy.pruner_reduce())
+        pruner.update(0)
+        masks = strategy.gather_masks(pruner.weights, pruner.masks)
+        if rank == 0:
+            tied = getattr(strategy.unwrap(wrapped), "_tied", {})
+            weights = {n: full[tied.get(f"{n}.weight", f"{n}.weight")] for n in masks}
+            ones = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+            axes = {n: pruner.weights.out_axis[n] for n in masks}
+            expect = nm_masks(weights, ones, 2, 4, axes)
+            for n in expect:
+                assert torch.equal(masks[n], expect[n]), n
+            assert any(axes.values()) or model_spec is FSDP_MLP["model"]  # Conv1D layers were cut
+    # 2. Trained under FSDP in fp16 (scaler skips, momentum): the final weights are 2:4.
+    spec = parse_spec(FSDP_MLP)
+    session = LocalSession(LocalArtifactStore(root), "nm", Dist(rank, world))
+    train(spec, load_dataset(spec.data), session)
+    if rank == 0:
+        state = load_latest(session.store, "nm").state
+        weights = {n: state["model"][f"{n}.weight"] for n in state["pruner"]["masks"]}
+        for n, w in weights.items():
+            assert nm.compliance(w, 2, 4, axis=1) == 1.0, n
+            assert torch.all(w[~state["pruner"]["masks"][n]] == 0), n
+        train_records = [r for r in session.records if r["kind"] == "train"]
+        assert train_records[-1]["sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_fsdp_masks_equal_the_gathered_weights_and_training_keeps_2_of_4(tmp_path):
+    from tests.unit.test_parallel_strategies import spawn
+
+    spawn(_fsdp_nm, str(tmp_path), tmp=tmp_path)
