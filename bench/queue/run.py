@@ -64,8 +64,6 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def measure(code: Path, db_url: str, depth: int, args, work: Path) -> dict:
-    last = fill(db_url, depth)
-    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(code),
@@ -74,6 +72,13 @@ def measure(code: Path, db_url: str, depth: int, args, work: Path) -> dict:
         "SLIMTRAIN_API_TOKENS": f"{TOKEN}:{TENANT}",
         "SLIMTRAIN_ARTIFACT_URI": str(work / "artifacts"),
     }
+    # Filled by the code under test: its migrations make the schema (a baseline revision may
+    # not know a newer one's).
+    fill_py = f"from bench.queue.run import fill; print(fill({db_url!r}, {depth}))"
+    last = subprocess.run(
+        [sys.executable, "-c", fill_py], cwd=code, env=env, check=True, capture_output=True, text=True
+    ).stdout.split()[-1]
+    port = free_port()
     log = (work / "api.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.queue.serve", str(port)],
@@ -112,6 +117,10 @@ def measure(code: Path, db_url: str, depth: int, args, work: Path) -> dict:
             out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = percentile(lat, 0.5), percentile(lat, 0.99)
         client.close()
         return out
+    except Exception:
+        log.close()
+        print((work / "api.log").read_text()[-3000:], file=sys.stderr)
+        raise
     finally:
         proc.terminate()
         proc.wait(30)
