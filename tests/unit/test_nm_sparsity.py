@@ -270,3 +270,33 @@ def test_fsdp_masks_equal_the_gathered_weights_and_training_keeps_2_of_4(tmp_pat
     from tests.unit.test_parallel_strategies import spawn
 
     spawn(_fsdp_nm, str(tmp_path), tmp=tmp_path)
+
+
+def test_exported_int8_model_is_2_of_4_and_the_report_says_so(tmp_path):
+    """The report measures the shipped model.packed, whose zeros export verifies position by
+    position against the int8 graph (report.check_shipped_zeros)."""
+    from service.artifacts import JobArtifacts, LocalArtifactStore
+    from workers import export, pack
+    from workers.data import load_dataset
+    from workers.session import LocalSession
+    from workers.train_loop import train
+
+    spec = parse_spec(
+        {
+            **BASE,
+            "train": {"max_steps": 16, "batch_size": 64, "lr": 0.05},
+            "compression": {
+                "pruning": {"structure": "2:4", "start_step": 2, "end_step": 10, "frequency": 4},
+                "quantization": {"mode": "qat", "start_step": 8},
+            },
+        }
+    )
+    store, data = LocalArtifactStore(tmp_path), load_dataset(spec.data)
+    summary = train(spec, data, LocalSession(store, "j"))
+    rep = export.export(spec, data, store, "j", summary["step"], {}, 2)
+    part = rep["sparsity"]["nm_compliance"]
+    assert part == {"pattern": "2:4", "min": 1.0, "layers": {"layers.fc1": 1.0, "layers.fc2": 1.0}}
+    rebuilt = pack.rebuild(JobArtifacts(store, "j").get_bytes("model.packed"))
+    for name, w in prunable_weights(rebuilt).items():
+        assert nm.compliance(w, 2, 4) == 1.0, name
+        assert float((w == 0).float().mean()) >= 0.5, name
