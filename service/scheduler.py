@@ -166,8 +166,13 @@ class Scheduler:
             jobs[job.id] = job
             if (need := self._need(job)) is not None:
                 queue.append((job.id, need))
+        changed = {}
         for d in plan(queue, capacity, Resources(0.0, 0.0), blocked_by=blocker):
-            self._set_reason(jobs[d.job_id], d.reason)
+            key = (d.job_id, jobs[d.job_id].version)
+            if self._reasons.get(key) != d.reason:
+                changed[d.job_id] = self._reasons[key] = d.reason
+        if changed:  # one transaction, not one per job: they change together
+            self.store.set_reasons(changed)
 
     def _need(self, job: Job) -> Resources | None:
         key = (job.id, job.version)

@@ -266,6 +266,24 @@ class Store:
             )
             return res.rowcount > 0
 
+    def set_reasons(self, reasons: dict[str, str]) -> int:
+        """`set_reason` for many queued jobs in one transaction (a deep queue's reasons change
+        together when the job they wait behind changes); returns how many changed."""
+        now, changed = time.time(), 0
+        with self.db.write() as s:
+            for job_id, reason in reasons.items():
+                res = s.execute(
+                    update(Job)
+                    .where(
+                        Job.id == job_id,
+                        Job.state == JobState.QUEUED.value,
+                        or_(Job.reason.is_(None), Job.reason != reason),
+                    )
+                    .values(reason=reason, updated_at=now)
+                )
+                changed += res.rowcount
+        return changed
+
     def heartbeat(self, job_id: str, now: float | None = None) -> None:
         with self.db.write() as s:
             s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=now or time.time()))
