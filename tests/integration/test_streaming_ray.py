@@ -187,3 +187,29 @@ def test_ddp_job_on_parquet_several_times_a_workers_memory_cap(ray_cluster, stor
     )
     assert len(mem) == 2 and all(g < cap for g in growth), (growth, cap)
     assert out["report"]["accuracy"] > 0.5  # it learned (4 separable classes)
+
+
+def test_an_image_zip_streams_through_ray_data(ray_cluster, store, tmp_path):
+    """An image zip through real Ray Data (read tasks open the archive where it lies): one
+    epoch's batches hold exactly the in-memory training split's images with their labels."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(src, "w") as z:
+        for i in range(120):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (6, 6)).astype(np.uint8), mode="L").save(buf, format="PNG")
+            z.writestr(f"c{i % 3}/{i:03d}.png", buf.getvalue())
+    store.put_file("datasets/imgs.zip", src)
+    spec = DataSpec(uri="store://datasets/imgs.zip", resolved_uri="datasets/imgs.zip", streaming="on")
+    mem = load_dataset(spec, store)
+    st = load_for_job(spec, "ddp", store)
+    assert st.streamed and st.info.n_train == len(mem.x_train) == 96
+    feed = streaming.Feed(st.local_shards(0, 32, 3, 3), 32, 3, 0, rank=0, world=1)
+    got = [feed.train_batch(s) for s in range(3)]
+    xs, ys = torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
+    assert rows(torch.column_stack([xs, ys])) == rows(torch.column_stack([mem.x_train, mem.y_train]))
