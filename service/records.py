@@ -3,7 +3,7 @@
 A driver spends a good part of a job outside the training loop (loading data, waiting for its
 Ray Train workers, exporting and measuring the model); without a word from it, a client sees a
 bar stuck at step 0 and then frozen at the last step. The driver writes one record per phase it
-enters, to `metrics.jsonl` like every record, so the store, the SSE stream, the CLI and the
+enters, into the metrics stream like every record, so the store, the SSE stream, the CLI and the
 dashboard get it the same way:
 
     {"kind": "phase", "phase": "training", "step": 0, "total_steps": 600, "time": ...}
