@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 from api import render
-from api.cli import AsJson, Token, Url, _api, console, out
+from api.cli_common import AsJson, Token, Url, _api, console, out
 from service.errors import SpecError
 from service.spec import decode_spec_file
 from service.sweeps.plan import check_request, parse_request

@@ -299,3 +299,14 @@ def test_report_shows_one_latency_where_the_dense_model_is_what_ships():
     console = Console(width=200, record=True)
     console.print(report_table(rep))
     assert "(2.00x)" in console.export_text()
+
+
+def test_the_cli_runs_as_a_module_with_every_command_group():
+    """`python -m api.cli` (how the Ray tests and the docs start it) imports its command groups
+    without a cycle: api.sweep_cli once imported api.cli, which under -m is a second module."""
+    import subprocess
+    import sys
+
+    for group in ("model", "dataset", "sweep"):
+        done = subprocess.run([sys.executable, "-m", "api.cli", group, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
