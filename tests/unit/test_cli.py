@@ -308,5 +308,7 @@ def test_the_cli_runs_as_a_module_with_every_command_group():
     import sys
 
     for group in ("model", "dataset", "sweep"):
-        done = subprocess.run([sys.executable, "-m", "api.cli", group, "--help"], capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "api.cli", group, "--help"], capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr
