@@ -9,7 +9,10 @@
   routes whose parameters cannot fail validation never answer 422 at all, so those entries go:
   each route declares the errors it can answer.
 - Links from a submitted job to the routes about it, which clients (and stateful testing) follow.
-- The example specs (examples/*.yaml) as examples of that body.
+- The example specs (examples/*.yaml) as examples of that body, and the example sweeps
+  (examples/sweeps/*.yaml) as examples of the POST /v1/sweeps body: a tool that sends a
+  documented example (Schemathesis' examples phase does) sends a request the API accepts, not
+  one pieced together from each field's own example.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from api.routes.dashboard import read_examples
+from api.routes.dashboard import EXAMPLES_DIR, read_examples
 from api.routes.schemas import ErrorBody
 from service.spec import JobSpec
 from service.sweeps.plan import SweepRequest
@@ -38,6 +41,14 @@ JOB_LINKS = {
     "JobEvents": {"operationId": "job_events", "parameters": _JOB},
     "JobLogs": {"operationId": "job_logs", "parameters": _JOB},
     "ListArtifacts": {"operationId": "list_artifacts", "parameters": _JOB},
+}
+
+# Where a submitted sweep's routes are, from the 201 answer of POST /v1/sweeps (its Location
+# names the same sweep).
+_SWEEP = {"sweep_id": "$response.body#/id"}
+SWEEP_LINKS = {
+    "GetSweep": {"operationId": "get_sweep", "parameters": _SWEEP},
+    "CancelSweep": {"operationId": "cancel_sweep", "parameters": _SWEEP},
 }
 
 # One server-sent event of GET /v1/jobs/{job_id}/events. OpenAPI 3.2 has `itemSchema` for it;
@@ -91,15 +102,42 @@ def _add_spec_examples(doc: dict) -> None:
             media["examples"] = examples
 
 
+def _add_sweep_examples(doc: dict) -> None:
+    """The examples/sweeps/ requests as examples of the POST /v1/sweeps body."""
+    found = read_examples(EXAMPLES_DIR / "sweeps")
+    examples = {e.name: {"summary": e.title, "value": yaml.safe_load(e.text)} for e in found}
+    if examples:
+        for media in doc["paths"]["/v1/sweeps"]["post"]["requestBody"]["content"].values():
+            media["examples"] = examples
+
+
+def _objective_short_form(schema: dict) -> None:
+    """An objective may also be written `<metric> max` / `<metric> min` (Objective reads that form,
+    and the example sweeps use it): the document says so, or it would call them invalid."""
+    items = schema["properties"]["objective"]["items"]
+    schema["properties"]["objective"]["items"] = {
+        "anyOf": [
+            items,
+            {
+                "type": "string",
+                "pattern": r"^\s*\S+\s+(max|min)\s*$",
+                "description": "`<metric> max` or `<metric> min`, e.g. `accuracy max`.",
+            },
+        ]
+    }
+
+
 def document(app: FastAPI) -> dict:
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
     _drop_fastapi_422(doc)
     _add_spec_examples(doc)
+    _add_sweep_examples(doc)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     _add_model(schemas, JobSpec)
     _add_model(schemas, ErrorBody)
     _add_model(schemas, SweepRequest)  # the body of POST /v1/sweeps
+    _objective_short_form(schemas["SweepRequest"])
     app.openapi_schema = doc
     return doc

@@ -6,18 +6,39 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from api.deps import CurrentTenant, ServiceDep, run_db
 from api.errors import documented
+from api.openapi import SWEEP_LINKS
 from api.routes.jobs import read_body, spec_format, yaml_as_json
+from service.artifacts import JOB_ID_RE
 from service.store.models import Sweep
-from service.sweeps.service import SweepView
+from service.sweeps.service import SweepNotFound, SweepView
 
 router = APIRouter(prefix="/v1", tags=["sweeps"])
 
-SweepId = Annotated[str, Path(max_length=160, description="The sweep's id (`POST /v1/sweeps` answers it).")]
+
+async def _sweep_id(
+    sweep_id: Annotated[
+        str,
+        Path(
+            description="The sweep's id (`POST /v1/sweeps` answers it).",
+            json_schema_extra={"pattern": JOB_ID_RE.pattern},
+        ),
+    ],
+    _tenant: CurrentTenant,  # authenticate first: a caller without a token learns nothing
+) -> str:
+    # Sweep ids are `sweep-<job id>`: an id no sweep can have is simply not found, as a job's is
+    # (not a 422 the routes do not document), and never reaches the database (PostgreSQL refuses
+    # NUL characters with an error of its own).
+    if not JOB_ID_RE.fullmatch(sweep_id):
+        raise SweepNotFound(f"no sweep {sweep_id!r}")
+    return sweep_id
+
+
+SweepId = Annotated[str, Depends(_sweep_id)]
 
 
 def _ts(t: float | None) -> datetime | None:
@@ -136,9 +157,26 @@ _BODY = {"schema": {"$ref": "#/components/schemas/SweepRequest"}}
             "content": {"application/json": _BODY, "application/yaml": _BODY},
         }
     },
-    responses=documented(
-        401, 413, 415, 422, s422="Invalid request: the bad path or value named, or above the trial limit."
-    ),
+    responses={
+        201: {
+            "description": "The sweep, created; its trials are created as it runs.",
+            "headers": {
+                "Location": {
+                    "description": "The sweep's URL.",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            },
+            "links": SWEEP_LINKS,
+        },
+        **documented(
+            401,
+            413,
+            415,
+            422,
+            s422="Invalid request: the bad path or value named, or above the trial limit.",
+        ),
+    },
 )
 async def submit_sweep(
     request: Request, response: Response, service: ServiceDep, tenant: CurrentTenant
