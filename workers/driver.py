@@ -24,7 +24,7 @@ from service.artifacts import ArtifactStore, JobArtifacts
 from service.errors import ConfigError, SlimtrainError, TrainingFailed
 from service.records import PARTS, Phase, phase_record
 from service.spec import JobSpec
-from workers import export, init_weights
+from workers import export, init_weights, onnx_export
 from workers.checkpoint import CHECKPOINTS
 from workers.data import load_for_job, streaming
 from workers.metrics_log import MetricsLog
@@ -314,6 +314,7 @@ def _run_job(
 
     thread = threading.Thread(target=fit, name=f"fit-{job_id}", daemon=True)
     thread.start()
+    warm = onnx_export.warm_up()  # while the worker group starts and trains
     while thread.is_alive():
         thread.join(poll_seconds)
         pump()
@@ -335,6 +336,7 @@ def _run_job(
         "skipped_steps": summary.get("skipped_steps", 0),
         "attempts": attempts.items,
     }
+    warm.join()
     enter(Phase.EXPORTING)
     if streamed:  # export scores the artifact on the validation split: read it here
         data = data.for_export(export.CALIBRATION_SAMPLES)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -80,6 +81,25 @@ def to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
             verbose=False,
         )
     return _fold_weight_transposes(program.model_proto)
+
+
+def warm_up() -> threading.Thread:
+    """Pay the exporter's one-time set-up (torch.export and the ONNX translator loading and
+    tracing their first graph) in the background while the job trains, so the export phase does
+    not. Measured in one process on this 2-CPU machine: a first export of a small mlp 7.6 s and a
+    second 1.4-1.9 s at load 5 (6 s against 39 s at load 12, in a Ray driver); after this warm-up
+    (4.7 s) the first export took 1.7 s. The driver joins it before exporting: never two exports at
+    once (`warnings.catch_warnings` in `to_onnx` is process-wide)."""
+    thread = threading.Thread(target=_export_tiny, name="onnx-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def _export_tiny() -> None:
+    try:
+        to_onnx(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), torch.zeros(2, 4))
+    except Exception as e:  # only a head start: the job's own export reports its errors
+        log.warning("exporter warm-up failed (the export will pay its set-up): %s", e)
 
 
 def _fold_weight_transposes(m: onnx.ModelProto) -> onnx.ModelProto:
