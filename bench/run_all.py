@@ -122,6 +122,30 @@ BENCHES = [
         _o("gpu_check"),
         takes_require_gpu=True,
     ),
+    Bench(
+        "data",
+        "bench.data",
+        ["--rows", "2000", "6325", "--steps", "60"],
+        [],
+        _q("data"),
+        _o("data"),
+    ),
+    Bench(
+        "metrics",
+        "bench.metrics.run",
+        ["--records", "5000", "--rate", "1000", "--legacy-records", "0", "--stores", "local"],
+        [],
+        _q("metrics"),
+        _o("metrics"),
+    ),
+    Bench(
+        "queue",
+        "bench.queue.run",
+        ["--depths", "0,1000", "--dbs", "sqlite", "--idle-s", "5", "--gets", "100"],
+        [],
+        _q("queue"),
+        _o("queue"),
+    ),
     Bench("load", "bench.load", ["--seconds", "30", "--clients", "50"], [], _q("load"), _o("load")),
     # Quick: a 1-minute soak exercises the sampling and the verdict (too short to be judged).
     Bench(
