@@ -50,6 +50,7 @@ def env(ray_cluster, tmp_path_factory):
         "SLIMTRAIN_SCHEDULER_INTERVAL_S": "0.2",
         "SLIMTRAIN_RECONCILE_INTERVAL_S": "0.5",
         "SLIMTRAIN_INGEST_INTERVAL_S": "0.25",
+        "SLIMTRAIN_SWEEP_INTERVAL_S": "0.5",
     }
 
 
@@ -175,6 +176,62 @@ def test_a_killed_driver_is_resubmitted_from_its_checkpoint(api, env):
     starts = [m["data"] for m in c.metrics(job["id"], kinds=["event"]) if m["data"].get("event") == "start"]
     assert starts[0]["resumed_from"] is None and starts[-1]["resumed_from"] >= 50
     assert c.report(job["id"])["steps"] == 220
+
+
+def test_a_four_trial_sweep_on_real_ray_answers_the_front_of_its_exported_artifacts(api, env):
+    """Issue 18 on a real Ray head (tests/integration/test_sweeps.py proves the sweep's logic on
+    the stand-in): a dense baseline and 4 short trials (final sparsity x bits of an mlp) train,
+    export and report; the sweep's numbers are each trial's report, its front is the
+    non-dominated set of them, and every trial names the baseline."""
+    c = client(api)
+    base = example(
+        name="e2e-sweep",
+        model={"name": "mlp"},
+        train={"epochs": 2},
+        parallel={"workers": 1},
+        precision="fp32",
+    )
+    base["retries"] = 0
+    base["compression"] = {
+        "pruning": {"schedule": "cubic", "start_step": 4, "end_step": 30, "frequency": 4},
+        "quantization": {"mode": "ptq", "bits": 8},
+    }
+    base["checkpoint"] = {"every_steps": 100, "keep": 1}
+    request = {
+        "name": "e2e-sweep",
+        "base": base,
+        "method": "grid",
+        "grid": {"compression.pruning.final_sparsity": [0.5, 0.9], "compression.quantization.bits": [8, 4]},
+        "max_concurrent": 2,
+    }
+    sweep_id = c.submit_sweep(request)["id"]
+    sweep = wait_for(
+        lambda: (s := c.sweep(sweep_id))["state"] in {"succeeded", "failed", "cancelled"} and s,
+        420,
+        1.0,
+        "the sweep to end",
+    )
+    assert sweep["state"] == "succeeded", sweep
+    trials = sweep["trials"]
+    assert [t["state"] for t in trials] == ["succeeded"] * 4
+    assert sweep["baseline_state"] == "succeeded"
+    points = {}
+    for t in trials:
+        rep = c.report(t["job_id"])
+        assert t["accuracy"] == rep["accuracy"] and t["size_ratio"] == rep["size"]["ratio"]
+        assert t["latency_ms"] == rep["latency_ms"]["compressed"]
+        assert c.job(t["job_id"])["spec"]["compression"]["baseline_job"] == sweep["baseline_job"]
+        # trained: as pruned (4-bit codes rounded to 0 add zeros to the packed count)
+        assert rep["sparsity"]["trained_global"] == pytest.approx(
+            t["params"]["compression.pruning.final_sparsity"], abs=0.02
+        )
+        points[t["job_id"]] = (rep["accuracy"], rep["size"]["ratio"], -rep["latency_ms"]["compressed"])
+
+    def dominated(p):
+        return any(all(a >= b for a, b in zip(q, p, strict=True)) and q != p for q in points.values())
+
+    assert set(sweep["pareto"]) == {j for j, p in points.items() if not dominated(p)}
+    assert sweep["pareto"], "a non-empty front"
 
 
 def _driver_pid(job_id: str) -> int:
