@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
 
 from service.errors import SpecError
 from service.spec import JobName, JobSpec, Strict, _submodel, _unknown, format_errors, parse_spec
@@ -70,10 +70,12 @@ DEFAULT_OBJECTIVE = [
 ]
 
 
+# Strict number and boolean types: pydantic's lax mode would read `false` as 0 and `1` as true,
+# values the request's JSON Schema refuses (the contract fuzz's negative_data_rejection).
 class Range(Strict):
-    low: float
-    high: float
-    log: bool = False
+    low: StrictFloat
+    high: StrictFloat
+    log: StrictBool = False
 
     @model_validator(mode="after")
     def _order(self) -> Range:
@@ -90,8 +92,10 @@ class EarlyStopping(Strict):
     stopped and reported as `pruned`."""
 
     rule: Literal["median"] = "median"
-    min_trials: int = Field(default=3, ge=1, description="Succeeded trials needed before any is stopped.")
-    grace_steps: int = Field(default=0, ge=0, description="No trial is stopped before this step.")
+    min_trials: StrictInt = Field(
+        default=3, ge=1, description="Succeeded trials needed before any is stopped."
+    )
+    grace_steps: StrictInt = Field(default=0, ge=0, description="No trial is stopped before this step.")
 
 
 class SweepRequest(Strict):
@@ -107,18 +111,18 @@ class SweepRequest(Strict):
     random: dict[str, Range] = Field(
         default_factory=dict, description="Path -> {low, high, log}: random and tpe only."
     )
-    samples: int | None = Field(
+    samples: StrictInt | None = Field(
         default=None, ge=1, description="random: trials to draw (default max_trials)."
     )
-    max_trials: int | None = Field(default=None, ge=1)
-    max_concurrent: int = Field(default=2, ge=1, description="Trials queued or running at once.")
+    max_trials: StrictInt | None = Field(default=None, ge=1)
+    max_concurrent: StrictInt = Field(default=2, ge=1, description="Trials queued or running at once.")
     objective: list[Objective] = Field(default_factory=lambda: list(DEFAULT_OBJECTIVE), min_length=1)
-    baseline: bool = Field(
+    baseline: StrictBool = Field(
         default=True,
         description="Run the base spec without compression once, before the trials; every trial "
         "names it as compression.baseline_job.",
     )
-    seed: int = Field(default=0, ge=0, description="Seed of random draws and of the tpe sampler.")
+    seed: StrictInt = Field(default=0, ge=0, description="Seed of random draws and of the tpe sampler.")
     early_stopping: EarlyStopping | None = Field(
         default=None, description="Stop trials that cannot reach the front (reported as `pruned`)."
     )

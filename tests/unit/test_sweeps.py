@@ -117,6 +117,11 @@ def test_free_form_args_are_checked_by_the_spec():
             {"method": "random", "grid": {}, "random": {"train.lr": {"low": 0.3, "high": 0.2}}, "samples": 2},
             "random.train.lr.high",
         ),
+        # booleans are not numbers, nor numbers booleans (the JSON Schema's types; pydantic's lax
+        # mode would read false as 0)
+        ({"early_stopping": {"grace_steps": False}}, "early_stopping.grace_steps"),
+        ({"max_concurrent": True}, "max_concurrent"),
+        ({"baseline": 1}, "baseline"),
     ],
 )
 def test_request_fields_are_named(over, field):
