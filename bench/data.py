@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -40,6 +41,79 @@ from bench.proctree import TreeCpu
 
 MIB = 2**20
 ROW_GROUP = 2_000
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _title(proc) -> str:
+    """What a process of the tree is: Ray sets a worker's title to its actor or task
+    ("ray::RayTrainWorker.train_func", "ray::SplitCoordinator", "ray::MapBatches(read_train)"),
+    the others are named by their executable (raylet, gcs_server, python for the driver)."""
+    cmd = proc.cmdline()
+    head = cmd[0] if cmd else proc.name()
+    if head.startswith("ray::"):
+        return re.sub(r"\s.*", "", head)
+    return Path(head).name if not head.endswith("python") else " ".join(Path(c).name for c in cmd[:3])
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of one process, by thread name (/proc/PID/task/*/stat)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = re.sub(r"\d+$", "N", name)  # numbered pools (ThreadPoolExecutor-0_1) as one
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+class PartCpu:
+    """CPU seconds of the bench's process tree by part: each process by its title, and the
+    threads of the training workers and the split coordinator by thread name, so a run says
+    where the CPU a sample costs goes (a Ray worker process changes title per task: the CPU
+    between two readings is counted under the title at the second)."""
+
+    THREADED = ("ray::RayTrainWorker", "ray::SplitCoordinator", "ray::_RayTrainWorker")
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.last: dict = {}
+        self.total: dict[str, float] = {}
+        self.born: dict[str, int] = {}  # processes started since reset(), by their first title
+
+    def read(self) -> None:
+        import psutil
+
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in procs:
+            try:
+                with p.oneshot():
+                    key, title = (p.pid, p.create_time()), _title(p)
+                    c = p.cpu_times()
+                    now = {"": c.user + c.system}
+                if title.startswith(self.THREADED):
+                    now.update({f" / {t}": v for t, v in thread_cpu(p.pid).items()})
+            except (psutil.Error, OSError):
+                continue
+            if key not in self.last and self.last:
+                self.born[title] = self.born.get(title, 0) + 1
+            before = self.last.get(key, {})  # a process born since the last reading: all of it
+            for part, v in now.items():
+                d = v - before.get(part, 0.0)
+                self.total[title + part] = self.total.get(title + part, 0.0) + d
+            self.last[key] = now
+
+    def reset(self) -> None:
+        self.read()
+        self.total, self.born = {}, {}
 
 
 def write_parquet(path: Path, n: int, f: int, seed: int = 0) -> int:
@@ -88,11 +162,18 @@ def run_one(store, name: str, mode: str, args) -> dict:
     # CPU seconds of this process's whole tree (the driver, the embedded Ray head, the training
     # workers, Ray Data's tasks) each time the driver hands over train records (every 0.25 s).
     cpu, marks = TreeCpu(os.getpid()), []
+    parts, part_steps = PartCpu(os.getpid()), []
 
     def on_record(rec: dict) -> None:
         records.append(rec)
         if rec.get("kind") == "train":
             marks.append((rec["step"], cpu.read()))
+            if rec["step"] < args.steps:
+                if not part_steps:
+                    parts.reset()
+                else:
+                    parts.read()
+                part_steps.append(rec["step"])
 
     t0 = time.time()
     rep = run_job(
@@ -108,7 +189,11 @@ def run_one(store, name: str, mode: str, args) -> dict:
     done = next(r for r in records if r.get("event") == "done")
     windows = [r["samples_per_second"] for r in records if r.get("kind") == "train"][1:]
     mem = done["worker_memory"]
+    samples = max((part_steps[-1] - part_steps[0]) * args.batch, 1)
+    by_part = {k: v / samples * 1e6 for k, v in sorted(parts.total.items(), key=lambda kv: -kv[1]) if v > 0}
     return {
+        "cpu_ms_per_1000_samples_by_part": by_part,
+        "processes_started_in_loop": parts.born,
         "mode": mode,
         "samples_per_second": statistics.median(windows),
         "windows": windows,
@@ -122,6 +207,76 @@ def run_one(store, name: str, mode: str, args) -> dict:
         "job_seconds": time.time() - t0,
         "cpu_ms_per_1000_samples": cpu_per_sample * 1e6,
     }
+
+
+# What each process (or thread) of the tree is, for the profile's table: a title's prefix -> part.
+GROUPS = (
+    ("ray::RayTrainWorker / ray::", "training workers: Python threads (steps, batches, prefetch)"),
+    ("ray::RayTrainWorker / ", "training workers: native threads (gloo, Ray core)"),
+    ("ray::RayTrainWorker", None),  # the processes' totals: the threads above split them
+    ("ray::SplitCoordinator / ", None),
+    ("ray::SplitCoordinator", "Ray Data split coordinator (the streaming executor)"),
+    ("ray::MapBatches", "Ray Data read tasks"),
+    ("ray::IDLE", "Ray Data read tasks"),  # a task worker's title between its tasks
+    ("ray::_StatsActor", "Ray Data stats actor"),
+    ("python -m bench.data", "driver (bench process)"),
+    ("ray::", "Ray Train and Ray actors"),
+    ("", "Ray system (raylet, GCS, dashboard, log monitor)"),
+)
+
+
+def group(part: str) -> str | None:
+    return next(name for prefix, name in GROUPS if part.startswith(prefix))
+
+
+def write_profile(rows: list[dict], args, out: Path) -> None:
+    """profile.json and profile.md: CPU ms per 1000 samples of each part of the process tree,
+    in memory vs streamed, at each size."""
+    m = machine()
+    save_json(out / "profile.json", {"args": vars(args), "machine": m, "runs": rows})
+    lines = []
+    for n in args.rows:
+        by = {r["mode"]: r for r in rows if r["rows"] == n}
+        grouped = {mode: {} for mode in by}
+        for mode, r in by.items():
+            for part, ms in r["cpu_ms_per_1000_samples_by_part"].items():
+                g = group(part)
+                if g is not None:
+                    grouped[mode][g] = grouped[mode].get(g, 0.0) + ms
+        names = [name for _, name in GROUPS if name is not None]
+        names = list(dict.fromkeys(names))
+        table = [
+            [
+                name,
+                *(round(grouped[mode].get(name, 0.0), 1) for mode in by),
+                *(
+                    [round(grouped["on"].get(name, 0.0) - grouped["off"].get(name, 0.0), 1)]
+                    if len(by) == 2
+                    else []
+                ),
+            ]
+            for name in names
+        ]
+        table.append(
+            [
+                "whole tree (as in the results)",
+                *(round(r["cpu_ms_per_1000_samples"], 1) for r in by.values()),
+                *(
+                    [round(by["on"]["cpu_ms_per_1000_samples"] - by["off"]["cpu_ms_per_1000_samples"], 1)]
+                    if len(by) == 2
+                    else []
+                ),
+            ]
+        )
+        heads = ["part", *("in memory" if mode == "off" else "streamed" for mode in by)]
+        heads += ["streamed - in memory"] if len(by) == 2 else []
+        lines.append(f"{n} rows, CPU ms per 1000 samples:\n\n{markdown_table(heads, table)}\n")
+    (out / "profile.md").write_text(
+        f"{conditions(m)}\n\n2 DDP workers, mlp hidden {args.hidden}, global batch {args.batch}, "
+        f"{args.steps} steps, {args.features} float32 features, row groups of {ROW_GROUP} rows.\n\n"
+        + "\n".join(lines)
+    )
+    print((out / "profile.md").read_text())
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -152,6 +307,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--modes", nargs="+", choices=["off", "on"], default=["off", "on"])
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="write profile.json and profile.md (CPU by part, in memory vs streamed) instead of the results",
+    )
     args = ap.parse_args()
 
     from service.artifacts import LocalArtifactStore
@@ -167,15 +328,24 @@ def main() -> None:
             src = Path(tmp) / name
             nbytes = write_parquet(src, n, args.features)
             store.put_file(f"datasets/{name}", src)
-            for mode in ("off", "on"):
+            for mode in args.modes:
                 r = run_one(store, name, mode, args)
                 r.update(rows=n, dataset_mib=nbytes / MIB, file_mib=src.stat().st_size / MIB)
                 rows.append(r)
                 print(
                     f"{n} rows ({nbytes / MIB:.0f} MiB) {mode}: peak {r['peak_rss_mib']:.0f} MiB, "
-                    f"{r['samples_per_second']:.0f} samples/s",
+                    f"{r['samples_per_second']:.0f} samples/s, "
+                    f"{r['cpu_ms_per_1000_samples']:.0f} CPU ms / 1000 samples, of which:",
                     flush=True,
                 )
+                for part, ms in list(r["cpu_ms_per_1000_samples_by_part"].items())[:40]:
+                    print(f"    {ms:7.1f}  {part}", flush=True)
+                print(f"    processes started in the loop: {r['processes_started_in_loop']}", flush=True)
+    if args.profile:
+        write_profile(rows, args, out)
+        return
+    if args.modes != ["off", "on"]:
+        return  # one path only: no comparison to write
 
     def pick(mode):
         return [r for r in rows if r["mode"] == mode]
