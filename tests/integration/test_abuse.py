@@ -164,10 +164,12 @@ def test_bodies_over_the_limit_are_413_and_create_nothing(local):
     # tests/integration/test_datasets_upload.py, test_models_upload.py
     assert sorted(body_routes) == [
         ("POST", "/v1/jobs"),
+        ("POST", "/v1/sweeps"),
         ("PUT", "/v1/datasets/{name}"),
         ("PUT", "/v1/models/{name}"),
     ]
     body_routes = [r for r in body_routes if r == ("POST", "/v1/jobs")]
+    sweeps_before = alice.get("/v1/sweeps").json()["items"]
 
     def padded(size: int) -> bytes:  # a valid spec, padded with whitespace to `size` bytes
         spec = json.dumps({**SPEC, "name": "big"}).encode()
@@ -184,6 +186,16 @@ def test_bodies_over_the_limit_are_413_and_create_nothing(local):
             r = alice.request(method, path, content=content, headers=json_type)
             assert r.status_code == 413, r.text
             assert r.json()["error"]["code"] == "body_too_large"
+    # A sweep request over the limit too (one at the limit would start a sweep's jobs).
+    sweep = json.dumps(
+        {"name": "big", "base": {**SPEC, "name": "big"}, "grid": {"train.lr": [0.1, 0.2]}}
+    ).encode()
+    over = sweep + b" " * (limit + 1 - len(sweep))
+    for content in (over, chunked(over)):
+        r = alice.request("POST", "/v1/sweeps", content=content, headers=json_type)
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "body_too_large"
+    assert alice.get("/v1/sweeps").json()["items"] == sweeps_before
     names = [j["name"] for j in alice.get("/v1/jobs", params={"limit": 200}).json()["items"]]
     assert len(names) == before + 1  # only the one at the limit
 
