@@ -279,6 +279,45 @@ def write_profile(rows: list[dict], args, out: Path) -> None:
     print((out / "profile.md").read_text())
 
 
+def iteration_cost(path: Path, args) -> dict:
+    """CPU a training worker's batch iteration costs, without training: this process reads one
+    file's streamed training split through Feed (iter_torch_batches over the local iterator, as
+    LocalSession does), batches of the per-rank size, after letting the reads run ahead. The
+    main thread's CPU is Feed and Ray Data's batch iterator as the training thread runs them;
+    the process's adds the prefetch thread and, here only, the streaming executor (in a job it
+    runs in the split coordinator) and the read tasks' result handling."""
+    import pyarrow.fs as pafs
+
+    from service.spec import DataSpec
+    from workers.data import streaming
+
+    spec = DataSpec.model_validate(
+        {
+            "uri": f"store://datasets/{path.name}",
+            "resolved_uri": f"datasets/{path.name}",
+            "feature_columns": ["x"],
+            "label_column": "label",
+            "streaming": "on",
+        }
+    )
+    st = streaming.open_parquet(spec, str(path), pafs.LocalFileSystem())
+    per_rank = args.batch // 2
+    spe = st.info.n_train // per_rank  # one rank's epochs, 2 of them
+    feed = streaming.Feed(st.local_shards(0, per_rank, spe, 2 * spe), per_rank, spe, 0, rank=0, world=1)
+    feed.train_batch(0)
+    time.sleep(5)  # the read tasks run ahead, as they do while a worker trains
+    proc, main = time.process_time(), time.thread_time()
+    steps = min(spe * 2, 400)
+    for step in range(1, steps):
+        feed.train_batch(step)
+    n = (steps - 1) * per_rank
+    return {
+        "samples": n,
+        "main_thread_cpu_us_per_sample": (time.thread_time() - main) / n * 1e6,
+        "process_cpu_us_per_sample": (time.process_time() - proc) / n * 1e6,
+    }
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -309,6 +348,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--modes", nargs="+", choices=["off", "on"], default=["off", "on"])
     ap.add_argument(
+        "--iteration",
+        action="store_true",
+        help="measure only the batch iteration's CPU (iteration.json), at the first --rows",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="write profile.json and profile.md (CPU by part, in memory vs streamed) instead of the results",
@@ -323,6 +367,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalArtifactStore(Path(tmp) / "store")
+        if args.iteration:
+            src = Path(tmp) / "rows.parquet"
+            write_parquet(src, args.rows[0], args.features)
+            got = {"args": vars(args), "machine": machine(), **iteration_cost(src, args)}
+            save_json(out / "iteration.json", got)
+            print(got, flush=True)
+            return
         for n in args.rows:
             name = f"rows{n}.parquet"
             src = Path(tmp) / name
