@@ -26,6 +26,7 @@ from sklearn.datasets import load_digits
 
 from api.client import Client
 from service.artifacts import JobArtifacts
+from service.records import PARTS
 from service.spec import load_spec_file
 from tests.conftest import ROOT, wait_for
 from tests.plugins.s3 import CREDENTIALS
@@ -133,7 +134,8 @@ def test_run_writes_checkpoints_artifacts_and_manifest_to_the_bucket(job, s3_ser
     listed = set(arts.get_json("manifest.json")["files"])
     # every object of the job but the checkpoints (each has its own) and the manifest itself
     job_objects = {k[len(base) :] for k in keys if k.startswith(base) and not k.endswith("/")}
-    assert listed == {n for n in job_objects if not n.startswith("checkpoints/")} - {"manifest.json"}
+    # (the metrics parts are the live stream that metrics.jsonl, which is listed, holds whole)
+    assert listed == {n for n in job_objects if not n.startswith(("checkpoints/", PARTS))} - {"manifest.json"}
     assert arts.verify_manifest() == []
     assert _verified_steps(store, job_id) == list(STEPS)
     # nothing went to the local data folder
@@ -233,8 +235,9 @@ def test_api_job_on_postgres_and_s3(s3_server, postgres_url, tmp_path):
         # the API lists and streams them from S3, byte for byte as the manifest says
         listed = {a["name"] for a in c.artifacts(job_id)}
         # the manifest covers every artifact; checkpoints carry their own, and outcome.json is
-        # the entrypoint's note to the reconciler, written after the job's artifacts are complete
-        artifacts = {n for n in listed if not n.startswith("checkpoints/")}
+        # the entrypoint's note to the reconciler, written after the job's artifacts are complete;
+        # the metrics parts are the live stream that metrics.jsonl holds whole
+        artifacts = {n for n in listed if not n.startswith(("checkpoints/", PARTS))}
         assert set(manifest) == artifacts - {"manifest.json", "outcome.json"}
         dest = c.download(job_id, "model.safetensors", tmp_path / "dl" / "model.safetensors")
         assert hashlib.sha256(dest.read_bytes()).hexdigest() == manifest["model.safetensors"]["sha256"]
