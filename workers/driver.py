@@ -290,6 +290,7 @@ def _run_job(
     summary: dict = {}
 
     drained = 0
+    warm: list[threading.Thread] = []  # the exporter's warm-up, started once training runs
 
     def pump():
         nonlocal drained
@@ -302,6 +303,8 @@ def _run_job(
             if on_record:
                 on_record(rec)
             if rec.get("event") == "start":  # the worker group is up (again)
+                if not warm:  # after the first metric, not before: it would compete with the start-up
+                    warm.append(onnx_export.warm_up())
                 training = phase_record(Phase.TRAINING, step=rec.get("step"), total_steps=total)
                 metrics.add(training)
                 if on_record:
@@ -314,7 +317,6 @@ def _run_job(
 
     thread = threading.Thread(target=fit, name=f"fit-{job_id}", daemon=True)
     thread.start()
-    warm = onnx_export.warm_up()  # while the worker group starts and trains
     while thread.is_alive():
         thread.join(poll_seconds)
         pump()
@@ -336,7 +338,8 @@ def _run_job(
         "skipped_steps": summary.get("skipped_steps", 0),
         "attempts": attempts.items,
     }
-    warm.join()
+    for t in warm:
+        t.join()
     enter(Phase.EXPORTING)
     if streamed:  # export scores the artifact on the validation split: read it here
         data = data.for_export(export.CALIBRATION_SAMPLES)
