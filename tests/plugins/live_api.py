@@ -75,6 +75,24 @@ def _finish_on_submit(service: JobService) -> None:
 
     service.submit = submit_and_run
 
+    # A sweep's jobs come from the sweep loop, not from a request: run the loops inside the
+    # request until the sweep is over, so its jobs too are over before any id is known (a queued
+    # one would hold `logs?follow=true` open past a fuzzer's read timeout).
+    sweeps = service.sweeps
+    submit_sweep = sweeps.submit
+
+    def submit_sweep_and_run(tenant, body):
+        sweep = submit_sweep(tenant, body)
+        for _ in range(1000):
+            service.scheduler.tick()
+            service.reconciler.tick()
+            sweeps.tick()
+            if sweeps.get(tenant, sweep.id).sweep.state != "running":
+                break
+        return sweep
+
+    sweeps.submit = submit_sweep_and_run
+
 
 @contextlib.contextmanager
 def live_api(data_dir: Path, artifacts: ArtifactStore, **settings) -> Iterator[LiveApi]:
