@@ -317,10 +317,14 @@ def _run_job(
 
     thread = threading.Thread(target=fit, name=f"fit-{job_id}", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(poll_seconds)
+    try:
+        while thread.is_alive():
+            thread.join(poll_seconds)
+            pump()
         pump()
-    pump()
+    finally:  # never leave an export running beside whatever this process does next
+        for t in warm:
+            t.join()
     metrics.flush(force=True)
     ray.kill(relay)
     error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
@@ -338,8 +342,6 @@ def _run_job(
         "skipped_steps": summary.get("skipped_steps", 0),
         "attempts": attempts.items,
     }
-    for t in warm:
-        t.join()
     enter(Phase.EXPORTING)
     if streamed:  # export scores the artifact on the validation split: read it here
         data = data.for_export(export.CALIBRATION_SAMPLES)
