@@ -3,6 +3,8 @@ masks on sharded rows (thread ranks), through fp16 and momentum, and the report'
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -178,7 +180,9 @@ def test_sharded_rows_give_the_masks_of_the_whole_weight():
     )
 
     def shard(rank, reduce_sum):
-        model = _mlp(3)
+        # a copy, not _mlp(3) again: torch's seed is global, and two threads seeding and drawing
+        # at once built different weights
+        model = copy.deepcopy(full)
         weights = {}
         for n, w in prunable_weights(model).items():
             rows = w.shape[0]
