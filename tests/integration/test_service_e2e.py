@@ -178,6 +178,9 @@ def test_a_killed_driver_is_resubmitted_from_its_checkpoint(api, env):
     assert c.report(job["id"])["steps"] == 220
 
 
+# Five jobs on the session's 2 CPUs: 392 s at load 4-14 here, past 420 s at load ~10 beside other
+# suites; the wait and pytest's per-test limit leave room for a slower CI machine.
+@pytest.mark.timeout(1100)
 def test_a_four_trial_sweep_on_real_ray_answers_the_front_of_its_exported_artifacts(api, env):
     """Issue 18 on a real Ray head (tests/integration/test_sweeps.py proves the sweep's logic on
     the stand-in): a dense baseline and 4 short trials (final sparsity x bits of an mlp) train,
@@ -207,7 +210,7 @@ def test_a_four_trial_sweep_on_real_ray_answers_the_front_of_its_exported_artifa
     sweep_id = c.submit_sweep(request)["id"]
     sweep = wait_for(
         lambda: (s := c.sweep(sweep_id))["state"] in {"succeeded", "failed", "cancelled"} and s,
-        420,
+        1000,
         1.0,
         "the sweep to end",
     )
