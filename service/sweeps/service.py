@@ -366,7 +366,11 @@ class SweepService:
                 report = JobArtifacts(self.jobs.artifacts, t.job_id).get_verified_json("report.json")
             except (OSError, SlimtrainError) as e:
                 error = f"report unreadable: {e}"
-        result = _result(job_state, report, error)
+        self._settle(t, _result(job_state, report, error))
+
+    def _settle(self, t: SweepTrial, result: dict[str, Any]) -> None:
+        """Record a trial's result once: a result already recorded (by another tick, or `pruned`
+        before its job ended) stands."""
         with self.db.write() as s:
             s.execute(
                 update(SweepTrial)
@@ -407,16 +411,7 @@ class SweepService:
                     f"pruned: best val_accuracy {best:.4f} by step {curve[-1][0]} is below the "
                     "median of the finished trials'"
                 )
-                with self.db.write() as s:
-                    s.execute(
-                        update(SweepTrial)
-                        .where(
-                            SweepTrial.sweep_id == t.sweep_id,
-                            SweepTrial.trial_index == t.trial_index,
-                            SweepTrial.result.is_(None),
-                        )
-                        .values(result={"state": PRUNED, "error": why})
-                    )
+                self._settle(t, {"state": PRUNED, "error": why})
                 log.info("sweep %s: trial %d %s", t.sweep_id, t.trial_index, why)
                 self._cancel_pruned(t)
 
