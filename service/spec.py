@@ -446,6 +446,10 @@ class ParallelSpec(Strict):
 
 
 NM_STRUCTURE_RE = re.compile(r"(\d+):(\d+)")
+WANDA_CALIBRATION_BATCHES = 8
+# Built-in models whose prunable layers are all Linear (or transformers' Conv1D, a Linear stored
+# (in, out)): wanda's score needs one activation norm per input feature of a weight.
+WANDA_MODELS = ("gpt", "hf_causal_lm", "hf_seq_cls", "mlp")
 
 
 class PruningSpec(Strict):
@@ -472,6 +476,19 @@ class PruningSpec(Strict):
     )
     exclude: list[str] = Field(
         default_factory=list, description="Layer names (or fnmatch patterns) never pruned."
+    )
+    criterion: Literal["magnitude", "wanda"] = Field(
+        default="magnitude",
+        description="What a weight is worth. magnitude: |w|. wanda (Sun et al. 2023): |w| times "
+        "the L2 norm of its input feature over `calibration_batches` training batches, compared "
+        "within each output row (unstructured or N:M; Linear layers: language models and mlp).",
+    )
+    calibration_batches: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="`wanda`: training batches whose layer inputs are measured before each mask "
+        f"update (default {WANDA_CALIBRATION_BATCHES}).",
     )
 
     @field_validator("structure")
@@ -515,7 +532,31 @@ class PruningSpec(Strict):
             raise ValueError(f"end_step: must be greater than start_step ({self.start_step})")
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(f"initial_sparsity: must not exceed final_sparsity ({self.final_sparsity})")
+        self._wanda_rules()
         return self
+
+    def _wanda_rules(self) -> None:
+        if self.criterion != "wanda":
+            if self.calibration_batches is not None:
+                raise ValueError("calibration_batches: only used by criterion `wanda`")
+            return
+        if self.structure == "channel":
+            raise ValueError(
+                "structure: criterion `wanda` prunes single weights within each output row; "
+                "allowed: unstructured or 'N:M' (e.g. '2:4'), not channel"
+            )
+        if self.schedule == "threshold":
+            raise ValueError(
+                "schedule: criterion `wanda` needs a sparsity target; allowed: cubic, linear, oneshot"
+            )
+        if "scope" in self.model_fields_set and self.scope != "layer":
+            raise ValueError(
+                "scope: criterion `wanda` compares weights within each output row of a layer; "
+                "omit scope or set it to layer"
+            )
+        self.scope = "layer"
+        if self.calibration_batches is None:
+            self.calibration_batches = WANDA_CALIBRATION_BATCHES
 
 
 class ClippingSpec(Strict):
@@ -679,6 +720,7 @@ class JobSpec(Strict):
                     f"model.name: {self.model.name!r} takes {' or '.join(sorted(accepts))} "
                     f"data; dataset gives {self.data.kind}"
                 )
+        self._wanda_rules()
         if self.model.name == "gpt":
             a = self.model.args
             if a["n_embd"] % a["n_head"]:
@@ -691,6 +733,23 @@ class JobSpec(Strict):
                     f"{a['n_layer'] + 2} pipeline stages (embedding, {a['n_layer']} blocks, head)"
                 )
         return self
+
+    def _wanda_rules(self) -> None:
+        pr = self.compression.pruning
+        if pr is None or pr.criterion != "wanda":
+            return
+        name = self.model.name
+        if name in catalog.MODEL_INPUT_KIND and name not in WANDA_MODELS:
+            raise ValueError(
+                f"compression.pruning.criterion: `wanda` scores the input features of Linear "
+                f"layers; model {name!r} has convolutions; allowed models: {', '.join(WANDA_MODELS)} "
+                "(or criterion magnitude)"
+            )
+        if self.data.streaming == "on":
+            raise ValueError(
+                "compression.pruning.criterion: `wanda` calibrates on training batches held in "
+                "memory; set data.streaming to off or auto (or criterion magnitude)"
+            )
 
     @property
     def uses_gpu(self) -> bool:
