@@ -142,7 +142,7 @@ def build(spec: JobSpec, data: Dataset, d: Dist, init_state: dict | None = None)
         m.convert(model)
     strategy = get_strategy(spec.parallel.strategy)(d, spec)
     wrapped = strategy.wrap(model)
-    ctx = Context(spec, d, strategy, wrapped, total)
+    ctx = Context(spec, d, strategy, wrapped, total, calibration_inputs(spec, data, strategy, d.device, spe))
     for m in methods:
         m.attach(ctx)
     optimizer = build_optimizer(strategy.unwrap(wrapped), spec.train)
@@ -161,6 +161,25 @@ def build(spec: JobSpec, data: Dataset, d: Dist, init_state: dict | None = None)
         spe,
         total,
     )
+
+
+def calibration_inputs(spec: JobSpec, data: Dataset, strategy, device: torch.device, spe: int):
+    """`Context.inputs` of a run: this rank's share of the training batches of the steps asked
+    for, as `_batch` cuts them (a pure function of the step: a resumed run calibrates on the
+    same batches). None when the data streams."""
+    if getattr(data, "streamed", False):
+        return None
+
+    def inputs(step: int, n: int):
+        perms: dict[int, torch.Tensor] = {}
+        for s in range(step, step + n):
+            epoch = s // spe
+            if epoch not in perms:
+                perms[epoch] = sh.epoch_permutation(data.info.n_train, spec.train.seed, epoch)
+            idx = sh.global_batch(perms[epoch], s % spe, spec.train.batch_size)
+            yield data.x_train[sh.rank_slice(idx, *strategy.data_shard())].to(device)
+
+    return inputs
 
 
 def restore(run: Run, ckpt: Loaded | None) -> None:

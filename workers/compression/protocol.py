@@ -22,6 +22,7 @@ Order within a step (see workers.train_loop.train_step):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
@@ -42,6 +43,10 @@ class Context:
     strategy: Strategy
     model: nn.Module  # as wrapped by the strategy
     total_steps: int
+    # inputs(step, n): this rank's inputs of the n training batches of steps step .. step+n-1,
+    # as those steps read them, for a method that calibrates on data (run them through
+    # `strategy.infer`). None where the data streams: a stream is read once, by the steps.
+    inputs: Callable[[int, int], Iterator[torch.Tensor]] | None = None
 
     @property
     def module(self) -> nn.Module:
