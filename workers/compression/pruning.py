@@ -368,6 +368,7 @@ class Pruner:
         cfg: PruningSpec,
         named_weights: OrderedDict[str, nn.Parameter],
         reduce_sum: ReduceSum | None = None,
+        criterion=None,
     ):
         if not named_weights:
             raise ConfigError(
@@ -376,6 +377,9 @@ class Pruner:
         self.cfg = cfg
         self.weights = named_weights
         self.reduce_sum = reduce_sum
+        # criterion.masks(step, sparsity, masks) -> new masks, where a criterion other than
+        # magnitude chooses them (`wanda`, workers.compression.wanda); None: magnitude.
+        self.criterion = criterion
         self.masks = {n: torch.ones_like(_local(w), dtype=torch.bool) for n, w in named_weights.items()}
         self._float_masks: list[torch.Tensor] = []
         self.last_update: int | None = None
@@ -401,7 +405,9 @@ class Pruner:
             )
         else:
             s = schedules.target_sparsity(cfg, step)
-            if cfg.structure == "unstructured":
+            if self.criterion is not None:
+                new = self.criterion.masks(step, s, self.masks)
+            elif cfg.structure == "unstructured":
                 new = unstructured_masks(self.weights, s, cfg.scope, self.reduce_sum)
             elif cfg.nm() is not None:
                 group = cfg.nm()[1]
@@ -524,7 +530,13 @@ class PruningMethod(BaseMethod):
     def attach(self, ctx: Context) -> None:
         self.ctx = ctx
         s = ctx.strategy
-        self.pruner = Pruner(self.cfg, s.prunable(ctx.model, self.cfg.exclude, self.skip), s.pruner_reduce())
+        weights = s.prunable(ctx.model, self.cfg.exclude, self.skip)
+        criterion = None
+        if self.cfg.criterion == "wanda":
+            from workers.compression.wanda import Wanda  # it builds on this module
+
+            criterion = Wanda(ctx, self.cfg, weights)
+        self.pruner = Pruner(self.cfg, weights, s.pruner_reduce(), criterion)
 
     def on_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
         p, ctx = self.pruner, self.ctx
@@ -540,6 +552,7 @@ class PruningMethod(BaseMethod):
             "target_sparsity": p.target(step),
             "sparsity": sparsity,
             "mask_checksums": checksums,
+            **(p.criterion.last if p.criterion is not None else {}),
         }
 
     def after_backward(self) -> None:
