@@ -357,13 +357,21 @@ class Store:
 
     # --- attempts --------------------------------------------------------------------------------
 
-    def admit(self, job: Job, submission_id: str, need: Resources) -> tuple[Job, Attempt] | None:
-        out = self._admit(job, submission_id, need)
+    def admit(
+        self,
+        job: Job,
+        submission_id: str,
+        need: Resources,
+        fence: Callable[[Session], bool] | None = None,
+    ) -> tuple[Job, Attempt] | None:
+        """`fence`: checked first inside the transaction (the leader lease, service/leader.py);
+        when it says no, nothing is written and the answer is None."""
+        out = self._admit(job, submission_id, need, fence)
         if out is not None:
             self._changed(job.id)
         return out
 
-    def _admit(self, job: Job, submission_id: str, need: Resources) -> tuple[Job, Attempt] | None:
+    def _admit(self, job: Job, submission_id: str, need: Resources, fence) -> tuple[Job, Attempt] | None:
         """queued -> starting with a new attempt row, if nobody changed the job since `job` was
         read (None otherwise). The caller submits to Ray after this commits, so a crash in
         between leaves a `starting` job whose submission Ray does not know: the reconciler
@@ -371,6 +379,8 @@ class Store:
         now = time.time()
         new = next_state(job.state, JobEvent.ADMIT)
         with self.db.write() as s:
+            if fence is not None and not fence(s):
+                return None
             res = s.execute(
                 update(Job)
                 .where(Job.id == job.id, Job.version == job.version)
