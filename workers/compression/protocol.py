@@ -96,6 +96,16 @@ class Method(Protocol):
     def report_part(cls, spec: JobSpec, model: nn.Module) -> dict[str, dict]:
         """Keys this method adds to report.json, by section, measured on the exported `model`."""
 
+    @classmethod
+    def finalize(cls, spec: JobSpec, model: nn.Module, example: torch.Tensor) -> nn.Module:
+        """The trained model (eval mode, as the final checkpoint rebuilds it) as it ships: called
+        once by the export before anything is written (`example`: a few training inputs)."""
+
+    @classmethod
+    def conform(cls, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Give a freshly built registry model the structure of a `state` saved from a model
+        `finalize` changed (shapes), in place, before the state is loaded into it."""
+
 
 class BaseMethod:
     """No-op hooks, so a method writes only those it needs."""
@@ -136,3 +146,11 @@ class BaseMethod:
     @classmethod
     def report_part(cls, spec: JobSpec, model: nn.Module) -> dict[str, dict]:
         return {}
+
+    @classmethod
+    def finalize(cls, spec: JobSpec, model: nn.Module, example: torch.Tensor) -> nn.Module:
+        return model
+
+    @classmethod
+    def conform(cls, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        return None

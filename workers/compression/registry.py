@@ -38,3 +38,16 @@ def report_parts(spec: JobSpec, model) -> dict[str, dict]:
         for section, part in cls.report_part(spec, model).items():
             out.setdefault(section, {}).update(part)
     return out
+
+
+def finalize(spec: JobSpec, model, example):
+    """The model as it ships: every method's `finalize`, in METHODS order (once, at export)."""
+    for cls in METHODS:
+        model = cls.finalize(spec, model, example)
+    return model
+
+
+def conform(model, state: dict) -> None:
+    """Shape a freshly built registry model like the model `state` was saved from."""
+    for cls in METHODS:
+        cls.conform(model, state)
