@@ -54,6 +54,8 @@ def final_model(spec: JobSpec, data: Dataset, store: ArtifactStore, job_id: str,
     model = build_model(spec.model.name, spec.model.args, data.info)
     quant.prepare(model, spec.compression.quantization)
     model.load_state_dict(ckpt.state["model"])
+    # Each method's last word on what ships (channel pruning deletes its removed channels).
+    model = registry.finalize(spec, model.eval(), data.x_train[:8])
     return model.eval(), ckpt
 
 
@@ -61,6 +63,7 @@ def float_weights(spec: JobSpec, data: Dataset, model: nn.Module) -> tuple[nn.Mo
     """A plain registry model holding `model`'s parameters and buffers (no quantizer state)."""
     plain = build_model(spec.model.name, spec.model.args, data.info).eval()
     trained = model.state_dict()
+    registry.conform(plain, trained)  # a finalized model may be smaller than the registry's
     state = _State((k, trained[k].detach().clone().contiguous()) for k in plain.state_dict())
     state.tied = dict(getattr(plain, "_tied", {}))
     plain.load_state_dict(state)

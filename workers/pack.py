@@ -236,5 +236,8 @@ def rebuild(data: bytes) -> nn.Module:
     state, meta = unpack(data)
     info = DataInfo.from_dict(meta["data_info"])
     model = build_model(meta["model"]["name"], meta["model"]["args"], info)
+    from workers.compression import registry
+
+    registry.conform(model, state)  # e.g. a channel-pruned model's smaller layers
     model.load_state_dict(state)
     return model.eval()

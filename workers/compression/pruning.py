@@ -224,14 +224,19 @@ def channel_masks(
     scope: str,
     reduce_sum: ReduceSum | None = None,
     axes: dict[str, int] | None = None,
+    units: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune whole output channels (rows of a Linear, filters of a Conv, columns of a
     transformers Conv1D: `axes` gives each weight's output axis) by RMS norm.
 
     RMS (L2 / sqrt(fan-in)) rather than L2 makes channels of layers with different fan-in
     comparable under global scope; the target counts weights, so a channel weighs its size.
-    Every layer keeps at least its strongest channel."""
+    Every layer keeps at least its strongest channel. `units` (layer -> unit id of each output
+    channel) prunes channels in units, all or none, scored by the unit's RMS: whole attention
+    heads of a fused qkv (workers.compression.channel_slim.channel_plan), so that export can
+    delete them."""
     axes = axes or {}
+    units = units or {}
     world = _total([1.0], reduce_sum)  # ranks sharing the weights (1 without a reduction)
     rms, sizes = {}, {}
     replicated: set[str] = set()  # layers whose every channel's norm every rank holds
@@ -249,6 +254,19 @@ def channel_masks(
             replicated.add(n)
             continue
         flat = lw.movedim(ax, 0).flatten(1)  # not reshape(rows, -1): a rank may hold no rows of a layer
+        if n in units and flat.shape[0]:
+            if _sharded(w):
+                raise ConfigError(
+                    "compression.pruning.structure: channel prunes this model by whole heads, "
+                    "which a sharded (fsdp) layer cannot score locally; use ddp"
+                )
+            unit = units[n].to(flat.device)
+            count = torch.bincount(unit).double() * flat.shape[1]
+            sq = torch.zeros(len(count), dtype=torch.float64, device=flat.device)
+            sq.index_add_(0, unit, flat.double().pow(2).sum(dim=1))
+            rms[n] = (sq / count).sqrt().float()
+            sizes[n] = count.float().cpu()
+            continue
         rms[n] = flat.pow(2).mean(dim=1).sqrt()
         sizes[n] = torch.full((flat.shape[0],), float(flat.shape[1]))
 
@@ -283,7 +301,8 @@ def channel_masks(
     out = {}
     for n, w in weights.items():
         lw = _local(w).movedim(axes.get(n, 0), 0)
-        m = keep[n].reshape(-1, *([1] * (lw.dim() - 1))).expand_as(lw)
+        rows = keep[n][units[n].to(keep[n].device)] if n in units and lw.shape[0] else keep[n]
+        m = rows.reshape(-1, *([1] * (lw.dim() - 1))).expand_as(lw)
         out[n] = m.movedim(0, axes.get(n, 0)).contiguous().clone()
     return out
 
@@ -383,6 +402,8 @@ class Pruner:
         self.masks = {n: torch.ones_like(_local(w), dtype=torch.bool) for n, w in named_weights.items()}
         self._float_masks: list[torch.Tensor] = []
         self.last_update: int | None = None
+        # layer -> unit of each output channel, pruned together (`channel_masks`); set by the method
+        self.units: dict[str, torch.Tensor] = {}
         self._refresh()
 
     # schedule
@@ -414,7 +435,9 @@ class Pruner:
                 keep = round((1.0 - s) * group)  # s is a multiple of 1/M here (schedules.target_sparsity)
                 new = nm_masks(self.weights, self.masks, keep, group, axes_of(self.weights))
             else:
-                new = channel_masks(self.weights, s, cfg.scope, self.reduce_sum, axes_of(self.weights))
+                new = channel_masks(
+                    self.weights, s, cfg.scope, self.reduce_sum, axes_of(self.weights), self.units
+                )
         # Masks only shrink: a weight pruned once stays pruned (with ties at zero it could
         # otherwise flip back in and out).
         self.masks = {n: self.masks[n] & new[n] for n in self.masks}
@@ -513,6 +536,7 @@ class PruningMethod(BaseMethod):
     def __init__(self, cfg: PruningSpec):
         self.cfg = cfg
         self.skip: tuple[str, ...] = ()
+        self.units: dict[str, torch.Tensor] = {}  # channel units (gpt heads), from `convert`
         self.pruner: Pruner | None = None
         self.ctx: Context | None = None
 
@@ -526,6 +550,12 @@ class PruningMethod(BaseMethod):
 
         # A channel-pruned output layer would delete classes: it is never channel-pruned.
         self.skip = (output_layer(model),) if self.cfg.structure == "channel" else ()
+        if self.cfg.structure == "channel":
+            from workers.compression.channel_slim import channel_plan
+
+            # Prune only what export can delete (residual widths stay; gpt heads go whole).
+            plan_skip, self.units = channel_plan(model)
+            self.skip += tuple(n for n in plan_skip if n not in self.skip)
 
     def attach(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -537,6 +567,7 @@ class PruningMethod(BaseMethod):
 
             criterion = Wanda(ctx, self.cfg, weights)
         self.pruner = Pruner(self.cfg, weights, s.pruner_reduce(), criterion)
+        self.pruner.units = {n: u for n, u in self.units.items() if n in weights}
 
     def on_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
         p, ctx = self.pruner, self.ctx
@@ -586,8 +617,29 @@ class PruningMethod(BaseMethod):
         self.pruner.load_state_dict({**state, "masks": masks})
 
     @classmethod
+    def finalize(cls, spec: JobSpec, model: nn.Module, example: torch.Tensor) -> nn.Module:
+        pr = spec.compression.pruning
+        if pr is None or pr.structure != "channel":
+            return model
+        from workers.compression.channel_slim import slim
+        from workers.models import output_layer
+
+        # The removed channels leave the model: what ships is the smaller one.
+        return slim(model, example, skip=(output_layer(model),))[0]
+
+    @classmethod
+    def conform(cls, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from workers.compression.channel_slim import conform
+
+        conform(model, state)
+
+    @classmethod
     def report_part(cls, spec: JobSpec, model: nn.Module) -> dict[str, dict]:
         pr = spec.compression.pruning
+        if pr is not None and pr.structure == "channel":
+            from workers.compression.channel_slim import structure_report
+
+            return {"structure": structure_report(model)}
         if pr is None or pr.nm() is None:
             return {}
         return {"sparsity": {"nm_compliance": nm_compliance(prunable_weights(model, pr.exclude), *pr.nm())}}

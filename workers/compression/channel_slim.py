@@ -1,0 +1,514 @@
+"""`structure: channel` made physical: the masked model becomes a smaller one before export.
+
+Training keeps the dense shapes and zeroes whole output channels (rows of a Linear, filters of a
+Conv, whole attention heads of the gpt: workers.compression.pruning.channel_masks). At export,
+`slim` deletes them and shrinks every layer that depends on them, so model.onnx, model.int8.onnx
+and model.safetensors hold the small model and onnxruntime runs fewer FLOPs.
+
+Why a dependency-graph library (torch-pruning) for the graph models: which layers shrink with a
+channel follows from the forward pass, not from names: the next layer's inputs, the BatchNorm
+after a conv, every conv whose output is added into the same residual stream, and the slice of a
+Linear's inputs a feature map's channel becomes after `flatten`. torch-pruning traces the
+autograd graph once and derives those groups (and the flatten index mapping); hand-written
+surgery would have to be redone for each model. Hand-written here: (1) which channels may go (a
+channel leaves only when *every* layer producing it has a zero row there: residual streams are
+coupled); (2) the bias folding (torch-pruning drops a channel, it does not preserve its output);
+(3) the gpt (`_gpt_slim`): heads live inside a fused qkv Linear and a reshape by `n_head`, which
+the graph cannot see (as FEASIBILITY found for GPT-2), and its attention module must learn its new
+head count.
+
+Folding, exactly: a removed channel still outputs a constant (its bias, through BatchNorm,
+activation and pooling), and the layers that consume it see that constant. Its effect is measured
+where it lands: one probe forward captures each consumer's input; the removed inputs' part is
+pushed through the consumer's (possibly fake-quantized) weight; for a Linear, or a conv whose
+result is spatially uniform, it joins the bias; a padded conv sees the constant only inside the
+image (the border pads zeros), so its effect is a fixed map, added after the conv (after its
+BatchNorm, scaled by it, so BatchNorm folding at export stays valid) by an `Offset` module.
+Masked and slim outputs are then equal up to float rounding.
+
+The slim structure is recorded only in the weights' shapes (and `*.offset` buffers):
+`conform` gives a freshly built registry model that structure, so every place that rebuilds a
+model from saved weights (the export, model.packed) gets the slim one."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from service.errors import ExportError
+from workers.compression.pruning import is_prunable, out_axis
+
+log = logging.getLogger(__name__)
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+class Offset(nn.Module):
+    """A constant map added to a conv's output: what removed input channels fed through padding."""
+
+    def __init__(self, offset: torch.Tensor):
+        super().__init__()
+        self.register_buffer("offset", offset.detach().clone())
+
+    def forward(self, x):
+        return x + self.offset
+
+
+# --- gpt attention with a head count of its own ------------------------------------------------
+
+
+def _slim_attention_class():
+    from workers.models.gpt import CausalSelfAttention
+
+    class SlimCausalSelfAttention(CausalSelfAttention):
+        """gpt attention whose heads were pruned: `n_head` heads of `head_dim`, fewer than the
+        residual width (the residual stream itself keeps its width)."""
+
+        head_dim: int
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            inner = self.n_head * self.head_dim
+            q, k, v = self.qkv(x).split(inner, dim=2)
+            hd = self.head_dim
+            q = q.view(b, t, self.n_head, hd).transpose(1, 2)
+            k = k.view(b, t, self.n_head, hd).transpose(1, 2)
+            v = v.view(b, t, self.n_head, hd).transpose(1, 2)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
+            att = att.masked_fill(~self.causal[:, :, :t, :t], float("-inf"))
+            att = self.drop(F.softmax(att, dim=-1))
+            y = (att @ v).transpose(1, 2).reshape(b, t, inner)
+            return self.drop(self.proj(y))
+
+    return SlimCausalSelfAttention
+
+
+def _is_gpt_attention(m: nn.Module) -> bool:
+    from workers.models.gpt import CausalSelfAttention
+
+    return isinstance(m, CausalSelfAttention)
+
+
+# --- which channels are gone ----------------------------------------------------------------
+
+
+def zero_rows(m: nn.Module) -> list[int]:
+    """Output channels of a Linear/Conv whose weights are all exactly zero (pruned)."""
+    w = m.weight.detach().movedim(out_axis(m), 0).flatten(1)
+    return torch.nonzero(~w.ne(0).any(dim=1)).flatten().tolist()
+
+
+def head_units(attn: nn.Module) -> torch.Tensor:
+    """The head of each output row of a gpt attention's fused qkv (q, k and v parts alike)."""
+    c = attn.proj.out_features
+    hd = c // attn.n_head
+    rows = torch.arange(attn.qkv.out_features)
+    return (rows % c) // hd
+
+
+def channel_plan(model: nn.Module) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
+    """(layers never channel-pruned, channel units by layer) for `structure: channel`, so that
+    what training prunes can be deleted at export:
+    - the gpt's residual writers (attention `proj`, MLP `fc_proj`) keep their rows: the residual
+      width is kept; its qkv is pruned by whole heads (one unit per head, all of q, k and v);
+    - a conv or Linear whose output is added into a residual stream (coupled with another
+      producer in the dependency graph) keeps its rows: its channel could only leave together
+      with every other producer of that stream.
+    Other layers prune rows independently (units None)."""
+    skip: list[str] = []
+    units: dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        if _is_gpt_attention(m):
+            prefix = name.rsplit(".attn", 1)[0] if name.endswith(".attn") else name
+            units[f"{name}.qkv"] = head_units(m)
+            skip += [f"{name}.proj", f"{prefix}.fc_proj"]
+    if units:
+        return tuple(skip), units
+    example = example_input(model)
+    if example is None:
+        return (), {}
+    try:
+        dg = _graph(model, example)
+    except Exception as e:  # an unknown plugin model: prune rows, slim what the graph allows
+        log.warning("channel pruning: no dependency graph of the model (%s); residual coupling unknown", e)
+        return (), {}
+    names = {m: n for n, m in model.named_modules()}
+    for _name, m in model.named_modules():
+        if not is_prunable(m) or getattr(m, "out_features", 1) == 0:
+            continue
+        group = dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0])
+        producers = [
+            it.dep.target.module
+            for it in group.items
+            if dg.is_out_channel_pruning_fn(it.dep.handler) and is_prunable(it.dep.target.module)
+        ]
+        if len({id(p) for p in producers}) > 1:
+            skip.append(names[m])
+    return tuple(skip), {}
+
+
+def example_input(model: nn.Module) -> torch.Tensor | None:
+    """A zero input of the shape a registry model takes (None when it does not say)."""
+    if getattr(model, "block_size", None):
+        return torch.zeros(1, model.block_size, dtype=torch.long)
+    adapter = getattr(model, "input", None)
+    shape = getattr(adapter, "shape", None)
+    if shape is None:
+        return None
+    return torch.zeros(2, math.prod(shape))
+
+
+# --- the dependency graph -----------------------------------------------------------------------
+
+
+def _graph(model: nn.Module, example: torch.Tensor):
+    import torch_pruning as tp
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():  # the graph is traced through autograd
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    finally:
+        model.train(was)
+
+
+def _graph_groups(model: nn.Module, dg, skip: tuple[str, ...]) -> list[tuple[nn.Module, list[int]]]:
+    """(root layer, channels to remove) per group: channels zero in every producing layer."""
+    names = {m: n for n, m in model.named_modules()}
+    done: set[int] = set()
+    out = []
+    for name, m in model.named_modules():
+        if not is_prunable(m) or name in skip or id(m) in done:
+            continue
+        idxs = zero_rows(m)
+        if not idxs:
+            continue
+        if len(idxs) == m.weight.shape[out_axis(m)]:
+            idxs = idxs[1:]  # a layer keeps one channel (its constant is folded like the rest)
+        fn = dg.get_pruner_of_module(m).prune_out_channels
+        group = dg.get_pruning_group(m, fn, idxs)
+        removable = set(idxs)
+        for it in group.items:
+            tgt = it.dep.target.module
+            if not dg.is_out_channel_pruning_fn(it.dep.handler):
+                continue
+            if isinstance(tgt, _BN) or tgt is m or _traced_op(tgt):
+                continue  # BatchNorm, activations, pooling, adds keep a constant constant
+            if not is_prunable(tgt) or names.get(tgt) in skip:
+                removable = set()  # an unknown producer (or the output layer) shares the channel
+                break
+            zero = set(zero_rows(tgt))
+            for i, r in zip(it.idxs, it.root_idxs, strict=True):
+                if i not in zero:
+                    removable.discard(r)
+        for it in group.items:
+            if dg.is_out_channel_pruning_fn(it.dep.handler):
+                done.add(id(it.dep.target.module))
+        if removable:
+            out.append((m, sorted(removable)))
+    return out
+
+
+def _traced_op(node) -> bool:
+    """A node torch-pruning made for a function in the forward pass (activation, add, reshape,
+    pooling), not a layer: it holds no weights of the channel."""
+    return type(node).__module__.startswith("torch_pruning")
+
+
+# --- folding ----------------------------------------------------------------------------------
+
+
+def _effective_weight(m: nn.Module) -> torch.Tensor:
+    wq = getattr(m, "weight_quant", None)
+    return wq(m.weight) if wq is not None else m.weight
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, consumers: list[nn.Module], example: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each consumer's input (as its weight sees it: fake-quantized where the layer does) in one
+    probe forward of the masked model."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(mod, args):
+        x = args[0].detach()
+        iq = getattr(mod, "input_quant", None)
+        seen[id(mod)] = iq(x) if iq is not None else x
+
+    handles = [c.register_forward_pre_hook(hook) for c in consumers]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _constant(x: torch.Tensor, what: str) -> torch.Tensor:
+    """`x`'s first sample after checking every sample holds the same values (removed channels
+    are constants of the input; anything else means they were not removed)."""
+    first = x[:1]
+    tol = 1e-5 * (1.0 + float(first.abs().max())) if first.numel() else 0.0
+    if x.numel() and float((x - first).abs().max()) > tol:
+        raise ExportError(f"channel slimming: removed inputs of {what} are not constant; cannot fold them")
+    return first
+
+
+@torch.no_grad()
+def _fold_linear(m: nn.Module, x: torch.Tensor, idxs: list[int], name: str) -> None:
+    flat = x.reshape(-1, x.shape[-1])[:, idxs]
+    c = _constant(flat, name)[0]
+    contrib = _effective_weight(m)[:, idxs] @ c
+    _add_bias(m, contrib)
+
+
+def _add_bias(m: nn.Module, contrib: torch.Tensor) -> None:
+    if m.bias is None:
+        m.bias = nn.Parameter(torch.zeros_like(contrib))
+    m.bias.add_(contrib.to(m.bias.dtype))
+
+
+@torch.no_grad()
+def _fold_conv(m: nn.Module, x: torch.Tensor, idxs: list[int], name: str) -> torch.Tensor | None:
+    """Fold into the bias where the effect is uniform; else return the map (out, *spatial)."""
+    part = _constant(x[:, idxs], name)
+    z = torch.zeros_like(x[:1])
+    z[:, idxs] = part
+    effect = m._conv_forward(z, _effective_weight(m), None)[0]
+    mean = effect.flatten(1).mean(dim=1)
+    shape = (-1, *([1] * (effect.dim() - 1)))
+    if float((effect - mean.reshape(shape)).abs().max()) <= 1e-6 * (1.0 + float(effect.abs().max())):
+        _add_bias(m, mean)
+        return None
+    return effect
+
+
+# --- slimming ---------------------------------------------------------------------------------
+
+
+def slim(
+    model: nn.Module, example: torch.Tensor | None = None, skip: tuple[str, ...] = ()
+) -> tuple[nn.Module, dict]:
+    """A copy of the masked `model` with its removed channels deleted and their constants folded:
+    (slim model, {"params_before", "params_after", "layers": {name: [out before, out after]}}).
+    `skip`: layers whose channels stay (the output layer: its rows are the classes). The model
+    is evaluated in eval mode; the copy comes back in eval mode."""
+    model = copy.deepcopy(model).eval()
+    example = example if example is not None else example_input(model)
+    if example is None:
+        raise ExportError("channel slimming needs an example input of the model")
+    before = {n: _out(m) for n, m in model.named_modules() if is_prunable(m)}
+    params_before = sum(p.numel() for p in model.parameters())
+    if any(_is_gpt_attention(m) for m in model.modules()):
+        _gpt_slim(model, example, skip)
+    else:
+        _graph_slim(model, example, skip)
+    after = {n: _out(m) for n, m in model.named_modules() if is_prunable(m)}
+    info = {
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "layers": {n: [before[n], after[n]] for n in before if n in after},
+    }
+    return model, info
+
+
+def _out(m: nn.Module) -> int:
+    return int(m.weight.shape[out_axis(m)])
+
+
+def _graph_slim(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...]) -> None:
+    dg = _graph(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    plans = _graph_groups(model, dg, skip)
+    if not plans:
+        return
+    # What every group removes, from each layer's outputs and inputs (before anything changes).
+    removed_out: dict[int, set[int]] = {}
+    consumers: dict[int, tuple[nn.Module, set[int]]] = {}
+    for root, idxs in plans:
+        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+        for it in group.items:
+            tgt = it.dep.target.module
+            if dg.is_out_channel_pruning_fn(it.dep.handler) and is_prunable(tgt):
+                removed_out.setdefault(id(tgt), set()).update(it.idxs)
+            elif dg.is_in_channel_pruning_fn(it.dep.handler) and is_prunable(tgt):
+                consumers.setdefault(id(tgt), (tgt, set()))[1].update(it.idxs)
+    seen = _capture(model, [c for c, _ in consumers.values()], example)
+    offsets: list[tuple[nn.Module, torch.Tensor]] = []
+    for key, (c, idxs) in consumers.items():
+        ix = sorted(idxs)
+        if isinstance(c, _CONVS):
+            effect = _fold_conv(c, seen[key], ix, names[c])
+            if effect is not None:
+                keep = [i for i in range(effect.shape[0]) if i not in removed_out.get(key, ())]
+                offsets.append((c, effect[keep]))
+        else:
+            _fold_linear(c, seen[key], ix, names[c])
+    for root, idxs in plans:
+        dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+    for conv, effect in offsets:
+        _insert_offset(model, names[conv], effect)
+
+
+def _insert_offset(model: nn.Module, conv_name: str, effect: torch.Tensor) -> None:
+    """Add `effect` after the conv (after its BatchNorm, times the BatchNorm's scale, where one
+    follows: eval-mode BatchNorm is affine per channel, bn(y + e) = bn(y) + k * e)."""
+    parent_name, _, child = conv_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        raise ExportError(f"channel slimming: {conv_name} is not in a Sequential; cannot add its offset")
+    order = list(parent._modules)
+    after = child
+    nxt = order[order.index(child) + 1] if order.index(child) + 1 < len(order) else None
+    if nxt is not None and isinstance(parent._modules[nxt], _BN):
+        bn = parent._modules[nxt]
+        k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        effect = effect * k.reshape(-1, *([1] * (effect.dim() - 1)))
+        after = nxt
+    _insert_after(parent, after, Offset(effect))
+
+
+def _insert_after(parent: nn.Sequential, after: str, module: nn.Module) -> None:
+    mods = OrderedDict()
+    for n, m in parent._modules.items():
+        mods[n] = m
+        if n == after:
+            mods[f"{after}_offset"] = module
+    parent._modules = mods
+
+
+def _gpt_slim(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...]) -> None:
+    """Remove MLP hidden units (rows of `fc`, inputs of `fc_proj`) and whole heads (a head whose
+    v rows are all zero outputs its v bias whatever its attention weights, since they sum to 1:
+    a constant into `proj`) of the built-in gpt; the residual width stays."""
+    blocks = [(n, m) for n, m in model.named_modules() if hasattr(m, "attn") and _is_gpt_attention(m.attn)]
+    work = []  # (consumer, removed input columns, producer, removed rows, attention or None, kept heads)
+    for name, b in blocks:
+        rows = [] if f"{name}.fc" in skip else zero_rows(b.fc)
+        if len(rows) == b.fc.out_features:
+            rows = rows[1:]
+        if rows:
+            work.append((b.fc_proj, rows, b.fc, rows, None, None))
+        attn = b.attn
+        if f"{name}.attn.qkv" in skip:
+            continue
+        hd = getattr(attn, "head_dim", attn.proj.out_features // attn.n_head)
+        inner = attn.n_head * hd
+        zero = set(zero_rows(attn.qkv))
+        gone = [h for h in range(attn.n_head) if all(2 * inner + h * hd + j in zero for j in range(hd))]
+        if len(gone) == attn.n_head:
+            gone = gone[1:]
+        if gone:
+            cols = [h * hd + j for h in gone for j in range(hd)]
+            qkv_rows = [p * inner + col for p in range(3) for col in cols]
+            work.append((attn.proj, cols, attn.qkv, qkv_rows, attn, attn.n_head - len(gone)))
+    if not work:
+        return
+    names = {m: n for n, m in model.named_modules()}
+    seen = _capture(model, [w[0] for w in work], example)
+    for consumer, cols, *_ in work:
+        _fold_linear(consumer, seen[id(consumer)], cols, names[consumer])
+    slim_cls = _slim_attention_class()
+    for consumer, cols, producer, rows, attn, heads in work:
+        _keep_inputs(consumer, cols)
+        _keep_outputs(producer, rows)
+        if attn is not None:
+            hd = getattr(attn, "head_dim", attn.proj.out_features // attn.n_head)
+            attn.__class__ = slim_cls
+            attn.head_dim, attn.n_head = hd, heads
+
+
+def _keep_outputs(m: nn.Linear, removed: list[int]) -> None:
+    keep = [i for i in range(m.out_features) if i not in set(removed)]
+    m.weight = nn.Parameter(m.weight.detach()[keep].clone())
+    if m.bias is not None:
+        m.bias = nn.Parameter(m.bias.detach()[keep].clone())
+    m.out_features = len(keep)
+
+
+def _keep_inputs(m: nn.Linear, removed: list[int]) -> None:
+    keep = [i for i in range(m.in_features) if i not in set(removed)]
+    m.weight = nn.Parameter(m.weight.detach()[:, keep].clone())
+    m.in_features = len(keep)
+
+
+# --- rebuilding from saved weights -------------------------------------------------------------
+
+
+def conform(model: nn.Module, state: dict[str, torch.Tensor]) -> dict | None:
+    """Give a freshly built registry `model` the structure `state` was saved from (a slim
+    model's): shrink its layers to the saved shapes, add the saved `Offset`s, and the gpt's
+    attention its head count. Returns the slim record of `slim` (None when nothing differs), also
+    kept on the model as `model.channel_slim` for the report."""
+    own = model.state_dict()
+    if all(
+        k in own and own[k].shape == v.shape for k, v in state.items() if not k.endswith(".offset")
+    ) and not any(k.endswith(".offset") and k not in own for k in state):
+        return None
+    before = {n: _out(m) for n, m in model.named_modules() if is_prunable(m)}
+    params_before = sum(p.numel() for p in model.parameters())
+    slim_cls = None
+    for name, m in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if _is_gpt_attention(m):
+            w = state.get(f"{prefix}qkv.weight")
+            if w is not None and w.shape[0] != m.qkv.out_features:
+                slim_cls = slim_cls or _slim_attention_class()
+                hd = m.proj.out_features // m.n_head
+                m.__class__ = slim_cls
+                m.head_dim, m.n_head = hd, w.shape[0] // (3 * hd)
+        for pname, p in list(m._parameters.items()):
+            key = prefix + pname
+            if key in state and (p is None or p.shape != state[key].shape):
+                m._parameters[pname] = nn.Parameter(torch.empty_like(state[key]))
+        for bname, b in list(m._buffers.items()):
+            key = prefix + bname
+            if b is not None and key in state and b.shape != state[key].shape:
+                m._buffers[bname] = torch.empty_like(state[key])
+        _resize_attrs(m)
+    for key, v in state.items():
+        if key.endswith("_offset.offset") and key not in own:
+            mod = key.removesuffix(".offset")
+            parent_name, _, child = mod.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            _insert_after(parent, child.removesuffix("_offset"), Offset(torch.empty_like(v)))
+    after = {n: _out(m) for n, m in model.named_modules() if is_prunable(m)}
+    info = {
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "layers": {n: [before[n], after[n]] for n in before if n in after},
+    }
+    model.channel_slim = info
+    return info
+
+
+def _resize_attrs(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, _CONVS):
+        m.out_channels = m.weight.shape[0]
+        m.in_channels = m.weight.shape[1] * m.groups
+    elif isinstance(m, _BN) and m.weight is not None:
+        m.num_features = m.weight.shape[0]
+
+
+def structure_report(model: nn.Module) -> dict:
+    """report.structure of a channel-pruned job, measured on the exported (rebuilt) model:
+    parameters before and after slimming and each layer's output channels [before, after]."""
+    rec = getattr(model, "channel_slim", None)
+    total = sum(p.numel() for p in model.parameters())
+    if rec is None:  # nothing was removed: the shipped model has the dense shapes
+        rec = {"params_before": total, "params_after": total, "layers": {}}
+    return {
+        "slim": rec["params_after"] < rec["params_before"],
+        "params_before": rec["params_before"],
+        "params_after": total,
+        "layers": {n: v for n, v in rec["layers"].items() if v[0] != v[1]},
+    }
