@@ -1,0 +1,175 @@
+"""`structure: channel` ships a physically smaller model (issue 15 point 2): for each built-in
+model the masked model and its slim form agree (removed channels with non-zero biases, BatchNorm
+shifts and padded convs included), a registry model rebuilt from the slim weights is the slim
+model, its ONNX export runs and matches; and one channel + QAT job ends with a smaller
+model.onnx and an int8 graph of the slim model that runs in onnxruntime and agrees with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from service.artifacts import JobArtifacts, LocalArtifactStore
+from service.spec import parse_spec
+from workers import export, onnx_export
+from workers.compression import channel_slim as cs
+from workers.compression.pruning import axes_of, channel_masks, prunable_weights
+from workers.data import load_dataset
+from workers.data.info import DataInfo
+from workers.models import build_model, output_layer
+from workers.models.folding import fold_batchnorm
+from workers.session import LocalSession
+from workers.train_loop import train
+
+DIGITS = DataInfo("image", (64,), "float32", 10, (1, 8, 8), mean=4.9, std=6.0)
+TOKENS = DataInfo("tokens", (16,), "int64", 50, None)
+MODELS = {
+    "mlp": ({"hidden": [48, 32]}, DIGITS),
+    "lenet5": ({}, DIGITS),
+    "convnet": ({"channels": [8, 16], "hidden": 32}, DIGITS),
+    "resnet": ({"depth": 8, "width": 8}, DIGITS),
+    "gpt": ({"n_layer": 2, "n_head": 4, "n_embd": 32}, TOKENS),
+}
+
+
+def _masked(name: str) -> tuple[nn.Module, dict, torch.Tensor]:
+    """A registry model with half of its prunable channels zeroed as training leaves them, its
+    biases and BatchNorm statistics random (so removed channels output non-zero constants)."""
+    args, info = MODELS[name]
+    model = build_model(name, args, info, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "bias", None), nn.Parameter):
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.3)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.3)
+    skip, units = cs.channel_plan(model)
+    weights = prunable_weights(model, skip=(*skip, output_layer(model)))
+    masks = channel_masks(weights, 0.5, "layer", axes=axes_of(weights), units=units)
+    with torch.no_grad():
+        for n, mask in masks.items():
+            weights[n].mul_(mask)
+    if info.kind == "tokens":
+        x = torch.randint(0, info.num_classes, (6, *info.input_shape), generator=g)
+    else:
+        x = torch.rand(6, *info.input_shape, generator=g) * 16
+    return model, units, x
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_slim_model_equals_masked_model_and_exports(name):
+    model, units, x = _masked(name)
+    slim, info = cs.slim(model, x[:2], skip=(output_layer(model),))
+    with torch.no_grad():
+        want, got = model(x), slim(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert info["params_after"] < 0.75 * info["params_before"], info
+    assert info["params_after"] == sum(p.numel() for p in slim.parameters())
+    shrunk = {n: v for n, v in info["layers"].items() if v[1] < v[0]}
+    assert shrunk and output_layer(model) not in shrunk
+    if name == "gpt":  # whole heads went: q, k and v rows of each head together
+        assert all(n.endswith((".qkv", ".fc")) for n in shrunk)
+        assert {n: v[1] for n, v in shrunk.items() if n.endswith("qkv")} == {
+            "blocks.0.attn.qkv": 48,
+            "blocks.1.attn.qkv": 48,
+        }
+        assert set(units) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
+    if name == "resnet":  # residual streams keep their width; the blocks' inner convs shrink
+        assert all(n.endswith("conv1.conv") for n in shrunk)
+    if name in ("lenet5", "convnet", "resnet"):  # padded convs saw removed constants
+        assert any(isinstance(m, cs.Offset) for m in slim.modules())
+
+    # A registry model rebuilt from the slim weights is the slim model, and the report says so.
+    args, data_info = MODELS[name]
+    rebuilt = build_model(name, args, data_info)
+    cs.conform(rebuilt, slim.state_dict())
+    rebuilt.load_state_dict(slim.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), got)
+    part = cs.structure_report(rebuilt)
+    assert part["slim"] and part["params_before"] == info["params_before"]
+    assert part["params_after"] == info["params_after"] and part["layers"] == shrunk
+
+    sess = onnx_export.session(onnx_export.to_onnx(slim, x))
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_layers_that_cannot_shrink_are_not_channel_pruned():
+    resnet, _, _ = _masked("resnet")
+    skip, units = cs.channel_plan(resnet)
+    # every producer of a residual stream: the stem, each block's last conv, the shortcuts
+    assert set(skip) == {
+        "stem.conv.conv",
+        "layer1.0.conv2.conv",
+        "layer2.0.conv2.conv",
+        "layer2.0.shortcut.conv",
+        "layer3.0.conv2.conv",
+        "layer3.0.shortcut.conv",
+    }
+    assert units == {}
+    gpt, _, _ = _masked("gpt")
+    skip, units = cs.channel_plan(gpt)
+    assert set(skip) == {f"blocks.{i}.{n}" for i in (0, 1) for n in ("attn.proj", "fc_proj")}
+    assert units["blocks.0.attn.qkv"].tolist() == [r % 32 // 8 for r in range(96)]
+
+
+def _initializer_values(graph: bytes) -> int:
+    return sum(int(np.prod(t.dims)) for t in onnx.load_from_string(graph).graph.initializer)
+
+
+def test_channel_qat_job_exports_the_slim_model_as_onnx_and_int8(tmp_path):
+    spec = parse_spec(
+        {
+            "name": "slim",
+            "model": {"name": "resnet", "args": {"depth": 8, "width": 8}},
+            "data": {"name": "digits"},
+            "train": {"epochs": 2, "batch_size": 64, "lr": 0.05},
+            "compression": {
+                "pruning": {
+                    "structure": "channel",
+                    "final_sparsity": 0.5,
+                    "start_step": 5,
+                    "end_step": 25,
+                    "frequency": 5,
+                },
+                "quantization": {"mode": "qat", "start_step": 25},
+            },
+            "checkpoint": {"every_steps": 1000},
+        }
+    )
+    data = load_dataset(spec.data)
+    store = LocalArtifactStore(tmp_path)
+    summary = train(spec, data, LocalSession(store, "j"))
+    rep = export.export(spec, data, store, "j", summary["step"], {"steps": summary["step"]}, 3)
+    arts = JobArtifacts(store, "j")
+
+    part = rep["structure"]
+    assert part["slim"] and part["params_after"] < part["params_before"]
+    assert rep["params"]["total"] == part["params_after"]
+    dense = build_model("resnet", {"depth": 8, "width": 8}, data.info)
+    assert part["params_before"] == sum(p.numel() for p in dense.parameters())
+    # model.onnx is the slim model: fewer weights and bytes than the dense model's graph
+    slim_onnx = arts.get_bytes("model.onnx")
+    dense_onnx = onnx_export.to_bytes(onnx_export.to_onnx(fold_batchnorm(dense.eval())[0], data.x_val))
+    assert _initializer_values(slim_onnx) < 0.75 * _initializer_values(dense_onnx)
+    assert len(slim_onnx) < len(dense_onnx)
+
+    # The int8 graph is the slim model's: it runs in onnxruntime and agrees with the slim
+    # fake-quantized model the export finished from.
+    model, _ = export.final_model(spec, data, store, "j", summary["step"])
+    assert sum(p.numel() for p in model.parameters()) == part["params_after"]
+    x = data.x_val[:128]
+    with torch.no_grad():
+        want = model(x).argmax(-1).numpy()
+    sess = onnx_export.session(arts.get_bytes("model.int8.onnx"))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0].argmax(-1)
+    assert (got == want).mean() >= 0.9
+    assert rep["quantization"]["onnx"] == "model.int8.onnx" and rep["accuracy"] > 0.5
