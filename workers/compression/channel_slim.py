@@ -141,7 +141,7 @@ def channel_plan(model: nn.Module) -> tuple[tuple[str, ...], dict[str, torch.Ten
         return (), {}
     names = {m: n for n, m in model.named_modules()}
     for _name, m in model.named_modules():
-        if not is_prunable(m) or getattr(m, "out_features", 1) == 0:
+        if not is_prunable(m) or dg.get_pruner_of_module(m) is None:
             continue
         group = dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0])
         producers = [
@@ -186,7 +186,7 @@ def _graph_groups(model: nn.Module, dg, skip: tuple[str, ...]) -> list[tuple[nn.
     done: set[int] = set()
     out = []
     for name, m in model.named_modules():
-        if not is_prunable(m) or name in skip or id(m) in done:
+        if not is_prunable(m) or name in skip or id(m) in done or dg.get_pruner_of_module(m) is None:
             continue
         idxs = zero_rows(m)
         if not idxs:
