@@ -1,6 +1,8 @@
 """The FastAPI application: `/v1` behind bearer auth, `/healthz`, `/readyz`, `/metrics`; `/` is
 left to the dashboard. `create_app` wires settings -> database (schema upgraded at start-up) ->
-artifact store -> Ray Jobs -> the job service and its background loops."""
+artifact store -> Ray Jobs -> the job service and its background loops, which run only while
+this process leads (the database lease of service/leader.py): any number of API processes may
+serve one database."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import os
 import anyio
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from api import errors, openapi
 from api.routes import dashboard, datasets, docs, jobs, models, sweeps, system
@@ -19,6 +23,7 @@ from api.sse import JobHeads, Notifier
 from service.artifacts import ArtifactStore, open_store
 from service.auth import TokenAuth, load_auth
 from service.job_service import JobService
+from service.leader import Leadership, Lease
 from service.ray_jobs import RayJobs
 from service.settings import Settings, get_settings
 from service.store.db import Database
@@ -31,6 +36,39 @@ def ray_address(settings: Settings) -> str | None:
     """Where the Jobs API is: the configured dashboard URL, or the cluster address (an http(s)
     URL is used as is; a GCS address is resolved to the dashboard through the cluster)."""
     return settings.ray_dashboard_url or settings.ray_address
+
+
+class LeaderCollector(Collector):
+    def __init__(self, leadership: Leadership | None):
+        self.leadership = leadership
+
+    def collect(self):
+        leads = self.leadership is not None and self.leadership.leading
+        yield GaugeMetricFamily(
+            "slimtrain_leader",
+            "1 while this API process leads (runs the scheduler, reconciler and ingest), else 0.",
+            value=1.0 if leads else 0.0,
+        )
+
+
+def leadership_of(settings: Settings, db: Database, service: JobService) -> Leadership | None:
+    """The campaign for the lease, whose winner runs the service's loops; None when this process
+    never schedules (`run_scheduler` off)."""
+    if not settings.run_scheduler:
+        return None
+    lease = Lease(db, settings.leader_lease_ttl_s, takeover_dead_local=settings.leader_takeover_dead_local)
+    service.scheduler.lease = service.reconciler.lease = service.ingester.lease = lease
+
+    def elected() -> None:
+        service.start_background()
+        for loop in service.loops.values():
+            loop.gate = lease.holds
+
+    def deposed() -> None:
+        service.stop_background()
+        service.loops = {}
+
+    return Leadership(lease, settings.leader_renew_interval_s, elected, deposed)
 
 
 def create_app(
@@ -49,6 +87,8 @@ def create_app(
     notifier, heads = Notifier(), JobHeads(store)
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
+    leadership = leadership_of(settings, db, service)
+    registry.register(LeaderCollector(leadership))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,11 +96,13 @@ def create_app(
         db.upgrade()
         store.ensure_tenants(auth.tenants)
         store.listeners += [heads.forget, notifier.publish]  # forget first: a woken stream reads anew
-        if settings.run_scheduler:
-            service.start_background()
+        if leadership is not None:
+            leadership.start()
         try:
             yield
         finally:
+            if leadership is not None:
+                leadership.stop()  # stops the loops, then releases the lease for a quick handover
             service.stop_background()
             db.dispose()
 
@@ -75,6 +117,7 @@ def create_app(
     )
     app.state.settings, app.state.service, app.state.auth = settings, service, auth
     app.state.notifier, app.state.heads, app.state.registry = notifier, heads, registry
+    app.state.leadership = leadership
     errors.install(app)
     app.include_router(system.router)
     app.include_router(jobs.router)

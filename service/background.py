@@ -1,5 +1,6 @@
 """Periodic background work (scheduler, reconciler, metrics ingest) on daemon threads: each run
-is isolated, so one failing tick is logged and the loop goes on."""
+is isolated, so one failing tick is logged and the loop goes on. A loop's `gate` (the leader
+lease's `holds`, service/leader.py) skips its ticks while this process may not act."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ class Loop:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.ticks = 0
+        self.skipped = 0
         self.last_error: str | None = None
+        self.gate: Callable[[], bool] | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"slimtrain-{self.name}", daemon=True)
@@ -40,7 +43,10 @@ class Loop:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.fn()
+                if self.gate is not None and not self.gate():
+                    self.skipped += 1
+                else:
+                    self.fn()
                 self.last_error = None
             except Exception as e:  # a bad tick must not end the loop; the next one retries
                 self.last_error = f"{type(e).__name__}: {e}"

@@ -10,7 +10,10 @@ The driver writes append-only parts named by the sequence number of their first 
 (`service.records.part_name`, `workers.metrics_log`), so a tick reads the one part that starts
 at the job's stored count, and the next, until there is none: the cost of a tick follows the
 new records, not the job's length, and a job with nothing new costs one missed read. A job whose
-driver wrote only `metrics.jsonl` (an older driver) is read whole, as before."""
+driver wrote only `metrics.jsonl` (an older driver) is read whole, as before.
+
+With several API processes the leader alone ingests (service/leader.py, `lease`); the
+conditional update keeps a record stored once even if a deposed leader's tick overlaps."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import logging
 
 from service.artifacts import ArtifactStore, JobArtifacts
 from service.errors import ArtifactNotFound, SlimtrainError
+from service.leader import Lease
 from service.records import METRICS, list_parts, part_name
 from service.store.repo import Store
 
@@ -49,9 +53,12 @@ class Ingester:
         # a missing next part means nothing new, with no listing.
         self._ends: dict[str, int] = {}
         self._sizes: dict[str, int] = {}  # metrics.jsonl of an older driver: its size last read
+        self.lease: Lease | None = None  # None: this process alone ingests
 
     def tick(self) -> None:
         for job in self.store.ingesting_jobs():
+            if self.lease is not None and not self.lease.holds():
+                return
             self.ingest_job(job.id, job.metrics_lines)
 
     def ingest_job(self, job_id: str, have: int | None = None) -> int:

@@ -12,6 +12,10 @@ For every job the store thinks is live, Ray is asked about its current attempt:
   the heartbeat timeout: the driver was lost -> the same, with the attempt closed `lost`.
 Attempts of jobs that are over but whose Ray job may still run (a cancel while Ray was
 unreachable) are stopped and closed.
+
+Only the leader among API processes reconciles (service/leader.py): with a `lease`, each job is
+looked at only while this process holds it. Every write here is a compare-and-set on the job's
+state and version, so a decision made twice applies once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from service.artifacts import ArtifactStore, JobArtifacts
 from service.errors import SlimtrainError
 from service.ingest import Ingester
 from service.jobs import InvalidTransition, JobEvent, JobState, RetryPolicy
+from service.leader import Lease
 from service.outcome import read_outcome
 from service.ray_jobs import FAILED, PENDING, RUNNING, STOPPED, SUCCEEDED, ClusterUnavailable, RayJobs
 from service.scheduler import Scheduler
@@ -47,13 +52,21 @@ class Reconciler:
         self.store, self.ray, self.artifacts = store, ray, artifacts
         self.scheduler, self.ingester = scheduler, ingester
         self.heartbeat_timeout = heartbeat_timeout
+        self.lease: Lease | None = None  # None: this process alone reconciles
+
+    def leading(self) -> bool:
+        return self.lease is None or self.lease.holds()
 
     def tick(self) -> None:
         for job, attempt in self.store.live_jobs():
+            if not self.leading():
+                return
             # InvalidTransition: cancelled or finished by someone else meanwhile
             with contextlib.suppress(InvalidTransition):
                 self.reconcile(job, attempt)
         for job, attempt in self.store.open_attempts_of_finished_jobs():
+            if not self.leading():
+                return
             self.reap(job, attempt)
 
     def reconcile(self, job: Job, attempt: Attempt | None) -> None:

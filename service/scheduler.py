@@ -14,6 +14,10 @@ reads the head of the queue page by page until the first job that must wait for 
 and writes a job's reason only when it changes. The rest of the queue is read only when what it
 waits behind changes (another blocking job, another cluster size), and new jobs alone when
 jobs were submitted.
+
+With several API processes, only the leader schedules (service/leader.py): `lease`, when set,
+is checked before each admission, and the admission itself (the conditional update that claims
+a queued job) is fenced by it in the same transaction, so a deposed leader claims nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pydantic import ValidationError
 from service.artifacts import ArtifactStore, JobArtifacts
 from service.errors import SlimtrainError
 from service.jobs import InvalidTransition, JobEvent, submission_id
+from service.leader import Lease
 from service.limits import Resources, demand
 from service.ray_jobs import ClusterUnavailable, RayJobs, SubmissionRejected
 from service.settings import Settings
@@ -96,8 +101,14 @@ class Scheduler:
         self._tail: tuple | None = None  # (blocking job, capacity) the tail's reasons say
         self._newest: float | None = None  # created_at of the newest job the tail was given
         self.parses = 0  # specs parsed: the work follows new jobs, not the queue's length
+        self.lease: Lease | None = None  # None: this process alone schedules (tests, one process)
+
+    def leading(self) -> bool:
+        return self.lease is None or self.lease.holds()
 
     def tick(self) -> None:
+        if not self.leading():
+            return
         count, newest = self.store.queue_signature()
         if not count:
             self._seen = None
@@ -133,6 +144,9 @@ class Scheduler:
         needs = dict(queue)
         admitted = 0
         for d in decisions:
+            if not self.leading():
+                self._seen = None  # what this tick planned was not carried out
+                return
             if d.admit:
                 admitted += self.start(jobs[d.job_id], needs[d.job_id])
                 # The queue this plan saw is gone: a job that comes back to it (a lost driver,
@@ -198,9 +212,10 @@ class Scheduler:
             # The previous attempt was declared lost; if its driver lives on (Ray was only
             # unreachable), stop it before a second driver writes the same checkpoints.
             self._stop_quietly(submission_id(job.id, job.attempts))
-        admitted = self.store.admit(job, submission_id(job.id, job.attempts + 1), need)
+        fence = self.lease.fence if self.lease is not None else None
+        admitted = self.store.admit(job, submission_id(job.id, job.attempts + 1), need, fence)
         if admitted is None:
-            return False  # someone else admitted or cancelled it meanwhile
+            return False  # someone else admitted or cancelled it meanwhile, or the lease is gone
         self.submit(*admitted)
         return True
 

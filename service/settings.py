@@ -8,7 +8,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -71,7 +71,26 @@ class Settings(BaseSettings):
         description="Interpreter of the Ray Job entrypoint on the cluster; default: the API's own "
         "(right when API and Ray share an image or a machine).",
     )
-    run_scheduler: bool = Field(default=True, description="Run scheduler, reconciler and ingest here.")
+    run_scheduler: bool = Field(
+        default=True,
+        description="Campaign for leadership here: the leader among the API processes on one "
+        "database runs the scheduler, reconciler, ingest and sweeps (service/leader.py).",
+    )
+    # Leader election (service/leader.py): the leader renews its lease every renew interval; when
+    # it dies, another process leads within ttl + renew interval.
+    leader_lease_ttl_s: float = Field(
+        default=10.0, gt=0, description="How long a leader's lease lasts unless renewed."
+    )
+    leader_renew_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often the leader renews its lease and followers try to take it.",
+    )
+    leader_takeover_dead_local: bool = Field(
+        default=True,
+        description="Take over at once from a leader that ran on this machine (same kernel and "
+        "PID namespace) and whose process is gone, instead of waiting out its lease.",
+    )
     scheduler_interval_s: float = Field(default=1.0, gt=0)
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     ingest_interval_s: float = Field(default=0.5, gt=0)
@@ -87,6 +106,15 @@ class Settings(BaseSettings):
         description="Threads running requests' database work; default: the CPU count (more Python "
         "threads than cores contend for the GIL and lower throughput).",
     )
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self):
+        if self.leader_renew_interval_s * 2 > self.leader_lease_ttl_s:
+            raise ValueError(
+                "leader_renew_interval_s must be at most half of leader_lease_ttl_s, so that one "
+                "late renewal does not cost the lease"
+            )
+        return self
 
     @field_validator("data_dir")
     @classmethod
