@@ -195,3 +195,8 @@ class ClusterOut(BaseModel):
 class Health(BaseModel):
     status: str = Field(description="`ok`, or what is not.")
     checks: dict[str, str] = Field(default_factory=dict, description="Each check and its result.")
+    leader: bool | None = Field(
+        default=None,
+        description="(readyz) Whether this process leads: runs the scheduler, reconciler and "
+        "metrics ingest for every API process on the database (docs/reliability.md).",
+    )

@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 
 @router.get(
-    "/healthz", response_model=Health, summary="Liveness: the process serves requests", operation_id="healthz"
+    "/healthz",
+    response_model=Health,
+    response_model_exclude_none=True,
+    summary="Liveness: the process serves requests",
+    operation_id="healthz",
 )
 async def healthz() -> Health:
     return Health(status="ok")
@@ -28,7 +32,8 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Health,
-    summary="Readiness: the database answers at the current schema and the background loops run",
+    summary="Readiness: the database answers at the current schema and, in the leader, the "
+    "background loops run; `leader` says whether this process leads",
     operation_id="readyz",
     responses={503: {"model": Health, "description": "Not ready; `checks` says why."}},
 )
@@ -48,10 +53,17 @@ async def readyz(request: Request):
         checks["database"] = "ok"
     except Exception as e:  # any failure means: not ready; the body says which
         checks["database"] = f"{type(e).__name__}: {e}"
-    for name, loop in service.loops.items():
-        checks[name] = "ok" if loop.alive else "not running"
+    leadership = request.app.state.leadership
+    leads = leadership is not None and leadership.leading
+    if leads or leadership is None:
+        for name, loop in service.loops.items():
+            checks[name] = "ok" if loop.alive else "not running"
+    else:  # a follower serves HTTP; it needs its campaign for the lease, not the loops
+        checks["leader election"] = (
+            "ok" if leadership.alive and leadership.last_error is None else leadership.last_error or "stopped"
+        )
     ok = all(v == "ok" for v in checks.values())
-    body = Health(status="ok" if ok else "not ready", checks=checks)
+    body = Health(status="ok" if ok else "not ready", checks=checks, leader=leads)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
