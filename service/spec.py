@@ -262,8 +262,8 @@ class DataSpec(Strict):
     streaming: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Stream `uri` through Ray Data instead of loading it into every worker: on, "
-        "off, or auto (stream a parquet file larger than SLIMTRAIN_STREAM_ABOVE_BYTES; built-in "
-        "sets always load in memory). See docs/data.md.",
+        "off, or auto (stream a parquet, jsonl/text or image zip/tar file larger than "
+        "SLIMTRAIN_STREAM_ABOVE_BYTES; built-in sets always load in memory). See docs/data.md.",
     )
 
     @field_validator("name")
@@ -672,12 +672,17 @@ def streaming_unsupported(spec: DataSpec, strategy: str) -> str | None:
     if spec.uri is None:
         return "built-in datasets load in memory"
     fmt = spec.resolved_format
-    if fmt not in ("parquet", "image_zip"):
-        return f"only parquet files and image zip archives stream (this is {fmt})"
+    if fmt not in ("parquet", "image_zip", "image_tar", "jsonl", "text"):
+        return f"only parquet, jsonl/text and image zip/tar archives stream (this is {fmt})"
     if spec.token_column is not None and spec.label_column is None:
         return "token_column without label_column (language-modelling blocks) loads in memory"
-    if strategy != "ddp":
-        return f"parallel.strategy {strategy} needs the data in memory; streaming is for ddp"
+    where = (spec.resolved_uri or spec.uri or "").lower()
+    if fmt == "image_tar" and where.endswith((".gz", ".tgz", ".bz2", ".xz")):
+        return "a compressed tar cannot be read from the middle; an uncompressed .tar streams"
+    if strategy == "pipeline":
+        # Stage 0 needs a batch's inputs and the last stage its targets, while Ray Data hands
+        # each worker a different share of the rows.
+        return "parallel.strategy pipeline needs the data in memory; streaming is for ddp and fsdp"
     return None
 
 

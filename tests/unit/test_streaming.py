@@ -55,7 +55,8 @@ def put(store, tmp_path, name="d.parquet", **kw):
     [
         ({"streaming": "auto"}, "ddp", 2000, 1000, True),
         ({"streaming": "auto"}, "ddp", 1000, 1000, False),  # not above the threshold
-        ({"streaming": "auto"}, "fsdp", 2000, 1000, False),  # fsdp needs the data in memory
+        ({"streaming": "auto"}, "fsdp", 2000, 1000, True),  # fsdp ranks read shards as ddp's
+        ({"streaming": "auto"}, "pipeline", 2000, 1000, False),  # every stage needs the batch
         ({"streaming": "off"}, "ddp", 2000, 1000, False),
         ({"streaming": "on"}, "ddp", 10, 1000, True),
     ],
@@ -280,7 +281,169 @@ def test_image_zip_streams_the_in_memory_samples(store, tmp_path, monkeypatch):
     assert got == sorted(map(tuple, np.column_stack([mem.x_train.numpy(), mem.y_train.numpy()]).tolist()))
     exp = st.for_export(calibration_rows=5)
     assert torch.equal(exp.x_val, mem.x_val) and torch.equal(exp.y_val, mem.y_val)
-    # tar is not random access: it loads in memory (on: refused, naming data.streaming)
-    tar = DataSpec(uri="store://datasets/i.tar", resolved_uri="datasets/i.tar", streaming="on")
-    with pytest.raises(ConfigError, match="data.streaming"):
-        streaming.wants_streaming(tar, "ddp", 10**9, 0)
+    # a compressed tar cannot be read from the middle (on: refused, naming data.streaming)
+    tgz = DataSpec(uri="s3://b/i.tar.gz", streaming="on")
+    with pytest.raises(ConfigError, match="data.streaming.*compressed tar"):
+        streaming.wants_streaming(tgz, "ddp", 10**9, 0)
+
+
+# --- jsonl / text ---------------------------------------------------------------------------
+
+
+def _bpe(lines: list[str]):
+    """A byte-level BPE (its pre-tokenizer keeps spaces and line breaks, so tokens could span
+    lines if a whole file were tokenised at once), trained by the test."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=320, initial_alphabet=alphabet))
+    return tok
+
+
+def _corpus() -> list[str]:
+    from workers.data.sources import stdlib_corpus
+
+    text = stdlib_corpus(24_000)[0].decode("utf-8", "replace")
+    lines = text.split("\n")
+    lines[40] = "é" * 900  # a line longer than a group, multi-byte characters
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("fmt", "tokenizer", "group_bytes"),
+    [("jsonl", True, 700), ("text", False, 50), ("text", True, 300), ("jsonl", False, 4000)],
+)
+def test_text_streams_the_in_memory_windows(store, tmp_path, monkeypatch, fmt, tokenizer, group_bytes):
+    """jsonl (blank lines, a text field, other fields) and plain text, bytes or a trained BPE, cut
+    into groups smaller than a window (50 bytes: groups that start no window, tails that span
+    several groups) or holding many: the streamed plan gives the in-memory path's DataInfo,
+    training windows and validation split."""
+    import json
+    import pickle
+
+    lines = _corpus()
+    if fmt == "jsonl":
+        body = "\n".join(json.dumps({"id": i, "body": t}) if i % 7 else "  " for i, t in enumerate(lines))
+        opts = {"text_column": "body"}
+    else:
+        body, opts = "\n".join(lines), {}
+    name = f"c.{'jsonl' if fmt == 'jsonl' else 'txt'}"
+    store.put_bytes(f"datasets/{name}", body.encode())
+    if tokenizer:
+        store.put_bytes("datasets/tok.json", _bpe(lines).to_str().encode())
+        opts.update(tokenizer="store://datasets/tok.json", resolved_tokenizer="datasets/tok.json")
+    spec = DataSpec(uri=f"store://datasets/{name}", resolved_uri=f"datasets/{name}", seq_len=32, **opts)
+    mem = load_dataset(spec, store)
+    monkeypatch.setattr(streaming, "TEXT_GROUP_BYTES", group_bytes)
+    st = load_for_job(spec.model_copy(update={"streaming": "on"}), "ddp", store)
+    assert st.streamed and st.info == mem.info
+    assert len(st.plan.row_starts) > 3
+    plan = pickle.loads(pickle.dumps(st.plan))  # as Ray Data's read tasks get it
+    parts = [plan.rows(i, "train") for i in range(len(plan.row_starts))]
+    x, y = np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])
+    assert x.dtype == y.dtype == np.int64 and x.shape[1:] == (32,)
+
+    def windows(xs, ys):
+        return sorted(map(tuple, np.concatenate([xs, ys], axis=1).tolist()))
+
+    assert windows(x, y) == windows(mem.x_train.numpy(), mem.y_train.numpy())
+    exp = st.for_export(calibration_rows=7)
+    assert torch.equal(exp.x_val, mem.x_val) and torch.equal(exp.y_val, mem.y_val)
+
+
+def test_text_streamed_refuses_what_in_memory_refuses(store, monkeypatch):
+    monkeypatch.setattr(streaming, "TEXT_GROUP_BYTES", 64)
+    good = "\n".join('{"text": "%s"}' % ("x" * 40) for _ in range(60))
+    cases = [
+        ("bad.jsonl", good + '\n{"text": 1}\n', {}, "data.text_column: line 61 has no string field 'text'"),
+        ("bad2.jsonl", good + "\nnot json\n", {}, "line 61 of store://datasets/bad2.jsonl is not JSON"),
+        ("bad.txt", "ab\n" * 100 + "\udcff", {}, "not UTF-8 text .byte 300"),
+        ("short.txt", "ab\n" * 100, {"seq_len": 64}, "data.seq_len: 300 tokens make 4 samples"),
+    ]
+    for name, body, opts, match in cases:
+        store.put_bytes(f"datasets/{name}", body.encode("utf-8", "surrogateescape"))
+        spec = DataSpec(
+            uri=f"store://datasets/{name}", resolved_uri=f"datasets/{name}", streaming="on", **opts
+        )
+        with pytest.raises(ConfigError, match=match):
+            load_for_job(spec, "ddp", store)
+        with pytest.raises(ConfigError, match=match):  # the same words on both paths
+            load_dataset(spec, store)
+
+
+# --- image tar --------------------------------------------------------------------------------
+
+
+def _tar(path, entries: dict[str, bytes], mode: str = "w", extra=()):
+    import io
+    import tarfile
+
+    with tarfile.open(path, mode, format=tarfile.GNU_FORMAT) as t:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        for info in extra:
+            t.addfile(info)
+
+
+def test_image_tar_streams_the_in_memory_samples(store, tmp_path, monkeypatch):
+    """An uncompressed tar (names over tar's 100 characters, folders, noise, gray and colour
+    PNGs): the driver's pass records member offsets, read tasks seek to them and give the
+    in-memory path's samples. A member rewritten after the pass is refused, not misread."""
+    import pickle
+    import tarfile
+
+    rng = np.random.default_rng(1)
+    deep = "d" * 120  # a GNU long name: its header is not the one before the data
+    entries = {"top/.DS_Store": b"noise"}
+    for i in rng.permutation(40):
+        rgb = i % 4 == 0
+        px = rng.integers(0, 255, (6, 6, 3) if rgb else (6, 6))
+        entries[f"top/c{i % 2}/{deep if i % 3 == 0 else ''}{i:03d}.png"] = _png(px, "RGB" if rgb else "L")
+    _tar(tmp_path / "i.tar", entries)
+    store.put_file("datasets/i.tar", tmp_path / "i.tar")
+    spec = DataSpec(uri="store://datasets/i.tar", resolved_uri="datasets/i.tar")
+    mem = load_dataset(spec, store)
+    monkeypatch.setattr(streaming, "TASK_ROWS", 6)
+    st = load_for_job(spec.model_copy(update={"streaming": "on"}), "ddp", store)
+    assert st.streamed and isinstance(st.plan, streaming.TarPlan)
+    a, b = mem.info.to_dict(), st.info.to_dict()
+    assert b.pop("mean") == pytest.approx(a.pop("mean"), rel=1e-6)
+    assert b.pop("std") == pytest.approx(a.pop("std"), rel=1e-6)
+    assert a == b
+    plan = pickle.loads(pickle.dumps(st.plan))
+    parts = [plan.rows(i, "train") for i in range(len(plan.row_starts))]
+    x, y = np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])
+    got = sorted(map(tuple, np.column_stack([x, y]).tolist()))
+    assert got == sorted(map(tuple, np.column_stack([mem.x_train.numpy(), mem.y_train.numpy()]).tolist()))
+    exp = st.for_export(calibration_rows=5)
+    assert torch.equal(exp.x_val, mem.x_val) and torch.equal(exp.y_val, mem.y_val)
+    # rewritten: another member where the pass saw this one
+    _tar(tmp_path / "i.tar", dict(reversed(list(entries.items()))))
+    store.put_file("datasets/i.tar", tmp_path / "i.tar")
+    with pytest.raises(ConfigError, match="changed since it was checked|no longer an image"):
+        for i in range(len(plan.row_starts)):
+            plan.rows(i, "train")
+    # links are refused by the driver's pass, as in memory
+    link = tarfile.TarInfo("top/c0/evil.png")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    _tar(tmp_path / "l.tar", dict(list(entries.items())[:12]), extra=[link])
+    store.put_file("datasets/l.tar", tmp_path / "l.tar")
+    lspec = DataSpec(uri="store://datasets/l.tar", resolved_uri="datasets/l.tar", streaming="on")
+    with pytest.raises(ConfigError, match="is a symlink"):
+        load_for_job(lspec, "ddp", store)
+
+
+def test_a_compressed_tar_loads_in_memory_or_is_refused_when_on(store, tmp_path):
+    rng = np.random.default_rng(2)
+    entries = {f"c{i % 2}/{i}.png": _png(rng.integers(0, 255, (5, 5)), "L") for i in range(12)}
+    _tar(tmp_path / "i.tar", entries, mode="w:gz")
+    store.put_file("datasets/i.tar", tmp_path / "i.tar")  # the upload's name says nothing
+    spec = DataSpec(uri="store://datasets/i.tar", resolved_uri="datasets/i.tar")
+    got = load_for_job(spec, "ddp", store, stream_above_bytes=0)
+    assert not getattr(got, "streamed", False) and got.info.n_train + got.info.n_val == 12
+    with pytest.raises(ConfigError, match="data.streaming: on is not possible: .*gzip-compressed tar"):
+        load_for_job(spec.model_copy(update={"streaming": "on"}), "ddp", store)

@@ -2,11 +2,12 @@
 `text` (char-level corpus from the Python standard library's sources) and `uri` (a file from the
 artifact store or S3 in one of the formats of workers/data/formats.py: npz, parquet, JSON Lines,
 text, image folders in a zip or tar). Held in memory as tensors, where index-based batching keeps
-every rank's view a pure function of the step; a parquet file larger than memory streams through
-Ray Data instead (`load_for_job`, workers/data/streaming.py)."""
+every rank's view a pure function of the step; a parquet, jsonl/text or image zip/tar file larger
+than memory streams through Ray Data instead (`load_for_job`, workers/data/streaming.py)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ from service.spec import DataSpec, streaming_unsupported
 from workers.data import sources
 from workers.data.info import DataInfo
 from workers.data.sharding import split_indices
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,7 +63,15 @@ def load_for_job(spec: DataSpec, strategy: str, store=None, stream_above_bytes: 
 
         stream_above_bytes = Settings().stream_above_bytes
     if streaming.wants_streaming(spec, strategy, size, stream_above_bytes):
-        return streaming.open_streamed(spec, path, fs)
+        tok = None
+        if spec.tokenizer and spec.resolved_format in ("jsonl", "text"):
+            tok = _read_uri(spec.location("data.tokenizer"), store, "data.tokenizer")
+        try:
+            return streaming.open_streamed(spec, path, fs, tok)
+        except streaming.NotStreamable:
+            if spec.streaming == "on":
+                raise
+            log.info("data.uri %s cannot stream (a compressed tar): loading it in memory", spec.uri)
     return load_dataset(spec, store)
 
 

@@ -139,10 +139,24 @@ def iter_tar(
     raw: bytes, field: str = "data.uri", limits: Limits | None = None
 ) -> Iterator[tuple[str, bytes]]:
     """(path, bytes) of each file in a tar (plain, gzip, bz2 or xz), in archive order."""
+    for name, data, _ in iter_tar_members(raw, field, limits):
+        yield name, data
+
+
+def iter_tar_members(
+    raw, field: str = "data.uri", limits: Limits | None = None, size: int | None = None
+) -> Iterator[tuple[str, bytes, tarfile.TarInfo]]:
+    """(path, bytes, member) of each file in a tar, in archive order. `raw`: the archive's bytes
+    (any compression), or a binary file read front to back as a stream (an uncompressed tar, no
+    seeks: the streamed path's driver reads it where it lies) of `size` bytes. A member's
+    `offset_data` is where its bytes lie in the file."""
     limits = limits or LIMITS
     budget = _Budget(limits, field)
+    whole = isinstance(raw, bytes | bytearray | memoryview)
+    size = len(raw) if whole else size
     try:
-        tf = tarfile.open(fileobj=io.BytesIO(raw), mode="r:*")  # noqa: SIM115 (closed by `with tf` below)
+        source, mode = (io.BytesIO(raw), "r:*") if whole else (raw, "r|")
+        tf = tarfile.open(fileobj=source, mode=mode)  # noqa: SIM115 (closed by `with tf` below)
     except (tarfile.TarError, zlib.error, OSError, EOFError, ValueError) as e:
         raise ConfigError(f"{field}: not a readable tar archive ({e})") from None
     with tf:
@@ -164,7 +178,7 @@ def iter_tar(
                 raise ConfigError(f"{field}: archive entry {name!r} is {what}; refused")
             budget.add(name, member.size)
             # The whole archive's expansion so far against its compressed size.
-            budget.ratio(name, budget.total, len(raw), whole=True)
+            budget.ratio(name, budget.total, size or 0, whole=True)
             try:
                 f = tf.extractfile(member)
                 data = _read_capped(f, limits.max_entry_bytes, name, field)
@@ -172,4 +186,4 @@ def iter_tar(
                 raise ConfigError(f"{field}: archive entry {name!r} cannot be read ({e})") from None
             if len(data) != member.size:
                 raise ConfigError(f"{field}: archive entry {name!r} is truncated; refused")
-            yield name, data
+            yield name, data, member

@@ -8,9 +8,10 @@ sets give (workers/data/sources.Raw), so splitting, normalisation and models see
 - parquet: `feature_columns` (numeric columns, or one column of fixed-length, maybe nested,
   lists) + `label_column`; or `token_column` (lists of token ids), with `label_column` for
   sequence classification, without it cut into `seq_len` blocks for language modelling.
-- jsonl / text: documents tokenised with a HuggingFace tokenizer.json (`tokenizers`) or as
-  UTF-8 bytes, each followed by a newline, concatenated and cut into `seq_len` blocks: X is
-  tokens[i*T : (i+1)*T], y the same shifted by one, as the built-in `text` set.
+- jsonl / text: every line a document (jsonl: its `text_column`), tokenised on its own with a
+  HuggingFace tokenizer.json (`tokenizers`) or as UTF-8 bytes, each followed by a newline,
+  concatenated and cut into `seq_len` blocks: X is tokens[i*T : (i+1)*T], y the same shifted by
+  one, as the built-in `text` set.
 - image_zip / image_tar: one folder per class, class index = position of the folder name in
   sorted order; samples in file-name order. Read with Pillow as 8-bit gray (modes 1, L, LA, I,
   I;16, F) or RGB (any other; alpha dropped); one channel if every image is gray, else three
@@ -299,16 +300,37 @@ def _is_scalar(table, name: str) -> bool:
 
 
 def _documents(raw: bytes, spec: DataSpec) -> Iterator[str]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"data.uri: {spec.uri} is not UTF-8 text (byte {e.start})") from None
+    """What the upload check counts (service/datasets.py): a text file's whole text, a jsonl
+    file's documents."""
+    text = utf8(raw, spec.uri)
     if spec.resolved_format == "text":
         yield text
         return
+    yield from line_documents(text, spec)
+
+
+def utf8(raw: bytes, uri: str | None, offset: int = 0) -> str:
+    """`raw` as text; ConfigError naming the file's byte (`offset`: where `raw` starts in it)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data.uri: {uri} is not UTF-8 text (byte {offset + e.start})") from None
+
+
+def line_documents(text: str, spec: DataSpec, first_line: int = 1) -> list[str]:
+    """The documents of whole lines of a jsonl or text file (`text` starts at a line's start and
+    ends after a "\n" or at the file's end), each ending in "\n". jsonl: each non-blank line's
+    `text_column`; text: each line. A document never spans a line break, so any line-aligned
+    piece of a file tokenises to its share of the whole file's tokens: the streamed path's read
+    tasks tokenise pieces (workers/data/streaming.TextPlan)."""
+    lines = text.split("\n")  # not splitlines(): JSON strings may hold a raw U+2028
+    if lines[-1] == "":
+        lines.pop()  # the piece ends in "\n"
+    if spec.resolved_format == "text":
+        return [line + "\n" for line in lines]
     key = spec.text_column or "text"
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which is not a line end
-    for i, line in enumerate(text.split("\n"), 1):
+    docs = []
+    for i, line in enumerate(lines, first_line):
         if not line.strip():
             continue
         try:
@@ -317,24 +339,44 @@ def _documents(raw: bytes, spec: DataSpec) -> Iterator[str]:
             raise ConfigError(f"data.uri: line {i} of {spec.uri} is not JSON ({e.msg})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
             raise ConfigError(f"data.text_column: line {i} has no string field {key!r}")
-        yield obj[key]
+        doc = obj[key]
+        docs.append(doc if doc.endswith("\n") else doc + "\n")
+    return docs
 
 
-def from_text(raw: bytes, spec: DataSpec, tokenizer_json: bytes | None) -> Raw:
-    docs = [d if d.endswith("\n") else d + "\n" for d in _documents(raw, spec)]
-    seq_len = spec.seq_len or DEFAULT_SEQ_LEN
-    if tokenizer_json is None:
-        tokens = np.frombuffer("".join(docs).encode("utf-8"), dtype=np.uint8).astype(np.int64)
-        return _blocks(tokens, seq_len, 256, f"{spec.uri}, bytes as tokens")
+def load_tokenizer(tokenizer_json: bytes | str, spec: DataSpec):
     from tokenizers import Tokenizer
 
     try:
-        tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+        return Tokenizer.from_str(text)
     except Exception as e:  # the library raises plain Exception for a malformed file
         raise ConfigError(f"data.tokenizer: {spec.tokenizer} is not a tokenizer.json ({e})") from None
-    ids = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(docs, add_special_tokens=False)]
-    tokens = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    return _blocks(tokens, seq_len, tok.get_vocab_size(), f"{spec.uri}, tokenizer {spec.tokenizer}")
+
+
+def tokenize(docs: list[str], tokenizer) -> np.ndarray:
+    """int64 token ids of the documents, concatenated: each document tokenised on its own (no
+    special tokens), or its UTF-8 bytes without a tokenizer."""
+    if tokenizer is None:
+        return np.frombuffer("".join(docs).encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
+def text_vocab(spec: DataSpec, tokenizer) -> tuple[int, str]:
+    """(vocabulary size, source description) of a jsonl/text dataset."""
+    if tokenizer is None:
+        return 256, f"{spec.uri}, bytes as tokens"
+    return tokenizer.get_vocab_size(), f"{spec.uri}, tokenizer {spec.tokenizer}"
+
+
+def from_text(raw: bytes, spec: DataSpec, tokenizer_json: bytes | None) -> Raw:
+    """Every line a document (jsonl: its text field), tokenised on its own; the documents'
+    tokens concatenated and cut into `seq_len` blocks."""
+    tok = None if tokenizer_json is None else load_tokenizer(tokenizer_json, spec)
+    tokens = tokenize(line_documents(utf8(raw, spec.uri), spec), tok)
+    vocab, source = text_vocab(spec, tok)
+    return _blocks(tokens, spec.seq_len or DEFAULT_SEQ_LEN, vocab, source)
 
 
 # --- image folders ------------------------------------------------------------------------

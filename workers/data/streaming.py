@@ -1,5 +1,7 @@
-"""Datasets larger than memory: a parquet file streamed through Ray Data to the training workers,
-instead of loaded whole, `ray.put` once and copied into every worker (workers/data/__init__.py).
+"""Datasets larger than memory: a parquet file, a jsonl/text corpus or an image zip/tar archive
+streamed through Ray Data to the training workers, instead of loaded whole, `ray.put` once and
+copied into every worker (workers/data/__init__.py). Each format has a `Plan` that says how a
+read task decodes one group of samples (a row group, a run of images, a line-aligned byte range).
 
 Driver side (`open_streamed`): one pass over the file, a row group at a time, validates it and
 computes what the in-memory path derives from the whole array (DataInfo: shapes, classes, the
@@ -47,6 +49,9 @@ TASK_BYTES = 16 * 2**20
 DATA_CPUS = 1.0
 # One Ray Data read task (a row group); two fit in the CPU left free.
 READ_TASK_CPUS = 0.5
+# jsonl / text: the driver's checking pass cuts the file into line-aligned groups of about this
+# many bytes (a group is what one read task tokenises at least; a task takes several).
+TEXT_GROUP_BYTES = 256 * 1024
 # Rows per forward pass when a rank scores its share of the validation split.
 EVAL_CHUNK_ROWS = 512
 
@@ -193,6 +198,127 @@ class ZipPlan(Plan):
             ) from None
         y = np.frombuffer(self.labels, np.int64)[start:end]
         return F.image_array(pxs, self.shape, self.channels), y
+
+
+class NotStreamable(ConfigError):
+    """A dataset that the spec allows to stream but whose file cannot (a compressed tar): with
+    `data.streaming: auto` it loads in memory instead; with `on` it is the job's error."""
+
+
+@dataclass(frozen=True)
+class TarPlan(ZipPlan):
+    """An uncompressed image tar: a tar has no directory, so the driver's one pass records where
+    each member's bytes lie (`offsets`: its header block, in sample order); a read task seeks to
+    a member's header, checks that it still describes the member the pass validated (a regular
+    file of that size and name: the pass refused links, devices and names outside the archive),
+    and reads its bytes. Nothing is extracted or written."""
+
+    offsets: tuple[int, ...] = ()  # each member's own (last) header block, in sample order
+    sizes: tuple[int, ...] = ()
+
+    def samples(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        import tarfile
+
+        from workers.data import archives
+
+        start = self.row_starts[i]
+        end = self.row_starts[i + 1] if i + 1 < len(self.row_starts) else self.n
+        size = self.data_spec.image_size
+        pxs = []
+        try:
+            with self.filesystem.open_input_file(self.path) as f:
+                for j in range(start, end):
+                    name, off, n = self.members[j], self.offsets[j], self.sizes[j]
+                    f.seek(off)
+                    head = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+                    # A long name lives in a header before this one; this one holds its start.
+                    short = archives._check_name(head.name, "data.uri")
+                    if not head.isfile() or head.size != n or not name.startswith(short):
+                        raise ConfigError(
+                            f"data.uri: {self.uri}: entry {name!r} changed since it was checked"
+                        )
+                    data = f.read(n)
+                    if len(data) != n:
+                        raise ConfigError(f"data.uri: {self.uri}: entry {name!r} is truncated")
+                    got = F.decode_image(name, data, size)
+                    if got is None:  # the plan lists samples only: the archive changed
+                        raise ConfigError(f"data.uri: {self.uri}: entry {name!r} is no longer an image")
+                    pxs.append(got[1])
+                    F.check_image_shape(name, got[1], self.shape)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ConfigError(
+                f"data.uri: {self.uri}: images {start}..{end - 1} are not readable ({e})"
+            ) from None
+        y = np.frombuffer(self.labels, np.int64)[start:end]
+        return F.image_array(pxs, self.shape, self.channels), y
+
+
+_TOKENIZERS: dict[int, object] = {}
+
+
+@dataclass(frozen=True)
+class TextPlan(Plan):
+    """A jsonl or text file for language modelling: a group is a line-aligned byte range of the
+    file (`ranges`), whose documents hold tokens `token_starts[i]..` of the whole file's token
+    stream (the driver's pass tokenised every group once to count them). A sample is the
+    in-memory path's block j: tokens [j*T, (j+1)*T) and the next T as targets; group i holds the
+    blocks that start inside it, and its read task tokenises the group and as many lines after
+    it as the last block's tail needs (at most T tokens more). Documents never span a line, so a
+    group tokenises to exactly its share of the whole file's tokens."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+    token_starts: tuple[int, ...] = ()
+    first_lines: tuple[int, ...] = ()  # line number of each group's first line (messages)
+    seq_len: int = F.DEFAULT_SEQ_LEN
+    tokenizer_json: str | None = None
+
+    def tokenizer(self):
+        if self.tokenizer_json is None:
+            return None
+        key = hash(self.tokenizer_json)
+        if key not in _TOKENIZERS:  # once per process, not per task
+            _TOKENIZERS.clear()
+            _TOKENIZERS[key] = F.load_tokenizer(self.tokenizer_json, self.data_spec)
+        return _TOKENIZERS[key]
+
+    def samples(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        t = self.seq_len
+        r0 = self.row_starts[i]
+        r1 = self.row_starts[i + 1] if i + 1 < len(self.row_starts) else self.n
+        if r1 == r0:
+            empty = np.zeros((0, t), np.int64)
+            return empty, empty
+        spec, tok = self.data_spec, self.tokenizer()
+        b0, b1 = self.ranges[i]
+        need = r1 * t + 1 - self.token_starts[i]  # tokens from the group's first to the last target
+        try:
+            with self.filesystem.open_input_file(self.path) as f:
+                f.seek(b0)
+                raw = f.read(b1 - b0)
+                parts = [
+                    F.tokenize(F.line_documents(F.utf8(raw, spec.uri, b0), spec, self.first_lines[i]), tok)
+                ]
+                have, carry, pos = len(parts[0]), b"", b1
+                while have < need:  # the last block's tail: the lines after the group
+                    chunk = f.read(max(4096, 16 * t))
+                    if not chunk and not carry:
+                        raise ConfigError(
+                            f"data.uri: {self.uri} ended early (the file changed since it was checked)"
+                        )
+                    data = carry + chunk
+                    cut = data.rfind(b"\n") + 1 if chunk else len(data)
+                    if cut == 0:
+                        carry = data
+                        continue
+                    docs = F.line_documents(F.utf8(data[:cut], spec.uri, pos), spec)
+                    parts.append(F.tokenize(docs, tok))
+                    have += len(parts[-1])
+                    carry, pos = data[cut:], pos + cut
+        except OSError as e:
+            raise ConfigError(f"data.uri: {self.uri}: bytes {b0}..{b1} are not readable ({e})") from None
+        tokens = np.concatenate(parts)[r0 * t - self.token_starts[i] : need]
+        idx = np.arange(r1 - r0)[:, None] * t + np.arange(t)[None, :]
+        return tokens[idx], tokens[idx + 1]
 
 
 def read_tasks(row_starts: tuple[int, ...], n: int, group_bytes: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -380,40 +506,82 @@ class StreamedData:
         )
 
 
-def open_streamed(spec: DataSpec, path: str, filesystem) -> StreamedData:
-    """Plan and check a dataset for streaming: one pass, a row group (an image) at a time,
-    raising ConfigError for what the in-memory path refuses."""
-    if spec.resolved_format == "image_zip":
-        return open_zip(spec, path, filesystem)
+def open_streamed(spec: DataSpec, path: str, filesystem, tokenizer_json: bytes | None = None) -> StreamedData:
+    """Plan and check a dataset for streaming: one pass, a row group (an image, a run of lines)
+    at a time, raising ConfigError for what the in-memory path refuses. `tokenizer_json`: the
+    bytes of a jsonl/text dataset's `data.tokenizer`."""
+    fmt = spec.resolved_format
+    if fmt in ("image_zip", "image_tar"):
+        return open_archive(spec, path, filesystem)
+    if fmt in ("jsonl", "text"):
+        return open_text(spec, path, filesystem, tokenizer_json)
     return open_parquet(spec, path, filesystem)
 
 
-def open_zip(spec: DataSpec, path: str, filesystem) -> StreamedData:
-    """One pass over the archive, an entry at a time (workers/data/archives.iter_zip: names,
-    links, sizes and bombs checked as on the in-memory path), decoding each image to learn the
-    classes, the shape, the channels and, per image, the sums the training split's mean and std
-    need; the images are then read again by the read tasks."""
+# The first bytes of the compressed forms tarfile reads (gzip, bzip2, xz).
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+def _tar_members(spec: DataSpec, path: str, filesystem):
+    """(name, bytes, header offset, size) of each file of an uncompressed tar, read front to back
+    as a stream (buffered: the same on a local file and on S3) with the in-memory path's checks."""
     from workers.data import archives
 
+    try:
+        with filesystem.open_input_file(path) as f:
+            size, magic = f.size(), f.read(6)
+    except OSError as e:
+        raise ConfigError(f"data.uri: {spec.uri} is not readable ({e})") from None
+    for sig, what in _COMPRESSED.items():
+        if magic.startswith(sig):
+            raise NotStreamable(
+                f"data.streaming: on is not possible: {spec.uri} is a {what}-compressed tar, which "
+                "cannot be read from the middle; upload it uncompressed (.tar) to stream it, or use "
+                "auto or off"
+            )
+    with filesystem.open_input_stream(path, compression=None) as stream:
+        for name, data, m in archives.iter_tar_members(stream, "data.uri", size=size):
+            yield name, data, m.offset_data - 512, m.size
+
+
+def open_archive(spec: DataSpec, path: str, filesystem) -> StreamedData:
+    """One pass over the archive, an entry at a time (workers/data/archives: names, links, sizes
+    and bombs checked as on the in-memory path), decoding each image to learn the classes, the
+    shape, the channels and, per image, the sums the training split's mean and std need; the
+    images are then read again by the read tasks (a zip through its directory, a tar at the
+    member offsets this pass records)."""
+    from workers.data import archives
+
+    tar = spec.resolved_format == "image_tar"
     names: list[str] = []
     folders: list[str] = []
     stats: list[tuple[float, float, int, int]] = []  # sum, sum of squares, values, channels
+    where: list[tuple[int, int]] = []  # tar: (header offset, size) of each image
     shape = None
-    try:
-        f = filesystem.open_input_file(path)
-    except OSError as e:
-        raise ConfigError(f"data.uri: {spec.uri} is not readable ({e})") from None
-    with f:
-        for name, data in archives.iter_zip(f, "data.uri"):
-            got = F.decode_image(name, data, spec.image_size)
-            if got is None:
-                continue
-            folder, px = got
-            shape = F.check_image_shape(name, px, shape)
-            p64 = px.astype(np.float64)
-            names.append(name)
-            folders.append(folder)
-            stats.append((float(p64.sum()), float(np.square(p64).sum()), px.size, px.shape[2]))
+
+    def entries():
+        if tar:
+            yield from _tar_members(spec, path, filesystem)
+            return
+        try:
+            f = filesystem.open_input_file(path)
+        except OSError as e:
+            raise ConfigError(f"data.uri: {spec.uri} is not readable ({e})") from None
+        with f:
+            for name, data in archives.iter_zip(f, "data.uri"):
+                yield name, data, 0, 0
+
+    for name, data, offset, size in entries():
+        got = F.decode_image(name, data, spec.image_size)
+        if got is None:
+            continue
+        folder, px = got
+        shape = F.check_image_shape(name, px, shape)
+        p64 = px.astype(np.float64)
+        names.append(name)
+        folders.append(folder)
+        where.append((offset, size))
+        stats.append((float(p64.sum()), float(np.square(p64).sum()), px.size, px.shape[2]))
     index = F.class_index(set(folders))
     n = len(names)
     if n < F.MIN_SAMPLES:
@@ -435,7 +603,10 @@ def open_zip(spec: DataSpec, path: str, filesystem) -> StreamedData:
     image_bytes = channels * shape[0] * shape[1] * 4
     per = max(1, min(TASK_ROWS, TASK_BYTES // image_bytes))
     starts = tuple(range(0, n, per))
-    plan = ZipPlan(
+    extra = {}
+    if tar:
+        extra = {"offsets": tuple(where[i][0] for i in order), "sizes": tuple(where[i][1] for i in order)}
+    plan = (TarPlan if tar else ZipPlan)(
         spec.uri,
         path,
         filesystem,
@@ -448,6 +619,7 @@ def open_zip(spec: DataSpec, path: str, filesystem) -> StreamedData:
         labels=np.array([index[folders[i]] for i in order], dtype=np.int64).tobytes(),
         shape=shape,
         channels=channels,
+        **extra,
     )
     classes = [c.rpartition("/")[2] for c in sorted(index)]
     info = DataInfo(
@@ -462,6 +634,81 @@ def open_zip(spec: DataSpec, path: str, filesystem) -> StreamedData:
         n_val=len(val_idx),
         source=f"{spec.uri}: {n} images, classes {', '.join(classes[:10])}{'...' * (len(classes) > 10)}",
         vocab_size=None,
+    )
+    return StreamedData(info, plan)
+
+
+def open_text(spec: DataSpec, path: str, filesystem, tokenizer_json: bytes | None) -> StreamedData:
+    """One pass over a jsonl or text file, TEXT_GROUP_BYTES of whole lines at a time (memory:
+    one group), checking it as the in-memory path does (UTF-8, JSON lines with their text field)
+    and tokenising each group to count its tokens: the in-memory path's blocks and split follow
+    from the total, and each group's first token says which blocks its read task cuts."""
+    tok = None if tokenizer_json is None else F.load_tokenizer(tokenizer_json, spec)
+    ranges: list[tuple[int, int]] = []
+    token_starts: list[int] = []
+    first_lines: list[int] = []
+    total, pos, line, carry = 0, 0, 1, b""
+    try:
+        f = filesystem.open_input_stream(path, compression=None)
+    except OSError as e:
+        raise ConfigError(f"data.uri: {spec.uri} is not readable ({e})") from None
+    with f:
+        while True:
+            chunk = f.read(TEXT_GROUP_BYTES)
+            data = carry + chunk
+            # A group ends after a line break (the file's end for the last); a line longer than
+            # a group makes its group longer.
+            cut = data.rfind(b"\n") + 1 if chunk else len(data)
+            if cut == 0:
+                if not chunk:
+                    break
+                carry = data
+                continue
+            part, carry = data[:cut], data[cut:]
+            n_tokens = len(F.tokenize(F.line_documents(F.utf8(part, spec.uri, pos), spec, line), tok))
+            ranges.append((pos, pos + cut))
+            token_starts.append(total)
+            first_lines.append(line)
+            total, pos, line = total + n_tokens, pos + cut, line + part.count(b"\n")
+            if not chunk:
+                break
+    t = spec.seq_len or F.DEFAULT_SEQ_LEN
+    n = (total - 1) // t
+    if n < F.MIN_SAMPLES:
+        raise ConfigError(
+            f"data.seq_len: {total} tokens make {max(n, 0)} samples of {t}; "
+            f"at least {F.MIN_SAMPLES} are needed"
+        )
+    _, val_idx = sh.split_indices(n, spec.val_fraction)
+    mask = np.zeros(n, dtype=bool)
+    mask[val_idx.numpy()] = True
+    # Group i holds the blocks that start in it: j*T in [token_starts[i], token_starts[i+1]).
+    starts = tuple(min(-(-ts // t), n) for ts in token_starts)
+    ends = (*starts[1:], n)
+    plan = TextPlan(
+        spec.uri,
+        path,
+        filesystem,
+        spec.model_dump(mode="json"),
+        starts,
+        n,
+        np.packbits(mask).tobytes(),
+        tuple((e - s) * t * 16 for s, e in zip(starts, ends, strict=True)),  # x and y, int64
+        ranges=tuple(ranges),
+        token_starts=tuple(token_starts),
+        first_lines=tuple(first_lines),
+        seq_len=t,
+        tokenizer_json=None if tokenizer_json is None else tokenizer_json.decode("utf-8"),
+    )
+    vocab, source = F.text_vocab(spec, tok)
+    info = DataInfo(
+        kind="tokens",
+        input_shape=(t,),
+        input_dtype="int64",
+        num_classes=vocab,
+        n_train=n - len(val_idx),
+        n_val=len(val_idx),
+        source=source,
     )
     return StreamedData(info, plan)
 
@@ -616,11 +863,12 @@ class Feed:
                 return b["x"], b["y"]
 
     def val_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share of the validation rows (each row is scored by exactly one rank)."""
+        """This rank's share of the validation rows (each row is scored by exactly one rank), one
+        chunk per batch of "val", maybe empty: every rank reads the same batches of "val", so
+        every rank runs as many forwards, which FSDP needs (each forward gathers the weights)."""
         for b in self.shards["val"].iter_torch_batches(batch_size=EVAL_CHUNK_ROWS):
             mine = b["row"] % self.world == self.rank
-            if mine.any():
-                yield b["x"][mine], b["y"][mine]
+            yield b["x"][mine], b["y"][mine]
 
 
 def resume_step(arts) -> int:
