@@ -208,6 +208,26 @@ def test_every_workload_container_has_probes():
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
+def test_the_api_runs_two_replicas_on_one_database_with_a_rolling_update():
+    """Several API replicas (issue 17.4) are safe only on one shared database and an external
+    Ray cluster: the leader lease lives in the database, and an embedded Ray head per pod would
+    be a cluster per replica."""
+    api = _one("Deployment", "slimtrain-api")
+    spec = api["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0  # an update never drops to 0 serving
+    [container] = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SLIMTRAIN_DATABASE_URL"]["value"].startswith("postgresql+psycopg://")
+    config = _one("ConfigMap", "slimtrain-config")["data"]
+    assert config["SLIMTRAIN_RAY_ADDRESS"] and config["SLIMTRAIN_RAY_DASHBOARD_URL"]
+    assert "SLIMTRAIN_RUN_SCHEDULER" not in config and "SLIMTRAIN_RUN_SCHEDULER" not in env  # all campaign
+    [pdb] = _kind("PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    assert pdb["spec"]["minAvailable"] == 1 < spec["replicas"]
+
+
 def test_config_and_secret_references_resolve():
     config = set(_one("ConfigMap", "slimtrain-config")["data"])
     secret = set(_one("Secret", "slimtrain-secrets")["stringData"])
