@@ -201,6 +201,10 @@ def export(
         artifact_scores["accuracy"], float_scores["accuracy"], "the PyTorch model's"
     )
     latency = report.latency_table(sessions, data.x_val.numpy(), LATENCY_BATCHES, latency_repeats)
+    fp32_accuracy = qinfo.get("fp32_onnx_accuracy", artifact_scores["accuracy"])
+    deploy = report.choose_deploy(
+        _deploy_candidates(artifact, latency, fp32_accuracy, artifact_scores["accuracy"]), "model.onnx"
+    )
     dense = report.dense_bytes(plain)
     rep = {
         "job_id": job_id,
@@ -228,7 +232,15 @@ def export(
             "measured_on": "model.packed",
             "trained_global": report.sparsity_of(plain)["global"],
         },
-        "params": {**report.param_counts(rebuilt), "measured_on": "model.packed"},
+        "params": {
+            **report.param_counts(rebuilt),
+            "measured_on": "model.packed",
+            # The module exported as model.onnx (BatchNorm folded into its convs), whose layer
+            # shapes the quantized graph shares.
+            "exported": report.param_counts(graph_model)["total"],
+            "exported_measured_on": "the model exported as model.onnx (BatchNorm folded)",
+        },
+        "flops": report.flops_section(fp32, tuple(data.info.input_shape), "model.onnx"),
         "size": {
             "dense_bytes": dense,
             "compressed_bytes": len(packed),
@@ -253,6 +265,8 @@ def export(
             "speedup": None if same_artifact else report.speedups(latency, LATENCY_BATCHES),
         },
         "quantization": qinfo,
+        # The fastest artifact that keeps accuracy within report.GAP_WARNING of model.onnx.
+        "deploy": deploy,
         "artifacts": {
             "weights": "model.safetensors",
             "onnx": "model.onnx",
@@ -271,6 +285,19 @@ def export(
         log.warning("job %s: %s", job_id, w)
     arts.put_json("report.json", rep)
     return rep
+
+
+def _deploy_candidates(artifact: str, latency: dict, fp32_accuracy: float, accuracy: float) -> dict:
+    """report.choose_deploy's input: model.onnx and the runtime artifact, as measured."""
+    out = {"model.onnx": {"accuracy": fp32_accuracy, "latency_ms": {}}}
+    if artifact != "model.onnx":
+        out[artifact] = {"accuracy": accuracy, "latency_ms": {}}
+    for b in LATENCY_BATCHES:
+        suffix = "" if b == 1 else f"_batch{b}"
+        out["model.onnx"]["latency_ms"][b] = latency[f"dense{suffix}"]
+        if artifact != "model.onnx":
+            out[artifact]["latency_ms"][b] = latency[f"compressed{suffix}"]
+    return out
 
 
 def _quantized_onnx(

@@ -163,3 +163,164 @@ def speedups(latency: dict, batches: tuple[int, ...]) -> dict:
         suffix = "" if b == 1 else f"_batch{b}"
         out[f"batch{b}"] = latency[f"dense{suffix}"] / latency[f"compressed{suffix}"]
     return out
+
+
+# --- what the exported model costs to run: parameters and multiply-accumulates -----------------
+
+MAC_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _concrete(m, shape: tuple[int, ...] | None):
+    """A copy of `m` whose first input has the concrete `shape` (None: every symbolic dimension
+    becomes 1), with onnx's shape inference run over it."""
+    import onnx
+
+    c = onnx.ModelProto()
+    c.CopyFrom(m)
+    dims = c.graph.input[0].type.tensor_type.shape.dim
+    if shape is not None and len(shape) != len(dims):
+        raise ValueError(f"input shape {shape} does not match the graph's {len(dims)} dimensions")
+    for i, d in enumerate(dims):
+        if shape is not None:
+            d.dim_value = int(shape[i])  # setting dim_value clears dim_param
+        elif d.dim_param:
+            d.dim_value = 1
+    return onnx.shape_inference.infer_shapes(c, data_prop=True)
+
+
+def _shapes(m) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for vi in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = tuple(int(d.dim_value) for d in dims)
+    for init in m.graph.initializer:
+        out[init.name] = tuple(int(d) for d in init.dims)
+    return out
+
+
+def node_macs(
+    op: str, inputs: list[tuple[int, ...] | None], output: tuple[int, ...] | None, attrs: dict
+) -> int | None:
+    """Multiply-accumulates of one Conv / Gemm / MatMul node from its tensors' shapes (None when a
+    shape is unknown). Conv: every output element sums over C_in/group x kernel; Gemm and MatMul:
+    every output element sums over the shared (K) dimension."""
+    if output is None or any(s is None for s in inputs[:2]):
+        return None
+    out = int(np.prod(output))
+    if op == "Conv":
+        w = inputs[1]
+        return out * int(np.prod(w[1:]))  # w: [C_out, C_in / group, *kernel]
+    if op == "Gemm":
+        a = inputs[0]
+        return out * (a[0] if attrs.get("transA", 0) else a[-1])
+    if op == "MatMul":
+        return out * inputs[0][-1]
+    raise ValueError(f"no MAC count for op {op!r}")
+
+
+def graph_macs(m, shape: tuple[int, ...] | None = None) -> dict:
+    """Multiply-accumulates of one run of ONNX graph `m` on an input of `shape` (batch first;
+    None: 1 for every symbolic axis), over its Conv / Gemm / MatMul nodes, which
+    hold all but a sliver of the arithmetic (element-wise ops, norms and softmax are not counted).
+    `macs_nonzero_weights` counts only the multiply-accumulates whose weight (an initializer) is
+    non-zero: what a sparse kernel would have to do; a dense kernel runs all of `macs`.
+    Nodes whose shapes onnx cannot infer are named in `uncounted`."""
+    from onnx import numpy_helper
+
+    c = _concrete(m, shape)
+    shapes = _shapes(c)
+    inits = {i.name: i for i in c.graph.initializer}
+    total = nonzero = 0
+    uncounted = []
+    for node in c.graph.node:
+        if node.op_type not in MAC_OPS:
+            continue
+        attrs = {a.name: a.i for a in node.attribute if a.type == a.INT}
+        ins = [shapes.get(i) for i in node.input]
+        macs = node_macs(node.op_type, ins, shapes.get(node.output[0]), attrs)
+        if macs is None:
+            uncounted.append(node.name)
+            continue
+        total += macs
+        w = node.input[1] if len(node.input) > 1 else None
+        if w in inits:
+            arr = numpy_helper.to_array(inits[w])
+            # Each weight element takes part in the same number of products: the nonzero
+            # fraction of the weight is the fraction of its node's products that remain.
+            macs = macs * int(np.count_nonzero(arr)) // max(arr.size, 1)
+        nonzero += macs
+    return {"macs": int(total), "macs_nonzero_weights": int(nonzero), "uncounted": uncounted}
+
+
+def flops_section(m, sample_shape: tuple[int, ...], counted_on: str) -> dict:
+    """report.flops: MACs (and FLOPs = 2 x MACs) of one sample of `sample_shape` (the input's
+    shape without its batch axis) through the exported graph."""
+    g = graph_macs(m, (1, *sample_shape))
+    return {
+        "macs": g["macs"],
+        "flops": 2 * g["macs"],
+        # Over non-zero weights only: what a sparse kernel would run (onnxruntime's CPU kernels
+        # are dense and run `macs`; pruning changes this figure, not the latency).
+        "effective_macs_nonzero_weights": g["macs_nonzero_weights"],
+        "effective_flops_nonzero_weights": 2 * g["macs_nonzero_weights"],
+        "per": f"sample: input [1, {', '.join(str(d) for d in sample_shape)}]",
+        "ops": "Conv, Gemm and MatMul multiply-accumulates (element-wise ops, norms, softmax not counted)",
+        "counted_on": counted_on,
+        **({"uncounted_nodes": g["uncounted"]} if g["uncounted"] else {}),
+    }
+
+
+# --- which artifact to deploy ---------------------------------------------------------------------
+
+# A candidate must be this much faster (geometric mean over the measured batch sizes) than the
+# fp32 graph to be worth deploying instead: below it, the difference is within the run-to-run
+# spread of a shared machine, and the fp32 graph is the simpler artifact to serve.
+DEPLOY_MIN_SPEEDUP = 1.05
+
+
+def choose_deploy(
+    candidates: Mapping[str, Mapping],
+    reference: str,
+    gate: float = GAP_WARNING,
+    min_speedup: float = DEPLOY_MIN_SPEEDUP,
+) -> dict:
+    """The runtime artifact to deploy: the fastest candidate whose accuracy is at most `gate`
+    below the `reference` artifact's (the fp32 graph), and at least `min_speedup` faster than it
+    (geometric mean of its speed-ups at each measured batch size); otherwise the reference.
+    `candidates`: artifact -> {"accuracy": float, "latency_ms": {batch: ms}}, every candidate
+    timed at the same batch sizes. A pure function of the measurements."""
+    ref = candidates[reference]
+    batches = sorted(ref["latency_ms"])
+
+    def speedup(name: str) -> float:
+        lat = candidates[name]["latency_ms"]
+        ratios = [ref["latency_ms"][b] / lat[b] for b in batches]
+        return float(np.exp(np.mean(np.log(ratios))))
+
+    def fmt(name: str) -> str:
+        lat = candidates[name]["latency_ms"]
+        return ", ".join(f"batch {b} {ref['latency_ms'][b] / lat[b]:.2f}x" for b in batches)
+
+    ok, refused = [], []
+    for name, c in candidates.items():
+        if name == reference:
+            continue
+        lost = round(ref["accuracy"] - c["accuracy"], 9)
+        if lost > gate:
+            refused.append(f"{name} loses {100 * lost:.2f} points of accuracy (gate {100 * gate:.2f})")
+        elif speedup(name) < min_speedup:
+            refused.append(f"{name} is not faster ({fmt(name)} vs {reference}; needs {min_speedup:.2f}x)")
+        else:
+            ok.append(name)
+    if ok:
+        best = max(ok, key=speedup)
+        lost = ref["accuracy"] - candidates[best]["accuracy"]
+        why = (
+            f"fastest artifact within the accuracy gate: {fmt(best)} vs {reference}, "
+            f"accuracy {candidates[best]['accuracy']:.4f} ({-100 * lost:+.2f} points)"
+        )
+    else:
+        best = reference
+        why = f"{reference}: " + ("; ".join(refused) if refused else "the only artifact")
+    return {"artifact": best, "why": why, "speedup": 1.0 if best == reference else speedup(best)}
