@@ -25,6 +25,7 @@ PHASE_KIND = "phase"
 
 
 class Phase(StrEnum):
+    STARTING = "starting"  # the driver process is up: Ray and the training libraries loading
     PREPARING = "preparing"  # loading the data, building the model, checking the plan fits
     WAITING_FOR_WORKERS = "waiting_for_workers"  # Ray Train starting the worker group
     TRAINING = "training"  # the loop runs: step/total from the train records
@@ -38,6 +39,7 @@ class Phase(StrEnum):
 
 
 _LABELS = {
+    Phase.STARTING: "starting",
     Phase.PREPARING: "preparing",
     Phase.WAITING_FOR_WORKERS: "waiting for workers",
     Phase.TRAINING: "training",

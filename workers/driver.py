@@ -173,10 +173,13 @@ def training_failure(err: BaseException, attempts: int) -> TrainingFailed:
     return TrainingFailed(message, retryable=True)
 
 
-def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, **options) -> dict:
+def run_job(
+    spec: JobSpec, job_id: str, store: ArtifactStore, metrics: MetricsLog | None = None, **options
+) -> dict:
     """Run one job (`_run_job`, which takes the `options`), and leave its metrics.jsonl
-    whether it succeeds or fails."""
-    metrics = MetricsLog(JobArtifacts(store, job_id))
+    whether it succeeds or fails. `metrics`: the job's series when the caller has begun it
+    (the entrypoint writes the `starting` phase before it imports this module)."""
+    metrics = metrics if metrics is not None else MetricsLog(JobArtifacts(store, job_id))
     try:
         return _run_job(spec, job_id, store, metrics, **options)
     except BaseException:

@@ -52,6 +52,13 @@ function artifactPath(id, name) {
   return `/v1/jobs/${encodeURIComponent(id)}/artifacts/${name.split("/").map(encodeURIComponent).join("/")}`;
 }
 
+// The driver's phase, while it speaks for the job: when running, and while `starting` once the
+// driver's own first phases arrive (Ray reports the job running up to a reconcile tick later).
+// Later phases while `starting` can only be an earlier attempt's (a retry): not shown.
+const EARLY_PHASES = new Set(["starting", "preparing"]);
+const showsPhase = (j) =>
+  Boolean(j.progress?.phase) && (j.state === "running" || (j.state === "starting" && EARLY_PHASES.has(j.progress.phase)));
+
 /** format(v), or null (the row is left out) when the report lacks the value. */
 const opt = (v, format) => (v === null || v === undefined ? null : format(v));
 
@@ -218,8 +225,8 @@ export function render(view, { id }) {
         ["Id", h("code", {}, j.id)],
         ["State", j.state],
         ["Why", j.reason],
-        // What the driver does now (preparing, waiting for workers, training, exporting, ...).
-        ["Phase", j.state === "running" && p.phase ? p.phase.replaceAll("_", " ") : null],
+        // What the driver does now (starting, preparing, waiting for workers, training, ...).
+        ["Phase", showsPhase(j) ? p.phase.replaceAll("_", " ") : null],
         ["Progress", progressBar(j)],
         ["Loss", num(p.loss)],
         ["Validation accuracy", pct(p.val_accuracy, 2)],
