@@ -213,3 +213,25 @@ def test_an_image_zip_streams_through_ray_data(ray_cluster, store, tmp_path):
     got = [feed.train_batch(s) for s in range(3)]
     xs, ys = torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
     assert rows(torch.column_stack([xs, ys])) == rows(torch.column_stack([mem.x_train, mem.y_train]))
+
+
+def test_a_jsonl_corpus_streams_through_ray_data(ray_cluster, store, monkeypatch):
+    """JSON Lines through real Ray Data (read tasks tokenise line-aligned byte ranges, several
+    per epoch): one epoch's batches hold exactly the in-memory training windows."""
+    # 201 documents of 16 bytes: 200 windows of 16, 160 of them training rows
+    lines = [json.dumps({"text": f"line {i:05d} abcd"}) for i in range(201)]
+    store.put_bytes("datasets/c.jsonl", "\n".join(lines).encode())
+    spec = DataSpec(
+        uri="store://datasets/c.jsonl", resolved_uri="datasets/c.jsonl", seq_len=16, streaming="on"
+    )
+    mem = load_dataset(spec, store)
+    monkeypatch.setattr(streaming, "TEXT_GROUP_BYTES", 700)
+    monkeypatch.setattr(streaming, "TASK_ROWS", 60)
+    st = load_for_job(spec, "ddp", store)
+    n, batch = st.info.n_train, 32  # an epoch leaves no row out
+    assert st.streamed and n == len(mem.x_train) == 160 and len(st.plan.row_starts) > 3
+    feed = streaming.Feed(st.local_shards(0, batch, n // batch, n // batch), batch, n // batch, 0, 0, 1)
+    got = [feed.train_batch(s) for s in range(n // batch)]
+    xs, ys = torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
+    assert xs.dtype == torch.int64 and xs.shape == (n, 16)
+    assert rows(torch.cat([xs, ys], 1)) == rows(torch.cat([mem.x_train, mem.y_train], 1))
