@@ -221,7 +221,7 @@ def _streamed_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def open_feed(run: Run, session: Session) -> None:
-    """A streamed dataset: this rank reads its batches from its Ray Data shard (ddp only, see
+    """A streamed dataset: this rank reads its batches from its Ray Data shard (ddp and fsdp, see
     service.spec.streaming_unsupported: every rank holds a different share of the batch)."""
     if not getattr(run.data, "streamed", False):
         return
@@ -264,7 +264,8 @@ def evaluate(run: Run) -> dict:
     """Loss and accuracy on the validation split, each rank scoring its share, summed."""
     data, d = run.data, run.dist
     if run.feed is not None:
-        # Streamed (ddp only: a forward holds no collective, so ranks may run unequal counts).
+        # Streamed: a chunk per batch of the validation stream on every rank, maybe empty
+        # (FSDP gathers the weights in each forward, so every rank runs as many).
         chunks = ((xx.to(d.device), yy.to(d.device)) for xx, yy in run.feed.val_chunks())
     else:
         shard, shards = run.strategy.data_shard()
