@@ -20,7 +20,7 @@ head count.
 Folding, exactly: a removed channel still outputs a constant (its bias, through BatchNorm,
 activation and pooling), and the layers that consume it see that constant. Its effect is measured
 where it lands: one probe forward captures each consumer's input; the removed inputs' part is
-pushed through the consumer's (possibly fake-quantized) weight; for a Linear, or a conv whose
+pushed through the consumer's float weight; for a Linear, or a conv whose
 result is spatially uniform, it joins the bias; a padded conv sees the constant only inside the
 image (the border pads zeros), so its effect is a fixed map, added after the conv (after its
 BatchNorm, scaled by it, so BatchNorm folding at export stays valid) by an `Offset` module.
@@ -227,28 +227,45 @@ def _traced_op(node) -> bool:
 
 
 def _effective_weight(m: nn.Module) -> torch.Tensor:
-    wq = getattr(m, "weight_quant", None)
-    return wq(m.weight) if wq is not None else m.weight
+    # The float weight: folding keeps the float function exactly; a fake-quantized model's int8
+    # grids are recomputed on the slim weights at export, as for any model.
+    return m.weight
 
 
 @torch.no_grad()
 def _capture(model: nn.Module, consumers: list[nn.Module], example: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Each consumer's input (as its weight sees it: fake-quantized where the layer does) in one
-    probe forward of the masked model."""
+    """Each consumer's input in one probe forward of the masked model, fake quantization off."""
     seen: dict[int, torch.Tensor] = {}
 
     def hook(mod, args):
-        x = args[0].detach()
-        iq = getattr(mod, "input_quant", None)
-        seen[id(mod)] = iq(x) if iq is not None else x
+        seen[id(mod)] = args[0].detach()
 
     handles = [c.register_forward_pre_hook(hook) for c in consumers]
     try:
-        model(example)
+        with _float(model):
+            model(example)
     finally:
         for h in handles:
             h.remove()
     return seen
+
+
+class _float:
+    """Fake quantization off (its `enabled` flags) in the given models for a `with` block."""
+
+    def __init__(self, *models: nn.Module):
+        self.flags = [
+            b for m in models for n, b in m.named_buffers() if n.endswith("enabled") and b.dtype == torch.bool
+        ]
+
+    def __enter__(self):
+        self.saved = [bool(b) for b in self.flags]
+        for b in self.flags:
+            b.fill_(False)
+
+    def __exit__(self, *exc):
+        for b, v in zip(self.flags, self.saved, strict=True):
+            b.fill_(v)
 
 
 def _constant(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -300,7 +317,7 @@ def slim(
     (slim model, {"params_before", "params_after", "layers": {name: [out before, out after]}}).
     `skip`: layers whose channels stay (the output layer: its rows are the classes). The model
     is evaluated in eval mode; the copy comes back in eval mode."""
-    model = copy.deepcopy(model).eval()
+    masked, model = model, copy.deepcopy(model).eval()
     example = example if example is not None else example_input(model)
     if example is None:
         raise ExportError("channel slimming needs an example input of the model")
@@ -315,8 +332,26 @@ def slim(
         "params_before": params_before,
         "params_after": sum(p.numel() for p in model.parameters()),
         "layers": {n: [before[n], after[n]] for n in before if n in after},
+        "max_abs_diff": _check_equal(masked, model, example),
     }
     return model, info
+
+
+@torch.no_grad()
+def _check_equal(masked: nn.Module, slim_model: nn.Module, example: torch.Tensor) -> float:
+    """The largest difference of the two models' outputs on `example`, with fake quantization
+    off (the float function is what slimming keeps); ExportError beyond float rounding."""
+    was = masked.training
+    try:
+        masked.eval()
+        with _float(masked, slim_model):
+            want, got = masked(example).float(), slim_model(example).float()
+    finally:
+        masked.train(was)
+    diff = float((want - got).abs().max()) if want.numel() else 0.0
+    if diff > 1e-4 * (1.0 + float(want.abs().max())):
+        raise ExportError(f"channel slimming changed the model's outputs (max difference {diff:.3g})")
+    return diff
 
 
 def _out(m: nn.Module) -> int:
