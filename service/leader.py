@@ -194,8 +194,15 @@ class Lease:
             self.epoch, self._deadline = None, -math.inf
         return ok
 
+    def _free(self, holder: str, expires_at: float, now: float) -> bool:
+        return expires_at <= now or (self.takeover_dead_local and bool(holder) and self.is_dead(holder))
+
     def _acquire(self) -> bool:
         started = self.local()
+        with self.db.read() as s:  # most tries find a live lease: they take no write lock
+            row = s.get(LeaderLease, self.name)
+            if row is not None and not self._free(row.holder, row.expires_at, self.clock(s)):
+                return False
         with self.db.write() as s:
             now = self.clock(s)
             row = self._row(s)
@@ -214,8 +221,7 @@ class Lease:
             else:
                 # Plain values: the UPDATE below refreshes `row` in the session.
                 old, was, until = row.holder, row.epoch, row.expires_at
-                free = until <= now or (self.takeover_dead_local and bool(old) and self.is_dead(old))
-                if not free:
+                if not self._free(old, until, now):
                     return False
                 res = s.execute(
                     update(LeaderLease)
