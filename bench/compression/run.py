@@ -14,6 +14,12 @@ speed-up is against that dense baseline (never against the row's own unquantized
     .venv/bin/python -m bench.compression.run [--seeds 0 1 2] [--models mlp lenet5] [--out DIR]
 
 Writes table.md, results.json and accuracy_vs_ratio.png to bench/results/compression/ (committed).
+
+    .venv/bin/python -m bench.compression.run --latency [--latency-models mlp resnet gpt]
+
+runs only the latency rows (`bench/compression/latency.py`: int8 exports against fp32 on models
+of millions of parameters, at batch 1 and 64) and replaces only their part of results.json
+(`latency`) and table.md, plus int8_speedup.png; the size rows stay as they were measured.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import warnings
 from pathlib import Path
 
 from bench.common import machine, markdown_table, save_json
+from bench.compression import latency
 from service.artifacts import JobArtifacts, LocalArtifactStore
 from service.spec import parse_spec
 from workers import export, onnx_export, report
@@ -267,10 +274,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", default=list(MODEL_ARGS), choices=list(MODEL_ARGS))
-    ap.add_argument("--latency-repeats", type=int, default=200)
+    ap.add_argument(
+        "--latency-repeats",
+        type=int,
+        default=None,
+        help="Timed runs per artifact (200; --latency: 30 at batch 1)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--replot", action="store_true", help="Redraw the plot from results.json only.")
+    ap.add_argument(
+        "--latency",
+        action="store_true",
+        help="Only the latency rows (bench.compression.latency): int8 exports vs fp32 on larger "
+        "models; replaces the `latency` part of results.json and table.md, keeps the size rows.",
+    )
+    ap.add_argument("--latency-models", nargs="+", default=["mlp", "resnet", "gpt"])
     args = ap.parse_args()
+    if args.latency:
+        args.latency_repeats = args.latency_repeats or 30
+        run_latency(args)
+        return
+    args.latency_repeats = args.latency_repeats or 200
     if args.replot:
         plot(
             json.loads((args.out / "results.json").read_text())["summary"], args.out / "accuracy_vs_ratio.png"
@@ -302,10 +326,67 @@ def main() -> None:
                     rows.append(r)
     summary = summarise(rows)
     md = table(summary)
-    (args.out / "table.md").write_text(md + "\n")
-    save_json(args.out / "results.json", {"machine": machine(), "runs": rows, "summary": summary})
+    old = _load(args.out)
+    results = {"machine": machine(), "runs": rows, "summary": summary}
+    if "latency" in old:
+        results["latency"] = old["latency"]
+    save_json(args.out / "results.json", results)
+    write_table(args.out, results)
     plot(summary, args.out / "accuracy_vs_ratio.png")
     print(md)
+
+
+def _load(out: Path) -> dict:
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_table(out: Path, results: dict) -> None:
+    """table.md: the size rows, then the latency rows, each with its own conditions line."""
+    from bench.common import conditions
+
+    parts = []
+    if "summary" in results:
+        parts += [
+            "## Size and accuracy (digits)",
+            "",
+            conditions(results["machine"]),
+            "",
+            table(results["summary"]),
+        ]
+    if "latency" in results:
+        lat = results["latency"]
+        parts += [
+            "",
+            "## Latency: int8 exports vs fp32 (bench.compression.latency)",
+            "",
+            conditions(lat["machine"]),
+            "",
+            latency.table(lat["rows"]),
+        ]
+    (out / "table.md").write_text("\n".join(parts) + "\n")
+
+
+def run_latency(args) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    latency.log.setLevel(logging.INFO)
+    warnings.filterwarnings("ignore")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = latency.run(args.latency_models, args.latency_repeats, LocalArtifactStore(tmp))
+    results = _load(args.out)
+    results["latency"] = {
+        "machine": machine(),
+        "repeats": {"batch1": args.latency_repeats, "batch64": max(5, args.latency_repeats // 3)},
+        "wall_seconds": time.perf_counter() - t0,
+        "rows": rows,
+    }
+    save_json(args.out / "results.json", results)
+    write_table(args.out, results)
+    latency.plot(rows, args.out / "int8_speedup.png")
+    print(latency.table(rows))
 
 
 if __name__ == "__main__":
