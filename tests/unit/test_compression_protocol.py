@@ -6,13 +6,14 @@ state on every data-parallel rank. A method added to the registry without a case
 from __future__ import annotations
 
 import threading
+import typing
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from service.artifacts import LocalArtifactStore
-from service.spec import parse_spec
+from service.spec import PruningSpec, parse_spec
 from workers import train_loop
 from workers.checkpoint import load_latest
 from workers.compression import registry
@@ -35,6 +36,17 @@ CASES = {
             "end_step": 16,
             "frequency": 4,
             "structure": "channel",
+        }
+    },
+    # activations measured on each update's calibration batches (replayed identically on resume)
+    "pruning-wanda": {
+        "pruning": {
+            "criterion": "wanda",
+            "final_sparsity": 0.7,
+            "start_step": 4,
+            "end_step": 16,
+            "frequency": 4,
+            "calibration_batches": 2,
         }
     },
     "quantization-qat": {"quantization": {"mode": "qat", "start_step": 6}},
@@ -67,6 +79,15 @@ def test_every_registered_method_has_a_case():
             assert isinstance(m, Method) and isinstance(m, BaseMethod), m
 
 
+def test_every_pruning_criterion_has_a_case():
+    criteria = set(typing.get_args(PruningSpec.model_fields["criterion"].annotation))
+    covered = {c["pruning"].get("criterion", "magnitude") for c in CASES.values() if "pruning" in c}
+    assert covered >= criteria
+    assert {
+        CASES[case]["pruning"].get("criterion", "magnitude") for case, _ in RESUME if "pruning" in CASES[case]
+    } >= criteria
+
+
 def test_every_method_key_is_written_for_every_spec():
     """One checkpoint layout whatever the spec: 'pruner' (the pre-protocol key) is None when off."""
     assert registry.state_keys() == ["pruner"]
@@ -97,6 +118,7 @@ RESUME = [
     ("pruning", "fp32"),
     ("pruning-2:4", "fp32"),
     ("pruning-2:4", "fp16"),
+    ("pruning-wanda", "fp32"),
     ("quantization-qat", "fp32"),
     ("clipping", "fp32"),
 ]
