@@ -181,7 +181,9 @@ def plot(rows: list[dict], path) -> None:
     fig, axes = plt.subplots(1, len(BATCHES), figsize=(5 * len(BATCHES), 3.2), squeeze=False)
     kinds = ("dense", "masked", "slim")
     for ax, b in zip(axes[0], BATCHES, strict=True):
-        labels = [f"{r['model']} s{r['seed']}" for r in rows]
+        labels = [
+            f"{r['model']} s{r['seed']}\n{r['pruning']['final_sparsity']}, {r['steps']} st" for r in rows
+        ]
         ys = np.arange(len(rows))
         for i, k in enumerate(kinds):
             ax.barh(ys + (i - 1) * 0.27, [r["latency_ms"][f"batch{b}"][k] for r in rows], 0.27, label=k)
