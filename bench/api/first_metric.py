@@ -289,11 +289,13 @@ def plot(variants: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def combine(labels: list[str]) -> None:
+def combine(labels: list[str], described: dict[str, str] | None = None) -> None:
     variants = []
     for label in labels:
         v = json.loads((out_dir("api_first_metric") / f"{label}.json").read_text())
         v["summary"] = summary(v)
+        if described and label in described:
+            v["described"] = described[label]
         variants.append(v)
     out = results_dir("api_first_metric")
     cols = [
@@ -308,7 +310,12 @@ def combine(labels: list[str]) -> None:
     for v in variants:
         m = v["machine"]
         env = " ".join(f"{k}={val}" for k, val in v["env"].items()) or "none"
-        text.append(f"### {v['label']}\n\n{conditions(m)} Server code: `{v['code']}`; extra env: {env}.\n")
+        what = f" ({v['described']})" if v.get("described") else ""
+        text.append(
+            f"### {v['label']}\n\n{conditions(m)} Server code: `{v['code']}`{what}; extra env: {env}.\n"
+        )
+        if len([r for r in v["runs"] if "visible" in r]) < len(v["runs"]):
+            text.append("A run without milestones past `ray_running` saw no record within the 300 s limit.\n")
         rows = [[r["run"], *[r.get(k, "-") for k in cols]] for r in v["runs"]]
         s = v["summary"]
         rows.append(["median", *[s[k]["median"] if k in s else "-" for k in cols]])
@@ -338,9 +345,10 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", "5")))
     p.add_argument("--settle", type=float, default=5.0, help="seconds between runs")
     p.add_argument("--combine", nargs="+", metavar="LABEL", help="write the results of these variants")
+    p.add_argument("--describe", action="append", default=[], help="LABEL=what the variant's code is")
     a = p.parse_args()
     if a.combine:
-        combine(a.combine)
+        combine(a.combine, dict(kv.split("=", 1) for kv in a.describe))
         return
     extra = dict(kv.split("=", 1) for kv in a.env)
     v = measure(a.label, a.code.resolve(), extra, a.runs, a.settle)
