@@ -18,6 +18,15 @@
   digits QAT mlp on an AVX2 CPU: 0.9136 against 0.9248, where the same graph unfused scores
   0.9248). Its U8U8 kernels widen to int16 before multiplying and are exact on every CPU
   (onnxruntime's documented remedy; `WEIGHT_ZERO_POINT`).
+  Measured against the other exports onnxruntime offers (bench/compression --latency, onnxruntime
+  1.32, AMD EPYC AVX2 without VNNI, one thread): this one is 1.78x fp32 at batch 64 on a 2.8 M mlp
+  (5.6x at batch 1: the int8 weights fit the caches), 1.46x on the gpt, 1.22x on a ResNet-8. U8S8
+  exports (int8 weights; QDQ or QOperator, static or dynamic) ran a further 1.1-1.8x faster, but
+  only because VPMADDUBSW may saturate, so they are not exact on this CPU; 7-bit weights
+  (`reduce_range`) would avoid that at the price of re-rounding the QAT codes; dynamic activations
+  turn convs into ConvInteger, 2-6x slower than fp32. Per-tensor weights were 0-20% faster than
+  per-channel on the same kernels, but would discard the per-channel scales QAT trained. So the
+  exact per-channel U8U8 export with the QAT codes and activation ranges stays the default.
 - `quantize_weights_only`: int4 (or int8) DequantizeLinear on each weight, float compute:
   onnxruntime has int4 weights (opset 21) but no int4 activation kernels on CPU. Written here
   rather than with onnxruntime's MatMulNBits quantizer, which covers MatMul only (not Gemm or
