@@ -8,9 +8,10 @@ graph computes with, bit for bit). `report.accuracy` is measured by running the 
 model (the fp32 one when not quantized) in onnxruntime over the validation split;
 `report.sparsity` and `report.params` are counted on `model.packed` as decoded from the stored
 bytes, after checking that the runtime graph holds the same zeros and that no weight pruned in
-training came back (ExportError otherwise). `latency_ms.dense` times `model.onnx`,
-`latency_ms.compressed` the runtime artifact, side by side; when they are one file, one
-measurement fills both keys and `latency_setup.same_artifact` says so (no speed-up).
+training came back (ExportError otherwise). `latency_ms.dense` times `model.onnx` (the unpruned
+architecture's fp32 graph when channel pruning shipped a smaller model; `size.dense_bytes` is
+then that architecture's too), `latency_ms.compressed` the runtime artifact, side by side; when
+they are one graph, one measurement fills both keys and `latency_setup.same_artifact` says so.
 """
 
 from __future__ import annotations
@@ -188,12 +189,22 @@ def export(
     runtime = arts.get_bytes(artifact)
     graph_weights = onnx_export.layer_weights(onnx.load_from_string(runtime), runtime_nodes)
     report.check_shipped_zeros(rebuilt, plain, graph_weights, artifact)
-    # One session per artifact: with nothing quantized, the runtime artifact *is* model.onnx.
-    same_artifact = artifact == "model.onnx"
-    sessions = {"dense": onnx_export.session(arts.get_bytes("model.onnx"))}
-    sessions["compressed"] = sessions["dense"] if same_artifact else onnx_export.session(runtime)
+    # One session per graph: with nothing quantized, the runtime artifact *is* model.onnx; with
+    # the model's shape unchanged, model.onnx is also the dense reference (below).
+    fp32_session = onnx_export.session(arts.get_bytes("model.onnx"))
+    runtime_session = fp32_session if artifact == "model.onnx" else onnx_export.session(runtime)
+    unpruned = _unpruned(spec, data, plain)
+    dense_session = fp32_session
+    if unpruned is not None:
+        dense_session = onnx_export.session(
+            onnx_export.to_bytes(onnx_export.to_onnx(fold_batchnorm(unpruned)[0], data.x_val))
+        )
+    sessions = {"dense": dense_session, "compressed": runtime_session}
+    if fp32_session is not dense_session and fp32_session is not runtime_session:
+        sessions["model_onnx"] = fp32_session  # the slim fp32 graph, a deploy candidate of its own
+    same_artifact = dense_session is runtime_session
     if qweights:
-        qinfo["fp32_onnx_accuracy"] = report.onnx_accuracy(sessions["dense"], data)["accuracy"]
+        qinfo["fp32_onnx_accuracy"] = report.onnx_accuracy(fp32_session, data)["accuracy"]
     artifact_scores = report.onnx_accuracy(sessions["compressed"], data)
     float_scores = report.torch_accuracy(model, data)
     dense_acc, warnings = _dense_accuracy(spec, store, artifact_scores["accuracy"])
@@ -202,10 +213,12 @@ def export(
     )
     latency = report.latency_table(sessions, data.x_val.numpy(), LATENCY_BATCHES, latency_repeats)
     fp32_accuracy = qinfo.get("fp32_onnx_accuracy", artifact_scores["accuracy"])
+    fp32_label = next(k for k, v in sessions.items() if v is fp32_session)
     deploy = report.choose_deploy(
-        _deploy_candidates(artifact, latency, fp32_accuracy, artifact_scores["accuracy"]), "model.onnx"
+        _deploy_candidates(artifact, latency, fp32_label, fp32_accuracy, artifact_scores["accuracy"]),
+        "model.onnx",
     )
-    dense = report.dense_bytes(plain)
+    dense = report.dense_bytes(plain if unpruned is None else unpruned)
     rep = {
         "job_id": job_id,
         "name": spec.name,
@@ -258,8 +271,9 @@ def export(
                 else ", interleaved"
             ),
             # model.onnx is the fp32 graph: onnxruntime's dense kernels skip no zeros, so it
-            # runs as the unpruned model would.
-            "dense": "model.onnx",
+            # runs as the unpruned model would, unless a method shipped fewer channels: then
+            # the unpruned architecture's own fp32 graph is the reference.
+            "dense": "model.onnx" if unpruned is None else UNPRUNED_REFERENCE,
             "compressed": artifact,
             "same_artifact": same_artifact,
             "speedup": None if same_artifact else report.speedups(latency, LATENCY_BATCHES),
@@ -287,14 +301,32 @@ def export(
     return rep
 
 
-def _deploy_candidates(artifact: str, latency: dict, fp32_accuracy: float, accuracy: float) -> dict:
-    """report.choose_deploy's input: model.onnx and the runtime artifact, as measured."""
+UNPRUNED_REFERENCE = "the unpruned architecture's fp32 graph (built for timing, not an artifact)"
+
+
+def _unpruned(spec: JobSpec, data: Dataset, plain: nn.Module) -> nn.Module | None:
+    """The model as the registry builds it, when a compression method shipped another shape
+    (channel pruning deletes channels): "dense" in the report then means this model, not the
+    slim model.onnx. Its weights are random: fp32 bytes and the time of onnxruntime's dense
+    kernels depend on the shapes only. None when the shapes are the registry's."""
+    unpruned = build_model(spec.model.name, spec.model.args, data.info).eval()
+    shapes = {k: v.shape for k, v in unpruned.state_dict().items()}
+    if shapes == {k: v.shape for k, v in plain.state_dict().items()}:
+        return None
+    return unpruned
+
+
+def _deploy_candidates(
+    artifact: str, latency: dict, fp32_label: str, fp32_accuracy: float, accuracy: float
+) -> dict:
+    """report.choose_deploy's input: model.onnx (timed under `fp32_label`) and the runtime
+    artifact, as measured."""
     out = {"model.onnx": {"accuracy": fp32_accuracy, "latency_ms": {}}}
     if artifact != "model.onnx":
         out[artifact] = {"accuracy": accuracy, "latency_ms": {}}
     for b in LATENCY_BATCHES:
         suffix = "" if b == 1 else f"_batch{b}"
-        out["model.onnx"]["latency_ms"][b] = latency[f"dense{suffix}"]
+        out["model.onnx"]["latency_ms"][b] = latency[f"{fp32_label}{suffix}"]
         if artifact != "model.onnx":
             out[artifact]["latency_ms"][b] = latency[f"compressed{suffix}"]
     return out

@@ -161,6 +161,13 @@ def test_channel_qat_job_exports_the_slim_model_as_onnx_and_int8(tmp_path):
     dense_onnx = onnx_export.to_bytes(onnx_export.to_onnx(fold_batchnorm(dense.eval())[0], data.x_val))
     assert _initializer_values(slim_onnx) < 0.75 * _initializer_values(dense_onnx)
     assert len(slim_onnx) < len(dense_onnx)
+    # "dense" in the report is the unpruned architecture, not the slim model.onnx: its fp32
+    # bytes, and its own graph timed beside the runtime artifact and the slim fp32 graph.
+    assert rep["size"]["dense_bytes"] == 4 * part["params_before"]
+    setup, latency = rep["latency_setup"], rep["latency_ms"]
+    assert setup["dense"] == export.UNPRUNED_REFERENCE and not setup["same_artifact"]
+    assert {"dense", "compressed", "model_onnx", "model_onnx_batch64"} <= set(latency)
+    assert rep["deploy"]["artifact"] in ("model.onnx", "model.int8.onnx")
 
     # The int8 graph is the slim model's: it runs in onnxruntime and agrees with the slim
     # fake-quantized model the export finished from.
