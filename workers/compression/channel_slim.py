@@ -39,7 +39,6 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from service.errors import ExportError
 from workers.compression.pruning import is_prunable, out_axis
@@ -61,35 +60,6 @@ class Offset(nn.Module):
         return x + self.offset
 
 
-# --- gpt attention with a head count of its own ------------------------------------------------
-
-
-def _slim_attention_class():
-    from workers.models.gpt import CausalSelfAttention
-
-    class SlimCausalSelfAttention(CausalSelfAttention):
-        """gpt attention whose heads were pruned: `n_head` heads of `head_dim`, fewer than the
-        residual width (the residual stream itself keeps its width)."""
-
-        head_dim: int
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            inner = self.n_head * self.head_dim
-            q, k, v = self.qkv(x).split(inner, dim=2)
-            hd = self.head_dim
-            q = q.view(b, t, self.n_head, hd).transpose(1, 2)
-            k = k.view(b, t, self.n_head, hd).transpose(1, 2)
-            v = v.view(b, t, self.n_head, hd).transpose(1, 2)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
-            att = att.masked_fill(~self.causal[:, :, :t, :t], float("-inf"))
-            att = self.drop(F.softmax(att, dim=-1))
-            y = (att @ v).transpose(1, 2).reshape(b, t, inner)
-            return self.drop(self.proj(y))
-
-    return SlimCausalSelfAttention
-
-
 def _is_gpt_attention(m: nn.Module) -> bool:
     from workers.models.gpt import CausalSelfAttention
 
@@ -107,10 +77,9 @@ def zero_rows(m: nn.Module) -> list[int]:
 
 def head_units(attn: nn.Module) -> torch.Tensor:
     """The head of each output row of a gpt attention's fused qkv (q, k and v parts alike)."""
-    c = attn.proj.out_features
-    hd = c // attn.n_head
+    inner = attn.n_head * attn.head_dim
     rows = torch.arange(attn.qkv.out_features)
-    return (rows % c) // hd
+    return (rows % inner) // attn.head_dim
 
 
 def channel_plan(model: nn.Module) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
@@ -434,7 +403,7 @@ def _gpt_slim(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...]) ->
         attn = b.attn
         if f"{name}.attn.qkv" in skip:
             continue
-        hd = getattr(attn, "head_dim", attn.proj.out_features // attn.n_head)
+        hd = attn.head_dim
         inner = attn.n_head * hd
         zero = set(zero_rows(attn.qkv))
         gone = [h for h in range(attn.n_head) if all(2 * inner + h * hd + j in zero for j in range(hd))]
@@ -450,14 +419,11 @@ def _gpt_slim(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...]) ->
     seen = _capture(model, [w[0] for w in work], example)
     for consumer, cols, *_ in work:
         _fold_linear(consumer, seen[id(consumer)], cols, names[consumer])
-    slim_cls = _slim_attention_class()
     for consumer, cols, producer, rows, attn, heads in work:
         _keep_inputs(consumer, cols)
         _keep_outputs(producer, rows)
-        if attn is not None:
-            hd = getattr(attn, "head_dim", attn.proj.out_features // attn.n_head)
-            attn.__class__ = slim_cls
-            attn.head_dim, attn.n_head = hd, heads
+        if attn is not None:  # its heads keep head_dim; fewer of them (gpt.CausalSelfAttention)
+            attn.n_head = heads
 
 
 def _keep_outputs(m: nn.Linear, removed: list[int]) -> None:
@@ -489,16 +455,12 @@ def conform(model: nn.Module, state: dict[str, torch.Tensor]) -> dict | None:
         return None
     before = {n: _out(m) for n, m in model.named_modules() if is_prunable(m)}
     params_before = sum(p.numel() for p in model.parameters())
-    slim_cls = None
     for name, m in list(model.named_modules()):
         prefix = f"{name}." if name else ""
         if _is_gpt_attention(m):
             w = state.get(f"{prefix}qkv.weight")
             if w is not None and w.shape[0] != m.qkv.out_features:
-                slim_cls = slim_cls or _slim_attention_class()
-                hd = m.proj.out_features // m.n_head
-                m.__class__ = slim_cls
-                m.head_dim, m.n_head = hd, w.shape[0] // (3 * hd)
+                m.n_head = w.shape[0] // (3 * m.head_dim)
         for pname, p in list(m._parameters.items()):
             key = prefix + pname
             if key in state and (p is None or p.shape != state[key].shape):

@@ -19,6 +19,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float):
         super().__init__()
         self.n_head = n_head
+        # Heads may number fewer than n_embd // head_dim: channel pruning deletes whole heads
+        # (workers/compression/channel_slim.py) while the residual stream keeps its width.
+        self.head_dim = n_embd // n_head
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
         self.drop = nn.Dropout(dropout)
@@ -26,16 +29,17 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("causal", mask.view(1, 1, block_size, block_size), persistent=False)
 
     def forward(self, x):
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        hd = c // self.n_head
+        b, t, _ = x.shape
+        hd = self.head_dim
+        inner = self.n_head * hd
+        q, k, v = self.qkv(x).split(inner, dim=2)
         q = q.view(b, t, self.n_head, hd).transpose(1, 2)
         k = k.view(b, t, self.n_head, hd).transpose(1, 2)
         v = v.view(b, t, self.n_head, hd).transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
         att = att.masked_fill(~self.causal[:, :, :t, :t], float("-inf"))
         att = self.drop(F.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).reshape(b, t, c)
+        y = (att @ v).transpose(1, 2).reshape(b, t, inner)
         return self.drop(self.proj(y))
 
 
