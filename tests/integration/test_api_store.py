@@ -33,7 +33,7 @@ def new(tenant="t", name="j", priority=0) -> NewJob:
 
 def test_schema_is_at_head_and_upgrade_is_idempotent(store):
     db = store.db
-    assert db.current_revision() == db.head_revision() == "0002_sweeps"
+    assert db.current_revision() == db.head_revision() == "0003_leader_lease"
     db.upgrade()
     tables = set(inspect(db.engine).get_table_names())
     assert {
@@ -45,6 +45,7 @@ def test_schema_is_at_head_and_upgrade_is_idempotent(store):
         "idempotency_keys",
         "sweeps",
         "sweep_trials",
+        "leader_lease",
     } <= tables
 
 
