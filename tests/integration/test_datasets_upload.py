@@ -102,7 +102,7 @@ def test_format_override_and_a_tokenizer_resolve_by_name(api):
     r = alice.put("/v1/datasets/corpus", params={"format": "jsonl", "text_column": "body"}, content=corpus)
     assert r.status_code == 201, r.text
     assert (r.json()["format"], r.json()["samples"]) == ("jsonl", 50)
-    tok = _bpe(docs).to_str().encode()
+    tok = _bpe().to_str().encode()  # trained on the whole corpus, these 50 docs among it
     assert alice.put("/v1/datasets/tok.json", content=tok).json()["format"] == "tokenizer"
     data = {"uri": "store://datasets/corpus", "tokenizer": "store://datasets/tok.json", "text_column": "body"}
     job = _job(alice, data, {"name": "gpt"})
