@@ -68,8 +68,21 @@ WEIGHT_ZERO_POINT = 128
 _PASSTHROUGH = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 
 
+# One export at a time in a process, whatever thread asks: the exporter parses onnxscript's
+# sources with `ast.parse`, and CPython 3.11 (3.11.7 here) keeps the AST converter's recursion
+# depth in interpreter-wide state, so parses in two threads at once can fail with "SystemError:
+# AST constructor recursion depth mismatch" (python/cpython#106905; seen twice in full test runs
+# here, in an export in the test process). `warnings.catch_warnings` below is process-wide too.
+_EXPORT_LOCK = threading.Lock()
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     """Export a float model (eval mode) with a dynamic batch axis."""
+    with _EXPORT_LOCK:
+        return _to_onnx(model, example)
+
+
+def _to_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dims = {0: batch}
