@@ -6,8 +6,8 @@ joins the Ray cluster it runs in, runs the driver, and leaves `outcome.json` for
 masks disagree), `retryable` for one that might not happen again (a worker process that died,
 training that diverged, an unexpected error), which the service resubmits while attempts remain. A driver
 that is killed leaves no outcome of its attempt, and the reconciler resubmits it.
-Settings come from the variables the scheduler sets on the entrypoint's command line
-(SLIMTRAIN_ARTIFACT_URI, ...; service.ray_jobs). Nothing heavy is imported before the driver's
+Settings come from the runtime_env the scheduler sets (SLIMTRAIN_ARTIFACT_URI, ...;
+service.ray_jobs). Nothing heavy is imported before the driver's
 first record (the `starting` phase) is written: torch and Ray Train come after it."""
 
 from __future__ import annotations
