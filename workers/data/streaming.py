@@ -120,6 +120,11 @@ class Plan:
     def data_spec(self) -> DataSpec:
         return DataSpec.model_validate(self.spec)
 
+    def group(self, i: int) -> tuple[int, int]:
+        """Group i's samples: first, and one past the last."""
+        end = self.row_starts[i + 1] if i + 1 < len(self.row_starts) else self.n
+        return self.row_starts[i], end
+
     def is_val(self, start: int, count: int) -> np.ndarray:
         """Whether each of the rows start..start+count-1 is in the validation split."""
         lo, hi = start // 8, (start + count + 7) // 8
@@ -173,31 +178,42 @@ class ZipPlan(Plan):
     channels: int = 1
 
     def samples(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        import zipfile
-        import zlib
-
-        from workers.data import archives
-
-        start = self.row_starts[i]
-        end = self.row_starts[i + 1] if i + 1 < len(self.row_starts) else self.n
+        """Group i's images, decoded with the in-memory path's functions (any archive kind:
+        `_entries` reads the bytes)."""
+        start, end = self.group(i)
         size = self.data_spec.image_size
         pxs = []
         try:
-            with self.filesystem.open_input_file(self.path) as f, zipfile.ZipFile(f) as zf:
-                for name in self.members[start:end]:
-                    with zf.open(name) as m:
-                        data = archives._read_capped(m, archives.LIMITS.max_entry_bytes, name, "data.uri")
-                    got = F.decode_image(name, data, size)
-                    if got is None:  # the plan lists samples only: the archive changed
-                        raise ConfigError(f"data.uri: {self.uri}: entry {name!r} is no longer an image")
-                    pxs.append(got[1])
-                    F.check_image_shape(name, got[1], self.shape)
-        except (zipfile.BadZipFile, zlib.error, KeyError, OSError, EOFError) as e:
+            for name, data in self._entries(start, end):
+                got = F.decode_image(name, data, size)
+                if got is None:  # the plan lists samples only: the archive changed
+                    raise ConfigError(f"data.uri: {self.uri}: entry {name!r} is no longer an image")
+                pxs.append(got[1])
+                F.check_image_shape(name, got[1], self.shape)
+        except self._unreadable() as e:
             raise ConfigError(
                 f"data.uri: {self.uri}: images {start}..{end - 1} are not readable ({e})"
             ) from None
         y = np.frombuffer(self.labels, np.int64)[start:end]
         return F.image_array(pxs, self.shape, self.channels), y
+
+    def _unreadable(self) -> tuple[type[BaseException], ...]:
+        """What reading this kind of archive raises when its bytes are damaged."""
+        import zipfile
+        import zlib
+
+        return (zipfile.BadZipFile, zlib.error, KeyError, OSError, EOFError)
+
+    def _entries(self, start: int, end: int) -> Iterator[tuple[str, bytes]]:
+        """(name, bytes) of samples start..end-1, read where the archive lies."""
+        import zipfile
+
+        from workers.data import archives
+
+        with self.filesystem.open_input_file(self.path) as f, zipfile.ZipFile(f) as zf:
+            for name in self.members[start:end]:
+                with zf.open(name) as m:
+                    yield name, archives._read_capped(m, archives.LIMITS.max_entry_bytes, name, "data.uri")
 
 
 class NotStreamable(ConfigError):
@@ -216,41 +232,29 @@ class TarPlan(ZipPlan):
     offsets: tuple[int, ...] = ()  # each member's own (last) header block, in sample order
     sizes: tuple[int, ...] = ()
 
-    def samples(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def _unreadable(self) -> tuple[type[BaseException], ...]:
+        import tarfile
+
+        return (tarfile.TarError, OSError, EOFError)
+
+    def _entries(self, start: int, end: int) -> Iterator[tuple[str, bytes]]:
         import tarfile
 
         from workers.data import archives
 
-        start = self.row_starts[i]
-        end = self.row_starts[i + 1] if i + 1 < len(self.row_starts) else self.n
-        size = self.data_spec.image_size
-        pxs = []
-        try:
-            with self.filesystem.open_input_file(self.path) as f:
-                for j in range(start, end):
-                    name, off, n = self.members[j], self.offsets[j], self.sizes[j]
-                    f.seek(off)
-                    head = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
-                    # A long name lives in a header before this one; this one holds its start.
-                    short = archives._check_name(head.name, "data.uri")
-                    if not head.isfile() or head.size != n or not name.startswith(short):
-                        raise ConfigError(
-                            f"data.uri: {self.uri}: entry {name!r} changed since it was checked"
-                        )
-                    data = f.read(n)
-                    if len(data) != n:
-                        raise ConfigError(f"data.uri: {self.uri}: entry {name!r} is truncated")
-                    got = F.decode_image(name, data, size)
-                    if got is None:  # the plan lists samples only: the archive changed
-                        raise ConfigError(f"data.uri: {self.uri}: entry {name!r} is no longer an image")
-                    pxs.append(got[1])
-                    F.check_image_shape(name, got[1], self.shape)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ConfigError(
-                f"data.uri: {self.uri}: images {start}..{end - 1} are not readable ({e})"
-            ) from None
-        y = np.frombuffer(self.labels, np.int64)[start:end]
-        return F.image_array(pxs, self.shape, self.channels), y
+        with self.filesystem.open_input_file(self.path) as f:
+            for j in range(start, end):
+                name, off, n = self.members[j], self.offsets[j], self.sizes[j]
+                f.seek(off)
+                head = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+                # A long name lives in a header before this one; this one holds its start.
+                short = archives._check_name(head.name, "data.uri")
+                if not head.isfile() or head.size != n or not name.startswith(short):
+                    raise ConfigError(f"data.uri: {self.uri}: entry {name!r} changed since it was checked")
+                data = f.read(n)
+                if len(data) != n:
+                    raise ConfigError(f"data.uri: {self.uri}: entry {name!r} is truncated")
+                yield name, data
 
 
 _TOKENIZERS: dict[int, object] = {}
@@ -283,8 +287,7 @@ class TextPlan(Plan):
 
     def samples(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         t = self.seq_len
-        r0 = self.row_starts[i]
-        r1 = self.row_starts[i + 1] if i + 1 < len(self.row_starts) else self.n
+        r0, r1 = self.group(i)
         if r1 == r0:
             empty = np.zeros((0, t), np.int64)
             return empty, empty
