@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -30,7 +28,7 @@ from service.settings import Settings, get_settings
 from tests.conftest import wait_for
 from tests.plugins.fake_ray import FakeRay
 from tests.plugins.live_api import ALICE, BOB, TOKENS
-from tests.plugins.server import ROOT, ApiProcess, serve_app, wait_ready
+from tests.plugins.server import ApiProcess, serve_app
 
 pytestmark = pytest.mark.integration
 
@@ -241,13 +239,7 @@ def test_cancel_stops_the_running_trials_and_creates_no_more(api):
 class FactoryApi(ApiProcess):
     """ApiProcess running this module's app_factory instead of api.app:create_app."""
 
-    def start(self, timeout: float = 90.0) -> FactoryApi:
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "tests.integration.test_sweeps:app_factory"]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        wait_ready(self.url, timeout, self.proc)
-        return self
+    factory = "tests.integration.test_sweeps:app_factory"
 
 
 def test_kill_9_of_the_api_mid_sweep_loses_nothing_and_creates_no_trial_twice(tmp_path):

@@ -59,6 +59,8 @@ def serve_app(app) -> Iterator[str]:
 class ApiProcess:
     """The API as its own process; `kill()` is SIGKILL (no shutdown hooks run)."""
 
+    factory = "api.app:create_app"  # the app uvicorn builds (a subclass may name another)
+
     def __init__(self, env: dict[str, str], log_path: Path):
         self.env, self.log_path = env, log_path
         self.port = free_port()
@@ -74,7 +76,7 @@ class ApiProcess:
             "-m",
             "uvicorn",
             "--factory",
-            "api.app:create_app",
+            self.factory,
             "--host",
             "127.0.0.1",
             "--port",

@@ -15,8 +15,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from service.ray_jobs import (
     capacity_of,
 )
 from service.records import part_name
-from tests.plugins.server import ROOT, ApiProcess, wait_ready
+from tests.plugins.server import ApiProcess
 
 ENV = "SLIMTRAIN_TEST_SHARED_RAY"  # the stand-in's SQLite file
 CPU_ENV = "SLIMTRAIN_TEST_SHARED_RAY_CPU"
@@ -171,21 +169,4 @@ def create_app():
 class ReplicaProcess(ApiProcess):
     """An API process (uvicorn, as `ApiProcess`) whose Ray is the shared stand-in."""
 
-    def start(self, timeout: float = 90.0) -> ReplicaProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "tests.plugins.shared_ray:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        wait_ready(self.url, timeout, self.proc)
-        return self
+    factory = "tests.plugins.shared_ray:create_app"
