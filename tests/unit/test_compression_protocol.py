@@ -5,7 +5,6 @@ state on every data-parallel rank. A method added to the registry without a case
 
 from __future__ import annotations
 
-import threading
 import typing
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import torch
 
 from service.artifacts import LocalArtifactStore
 from service.spec import PruningSpec, parse_spec
+from tests.thread_ranks import Meeting, run_threads
 from workers import train_loop
 from workers.checkpoint import load_latest
 from workers.compression import registry
@@ -185,44 +185,25 @@ def test_state_round_trips_into_a_fresh_method(digits, case):
 
 @dataclass
 class ThreadDist(Dist):
-    """A data-parallel replica on a thread: `all_gather_object` meets the other one (`slot`) at a
-    barrier. Each trains on the whole global batch (rank 0 of 1 for the data), which leaves it
-    the weights DDP's all-reduce leaves every replica with."""
+    """A data-parallel replica on a thread: `all_gather_object` meets the other one (`slot`).
+    Each trains on the whole global batch (rank 0 of 1 for the data), which leaves it the
+    weights DDP's all-reduce leaves every replica with."""
 
     slot: int = 0
-    box: list | None = None
-    gate: threading.Barrier | None = None
+    meeting: Meeting | None = None
 
     def all_gather_object(self, obj) -> list:
-        self.box[self.slot] = obj
-        self.gate.wait()
-        out = list(self.box)
-        self.gate.wait()
-        return out
+        return self.meeting.meet(self.slot, obj)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_rank_holds_the_same_state(digits, case):
     spec = _spec(case)
-    box, gate = [None, None], threading.Barrier(2, timeout=120)
+    meeting = Meeting(timeout=120)
     # Built one after the other: model init draws from torch's process-wide RNG.
-    runs = [train_loop.build(spec, digits, ThreadDist(slot=r, box=box, gate=gate)) for r in range(2)]
+    runs = [train_loop.build(spec, digits, ThreadDist(slot=r, meeting=meeting)) for r in range(2)]
     events: list[list] = [[], []]
-    errors: list = []
-
-    def work(rank):
-        try:
-            _advance(runs[rank], 17, events[rank])
-        except BaseException as e:  # surfaced below, with the other rank released
-            errors.append(e)
-            gate.abort()
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_threads(lambda rank: _advance(runs[rank], 17, events[rank]), meeting)
     assert events[0] == events[1]
     for e in events[0]:
         verify_masks_agree(e["mask_checksums"])  # the check the loop makes under DDP

@@ -9,7 +9,6 @@ the masks held. No Ray."""
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 
 import pytest
@@ -21,6 +20,7 @@ from service.artifacts import JobArtifacts, LocalArtifactStore
 from service.errors import SpecError
 from service.spec import parse_spec
 from service.uploads import resolve_init
+from tests.thread_ranks import Meeting, run_threads
 from workers import train_loop
 from workers.checkpoint import load_latest
 from workers.compression import nm
@@ -148,24 +148,16 @@ def test_spec_defaults():
 @dataclass
 class ThreadRank(Dist):
     """One of two data-parallel ranks on threads: each reads its half of every batch
-    (data_shard), and `all_reduce_sum` / `all_gather_object` meet the other at a barrier."""
+    (data_shard), and `all_reduce_sum` / `all_gather_object` meet the other's."""
 
-    box: list | None = None
-    gate: threading.Barrier | None = None
-
-    def _meet(self, obj) -> list:
-        self.box[self.rank] = obj
-        self.gate.wait()
-        out = list(self.box)
-        self.gate.wait()
-        return out
+    meeting: Meeting | None = None
 
     def all_reduce_sum(self, t):
-        parts = self._meet(t.clone())
+        parts = self.meeting.meet(self.rank, t.clone())
         return parts[0] + parts[1]
 
     def all_gather_object(self, obj) -> list:
-        return self._meet(obj)
+        return self.meeting.meet(self.rank, obj)
 
 
 MLP = {
@@ -191,25 +183,9 @@ def test_ranks_with_different_data_derive_the_masks_of_the_whole_batch():
     one.method("pruning").on_step(0, one.optimizer)
     whole = one.pruner.masks
 
-    box, gate = [None, None], threading.Barrier(2, timeout=60)
-    runs = [
-        train_loop.build(spec, data, ThreadRank(rank=r, world_size=2, box=box, gate=gate)) for r in range(2)
-    ]
-    events, errors = [None, None], []
-
-    def work(r):
-        try:
-            events[r] = runs[r].method("pruning").on_step(0, runs[r].optimizer)
-        except BaseException as e:
-            errors.append(e)
-            gate.abort()
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    meeting = Meeting(timeout=60)
+    runs = [train_loop.build(spec, data, ThreadRank(rank=r, world_size=2, meeting=meeting)) for r in range(2)]
+    events = run_threads(lambda r: runs[r].method("pruning").on_step(0, runs[r].optimizer), meeting)
     assert events[0] == events[1] and len(set(events[0]["mask_checksums"])) == 1
     assert events[0]["calibration_rows"] == 3 * 64  # both halves of 3 batches, summed
     for name in whole:
