@@ -63,18 +63,26 @@ def final_model(spec: JobSpec, data: Dataset, store: ArtifactStore, job_id: str,
 def float_weights(spec: JobSpec, data: Dataset, model: nn.Module) -> tuple[nn.Module, dict]:
     """A plain registry model holding `model`'s parameters and buffers (no quantizer state)."""
     plain = build_model(spec.model.name, spec.model.args, data.info).eval()
+    registry_shapes = _shapes(plain)
     trained = model.state_dict()
     registry.conform(plain, trained)  # a finalized model may be smaller than the registry's
     state = _State((k, trained[k].detach().clone().contiguous()) for k in plain.state_dict())
     state.tied = dict(getattr(plain, "_tied", {}))
+    state.reshaped = _shapes(plain) != registry_shapes
     plain.load_state_dict(state)
     return plain, state
 
 
 class _State(dict):
-    """A state dict that knows its tied aliases (alias key -> stored key)."""
+    """A state dict that knows its tied aliases (alias key -> stored key) and whether a method
+    shipped other shapes than the registry builds (channel pruning deletes channels)."""
 
     tied: dict[str, str]
+    reshaped: bool
+
+
+def _shapes(model: nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def deployed_state(state: dict[str, torch.Tensor], qweights: dict) -> dict[str, torch.Tensor]:
@@ -193,7 +201,7 @@ def export(
     # the model's shape unchanged, model.onnx is also the dense reference (below).
     fp32_session = onnx_export.session(arts.get_bytes("model.onnx"))
     runtime_session = fp32_session if artifact == "model.onnx" else onnx_export.session(runtime)
-    unpruned = _unpruned(spec, data, plain)
+    unpruned = _unpruned(spec, data) if state.reshaped else None
     dense_session = fp32_session
     if unpruned is not None:
         dense_session = onnx_export.session(
@@ -304,16 +312,12 @@ def export(
 UNPRUNED_REFERENCE = "the unpruned architecture's fp32 graph (built for timing, not an artifact)"
 
 
-def _unpruned(spec: JobSpec, data: Dataset, plain: nn.Module) -> nn.Module | None:
-    """The model as the registry builds it, when a compression method shipped another shape
+def _unpruned(spec: JobSpec, data: Dataset) -> nn.Module:
+    """The model as the registry builds it, for a job whose method shipped another shape
     (channel pruning deletes channels): "dense" in the report then means this model, not the
     slim model.onnx. Its weights are random: fp32 bytes and the time of onnxruntime's dense
-    kernels depend on the shapes only. None when the shapes are the registry's."""
-    unpruned = build_model(spec.model.name, spec.model.args, data.info).eval()
-    shapes = {k: v.shape for k, v in unpruned.state_dict().items()}
-    if shapes == {k: v.shape for k, v in plain.state_dict().items()}:
-        return None
-    return unpruned
+    kernels depend on the shapes only."""
+    return build_model(spec.model.name, spec.model.args, data.info).eval()
 
 
 def _deploy_candidates(
