@@ -194,3 +194,39 @@ def test_activation_overrides_follow_range_keeping_ops_upstream():
     # a grid that does not clip at 0 must not swallow the Relu
     ov = onnx_export.activation_overrides(graph, nodes, {"features.conv2": (0.05, 10)})
     assert len(ov) == 2
+
+
+def test_an_ast_thread_race_in_the_exporter_is_retried_and_other_errors_are_not(monkeypatch):
+    """CPython 3.11's AST converter shares its recursion counter between threads, so a parse in
+    another thread can fail the exporter's own (python/cpython#106905): that error is retried."""
+    calls = []
+    raced = SystemError("AST constructor recursion depth mismatch (before=159, after=65)")
+
+    def flaky(model, example):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("export failed") from raced
+        return "graph"
+
+    monkeypatch.setattr(onnx_export, "_to_onnx", flaky)
+    assert onnx_export.to_onnx(None, None) == "graph" and len(calls) == 2
+
+    def broken(model, example):
+        calls.append(1)
+        raise SystemError("something else")
+
+    calls.clear()
+    monkeypatch.setattr(onnx_export, "_to_onnx", broken)
+    with pytest.raises(SystemError, match="something else"):
+        onnx_export.to_onnx(None, None)
+    assert len(calls) == 1
+
+    def always(model, example):
+        calls.append(1)
+        raise raced
+
+    calls.clear()
+    monkeypatch.setattr(onnx_export, "_to_onnx", always)
+    with pytest.raises(SystemError, match="recursion depth"):
+        onnx_export.to_onnx(None, None)
+    assert len(calls) == onnx_export._AST_RACE_TRIES
