@@ -20,7 +20,11 @@ LOCK_SOURCES ?= --find-links /opt/wheels \
 LOCK_TOOLS ?= .venv-lock
 UV_VERSION ?= 0.13.9
 # The slowest tests are listed at the end of every run: CI is held to 45 of its 90 minutes.
-PYTEST_ARGS ?= --durations=30
+# Two worker processes: most of a serial run's wall clock is waits (Ray jobs, servers, browsers),
+# so a second process fills the idle core. tests/conftest.py keeps every test on the session's Ray
+# head in one worker (one head, its jobs one at a time) and each other module in one worker.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= --durations=30 -n $(PYTEST_WORKERS) --dist loadgroup
 
 .PHONY: install lock run test test-deps test-unit test-integration lint format bench clean
 

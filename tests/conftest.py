@@ -50,3 +50,15 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Group the suite for `pytest -n N --dist loadgroup` (how `make test` runs it): every test of
+    a module that uses the session's Ray head runs in one worker process, which starts that head
+    once and keeps jobs on it one at a time as without workers; every other module is a group of
+    its own, so a module's fixtures are built once. Without xdist the markers do nothing."""
+    on_session_head = {item.module.__name__ for item in items if "ray_cluster" in item.fixturenames}
+    for item in items:
+        module = item.module.__name__
+        group = "session-ray-head" if module in on_session_head else module
+        item.add_marker(pytest.mark.xdist_group(group))
