@@ -167,12 +167,15 @@ def _data_uri_error(v: str, what: str) -> str | None:
         )
     if m.group(1) == "store":
         # One name in the caller's own datasets (`PUT /v1/datasets/<name>`), resolved to its
-        # store key at submission: a client never names a key of the artifact store.
-        name = m.group(2).removeprefix("datasets/")
-        if not m.group(2).startswith("datasets/") or not MODEL_NAME_RE.fullmatch(name):
+        # store key at submission: a client never names a key of the artifact store. A set of
+        # shards is `<name>/` (uploads <name>/<shard>), one shard `<name>/<shard>`.
+        parts = m.group(2).removeprefix("datasets/").split("/")
+        ok = len(parts) == 1 or (len(parts) == 2 and (parts[1] == "" or MODEL_NAME_RE.fullmatch(parts[1])))
+        if not m.group(2).startswith("datasets/") or not ok or not MODEL_NAME_RE.fullmatch(parts[0]):
             return (
                 "store:// data is store://datasets/<name>, a dataset you uploaded (PUT /v1/datasets/<name>, "
-                "`slimtrain dataset push`); the name letters, digits, '.', '_' and '-', up to 100, "
+                "`slimtrain dataset push`), or store://datasets/<name>/ for the shards you uploaded as "
+                "<name>/<shard>; a name is letters, digits, '.', '_' and '-', up to 100, "
                 "starting with a letter or digit"
             )
     if ".." in m.group(2).split("/"):
@@ -323,6 +326,12 @@ class DataSpec(Strict):
             # An uploaded dataset's name need not end in its format: the upload recorded it,
             # and resolution at submission fills `format` in and checks the options then.
             return self
+        if fmt is None and self.uri.endswith("/"):
+            raise ValueError(
+                "format: a folder of shards (a uri ending in '/') needs format ("
+                + ", ".join(DATA_FORMATS)
+                + ")"
+            )
         if fmt is None:
             raise ValueError(
                 "format: cannot tell the format from the uri's ending; give format ("
