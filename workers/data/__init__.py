@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from service.errors import ConfigError
 from service.spec import DataSpec, streaming_unsupported
 from workers.data import sources
 from workers.data.info import DataInfo
-from workers.data.sharding import split_indices
+from workers.data.shards import Shard, is_folder, list_shards, read_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,14 @@ def load_dataset(spec: DataSpec, store=None) -> Dataset:
     if spec.uri is not None:
         from workers.data import formats
 
-        raw = formats.load(spec, lambda uri, field: _read_uri(uri, store, field))
+        def read(uri, field):
+            return _read_uri(uri, store, field)
+
+        shards = None
+        if is_folder(spec.uri):
+            files, fs = locate_shards(spec, store)
+            shards = [(f.uri, partial(read_bytes, f, fs)) for f in files]
+        raw = formats.load(spec, read, shards)
     elif spec.name == "digits":
         raw = sources.digits()
     elif spec.name == "synthetic":
@@ -57,7 +68,11 @@ def load_for_job(spec: DataSpec, strategy: str, store=None, stream_above_bytes: 
     size = path = fs = None
     if spec.streaming != "off" and streaming_unsupported(spec, strategy) is None:
         # What the service resolved (the tenant's key), as the in-memory path reads it.
-        path, fs, size = locate_uri(spec.location("data.uri"), store)
+        if is_folder(spec.uri):
+            path, fs = locate_shards(spec, store)  # a folder's files: their total size decides
+            size = sum(f.size for f in path)
+        else:
+            path, fs, size = locate_uri(spec.location("data.uri"), store)
     if stream_above_bytes is None:
         from service.settings import Settings
 
@@ -76,6 +91,11 @@ def load_for_job(spec: DataSpec, strategy: str, store=None, stream_above_bytes: 
 
 
 def _split(raw: sources.Raw, val_fraction: float) -> Dataset:
+    # torch only here: the API validates uploads with this package's readers and has no torch
+    import torch
+
+    from workers.data.sharding import split_indices
+
     x, y = raw.x, raw.y
     n = len(x)
     tr, va = split_indices(n, val_fraction)
@@ -119,6 +139,12 @@ def _store_key(uri: str, store, field: str) -> str | None:
     return rest
 
 
+def locate_shards(spec: DataSpec, store) -> tuple[list[Shard], object]:
+    """The files of a folder `data.uri` (workers/data/shards.py), in read order, and the pyarrow
+    filesystem that reads them."""
+    return list_shards(spec.uri, spec.location("data.uri"), store, spec.resolved_format)
+
+
 def locate_uri(uri: str, store, field: str = "data.uri") -> tuple[str, object, int]:
     """(path, pyarrow filesystem, size in bytes) of the file a store:// or s3:// URI names, for readers
     that stream it (workers/data/streaming.py) rather than take its bytes (`_read_uri`)."""
@@ -143,11 +169,14 @@ def locate_uri(uri: str, store, field: str = "data.uri") -> tuple[str, object, i
     return path, fs, int(info.size)
 
 
-def s3_location(uri: str, field: str = "data.uri", endpoint_url: str | None = None) -> tuple[str, object]:
+def s3_location(
+    uri: str, field: str = "data.uri", endpoint_url: str | None = None, folder: bool = False
+) -> tuple[str, object]:
     """(bucket/key, pyarrow S3FileSystem) of an s3:// URI, with the endpoint and the static
     credentials the in-memory reader (service.s3_store.read_s3_uri) uses: the filesystem travels
     pickled into Ray Data's read tasks, so they need no AWS variables of their own. The
-    operator's allow-list (SLIMTRAIN_S3_ALLOWED_PREFIXES) was checked at submission."""
+    operator's allow-list (SLIMTRAIN_S3_ALLOWED_PREFIXES) was checked at submission. `folder`:
+    the URI names a prefix (bucket/prefix, no trailing slash; a whole bucket is allowed)."""
     from urllib.parse import urlparse
 
     import boto3
@@ -156,7 +185,7 @@ def s3_location(uri: str, field: str = "data.uri", endpoint_url: str | None = No
     from service.s3_store import DEFAULT_REGION, check_endpoint, parse_s3_uri, static_credentials
 
     bucket, key = parse_s3_uri(uri, setting=field)
-    if not key:
+    if not key and not folder:
         raise ConfigError(f"{field}: {uri!r} names a bucket, not an object")
     if endpoint_url is None:
         from service.settings import Settings
@@ -173,7 +202,7 @@ def s3_location(uri: str, field: str = "data.uri", endpoint_url: str | None = No
         kwargs.update(
             access_key=creds.access_key, secret_key=creds.secret_key, session_token=creds.session_token
         )
-    return f"{bucket}/{key}", pafs.S3FileSystem(**kwargs)
+    return f"{bucket}/{key}".rstrip("/"), pafs.S3FileSystem(**kwargs)
 
 
 def _read_uri(uri: str, store, field: str = "data.uri") -> bytes:
