@@ -47,11 +47,59 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 Reader = Callable[[str, str], bytes]  # (uri, spec field) -> bytes
 
 
-def load(spec: DataSpec, read: Reader) -> Raw:
+def load(spec: DataSpec, read: Reader, shards: list[tuple[str, Callable[[], bytes]]] | None = None) -> Raw:
+    """The dataset as raw arrays. `shards`: a folder's files (workers/data/shards.py), each
+    (its uri, a reader of its bytes) in read order, instead of the one file `read` gives."""
+    if shards is not None:
+        out = _from_shards(spec, read, shards)
+    else:
+        # What the service resolved (the tenant's store key, an allowed s3:// URI); messages
+        # keep speaking of spec.uri, the name the user wrote.
+        out = _from_file(spec, read, read(spec.location("data.uri"), "data.uri"))
+    if len(out.x) < MIN_SAMPLES:
+        raise ConfigError(
+            f"data.uri: {spec.uri} gives {len(out.x)} samples; at least {MIN_SAMPLES} are needed"
+        )
+    return out
+
+
+def _from_shards(spec: DataSpec, read: Reader, shards: list[tuple[str, Callable[[], bytes]]]) -> Raw:
+    """A folder's files as one: parquet tables and npz arrays concatenated (the columns the job
+    reads checked alike in every shard), jsonl/text documents file after file."""
     fmt = spec.resolved_format
-    # What the service resolved (the tenant's store key, an allowed s3:// URI); messages keep
-    # speaking of spec.uri, the name the user wrote.
-    raw = read(spec.location("data.uri"), "data.uri")
+    if fmt == "parquet":
+        from workers.data.shards import check_same_columns
+
+        tables = [(uri, _read_parquet(get(), uri)) for uri, get in shards]
+        have = check_same_columns([(u, t.schema) for u, t in tables], parquet_columns(spec), spec.uri)
+        if len(have) < len(parquet_columns(spec)):
+            return parquet_raw(tables[0][1], spec)  # names the missing column, as for one file
+        import pyarrow as pa
+
+        return parquet_raw(pa.concat_tables([t.select(have) for _, t in tables]), spec)
+    if fmt == "npz":
+        arrays = [(uri, *_npz_arrays(get(), uri)) for uri, get in shards]
+        first, x0, y0 = arrays[0]
+        for uri, x, y in arrays[1:]:
+            for name, a, b in (("X", x0, x), ("y", y0, y)):
+                if a.dtype != b.dtype or a.shape[1:] != b.shape[1:]:
+                    raise ConfigError(
+                        f"data.uri: array {name} is {b.dtype} {list(b.shape[1:])} per sample in {uri} "
+                        f"but {a.dtype} {list(a.shape[1:])} in {first}: the shards of {spec.uri} "
+                        "must share one schema"
+                    )
+        return npz_raw(np.concatenate([a[1] for a in arrays]), np.concatenate([a[2] for a in arrays]), spec)
+    if fmt in ("jsonl", "text"):
+        docs: list[str] = []
+        for uri, get in shards:
+            docs.extend(line_documents(utf8(get(), uri), spec.model_copy(update={"uri": uri})))
+        tok_json = read(spec.location("data.tokenizer"), "data.tokenizer") if spec.tokenizer else None
+        return text_raw(docs, spec, tok_json)
+    raise ConfigError(f"data.uri: {spec.uri} is a folder; {fmt} datasets are one file")
+
+
+def _from_file(spec: DataSpec, read: Reader, raw: bytes) -> Raw:
+    fmt = spec.resolved_format
     if fmt == "npz":
         out = from_npz(raw, spec)
     elif fmt == "parquet":
@@ -65,10 +113,6 @@ def load(spec: DataSpec, read: Reader) -> Raw:
         out = from_images(archives.iter_tar(raw), spec)
     else:  # spec validation makes this unreachable
         raise ConfigError(f"data.format: unknown format {fmt!r}")
-    if len(out.x) < MIN_SAMPLES:
-        raise ConfigError(
-            f"data.uri: {spec.uri} gives {len(out.x)} samples; at least {MIN_SAMPLES} are needed"
-        )
     return out
 
 
@@ -149,8 +193,7 @@ def _blocks(tokens: np.ndarray, seq_len: int, vocab: int, source: str) -> Raw:
 # --- npz ----------------------------------------------------------------------------------
 
 
-def from_npz(raw: bytes, spec: DataSpec) -> Raw:
-    uri = spec.uri
+def _npz_arrays(raw: bytes, uri: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         # allow_pickle=False: an .npz from a user must never execute code when loaded.
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
@@ -158,6 +201,17 @@ def from_npz(raw: bytes, spec: DataSpec) -> Raw:
     # A truncated or corrupted upload surfaces as any of these; none is fixed by a retry.
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({e})") from None
+    if len(x) != len(y):
+        raise ConfigError(f"data.uri: X and y of {uri} need the same length (got {len(x)}, {len(y)})")
+    return x, y
+
+
+def from_npz(raw: bytes, spec: DataSpec) -> Raw:
+    return npz_raw(*_npz_arrays(raw, spec.uri), spec)
+
+
+def npz_raw(x: np.ndarray, y: np.ndarray, spec: DataSpec) -> Raw:
+    uri = spec.uri
     if len(x) != len(y):
         raise ConfigError(f"data.uri: X and y need the same length (got {len(x)}, {len(y)})")
     if y.ndim == 2:  # token sequences: X and y are int [N, T]
@@ -241,11 +295,20 @@ def _numeric(col, name: str, field: str) -> np.ndarray:
     return np.array(col.to_numpy(zero_copy_only=False))
 
 
+def parquet_columns(spec: DataSpec) -> list[str]:
+    """The columns a job reads of a parquet dataset."""
+    cols = [*(spec.feature_columns or []), spec.token_column, spec.label_column]
+    return [c for c in cols if c is not None]
+
+
 def from_parquet(raw: bytes, spec: DataSpec) -> Raw:
+    return parquet_raw(_read_parquet(raw, spec.uri), spec)
+
+
+def parquet_raw(table, spec: DataSpec) -> Raw:
     import pyarrow as pa
 
     uri = spec.uri
-    table = _read_parquet(raw, uri)
     if spec.token_column is not None:
         col = _column(table, spec.token_column, "data.token_column")
         if spec.label_column is None:  # language modelling over the concatenated token lists
@@ -373,8 +436,12 @@ def text_vocab(spec: DataSpec, tokenizer) -> tuple[int, str]:
 def from_text(raw: bytes, spec: DataSpec, tokenizer_json: bytes | None) -> Raw:
     """Every line a document (jsonl: its text field), tokenised on its own; the documents'
     tokens concatenated and cut into `seq_len` blocks."""
+    return text_raw(line_documents(utf8(raw, spec.uri), spec), spec, tokenizer_json)
+
+
+def text_raw(docs: list[str], spec: DataSpec, tokenizer_json: bytes | None) -> Raw:
     tok = None if tokenizer_json is None else load_tokenizer(tokenizer_json, spec)
-    tokens = tokenize(line_documents(utf8(raw, spec.uri), spec), tok)
+    tokens = tokenize(docs, tok)
     vocab, source = text_vocab(spec, tok)
     return _blocks(tokens, spec.seq_len or DEFAULT_SEQ_LEN, vocab, source)
 

@@ -115,10 +115,23 @@ class Plan:
     n: int
     val_bits: bytes
     group_bytes: tuple[int, ...] = ()  # each group's decoded bytes (an estimate for parquet)
+    # A folder of shards (workers/data/shards.py): every file's path and uri, and the file of
+    # each group (a group never spans two files). Empty for one file: `path`, `uri`.
+    paths: tuple[str, ...] = ()
+    shard_uris: tuple[str, ...] = ()
+    group_shard: tuple[int, ...] = ()
 
     @property
     def data_spec(self) -> DataSpec:
         return DataSpec.model_validate(self.spec)
+
+    def shard(self, i: int) -> int:
+        """The file group i lies in (an index into `paths`; 0 for one file)."""
+        return self.group_shard[i] if self.group_shard else 0
+
+    def file(self, k: int) -> tuple[str, str]:
+        """(path, uri) of file k."""
+        return (self.paths[k], self.shard_uris[k]) if self.paths else (self.path, self.uri)
 
     def group(self, i: int) -> tuple[int, int]:
         """Group i's samples: first, and one past the last."""
@@ -144,21 +157,25 @@ class Plan:
 
 @dataclass(frozen=True)
 class ParquetPlan(Plan):
-    """A parquet file: a group is a row group."""
+    """A parquet file, or a folder of them: a group is a row group (of file `shard(i)`, its
+    `local_groups[i]`-th)."""
+
+    local_groups: tuple[int, ...] = ()  # a folder: each group's row-group index in its file
 
     def columns(self) -> list[str]:
-        s = self.data_spec
-        return [c for c in [*(s.feature_columns or []), s.token_column, s.label_column] if c is not None]
+        return F.parquet_columns(self.data_spec)
 
     def read_group(self, i: int):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        path, uri = self.file(self.shard(i))
+        j = self.local_groups[i] if self.local_groups else i
         try:
-            with self.filesystem.open_input_file(self.path) as f:
-                return pq.ParquetFile(f).read_row_group(i, columns=self.columns())
+            with self.filesystem.open_input_file(path) as f:
+                return pq.ParquetFile(f).read_row_group(j, columns=self.columns())
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise ConfigError(f"data.uri: {self.uri}: row group {i} is not readable parquet ({e})") from None
+            raise ConfigError(f"data.uri: {uri}: row group {j} is not readable parquet ({e})") from None
 
     def samples(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         x, y, _ = decode(self.read_group(i), self.data_spec)
@@ -292,36 +309,60 @@ class TextPlan(Plan):
             empty = np.zeros((0, t), np.int64)
             return empty, empty
         spec, tok = self.data_spec, self.tokenizer()
+        k = self.shard(i)
+        path, uri = self.file(k)
         b0, b1 = self.ranges[i]
         need = r1 * t + 1 - self.token_starts[i]  # tokens from the group's first to the last target
         try:
-            with self.filesystem.open_input_file(self.path) as f:
+            with self.filesystem.open_input_file(path) as f:
                 f.seek(b0)
                 raw = f.read(b1 - b0)
-                parts = [
-                    F.tokenize(F.line_documents(F.utf8(raw, spec.uri, b0), spec, self.first_lines[i]), tok)
-                ]
-                have, carry, pos = len(parts[0]), b"", b1
-                while have < need:  # the last block's tail: the lines after the group
-                    chunk = f.read(max(4096, 16 * t))
-                    if not chunk and not carry:
-                        raise ConfigError(
-                            f"data.uri: {self.uri} ended early (the file changed since it was checked)"
-                        )
-                    data = carry + chunk
-                    cut = data.rfind(b"\n") + 1 if chunk else len(data)
-                    if cut == 0:
-                        carry = data
-                        continue
-                    docs = F.line_documents(F.utf8(data[:cut], spec.uri, pos), spec)
-                    parts.append(F.tokenize(docs, tok))
-                    have += len(parts[-1])
-                    carry, pos = data[cut:], pos + cut
         except OSError as e:
-            raise ConfigError(f"data.uri: {self.uri}: bytes {b0}..{b1} are not readable ({e})") from None
+            raise ConfigError(f"data.uri: {uri}: bytes {b0}..{b1} are not readable ({e})") from None
+        docs = F.line_documents(F.utf8(raw, uri, b0), self._spec_of(spec, uri), self.first_lines[i])
+        parts = [F.tokenize(docs, tok)]
+        have = len(parts[0])
+        if have < need:  # the last block's tail: the lines after the group (maybe the next files')
+            for docs in self._documents_after(k, b1, spec):
+                parts.append(F.tokenize(docs, tok))
+                have += len(parts[-1])
+                if have >= need:
+                    break
+            else:
+                raise ConfigError(f"data.uri: {uri} ended early (the data changed since it was checked)")
         tokens = np.concatenate(parts)[r0 * t - self.token_starts[i] : need]
         idx = np.arange(r1 - r0)[:, None] * t + np.arange(t)[None, :]
         return tokens[idx], tokens[idx + 1]
+
+    def _spec_of(self, spec: DataSpec, uri: str) -> DataSpec:
+        """The spec whose messages (a line that is not JSON) name file `uri` of a folder."""
+        return spec.model_copy(update={"uri": uri}) if self.paths else spec
+
+    def _documents_after(self, k: int, pos: int, spec: DataSpec) -> Iterator[list[str]]:
+        """The documents after byte `pos` of file k, then those of the files after it, a few
+        KiB of whole lines at a time: a file's documents are its own (it need not end in a line
+        break), as the in-memory path reads a folder."""
+        for kk in range(k, max(1, len(self.paths))):
+            path, uri = self.file(kk)
+            carry, at = b"", pos if kk == k else 0
+            try:
+                with self.filesystem.open_input_file(path) as f:
+                    f.seek(at)
+                    while True:
+                        chunk = f.read(max(4096, 16 * self.seq_len))
+                        data = carry + chunk
+                        if not data:
+                            break
+                        cut = data.rfind(b"\n") + 1 if chunk else len(data)
+                        if cut == 0:
+                            carry = data
+                            continue
+                        yield F.line_documents(F.utf8(data[:cut], uri, at), self._spec_of(spec, uri))
+                        carry, at = data[cut:], at + cut
+                        if not chunk:
+                            break
+            except OSError as e:
+                raise ConfigError(f"data.uri: {uri}: bytes from {at} are not readable ({e})") from None
 
 
 def read_tasks(row_starts: tuple[int, ...], n: int, group_bytes: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -509,11 +550,14 @@ class StreamedData:
         )
 
 
-def open_streamed(spec: DataSpec, path: str, filesystem, tokenizer_json: bytes | None = None) -> StreamedData:
+def open_streamed(spec: DataSpec, path, filesystem, tokenizer_json: bytes | None = None) -> StreamedData:
     """Plan and check a dataset for streaming: one pass, a row group (an image, a run of lines)
-    at a time, raising ConfigError for what the in-memory path refuses. `tokenizer_json`: the
-    bytes of a jsonl/text dataset's `data.tokenizer`."""
+    at a time, raising ConfigError for what the in-memory path refuses. `path`: the file's, or
+    a folder's shards (workers/data/shards.Shard, in read order; parquet, jsonl, text).
+    `tokenizer_json`: the bytes of a jsonl/text dataset's `data.tokenizer`."""
     fmt = spec.resolved_format
+    if not isinstance(path, str) and fmt not in ("parquet", "jsonl", "text"):
+        raise NotStreamable(f"data.streaming: on is not possible: a folder of {fmt} files does not stream")
     if fmt in ("image_zip", "image_tar"):
         return open_archive(spec, path, filesystem)
     if fmt in ("jsonl", "text"):
@@ -641,40 +685,65 @@ def open_archive(spec: DataSpec, path: str, filesystem) -> StreamedData:
     return StreamedData(info, plan)
 
 
-def open_text(spec: DataSpec, path: str, filesystem, tokenizer_json: bytes | None) -> StreamedData:
+def _files(spec: DataSpec, path) -> list[tuple[str, str]]:
+    """(path, uri) of each file a plan reads: `path` is one file's path, or a folder's shards
+    (workers/data/shards.Shard) in read order."""
+    if isinstance(path, str):
+        return [(path, spec.uri)]
+    return [(sh_.path, sh_.uri) for sh_ in path]
+
+
+def _shard_fields(files: list[tuple[str, str]], group_shard: list[int]) -> dict:
+    """A plan's fields for a folder of several files; none for one file."""
+    if len(files) == 1:
+        return {}
+    return {
+        "paths": tuple(p for p, _ in files),
+        "shard_uris": tuple(u for _, u in files),
+        "group_shard": tuple(group_shard),
+    }
+
+
+def open_text(spec: DataSpec, path, filesystem, tokenizer_json: bytes | None) -> StreamedData:
     """One pass over a jsonl or text file, TEXT_GROUP_BYTES of whole lines at a time (memory:
     one group), checking it as the in-memory path does (UTF-8, JSON lines with their text field)
     and tokenising each group to count its tokens: the in-memory path's blocks and split follow
     from the total, and each group's first token says which blocks its read task cuts."""
     tok = None if tokenizer_json is None else F.load_tokenizer(tokenizer_json, spec)
+    files = _files(spec, path)
     ranges: list[tuple[int, int]] = []
     token_starts: list[int] = []
     first_lines: list[int] = []
-    total, pos, line, carry = 0, 0, 1, b""
-    try:
-        f = filesystem.open_input_stream(path, compression=None)
-    except OSError as e:
-        raise ConfigError(f"data.uri: {spec.uri} is not readable ({e})") from None
-    with f:
-        while True:
-            chunk = f.read(TEXT_GROUP_BYTES)
-            data = carry + chunk
-            # A group ends after a line break (the file's end for the last); a line longer than
-            # a group makes its group longer.
-            cut = data.rfind(b"\n") + 1 if chunk else len(data)
-            if cut == 0:
+    group_shard: list[int] = []
+    total = 0
+    for k, (fpath, uri) in enumerate(files):
+        fspec = spec.model_copy(update={"uri": uri}) if len(files) > 1 else spec
+        pos, line, carry = 0, 1, b""
+        try:
+            f = filesystem.open_input_stream(fpath, compression=None)
+        except OSError as e:
+            raise ConfigError(f"data.uri: {uri} is not readable ({e})") from None
+        with f:
+            while True:
+                chunk = f.read(TEXT_GROUP_BYTES)
+                data = carry + chunk
+                # A group ends after a line break (the file's end for the last); a line longer
+                # than a group makes its group longer. A group never spans two files.
+                cut = data.rfind(b"\n") + 1 if chunk else len(data)
+                if cut == 0:
+                    if not chunk:
+                        break
+                    carry = data
+                    continue
+                part, carry = data[:cut], data[cut:]
+                n_tokens = len(F.tokenize(F.line_documents(F.utf8(part, uri, pos), fspec, line), tok))
+                ranges.append((pos, pos + cut))
+                token_starts.append(total)
+                first_lines.append(line)
+                group_shard.append(k)
+                total, pos, line = total + n_tokens, pos + cut, line + part.count(b"\n")
                 if not chunk:
                     break
-                carry = data
-                continue
-            part, carry = data[:cut], data[cut:]
-            n_tokens = len(F.tokenize(F.line_documents(F.utf8(part, spec.uri, pos), spec, line), tok))
-            ranges.append((pos, pos + cut))
-            token_starts.append(total)
-            first_lines.append(line)
-            total, pos, line = total + n_tokens, pos + cut, line + part.count(b"\n")
-            if not chunk:
-                break
     t = spec.seq_len or F.DEFAULT_SEQ_LEN
     n = (total - 1) // t
     if n < F.MIN_SAMPLES:
@@ -690,7 +759,7 @@ def open_text(spec: DataSpec, path: str, filesystem, tokenizer_json: bytes | Non
     ends = (*starts[1:], n)
     plan = TextPlan(
         spec.uri,
-        path,
+        files[0][0],
         filesystem,
         spec.model_dump(mode="json"),
         starts,
@@ -702,6 +771,7 @@ def open_text(spec: DataSpec, path: str, filesystem, tokenizer_json: bytes | Non
         first_lines=tuple(first_lines),
         seq_len=t,
         tokenizer_json=None if tokenizer_json is None else tokenizer_json.decode("utf-8"),
+        **_shard_fields(files, group_shard),
     )
     vocab, source = F.text_vocab(spec, tok)
     info = DataInfo(
@@ -716,36 +786,54 @@ def open_text(spec: DataSpec, path: str, filesystem, tokenizer_json: bytes | Non
     return StreamedData(info, plan)
 
 
-def open_parquet(spec: DataSpec, path: str, filesystem) -> StreamedData:
-    """Plan and check a parquet file for streaming: one pass, a row group at a time (memory: one
-    row group), raising ConfigError for what the in-memory path refuses."""
+def open_parquet(spec: DataSpec, path, filesystem) -> StreamedData:
+    """Plan and check a parquet file (or a folder's shards, as one file: the columns the job reads
+    alike in each) for streaming: one pass, a row group at a time (memory: one row group),
+    raising ConfigError for what the in-memory path refuses."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        with filesystem.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise ConfigError(f"data.uri: {spec.uri} is not a readable parquet file ({e})") from None
-    n = meta.num_rows
+    from workers.data.shards import check_same_columns
+
+    files = _files(spec, path)
+    metas, schemas = [], []
+    for fpath, uri in files:
+        try:
+            with filesystem.open_input_file(fpath) as f:
+                pf = pq.ParquetFile(f)
+                metas.append(pf.metadata)
+                schemas.append((uri, pf.schema_arrow))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise ConfigError(f"data.uri: {uri} is not a readable parquet file ({e})") from None
+    if len(files) > 1:
+        check_same_columns(schemas, F.parquet_columns(spec), spec.uri)
+    counts, sizes, local, group_shard = [], [], [], []
+    for k, meta in enumerate(metas):
+        for i in range(meta.num_row_groups):
+            counts.append(meta.row_group(i).num_rows)
+            sizes.append(int(meta.row_group(i).total_byte_size))
+            local.append(i)
+            group_shard.append(k)
+    n = sum(counts)
     if n < F.MIN_SAMPLES:
         raise ConfigError(f"data.uri: {spec.uri} gives {n} samples; at least {F.MIN_SAMPLES} are needed")
-    starts = tuple(
-        int(s) for s in np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])[:-1]
-    )
+    starts = tuple(int(s) for s in np.cumsum([0, *counts])[:-1])
     _, val_idx = sh.split_indices(n, spec.val_fraction)
     mask = np.zeros(n, dtype=bool)
     mask[val_idx.numpy()] = True
-    sizes = tuple(int(meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups))
+    extra = _shard_fields(files, group_shard)
+    if extra:
+        extra["local_groups"] = tuple(local)
     plan = ParquetPlan(
         spec.uri,
-        path,
+        files[0][0],
         filesystem,
         spec.model_dump(mode="json"),
         starts,
         n,
         np.packbits(mask).tobytes(),
-        sizes,
+        tuple(sizes),
+        **extra,
     )
     return StreamedData(scan(plan, len(val_idx)), plan)
 
