@@ -31,6 +31,7 @@ from workers.metrics_log import MetricsLog
 from workers.models import build_model
 from workers.models.stages import require_stages
 from workers.session import MetricsRelay
+from workers.store_check import check_store_shared
 from workers.train_loop import total_steps
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,8 @@ def _run_job(
             on_record(rec)
 
     enter(Phase.PREPARING)
+    # a local folder that another node's workers would not see fails here, not at resume
+    check_store_shared(store)
     data, _spe, total = preflight(spec, store)
     enter(Phase.WAITING_FOR_WORKERS, total_steps=total)
     if faults is None and os.environ.get("SLIMTRAIN_FAULTS"):
