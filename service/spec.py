@@ -636,10 +636,27 @@ class QuantizationSpec(Strict):
         return self
 
 
+class WeightSharingSpec(Strict):
+    bits: int = Field(
+        default=4,
+        ge=1,
+        le=8,
+        description="Each Linear/Conv layer's surviving weights share at most 2**bits values "
+        "(k-means, then fine-tuned: Deep Compression's weight sharing).",
+    )
+    start_step: int = Field(
+        default=0,
+        ge=0,
+        description="The step the weights are clustered (at or after pruning's last update); "
+        "the shared values train from there to the end.",
+    )
+
+
 class CompressionSpec(Strict):
     pruning: PruningSpec | None = None
     clipping: ClippingSpec | None = None
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    weight_sharing: WeightSharingSpec | None = None
     baseline_job: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
@@ -657,6 +674,24 @@ class CompressionSpec(Strict):
                     f"quantization.freeze_step: must be >= the last pruning update ({last}): ranges "
                     "frozen earlier would not see the final sparse model"
                 )
+        ws = self.weight_sharing
+        if ws is not None:
+            if q.mode != "none":
+                raise ValueError(
+                    "weight_sharing: the shared values are the weights' quantization; set "
+                    f"quantization.mode to none (is {q.mode}) or drop weight_sharing"
+                )
+            if pr is not None:
+                last = pr.start_step if pr.schedule == "oneshot" else pr.end_step
+                if ws.start_step < last:
+                    raise ValueError(
+                        f"weight_sharing.start_step: must be >= the last pruning update ({last}): "
+                        "the clusters are of the surviving weights"
+                    )
+                if pr.structure == "channel":
+                    raise ValueError(
+                        "weight_sharing: not with pruning.structure `channel` (use unstructured)"
+                    )
         return self
 
 
@@ -735,6 +770,11 @@ class JobSpec(Strict):
                     f"data; dataset gives {self.data.kind}"
                 )
         self._wanda_rules()
+        if self.compression.weight_sharing is not None and p.strategy != "ddp":
+            raise ValueError(
+                "compression.weight_sharing: clusters span whole layers, which only `ddp` holds on "
+                f"every rank; set parallel.strategy to ddp (is {p.strategy})"
+            )
         if self.model.name == "gpt":
             a = self.model.args
             if a["n_embd"] % a["n_head"]:
@@ -1023,6 +1063,10 @@ def schedule_errors(spec: JobSpec, n_train: int) -> list[dict[str, str]]:
         if q.freeze_step is not None and q.freeze_step > total:
             message = f"{q.freeze_step} is after {last}: {why}"
             errors.append({"field": "compression.quantization.freeze_step", "message": message})
+    ws = spec.compression.weight_sharing
+    if ws is not None and ws.start_step > total:  # at the last step: shared, not fine-tuned
+        message = f"{ws.start_step} is after {last}: {why}"
+        errors.append({"field": "compression.weight_sharing.start_step", "message": message})
     return errors
 
 

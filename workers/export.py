@@ -32,7 +32,7 @@ from service.spec import JobSpec
 from workers import onnx_export, pack, report
 from workers.checkpoint import load_latest
 from workers.compression import quantization as quant
-from workers.compression import registry
+from workers.compression import registry, weight_sharing
 from workers.compression.pruning import prunable_weights
 from workers.compression.schedules import pruning_end
 from workers.data import Dataset
@@ -170,7 +170,12 @@ def export(
     # the header is a visible part of a few-KB artifact.
     info = {k: v for k, v in data.info.to_dict().items() if k not in ("source", "n_train", "n_val")}
     meta = {"model": spec.model.model_dump(), "data_info": info, "job_id": job_id}
-    packed = pack.pack(deployed, meta, quantized={weight_key(state, n): qw for n, qw in qweights.items()})
+    packed = pack.pack(
+        deployed,
+        meta,
+        quantized={weight_key(state, n): qw for n, qw in qweights.items()},
+        shared=weight_sharing.shared_layers(spec, deployed),
+    )
     arts.put_bytes("model.packed", packed)
     # Decoded from the stored bytes: what ships, and what sparsity and params are counted on.
     rebuilt = pack.rebuild(arts.get_bytes("model.packed"))

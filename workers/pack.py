@@ -10,7 +10,9 @@ the module without any other file. Each tensor is stored with one encoding:
   per-output-channel scales (stored as float16 when that is exact, which the quantizer arranges);
   the rebuilt weight is code * scale, exactly what the quantized ONNX graph computes;
 - `sparse_codebook`: the nonzero values are indices into a small k-means codebook (weight
-  sharing, Deep Compression's second stage), stored at the fewest bits that hold them.
+  sharing, Deep Compression's second stage), stored at the fewest bits that hold them;
+- `shared` (`compression.weight_sharing`): the layer's distinct values + zstd-coded position
+  gaps and one-byte codes (workers.compression.weight_sharing.encode).
 
 The whole payload is zstd-compressed (the entropy-coding stage): its Huffman-coded literals give
 4-bit and shared (codebook) codes their few bits each without a bit-packing format of our own.
@@ -98,11 +100,14 @@ def pack(
     quantized: dict[str, QuantizedWeight] | None = None,
     codebooks: dict[str, int] | None = None,
     level: int = 19,
+    shared: set[str] | None = None,
 ) -> bytes:
     """Serialise a state dict. `quantized` replaces named float weights by their int8 form;
-    `codebooks` maps weight names to a k-means cluster count for weight sharing."""
+    `codebooks` maps weight names to a k-means cluster count for weight sharing; `shared` names
+    weights that already hold few distinct values (fine-tuned weight sharing), stored exactly."""
     quantized = quantized or {}
     codebooks = codebooks or {}
+    shared = shared or set()
     w = _Writer()
     entries = []
     for name, t in state.items():
@@ -124,6 +129,11 @@ def pack(
             else:
                 e["encoding"] = "dense_int8"
                 e["values"] = w.add(codes.tobytes())
+        elif name in shared:
+            from workers.compression.weight_sharing import encode
+
+            e["encoding"] = "shared"
+            e.update({k: w.add(v) for k, v in encode(t).items()})
         elif t.is_floating_point() and t.dim() >= 2 and name in codebooks:
             arr = t.float().numpy()
             nz = arr != 0
@@ -174,6 +184,10 @@ def _decode(e: dict, blobs: memoryview) -> torch.Tensor:
     n = int(np.prod(shape)) if shape else 1
     dtype = getattr(torch, e["dtype"])
     enc = e["encoding"]
+    if enc == "shared":
+        from workers.compression.weight_sharing import decode
+
+        return decode({k: blob(k) for k in ("codebook", "gaps", "codes")}, shape, dtype)
     if enc == "dense":
         np_dt = _np_dtype(torch.empty(0, dtype=dtype))
         stored = np.frombuffer(blob("values"), dtype=e.get("store", np_dt))

@@ -52,6 +52,11 @@ CASES = {
     "quantization-qat": {"quantization": {"mode": "qat", "start_step": 6}},
     "quantization-fixed": {"quantization": {"mode": "fixed", "start_step": 6, "scale": 64}},
     "clipping": {"clipping": {"max_abs": 0.05}},
+    # clustered at 6 (before the checkpoint at 8): the resumed run restores the assignments
+    "weight_sharing": {
+        "pruning": {"final_sparsity": 0.7, "start_step": 0, "end_step": 4, "frequency": 2},
+        "weight_sharing": {"bits": 3, "start_step": 6},
+    },
 }
 SPEC = {
     "name": "contract",
@@ -89,8 +94,9 @@ def test_every_pruning_criterion_has_a_case():
 
 
 def test_every_method_key_is_written_for_every_spec():
-    """One checkpoint layout whatever the spec: 'pruner' (the pre-protocol key) is None when off."""
-    assert registry.state_keys() == ["pruner"]
+    """One checkpoint layout whatever the spec: 'pruner' (the pre-protocol key) and
+    'weight_sharing' are None when off."""
+    assert registry.state_keys() == ["pruner", "weight_sharing"]
 
 
 def _states(state: dict) -> dict:
@@ -121,6 +127,7 @@ RESUME = [
     ("pruning-wanda", "fp32"),
     ("quantization-qat", "fp32"),
     ("clipping", "fp32"),
+    ("weight_sharing", "fp32"),
 ]
 
 

@@ -17,8 +17,10 @@ from workers.compression.clipping import ClippingMethod
 from workers.compression.protocol import Method
 from workers.compression.pruning import PruningMethod
 from workers.compression.quantization import QuantizationMethod
+from workers.compression.weight_sharing import WeightSharingMethod
 
-METHODS: tuple[type[Method], ...] = (QuantizationMethod, PruningMethod, ClippingMethod)
+# Weight sharing last: it sums the gradients pruning masked and snaps what clipping clamped.
+METHODS: tuple[type[Method], ...] = (QuantizationMethod, PruningMethod, ClippingMethod, WeightSharingMethod)
 
 
 def build_methods(spec: JobSpec) -> list[Method]:
