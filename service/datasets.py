@@ -26,6 +26,7 @@ from service.errors import ArtifactNotFound, ConfigError
 from service.spec import DATA_FORMATS, DataSpec, JobSpec, parse_spec
 from service.tenant_files import (
     META,
+    TENANTS,
     InvalidName,
     TenantFiles,
     Upload,
@@ -33,6 +34,7 @@ from service.tenant_files import (
     UploadRefused,
     UploadTooLarge,
     check_s3,
+    check_upload_name,
     field_error,
 )
 
@@ -185,10 +187,33 @@ def _token_list(t) -> bool:
 
 
 class DatasetStore(TenantFiles):
-    """A tenant's uploaded datasets in the artifact store."""
+    """A tenant's uploaded datasets in the artifact store. A name is one segment (a dataset of
+    one file), or SET/SHARD: one shard of the set SET, which a job reads whole as
+    `store://datasets/SET/` (workers/data/shards.py). SET is then a folder, never also a
+    dataset of its own."""
 
     kind, what, setting = "datasets", "dataset", "SLIMTRAIN_MAX_DATASET_BYTES"
     invalid_name, too_large, not_found = InvalidDatasetName, DatasetTooLarge, DatasetNotFound
+
+    @classmethod
+    def prefix(cls, tenant: str, name: str) -> str:
+        # Each segment a strict name (no '.', '..', empty or absolute segment): no name reaches
+        # outside its tenant's datasets.
+        parts = name.split("/") if isinstance(name, str) else [name]
+        if len(parts) > 2:
+            raise cls.invalid_name(f"invalid dataset name {name!r}: a name is NAME, or SET/SHARD for a shard")
+        for part in parts:
+            check_upload_name(part, cls.what, cls.invalid_name)
+        return f"{TENANTS}/{tenant}/{cls.kind}/{name}/"
+
+    def shards(self, tenant: str, name: str) -> list[str]:
+        """The names of the shards of set `name` (SET/SHARD), sorted."""
+        base = self.prefix(tenant, name)
+        return sorted(
+            o.key[len(base) : -len("/" + META)]
+            for o in self.artifacts.list(base)
+            if o.key.endswith("/" + META) and o.key[len(base) :].count("/") == 1
+        )
 
     def start(
         self,
@@ -199,8 +224,26 @@ class DatasetStore(TenantFiles):
         text_column: str | None = None,
     ) -> Upload:
         self.prefix(tenant, name)  # the name, then the format: both before any byte is read
+        set_name, _, shard = name.partition("/")
+        if shard and self.artifacts.exists(self.prefix(tenant, set_name) + META):
+            raise InvalidDatasetName(
+                f"dataset {set_name!r} is one file; a set of shards needs a name of its own (delete it first)"
+            )
+        if not shard and self.shards(tenant, name):
+            raise InvalidDatasetName(
+                f"{name!r} is a set of shards ({name}/...); upload a shard as {name}/SHARD, "
+                "or delete the set first"
+            )
         fmt = upload_format(name, fmt)
         return Upload(self, tenant, name, partial(inspect_dataset, name, fmt, label_column, text_column))
+
+    def delete(self, tenant: str, name: str) -> None:
+        """Delete a dataset, a shard (SET/SHARD), or a whole set (SET)."""
+        whole_set = "/" not in name and not self.artifacts.exists(self.prefix(tenant, name) + META)
+        if whole_set and self.shards(tenant, name):
+            self.artifacts.delete_prefix(self.prefix(tenant, name))
+            return
+        super().delete(tenant, name)
 
 
 # --- data.uri / data.tokenizer: resolution at submission ----------------------------------------
@@ -227,9 +270,12 @@ def resolve_data(
             out["data"][target] = check_s3(uri, field, artifacts, allowed_s3)
             continue
         name = uri.removeprefix("store://datasets/")
+        if field == "data.uri" and name.endswith("/"):
+            out["data"]["format"], out["data"][target] = _resolve_set(artifacts, tenant, name[:-1], fmt)
+            continue
         try:
             stored = artifacts.get_json(DatasetStore.prefix(tenant, name) + META)["format"]
-        except (ArtifactNotFound, ValueError, KeyError, TypeError):
+        except (ArtifactNotFound, ValueError, KeyError, TypeError, InvalidName):
             raise field_error(field, f"no dataset {name!r} (push it with `slimtrain dataset push`)") from None
         if field == "data.tokenizer" and stored != TOKENIZER:
             raise field_error(field, f"dataset {name!r} is {stored}, not a tokenizer.json")
@@ -242,6 +288,49 @@ def resolve_data(
             out["data"]["format"] = stored
         out["data"][target] = dataset_key(tenant, name, stored)
     return parse_spec(out)
+
+
+def _resolve_set(artifacts: ArtifactStore, tenant: str, name: str, fmt: str | None) -> tuple[str, str]:
+    """(format, store key prefix) of the tenant's set of shards `name` (uploads NAME/SHARD),
+    every shard of one format; as absent as a missing one when another tenant has it."""
+    from workers.data.shards import SHARDABLE
+
+    store = DatasetStore(artifacts, 0)
+    try:
+        base = store.prefix(tenant, name)
+    except InvalidName:
+        raise field_error("data.uri", f"no set of datasets {name!r}") from None
+    if artifacts.exists(base + META):
+        raise field_error("data.uri", f"dataset {name!r} is one file: name it store://datasets/{name}")
+    shards = store.shards(tenant, name)
+    if not shards:
+        raise field_error(
+            "data.uri",
+            f"no dataset shards under {name + '/'!r} "
+            f"(push each as {name}/SHARD with `slimtrain dataset push`)",
+        )
+    formats: dict[str, str] = {}
+    for shard in shards:
+        try:
+            formats[shard] = artifacts.get_json(f"{base}{shard}/{META}")["format"]
+        except (ArtifactNotFound, ValueError, KeyError, TypeError):
+            raise field_error("data.uri", f"shard {name}/{shard} was deleted meanwhile") from None
+    first = shards[0]
+    for shard in shards:
+        if formats[shard] != formats[first]:
+            raise field_error(
+                "data.uri",
+                f"shard {name}/{shard} is {formats[shard]} but {name}/{first} is {formats[first]}: "
+                "the shards of a set share one format",
+            )
+    stored = formats[first]
+    if stored not in SHARDABLE:
+        raise field_error(
+            "data.uri", f"a set of {stored} shards is not a dataset (sets hold {', '.join(SHARDABLE)})"
+        )
+    if fmt is not None and fmt != stored:
+        raise field_error("data.format", f"{fmt}, but the shards of {name!r} were uploaded as {stored}")
+    return stored, base
 
 
 def resolve_sources(

@@ -7,16 +7,30 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from api.deps import CurrentTenant, ServiceDep
 from api.errors import documented
-from api.routes.models import UploadName, octet_stream_body, receive_upload
+from api.routes.models import octet_stream_body, receive_upload
 from service.datasets import UPLOAD_FORMATS
+from service.spec import MODEL_NAME_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["datasets"])
+
+_SEGMENT = MODEL_NAME_PATTERN.strip("^$")
+# NAME, or SET/SHARD: one shard of a set that jobs read whole as store://datasets/SET/ (a path
+# parameter, so that the one '/' reaches the route; each segment strict, so no name leaves the
+# tenant's datasets).
+DatasetName = Annotated[
+    str,
+    Path(
+        pattern=f"^{_SEGMENT}(/{_SEGMENT})?$",
+        description="Letters, digits, '.', '_' and '-', up to 100, starting with a letter or digit; "
+        "SET/SHARD for a shard of a set (read whole as store://datasets/SET/).",
+    ),
+]
 
 _ENDINGS = "; ".join(f"{f}: {', '.join(e)}" for f, e in UPLOAD_FORMATS.items())
 
@@ -49,7 +63,7 @@ _BODY = octet_stream_body(
 
 
 @router.put(
-    "/datasets/{name}",
+    "/datasets/{name:path}",
     status_code=201,
     response_model=DatasetOut,
     summary="Upload a dataset",
@@ -68,7 +82,7 @@ async def put_dataset(
     request: Request,
     service: ServiceDep,
     tenant: CurrentTenant,
-    name: UploadName,
+    name: DatasetName,
     format: Annotated[
         str | None, Query(description=f"The format, overriding the name's ending ({_ENDINGS}).")
     ] = None,
@@ -101,13 +115,13 @@ async def list_datasets(service: ServiceDep, tenant: CurrentTenant) -> DatasetLi
 
 
 @router.delete(
-    "/datasets/{name}",
+    "/datasets/{name:path}",
     status_code=204,
     summary="Delete a dataset",
     operation_id="delete_dataset",
     response_class=Response,
     responses=documented(401, 404, 422, s404="No such dataset for this tenant."),
 )
-async def delete_dataset(service: ServiceDep, tenant: CurrentTenant, name: UploadName) -> Response:
+async def delete_dataset(service: ServiceDep, tenant: CurrentTenant, name: DatasetName) -> Response:
     await run_in_threadpool(service.datasets.delete, tenant, name)
     return Response(status_code=204)
