@@ -238,3 +238,26 @@ def test_cli_push_ls_rm(api, tmp_path):
     path.write_bytes(_corrupt_parquet())
     r = runner.invoke(cli, ["dataset", "push", str(path), "bad.parquet", *auth])
     assert r.exit_code == 2 and "not a readable parquet file" in r.output, r.output
+
+
+def test_shards_upload_as_set_slash_name_and_a_job_reads_the_set(api):
+    """A table cut into shards (as Spark writes it) uploads as SET/SHARD and trains as
+    store://datasets/SET/, inside the uploader's tenant only (workers/data/shards.py)."""
+    alice, bob = api.client(ALICE), api.client(BOB)
+    for k in range(2):
+        r = alice.put(f"/v1/datasets/parts/p{k}.parquet", content=_table(100.0 * k))
+        assert r.status_code == 201 and r.json()["name"] == f"parts/p{k}.parquet", r.text
+    assert {"parts/p0.parquet", "parts/p1.parquet"} <= set(_names(alice))
+    for bad in ("parts/a/b.parquet", "parts/.x.parquet", "parts/"):
+        assert alice.put(f"/v1/datasets/{bad}", content=_table(0.0)).status_code in (404, 405, 422), bad
+    assert alice.put("/v1/datasets/parts", content=_table(0.0)).status_code == 422  # a set, not a file
+    r = _job(bob, {"uri": "store://datasets/parts/", **FEATURES})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "data.uri", r.text
+    job = _job(alice, {"uri": "store://datasets/parts/", **FEATURES})
+    assert job.status_code == 201, job.text
+    data = parse_spec(job.json()["spec"]).data
+    assert data.resolved_uri == "_tenants/alice/datasets/parts/" and data.format == "parquet"
+    got = load_dataset(data, api.artifacts)
+    assert len(got.x_train) + len(got.x_val) == 80 and got.x_train.max() >= 100
+    assert alice.delete("/v1/datasets/parts").status_code == 204
+    assert not any(n.startswith("parts/") for n in _names(alice))
