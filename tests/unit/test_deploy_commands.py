@@ -75,11 +75,16 @@ def test_dockerfile_cmd_and_healthcheck_name_real_commands(image):
 
 def test_dockerfiles_install_the_right_torch_build():
     ray_df, api_df = IMAGES["ray"].read_text(), IMAGES["api"].read_text()
+    # Ray: the CUDA build unless TORCH_BUILD=cpu picks the locked CPU build, and torch before
+    # the package, so that pip keeps that build for `torch>=...`
     assert re.search(r"TORCH_INDEX_URL=https://download.pytorch.org/whl/cu\d+", ray_df)
-    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in api_df
+    assert "ARG TORCH_BUILD=cuda" in ray_df and '"$TORCH_BUILD" = cpu' in ray_df
+    assert ray_df.index('pip install "torch==') < ray_df.index("pip install --no-deps .")
+    # API: no torch at all; the import check in its build proves the API needs none
+    assert "torch==" not in api_df and "--drop torch " in api_df
+    assert "check_api_imports.py" in api_df
     for df in (ray_df, api_df):
-        # torch before the package, so that pip keeps that build for `torch>=...`
-        assert df.index('pip install "torch==') < re.search(r"pip install (-e )?\.", df).start()
+        assert "--require-hashes" in df  # the locked versions the tests ran against
         assert "RAY_AUTH_MODE=token" in df
 
 
@@ -88,7 +93,7 @@ def test_api_image_has_what_the_dashboard_reads_from_the_source_tree():
 
     assert EXAMPLES_DIR == ROOT / "examples"  # beside api/: the image keeps that layout
     df = IMAGES["api"].read_text()
-    assert "COPY examples ./examples" in df and "pip install -e ." in df
+    assert "COPY examples ./examples" in df and "pip install --no-deps -e ." in df
     assert "!examples/" in (DEPLOY / "Dockerfile.api.dockerignore").read_text()
 
 
