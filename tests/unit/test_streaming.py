@@ -447,3 +447,37 @@ def test_a_compressed_tar_loads_in_memory_or_is_refused_when_on(store, tmp_path)
     assert not getattr(got, "streamed", False) and got.info.n_train + got.info.n_val == 12
     with pytest.raises(ConfigError, match="data.streaming: on is not possible: .*gzip-compressed tar"):
         load_for_job(spec.model_copy(update={"streaming": "on"}), "ddp", store)
+
+
+def test_an_s3_folder_of_shards_reads_as_its_one_file(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """s3://bucket/prefix/ (workers/data/shards.py): the parquet files under the prefix, in key
+    order, Spark's markers and files of a neighbouring prefix left out, give the one file's
+    samples in memory and streamed."""
+    x, _ = write_parquet(tmp_path / "d.parquet", n=120, row_group=25)
+    table = pq.read_table(tmp_path / "d.parquet")
+    client = s3_server.client()
+    for k, (a, b) in enumerate(((0, 50), (50, 120))):
+        pq.write_table(table.slice(a, b - a), tmp_path / f"p{k}.parquet", row_group_size=25)
+        client.upload_file(str(tmp_path / f"p{k}.parquet"), s3_bucket, f"t/part-{k}.parquet")
+    client.put_object(Bucket=s3_bucket, Key="t/_SUCCESS", Body=b"")
+    client.upload_file(str(tmp_path / "p0.parquet"), s3_bucket, "t-other/part-9.parquet")
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    spec = DataSpec(
+        uri=f"s3://{s3_bucket}/t/",
+        format="parquet",
+        feature_columns=[f"f{i}" for i in range(16)],
+        label_column="label",
+    )
+    mem = load_dataset(spec, None)
+    assert len(mem.x_train) + len(mem.x_val) == 120
+    want = torch.cat([mem.x_train, mem.x_val]).sort(0)[0]
+    assert torch.equal(want, torch.from_numpy(x).sort(0)[0])
+    st = load_for_job(spec.model_copy(update={"streaming": "on"}), "ddp", None)
+    assert st.streamed and st.plan.shard_uris == (
+        f"s3://{s3_bucket}/t/part-0.parquet",
+        f"s3://{s3_bucket}/t/part-1.parquet",
+    )
+    rows = [st.plan.rows(i, "train") for i in range(len(st.plan.row_starts))]
+    got = np.concatenate([r["x"] for r in rows])
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, mem.x_train.numpy().tolist()))

@@ -82,8 +82,8 @@ def list_shards(
             fs = pafs.LocalFileSystem()
             paths = [str(store.path(rest + rel)) for _, rel, _ in chosen]
         else:  # S3 store: bucket/key, with the store's endpoint and credentials
-            fs = store.ray_storage(rest)[1]
-            paths = [store.ray_storage(rest + rel)[0] for _, rel, _ in chosen]
+            base, fs = store.ray_storage(rest.rstrip("/"))
+            paths = [f"{base}/{rel}" for _, rel, _ in chosen]
     elif scheme == "s3":
         from workers.data import s3_location
 
