@@ -14,13 +14,14 @@ from torch import nn
 
 from service.artifacts import JobArtifacts, LocalArtifactStore
 from service.spec import parse_spec
-from workers import export, onnx_export
+from workers import export, onnx_export, train_loop
 from workers.compression import channel_slim as cs
 from workers.compression.pruning import axes_of, channel_masks, prunable_weights
 from workers.data import load_dataset
 from workers.data.info import DataInfo
 from workers.models import build_model, output_layer
 from workers.models.folding import fold_batchnorm
+from workers.parallel import Dist
 from workers.session import LocalSession
 from workers.train_loop import train
 
@@ -32,14 +33,41 @@ MODELS = {
     "convnet": ({"channels": [8, 16], "hidden": 32}, DIGITS),
     "resnet": ({"depth": 8, "width": 8}, DIGITS),
     "gpt": ({"n_layer": 2, "n_head": 4, "n_embd": 32}, TOKENS),
+    # HuggingFace GPT-2: Conv1D layers (weight (in, out)), heads split from one c_attn, tied lm_head
+    "hf_gpt2": (
+        {
+            "config": {
+                "model_type": "gpt2",
+                "n_layer": 2,
+                "n_head": 4,
+                "n_embd": 32,
+                "n_positions": 16,
+                "resid_pdrop": 0.0,
+                "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0,
+            }
+        },
+        TOKENS,
+    ),
 }
+REGISTRY = {"hf_gpt2": "hf_causal_lm"}  # registry name of a case, where it differs from its key
+# the fused qkv and MLP expansion of each transformer: what heads and hidden units leave
+TRANSFORMER = {
+    "gpt": ("attn.qkv", "fc", [f"blocks.{i}" for i in (0, 1)]),
+    "hf_gpt2": ("attn.c_attn", "mlp.c_fc", [f"transformer.h.{i}" for i in (0, 1)]),
+}
+
+
+def _build(name: str, seed: int | None = None) -> nn.Module:
+    args, info = MODELS[name]
+    return build_model(REGISTRY.get(name, name), args, info, seed=seed)
 
 
 def _masked(name: str) -> tuple[nn.Module, dict, torch.Tensor]:
     """A registry model with half of its prunable channels zeroed as training leaves them, its
     biases and BatchNorm statistics random (so removed channels output non-zero constants)."""
-    args, info = MODELS[name]
-    model = build_model(name, args, info, seed=0).eval()
+    info = MODELS[name][1]
+    model = _build(name, seed=0).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
@@ -74,21 +102,20 @@ def test_slim_model_equals_masked_model_and_exports(name):
     assert info["params_after"] == sum(p.numel() for p in slim.parameters())
     shrunk = {n: v for n, v in info["layers"].items() if v[1] < v[0]}
     assert shrunk and output_layer(model) not in shrunk
-    if name == "gpt":  # whole heads went: q, k and v rows of each head together
-        assert all(n.endswith((".qkv", ".fc")) for n in shrunk)
-        assert {n: v[1] for n, v in shrunk.items() if n.endswith("qkv")} == {
-            "blocks.0.attn.qkv": 48,
-            "blocks.1.attn.qkv": 48,
+    if name in TRANSFORMER:  # whole heads went (q, k and v of each head together), MLP units
+        qkv, fc, blocks = TRANSFORMER[name]
+        assert set(shrunk) == {f"{b}.{n}" for b in blocks for n in (qkv, fc)}
+        assert {n: v for n, v in shrunk.items() if n.endswith(qkv)} == {
+            f"{b}.{qkv}": [96, 48] for b in blocks
         }
-        assert set(units) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
+        assert set(units) == {f"{b}.{qkv}" for b in blocks}
     if name == "resnet":  # residual streams keep their width; the blocks' inner convs shrink
         assert all(n.endswith("conv1.conv") for n in shrunk)
     if name in ("lenet5", "convnet", "resnet"):  # padded convs saw removed constants
         assert any(isinstance(m, cs.Offset) for m in slim.modules())
 
     # A registry model rebuilt from the slim weights is the slim model, and the report says so.
-    args, data_info = MODELS[name]
-    rebuilt = build_model(name, args, data_info)
+    rebuilt = _build(name)
     cs.conform(rebuilt, slim.state_dict())
     rebuilt.load_state_dict(slim.state_dict())
     with torch.no_grad():
@@ -180,3 +207,55 @@ def test_channel_qat_job_exports_the_slim_model_as_onnx_and_int8(tmp_path):
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0].argmax(-1)
     assert (got == want).mean() >= 0.9
     assert rep["quantization"]["onnx"] == "model.int8.onnx" and rep["accuracy"] > 0.5
+
+
+# --- FSDP: heads pruned on shards (real process groups, gloo, 2 processes) -----------------------
+
+
+def _fsdp_heads(rank, world, root: str):
+    from tests.unit.test_parallel_strategies import GPT as GPT_RUN
+    from tests.unit.test_parallel_strategies import HF_GPT2, _with
+
+    pruning = {"structure": "channel", "schedule": "oneshot", "final_sparsity": 0.5}
+    cases = [  # the gpt's qkv rows, whose heads span the dim-0 shards (96 rows, 48 a rank: a
+        # head's q and k rows on rank 0, its v rows on rank 1), and GPT-2's c_attn, sharded along
+        # its input axis (every rank holds part of every column)
+        ({"name": "gpt", "args": {"n_layer": 2, "n_head": 4, "n_embd": 32}}, "global"),
+        (HF_GPT2, "layer"),
+    ]
+    for model, scope in cases:
+        spec = {
+            "name": "c",
+            "model": model,
+            "data": GPT_RUN["data"],
+            "train": {"max_steps": 2, "batch_size": 16},
+            "compression": {"pruning": {**pruning, "scope": scope}},
+        }
+        data = load_dataset(parse_spec(spec).data)
+        run = train_loop.build(parse_spec(_with(spec, "fsdp", world)), data, Dist(rank, world))
+        assert run.pruner.units  # heads are pruning units under FSDP too
+        event = run.method("pruning").on_step(0, run.optimizer)
+        masks = run.strategy.gather_masks(run.pruner.weights, run.pruner.masks)
+        state = run.strategy.full_state_dict(run.model)
+        if rank != 0:
+            continue
+        # One process on the gathered weights: the same masks, whole heads.
+        one = train_loop.build(parse_spec(spec), data, Dist())
+        expected = one.method("pruning").on_step(0, one.optimizer)
+        assert event["sparsity"] == pytest.approx(expected["sparsity"], abs=1e-9)
+        assert masks.keys() == one.pruner.masks.keys()
+        for n, m in one.pruner.masks.items():
+            assert torch.equal(masks[n].cpu(), m), n
+        # The FSDP job's gathered weights (what its checkpoint holds) slim like any other.
+        plain = build_model(spec["model"]["name"], spec["model"].get("args", {}), data.info).eval()
+        plain.load_state_dict(state)
+        slim, info = cs.slim(plain, data.x_train[:2], skip=(output_layer(plain),))
+        heads = [cs.n_heads(b.attn) for b in cs.transformer_blocks(slim)]
+        assert sum(heads) < sum(cs.n_heads(b.attn) for b in cs.transformer_blocks(plain))
+        assert info["params_after"] < info["params_before"]
+
+
+def test_fsdp_prunes_whole_heads_on_shards_like_one_process_and_slims(tmp_path):
+    from tests.unit.test_parallel_strategies import spawn
+
+    spawn(_fsdp_heads, str(tmp_path), tmp=tmp_path)

@@ -13,9 +13,10 @@ autograd graph once and derives those groups (and the flatten index mapping); ha
 surgery would have to be redone for each model. Hand-written here: (1) which channels may go (a
 channel leaves only when *every* layer producing it has a zero row there: residual streams are
 coupled); (2) the bias folding (torch-pruning drops a channel, it does not preserve its output);
-(3) the gpt (`_gpt_slim`): heads live inside a fused qkv Linear and a reshape by `n_head`, which
-the graph cannot see (as FEASIBILITY found for GPT-2), and its attention module must learn its new
-head count.
+(3) transformer blocks (`_blocks_slim`: the registry gpt and HuggingFace GPT-2 alike): heads
+live inside a fused qkv layer and a view by head_dim, which the graph cannot see (as FEASIBILITY
+found for GPT-2, whose Conv1D layers torch-pruning does not know either), and the attention
+module must learn its new head count.
 
 Folding, exactly: a removed channel still outputs a constant (its bias, through BatchNorm,
 activation and pooling), and the layers that consume it see that constant. Its effect is measured
@@ -35,7 +36,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -66,6 +69,57 @@ def _is_gpt_attention(m: nn.Module) -> bool:
     return isinstance(m, CausalSelfAttention)
 
 
+def _is_hf_gpt2_attention(m: nn.Module) -> bool:
+    """transformers' GPT-2 self-attention (looked up, never imported: a model holding one has
+    imported it already)."""
+    mod = sys.modules.get("transformers.models.gpt2.modeling_gpt2")
+    cls = getattr(mod, "GPT2Attention", None)
+    return cls is not None and isinstance(m, cls) and not m.is_cross_attention
+
+
+@dataclass(frozen=True)
+class Block:
+    """What channel pruning shrinks in one transformer block, by layer name: the fused q,k,v
+    layer (whole heads go), the attention's output projection (its inputs follow), the MLP's
+    expansion (hidden units go) and its projection (its inputs follow). Both projections write
+    into the residual stream and keep their outputs. The same for the registry gpt (Linear,
+    weight (out, in)) and HuggingFace GPT-2 (Conv1D, weight (in, out)); `out_axis` tells them
+    apart wherever a weight is cut."""
+
+    attn: nn.Module
+    qkv: str
+    proj: str
+    fc: str
+    fc_proj: str
+
+
+def transformer_blocks(model: nn.Module) -> list[Block]:
+    """The registry gpt's and HuggingFace GPT-2's blocks (empty for any other model)."""
+    out = []
+    for name, b in model.named_modules():
+        attn, p = getattr(b, "attn", None), f"{name}." if name else ""
+        if attn is None:
+            continue
+        if _is_gpt_attention(attn):
+            out.append(Block(attn, f"{p}attn.qkv", f"{p}attn.proj", f"{p}fc", f"{p}fc_proj"))
+        elif _is_hf_gpt2_attention(attn):
+            out.append(Block(attn, f"{p}attn.c_attn", f"{p}attn.c_proj", f"{p}mlp.c_fc", f"{p}mlp.c_proj"))
+    return out
+
+
+def n_heads(attn: nn.Module) -> int:
+    return attn.n_head if _is_gpt_attention(attn) else attn.num_heads
+
+
+def _set_heads(attn: nn.Module, heads: int) -> None:
+    """The attention's head count after slimming; each head keeps its head_dim (so its scale)."""
+    if _is_gpt_attention(attn):
+        attn.n_head = heads
+    else:  # GPT-2 splits q, k, v at split_size and views them by head_dim
+        attn.num_heads = heads
+        attn.split_size = heads * attn.head_dim
+
+
 # --- which channels are gone ----------------------------------------------------------------
 
 
@@ -76,30 +130,26 @@ def zero_rows(m: nn.Module) -> list[int]:
 
 
 def head_units(attn: nn.Module) -> torch.Tensor:
-    """The head of each output row of a gpt attention's fused qkv (q, k and v parts alike)."""
-    inner = attn.n_head * attn.head_dim
-    rows = torch.arange(attn.qkv.out_features)
-    return (rows % inner) // attn.head_dim
+    """The head of each output channel of an attention's fused qkv (q, k and v parts alike)."""
+    inner = n_heads(attn) * attn.head_dim
+    return (torch.arange(3 * inner) % inner) // attn.head_dim
 
 
 def channel_plan(model: nn.Module) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
     """(layers never channel-pruned, channel units by layer) for `structure: channel`, so that
     what training prunes can be deleted at export:
-    - the gpt's residual writers (attention `proj`, MLP `fc_proj`) keep their rows: the residual
-      width is kept; its qkv is pruned by whole heads (one unit per head, all of q, k and v);
+    - a transformer's residual writers (attention and MLP projections: `transformer_blocks`)
+      keep their outputs: the residual width is kept; its fused qkv is pruned by whole heads
+      (one unit per head, all of q, k and v);
     - a conv or Linear whose output is added into a residual stream (coupled with another
       producer in the dependency graph) keeps its rows: its channel could only leave together
       with every other producer of that stream.
     Other layers prune rows independently (units None)."""
+    blocks = transformer_blocks(model)
+    if blocks:
+        units = {b.qkv: head_units(b.attn) for b in blocks}
+        return tuple(n for b in blocks for n in (b.proj, b.fc_proj)), units
     skip: list[str] = []
-    units: dict[str, torch.Tensor] = {}
-    for name, m in model.named_modules():
-        if _is_gpt_attention(m):
-            prefix = name.rsplit(".attn", 1)[0] if name.endswith(".attn") else name
-            units[f"{name}.qkv"] = head_units(m)
-            skip += [f"{name}.proj", f"{prefix}.fc_proj"]
-    if units:
-        return tuple(skip), units
     example = example_input(model)
     if example is None:
         return (), {}
@@ -121,6 +171,12 @@ def channel_plan(model: nn.Module) -> tuple[tuple[str, ...], dict[str, torch.Ten
         if len({id(p) for p in producers}) > 1:
             skip.append(names[m])
     return tuple(skip), {}
+
+
+def slimmable(model: nn.Module) -> bool:
+    """Whether `slim` can shrink `model`: a transformer it knows (`transformer_blocks`), or a
+    registry model whose example input the dependency graph is traced with."""
+    return bool(transformer_blocks(model)) or example_input(model) is not None
 
 
 def example_input(model: nn.Module) -> torch.Tensor | None:
@@ -249,9 +305,10 @@ def _constant(x: torch.Tensor, what: str) -> torch.Tensor:
 
 @torch.no_grad()
 def _fold_linear(m: nn.Module, x: torch.Tensor, idxs: list[int], name: str) -> None:
+    """A Linear's (or a Conv1D's: weight (in, out)) removed inputs' constant into its bias."""
     flat = x.reshape(-1, x.shape[-1])[:, idxs]
     c = _constant(flat, name)[0]
-    contrib = _effective_weight(m)[:, idxs] @ c
+    contrib = _effective_weight(m).movedim(out_axis(m), 0)[:, idxs] @ c
     _add_bias(m, contrib)
 
 
@@ -292,8 +349,9 @@ def slim(
         raise ExportError("channel slimming needs an example input of the model")
     before = {n: _out(m) for n, m in model.named_modules() if is_prunable(m)}
     params_before = sum(p.numel() for p in model.parameters())
-    if any(_is_gpt_attention(m) for m in model.modules()):
-        _gpt_slim(model, example, skip)
+    blocks = transformer_blocks(model)
+    if blocks:
+        _blocks_slim(model, blocks, example, skip)
     else:
         _graph_slim(model, example, skip)
     after = {n: _out(m) for n, m in model.named_modules() if is_prunable(m)}
@@ -388,31 +446,35 @@ def _insert_after(parent: nn.Sequential, after: str, module: nn.Module) -> None:
     parent._modules = mods
 
 
-def _gpt_slim(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...]) -> None:
-    """Remove MLP hidden units (rows of `fc`, inputs of `fc_proj`) and whole heads (a head whose
-    v rows are all zero outputs its v bias whatever its attention weights, since they sum to 1:
-    a constant into `proj`) of the built-in gpt; the residual width stays."""
-    blocks = [(n, m) for n, m in model.named_modules() if hasattr(m, "attn") and _is_gpt_attention(m.attn)]
-    work = []  # (consumer, removed input columns, producer, removed rows, attention or None, kept heads)
-    for name, b in blocks:
-        rows = [] if f"{name}.fc" in skip else zero_rows(b.fc)
-        if len(rows) == b.fc.out_features:
+def _blocks_slim(model: nn.Module, blocks: list[Block], example: torch.Tensor, skip: tuple[str, ...]) -> None:
+    """Remove MLP hidden units (outputs of `fc`, inputs of `fc_proj`) and whole heads (a head
+    whose v outputs are all zero outputs its v bias whatever its attention weights, since they
+    sum to 1: a constant into `proj`) of each transformer block; the residual width stays.
+
+    Hand-written, not torch-pruning's graph: the heads live inside one fused layer and a view by
+    head_dim, which the autograd graph does not show (FEASIBILITY: GPT-2), and with the residual
+    width kept each removal touches exactly two layers of one block, known by name. GPT-2's
+    Conv1D (weight (in, out)) is cut along its own axes (`out_axis`), the same code as Linear."""
+    work = []  # (consumer, removed input columns, producer, removed outputs, attention or None, kept heads)
+    for b in blocks:
+        fc = model.get_submodule(b.fc)
+        rows = [] if b.fc in skip else zero_rows(fc)
+        if len(rows) == _out(fc):
             rows = rows[1:]
         if rows:
-            work.append((b.fc_proj, rows, b.fc, rows, None, None))
-        attn = b.attn
-        if f"{name}.attn.qkv" in skip:
+            work.append((model.get_submodule(b.fc_proj), rows, fc, rows, None, None))
+        if b.qkv in skip:
             continue
-        hd = attn.head_dim
-        inner = attn.n_head * hd
-        zero = set(zero_rows(attn.qkv))
-        gone = [h for h in range(attn.n_head) if all(2 * inner + h * hd + j in zero for j in range(hd))]
-        if len(gone) == attn.n_head:
+        qkv, hd, heads = model.get_submodule(b.qkv), b.attn.head_dim, n_heads(b.attn)
+        inner = heads * hd
+        zero = set(zero_rows(qkv))
+        gone = [h for h in range(heads) if all(2 * inner + h * hd + j in zero for j in range(hd))]
+        if len(gone) == heads:
             gone = gone[1:]
         if gone:
             cols = [h * hd + j for h in gone for j in range(hd)]
             qkv_rows = [p * inner + col for p in range(3) for col in cols]
-            work.append((attn.proj, cols, attn.qkv, qkv_rows, attn, attn.n_head - len(gone)))
+            work.append((model.get_submodule(b.proj), cols, qkv, qkv_rows, b.attn, heads - len(gone)))
     if not work:
         return
     names = {m: n for n, m in model.named_modules()}
@@ -420,24 +482,21 @@ def _gpt_slim(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...]) ->
     for consumer, cols, *_ in work:
         _fold_linear(consumer, seen[id(consumer)], cols, names[consumer])
     for consumer, cols, producer, rows, attn, heads in work:
-        _keep_inputs(consumer, cols)
-        _keep_outputs(producer, rows)
-        if attn is not None:  # its heads keep head_dim; fewer of them (gpt.CausalSelfAttention)
-            attn.n_head = heads
+        _keep(consumer, cols, 1 - out_axis(consumer))
+        _keep(producer, rows, out_axis(producer))
+        if attn is not None:
+            _set_heads(attn, heads)
 
 
-def _keep_outputs(m: nn.Linear, removed: list[int]) -> None:
-    keep = [i for i in range(m.out_features) if i not in set(removed)]
-    m.weight = nn.Parameter(m.weight.detach()[keep].clone())
-    if m.bias is not None:
+def _keep(m: nn.Module, removed: list[int], axis: int) -> None:
+    """Delete `removed` along the weight's `axis` (and from the bias where that is the output
+    axis) of a Linear or Conv1D, and update its feature counts."""
+    gone = set(removed)
+    keep = torch.tensor([i for i in range(m.weight.shape[axis]) if i not in gone], dtype=torch.long)
+    m.weight = nn.Parameter(m.weight.detach().index_select(axis, keep).clone())
+    if axis == out_axis(m) and m.bias is not None:
         m.bias = nn.Parameter(m.bias.detach()[keep].clone())
-    m.out_features = len(keep)
-
-
-def _keep_inputs(m: nn.Linear, removed: list[int]) -> None:
-    keep = [i for i in range(m.in_features) if i not in set(removed)]
-    m.weight = nn.Parameter(m.weight.detach()[:, keep].clone())
-    m.in_features = len(keep)
+    _resize_attrs(m)
 
 
 # --- rebuilding from saved weights -------------------------------------------------------------
@@ -445,8 +504,8 @@ def _keep_inputs(m: nn.Linear, removed: list[int]) -> None:
 
 def conform(model: nn.Module, state: dict[str, torch.Tensor]) -> dict | None:
     """Give a freshly built registry `model` the structure `state` was saved from (a slim
-    model's): shrink its layers to the saved shapes, add the saved `Offset`s, and the gpt's
-    attention its head count. Returns the slim record of `slim` (None when nothing differs), also
+    model's): shrink its layers to the saved shapes, add the saved `Offset`s, and each
+    transformer attention its head count. Returns the slim record of `slim` (None when nothing differs), also
     kept on the model as `model.channel_slim` for the report."""
     own = model.state_dict()
     if all(
@@ -455,12 +514,9 @@ def conform(model: nn.Module, state: dict[str, torch.Tensor]) -> dict | None:
         return None
     before = {n: _out(m) for n, m in model.named_modules() if is_prunable(m)}
     params_before = sum(p.numel() for p in model.parameters())
+    blocks = transformer_blocks(model)
     for name, m in list(model.named_modules()):
         prefix = f"{name}." if name else ""
-        if _is_gpt_attention(m):
-            w = state.get(f"{prefix}qkv.weight")
-            if w is not None and w.shape[0] != m.qkv.out_features:
-                m.n_head = w.shape[0] // (3 * m.head_dim)
         for pname, p in list(m._parameters.items()):
             key = prefix + pname
             if key in state and (p is None or p.shape != state[key].shape):
@@ -470,6 +526,8 @@ def conform(model: nn.Module, state: dict[str, torch.Tensor]) -> dict | None:
             if b is not None and key in state and b.shape != state[key].shape:
                 m._buffers[bname] = torch.empty_like(state[key])
         _resize_attrs(m)
+    for b in blocks:  # heads keep their head_dim: their number follows from the qkv's width
+        _set_heads(b.attn, _out(model.get_submodule(b.qkv)) // (3 * b.attn.head_dim))
     for key, v in state.items():
         if key.endswith("_offset.offset") and key not in own:
             mod = key.removesuffix(".offset")
@@ -487,7 +545,9 @@ def conform(model: nn.Module, state: dict[str, torch.Tensor]) -> dict | None:
 
 
 def _resize_attrs(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
+    if out_axis(m) == 1:  # transformers' Conv1D, weight (in, out)
+        m.nx, m.nf = m.weight.shape
+    elif isinstance(m, nn.Linear):
         m.out_features, m.in_features = m.weight.shape
     elif isinstance(m, _CONVS):
         m.out_channels = m.weight.shape[0]

@@ -246,23 +246,28 @@ def channel_masks(
     for n, w in weights.items():
         ax = axes.get(n, 0)
         lw = _local(w).detach().float()
-        if ax and _sharded(w):
-            # FSDP shards dim 0, a Conv1D's *input* axis: each rank holds part of every output
-            # column. Column sums of squares are summed across ranks, after which every rank
-            # holds all columns' norms; counted with weight 1/world, they count once in total.
-            sq = lw.pow(2).sum(dim=0)
-            sq = reduce_sum(sq.double()).float() if reduce_sum else sq
-            rms[n] = (sq / w.shape[0]).sqrt()
-            sizes[n] = torch.full((rms[n].numel(),), float(w.shape[0]) / world)
+        if _sharded(w) and (ax or n in units):
+            # FSDP shards dim 0: a Conv1D's *input* axis (each rank holds part of every output
+            # column), or rows that a unit (head) spans. Each rank adds its part of every
+            # channel's sum of squares into a whole-layer vector, summed across ranks, after
+            # which every rank holds all channels' (units') norms; counted with weight 1/world,
+            # they count once in total.
+            here = _channels_here(w, ax)
+            sq = torch.zeros(w.shape[ax], dtype=torch.float64, device=lw.device)
+            sq[here.to(lw.device)] = lw.double().movedim(ax, 0).flatten(1).pow(2).sum(dim=1)
+            sq = (reduce_sum(sq) if reduce_sum else sq).cpu()
+            count = torch.full((w.shape[ax],), float(w.numel() // w.shape[ax]), dtype=torch.float64)
+            if n in units:
+                sq, count = (
+                    torch.zeros(int(units[n].max()) + 1, dtype=torch.float64).index_add_(0, units[n], t)
+                    for t in (sq, count)
+                )
+            rms[n] = (sq / count).sqrt().float().to(lw.device)
+            sizes[n] = (count / world).float()
             replicated.add(n)
             continue
         flat = lw.movedim(ax, 0).flatten(1)  # not reshape(rows, -1): a rank may hold no rows of a layer
         if n in units and flat.shape[0]:
-            if _sharded(w):
-                raise ConfigError(
-                    "compression.pruning.structure: channel prunes this model by whole heads, "
-                    "which a sharded (fsdp) layer cannot score locally; use ddp"
-                )
             unit = units[n].to(flat.device)
             count = torch.bincount(unit).double() * flat.shape[1]
             sq = torch.zeros(len(count), dtype=torch.float64, device=flat.device)
@@ -304,10 +309,24 @@ def channel_masks(
     out = {}
     for n, w in weights.items():
         lw = _local(w).movedim(axes.get(n, 0), 0)
-        rows = keep[n][units[n].to(keep[n].device)] if n in units and lw.shape[0] else keep[n]
+        rows = keep[n]
+        if n in units:  # each channel here takes its unit's verdict
+            rows = rows[units[n][_channels_here(w, axes.get(n, 0))].to(rows.device)]
         m = rows.reshape(-1, *([1] * (lw.dim() - 1))).expand_as(lw)
         out[n] = m.movedim(0, axes.get(n, 0)).contiguous().clone()
     return out
+
+
+def _channels_here(w: torch.Tensor, axis: int) -> torch.Tensor:
+    """Indices (in the whole layer) of the channels along `axis` this rank holds of `w`: all of
+    them, except along a sharded axis (FSDP's dim 0), where they are the rank's own rows."""
+    if not (_sharded(w) and axis == 0):
+        return torch.arange(w.shape[axis])
+    from torch.distributed.tensor import distribute_tensor
+
+    # The row numbers cut like the weight; no communication (every rank holds them all).
+    ids = torch.arange(w.shape[0], device=_local(w).device)
+    return distribute_tensor(ids, w.device_mesh, w.placements, src_data_rank=None).to_local().cpu()
 
 
 def nm_masks(
@@ -624,11 +643,11 @@ class PruningMethod(BaseMethod):
         pr = spec.compression.pruning
         if pr is None or pr.structure != "channel":
             return model
-        from workers.compression.channel_slim import example_input, slim
+        from workers.compression.channel_slim import slim, slimmable
         from workers.models import output_layer
 
-        if example_input(model) is None:
-            # HuggingFace models (GPT-2's Conv1D is not in the dependency graph): shipped masked.
+        if not slimmable(model):
+            # HuggingFace models other than GPT-2 (no graph, no known blocks): shipped masked.
             log.warning("structure: channel: %s is exported with dense shapes", type(model).__name__)
             return model
         # The removed channels leave the model: what ships is the smaller one.
