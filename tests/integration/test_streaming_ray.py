@@ -217,19 +217,24 @@ def test_an_image_zip_streams_through_ray_data(ray_cluster, store, tmp_path):
 
 def test_a_jsonl_corpus_streams_through_ray_data(ray_cluster, store, monkeypatch):
     """JSON Lines through real Ray Data (read tasks tokenise line-aligned byte ranges, several
-    per epoch): one epoch's batches hold exactly the in-memory training windows."""
+    per epoch), from a folder of 3 shards (workers/data/shards.py): one epoch's batches hold
+    exactly the in-memory training windows of the one file the shards were cut from."""
     # 201 documents of 16 bytes: 200 windows of 16, 160 of them training rows
     lines = [json.dumps({"text": f"line {i:05d} abcd"}) for i in range(201)]
     store.put_bytes("datasets/c.jsonl", "\n".join(lines).encode())
+    for k, (a, b) in enumerate(((0, 67), (67, 140), (140, 201))):  # no shard ends in a line break
+        store.put_bytes(f"datasets/c/part-{k}.jsonl", "\n".join(lines[a:b]).encode())
+    one = DataSpec(uri="store://datasets/c.jsonl", resolved_uri="datasets/c.jsonl", seq_len=16)
+    mem = load_dataset(one, store)
     spec = DataSpec(
-        uri="store://datasets/c.jsonl", resolved_uri="datasets/c.jsonl", seq_len=16, streaming="on"
+        uri="store://datasets/c/", resolved_uri="datasets/c/", format="jsonl", seq_len=16, streaming="on"
     )
-    mem = load_dataset(spec, store)
     monkeypatch.setattr(streaming, "TEXT_GROUP_BYTES", 700)
     monkeypatch.setattr(streaming, "TASK_ROWS", 60)
     st = load_for_job(spec, "ddp", store)
     n, batch = st.info.n_train, 32  # an epoch leaves no row out
     assert st.streamed and n == len(mem.x_train) == 160 and len(st.plan.row_starts) > 3
+    assert set(st.plan.group_shard) == {0, 1, 2}
     feed = streaming.Feed(st.local_shards(0, batch, n // batch, n // batch), batch, n // batch, 0, 0, 1)
     got = [feed.train_batch(s) for s in range(n // batch)]
     xs, ys = torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
