@@ -1,7 +1,8 @@
 """The dataset registry: `digits` (scikit-learn, real), `synthetic` (deterministic by seed),
 `text` (char-level corpus from the Python standard library's sources) and `uri` (a file from the
 artifact store or S3 in one of the formats of workers/data/formats.py: npz, parquet, JSON Lines,
-text, image folders in a zip or tar). Held in memory as tensors, where index-based batching keeps
+text, image folders in a zip or tar; or a folder of parquet, jsonl/text or npz shards,
+workers/data/shards.py). Held in memory as tensors, where index-based batching keeps
 every rank's view a pure function of the step; a parquet, jsonl/text or image zip/tar file larger
 than memory streams through Ray Data instead (`load_for_job`, workers/data/streaming.py)."""
 

@@ -19,6 +19,10 @@ task per parquet row group (`ray.data.range` over the row groups, `map_batches` 
 which knows every row's position. What changes is the order (see docs/reliability.md): a streamed
 epoch visits the row groups in a seeded order and mixes rows in a seeded local shuffle buffer;
 it is not the in-memory path's global permutation.
+
+A folder of shards (workers/data/shards.py) streams as the one file they were cut from: a
+plan's groups are every shard's row groups (line groups), a group never spanning two files
+(`Plan.paths`, `Plan.group_shard`), and row positions count on across the files.
 """
 
 from __future__ import annotations
