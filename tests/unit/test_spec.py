@@ -79,7 +79,8 @@ priority: 0
         ({"data": {"uri": "s3://b/../../x.npz"}}, "data.uri", "'..'"),
         # store:// names one dataset of the caller's (PUT /v1/datasets/NAME), never a path
         ({"data": {"uri": "store://datasets/../../x.npz"}}, "data.uri", "store://datasets/<name>"),
-        ({"data": {"uri": "store://datasets/a/b.npz"}}, "data.uri", "store://datasets/<name>"),
+        # (a/b.npz is shard b.npz of the set a: docs/data.md, "Shards")
+        ({"data": {"uri": "store://datasets/a/b/c.npz"}}, "data.uri", "store://datasets/<name>"),
         ({"data": {"uri": "store://_tenants/bob/datasets/x.npz"}}, "data.uri", "a dataset you uploaded"),
         ({"train": {"optimizer": "adam"}}, "train.optimizer", "'sgd' or 'adamw'"),
         ({"train": {"lr_schedule": "poly"}}, "train.lr_schedule", "'constant', 'cosine' or 'step'"),
