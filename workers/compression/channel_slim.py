@@ -452,8 +452,10 @@ def _blocks_slim(model: nn.Module, blocks: list[Block], example: torch.Tensor, s
     sum to 1: a constant into `proj`) of each transformer block; the residual width stays.
 
     Hand-written, not torch-pruning's graph: the heads live inside one fused layer and a view by
-    head_dim, which the autograd graph does not show (FEASIBILITY: GPT-2), and with the residual
-    width kept each removal touches exactly two layers of one block, known by name. GPT-2's
+    head_dim, which the autograd graph does not show (FEASIBILITY: GPT-2; with a custom Conv1D
+    pruner registered, torch-pruning 1.6 couples c_attn's output k, of q, k or v, with c_proj's
+    input k: the split is not index-mapped), and with the residual width kept each removal
+    touches exactly two layers of one block, known by name. GPT-2's
     Conv1D (weight (in, out)) is cut along its own axes (`out_axis`), the same code as Linear."""
     work = []  # (consumer, removed input columns, producer, removed outputs, attention or None, kept heads)
     for b in blocks:
