@@ -315,6 +315,11 @@ def _resolve_set(artifacts: ArtifactStore, tenant: str, name: str, fmt: str | No
             formats[shard] = artifacts.get_json(f"{base}{shard}/{META}")["format"]
         except (ArtifactNotFound, ValueError, KeyError, TypeError):
             raise field_error("data.uri", f"shard {name}/{shard} was deleted meanwhile") from None
+    # A tokenizer.json may live beside the shards (data.tokenizer: store://datasets/SET/tok.json);
+    # the workers read only files of the data's format.
+    shards = [s for s in shards if formats[s] != TOKENIZER]
+    if not shards:
+        raise field_error("data.uri", f"no dataset shards under {name + '/'!r}, only a tokenizer.json")
     first = shards[0]
     for shard in shards:
         if formats[shard] != formats[first]:

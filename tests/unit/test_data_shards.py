@@ -287,6 +287,29 @@ def test_shards_of_different_formats_are_refused(store, tmp_path):
     _upload(datasets, "alice", "mix/b.jsonl", b"".join(b'{"text": "hello"}\n' for _ in range(20)))
     with pytest.raises(SpecError, match=r"data.uri: shard mix/b.jsonl is jsonl but mix/a.parquet is parquet"):
         resolve_data(_job("store://datasets/mix/"), "alice", store)
+    # a tokenizer.json beside jsonl shards is no shard
+    datasets.delete("alice", "mix/a.parquet")
+    _upload(datasets, "alice", "mix/tok.json", _bpe_json())
+    text = {
+        "name": "j",
+        "model": {"name": "gpt"},
+        "data": {"uri": "store://datasets/mix/", "tokenizer": "store://datasets/mix/tok.json"},
+    }
+    data = resolve_data(parse_spec(text), "alice", store).data
+    assert (data.format, data.resolved_uri) == ("jsonl", "_tenants/alice/datasets/mix/")
+    assert data.resolved_tokenizer == "_tenants/alice/datasets/mix/tok.json/tokenizer.json"
+
+
+def _bpe_json() -> bytes:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        ["hello world"] * 5,
+        trainers.BpeTrainer(vocab_size=270, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    return tok.to_str().encode()
 
 
 @pytest.mark.parametrize(
