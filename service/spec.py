@@ -191,7 +191,9 @@ class DataSpec(Strict):
     uri: str | None = Field(
         default=None,
         description="A dataset file: `s3://bucket/key.EXT` or `store://datasets/<name>.EXT` (a key in "
-        "the artifact store); its format comes from `format` or the ending: "
+        "the artifact store), or a folder of shards read as one file: `store://datasets/<set>/` "
+        "(uploads <set>/<shard>) or `s3://bucket/prefix/` (give `format`); see docs/data.md. The "
+        "format comes from `format` or the ending: "
         + "; ".join(f"{f}: {', '.join(e)}" for f, e in DATA_FORMATS.items())
         + ".",
     )
