@@ -269,3 +269,14 @@ def test_start_after_the_last_step_names_the_field():
     assert "after the job's last step (24)" in errs["compression.weight_sharing.start_step"]
     ok = parse_spec({**SPEC, "compression": {"weight_sharing": {"start_step": 24}}})
     assert schedule_errors(ok, 1437) == []
+
+
+def test_only_shared_weights_take_the_shared_encoding():
+    spec = parse_spec(SPEC)
+    state = {
+        "fc.weight": ws.shared_values(*ws.cluster(torch.randn(8, 8), bits=2)),
+        "emb.weight": torch.randn(30, 30),  # no Linear/Conv: never clustered, 900 values
+        "fc.bias": torch.zeros(8),
+    }
+    assert ws.shared_layers(spec, state) == {"fc.weight"}
+    assert ws.shared_layers(parse_spec({**SPEC, "compression": {}}), state) == set()

@@ -269,10 +269,11 @@ class WeightSharingMethod(BaseMethod):
 
 
 def shared_layers(spec: JobSpec, state: dict[str, torch.Tensor]) -> set[str]:
-    """The state-dict keys export packs with the `shared` encoding: the layers' weights."""
+    """The state-dict keys export packs with the `shared` encoding: the layers' weights that hold
+    at most 256 distinct values (the clustered ones; an embedding matrix is no Linear/Conv)."""
     if spec.compression.weight_sharing is None:
         return set()
-    return {k for k, v in state.items() if k.endswith(".weight") and v.is_floating_point() and v.dim() >= 2}
+    return {k for k, v in state.items() if k.endswith(".weight") and v.dim() >= 2 and encodable(v)}
 
 
 # --- the packed encoding (pure) -----------------------------------------------------------------
