@@ -72,6 +72,14 @@ test-unit: install
 test-integration: install test-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests/integration
 
+# The deployment test (deploy/README.md): builds the images, brings up docker-compose.yml with
+# deploy/compose.test.yaml (API, Ray head, two CPU Ray worker containers, PostgreSQL and S3
+# stand-ins) and runs a 2-worker DDP job across the worker containers through the API's port.
+# Needs docker or podman (../shared/tools/container-engine.sh prepares podman on this machine).
+.PHONY: test-deploy
+test-deploy: install
+	deploy/test-deploy.sh
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
