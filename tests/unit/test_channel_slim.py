@@ -94,6 +94,7 @@ def _masked(name: str) -> tuple[nn.Module, dict, torch.Tensor]:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_slim_model_equals_masked_model_and_exports(name):
     model, units, x = _masked(name)
+    assert cs.slimmable(model)  # finalize ships it slim, not with dense shapes
     slim, info = cs.slim(model, x[:2], skip=(output_layer(model),))
     with torch.no_grad():
         want, got = model(x), slim(x)
