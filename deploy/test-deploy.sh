@@ -7,9 +7,12 @@
 #   2. asserts from Ray's state API that its two ranks ran on the two worker containers' nodes;
 #   3. verifies every artifact and every checkpoint in the bucket itself against the manifests;
 #   3b. checks that a local-folder artifact store is refused when workers run on other nodes;
-#   4. restarts the API container, then `down` / `up` with the same volumes: the job, its
-#      report and its artifacts are still there (only where the S3 server keeps its objects:
-#      moto's stand-in keeps them in memory, so there the artifacts are checked before `down`);
+#   4. submits a longer job, kills one worker container after its first checkpoint (and starts
+#      it again), restarts the API container: the job resumes from its checkpoint in a new
+#      attempt (its own Ray job) and succeeds;
+#   5. `down` / `up` with the same volumes: both jobs are still there (their records; the
+#      artifacts only where the S3 server keeps its objects: moto's stand-in keeps them in
+#      memory, so the artifacts are checked before `down`);
 # then tears everything down (volumes included). Prints each phase's duration.
 #
 # Environment:
@@ -29,7 +32,7 @@ phase() { local now; now=$(date +%s); echo "== [$((now - T0))s, previous phase $
 die() { echo "FAIL: $*" >&2; exit 1; }
 
 ENGINE=${ENGINE:-$(command -v podman >/dev/null && echo podman || echo docker)}
-if [ "$ENGINE" = podman ]; then COMPOSE=(podman-compose); else COMPOSE=(docker compose); fi
+if [ "$ENGINE" = podman ]; then COMPOSE=(podman-compose) FORMAT_ARG=--format=docker; else COMPOSE=(docker compose) FORMAT_ARG=; fi
 exists() { "$ENGINE" image inspect "$1" >/dev/null 2>&1; }
 PYTHON_IMAGE=${PYTHON_IMAGE:-$(exists localhost/python:3.11-slim-bookworm && echo localhost/python:3.11-slim-bookworm || echo python:3.11-slim-bookworm)}
 DEBIAN_IMAGE=${DEBIAN_IMAGE:-$(exists localhost/debian:bookworm && echo localhost/debian:bookworm || echo debian:bookworm-slim)}
@@ -102,7 +105,8 @@ phase "engine $ENGINE ($("$ENGINE" --version)); base images $PYTHON_IMAGE, $DEBI
 # ---- images ----
 build() { # build TAG DOCKERFILE ARGS...
   local tag=$1 file=$2 t; shift 2; t=$(date +%s)
-  "$ENGINE" build -q -f "$file" -t "$tag" "$@" . >/dev/null
+  # podman writes OCI images by default, which drop the Dockerfiles' HEALTHCHECK
+  "$ENGINE" build -q ${FORMAT_ARG:+"$FORMAT_ARG"} -f "$file" -t "$tag" "$@" . >/dev/null
   echo "built $tag in $(( $(date +%s) - t ))s: $("$ENGINE" image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}')"
 }
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
@@ -216,23 +220,64 @@ else:
 phase "local-folder store refused with workers on other nodes"
 
 # ---- 3. artifacts and checkpoints in the bucket, against the manifests ----
-"$ENGINE" exec -i "$(cid minio)" python - "$BUCKET" artifacts "$JOB" \
+"$ENGINE" exec -i -e AWS_ACCESS_KEY_ID=test -e AWS_SECRET_ACCESS_KEY=test -e AWS_DEFAULT_REGION=us-east-1 \
+    "$(cid minio)" python - "$BUCKET" artifacts "$JOB" \
     spec.json metrics.jsonl report.json model.safetensors model.onnx model.int8.onnx \
   < deploy/test/verify_bucket.py || die "bucket contents disagree with the manifests"
 "$CLI" download "$JOB" "$work/download" >/dev/null || die "slimtrain download (sha256-checked) failed"
 "$CLI" report "$JOB" --json > "$work/report-before.json"
 phase "artifacts verified in the bucket and through the API"
 
-# ---- 4. the API restarted, then down / up with the same volumes ----
+# ---- 4. a worker container killed mid-job, and the API restarted mid-job ----
+api() { curl -fsS -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$API_PORT/v1/$1"; }
+state_of() { "$CLI" status "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
+has_checkpoint() {
+  api "jobs/$1/artifacts" | python3 -c 'import json,sys; d=json.load(sys.stdin); items=d["items"] if isinstance(d,dict) else d
+sys.exit(not any(a["name"].startswith("checkpoints/") and a["name"].endswith("/manifest.json") for a in items))'
+}
+JOB2=$("$CLI" submit deploy/test/job-ddp-resume.yaml --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+echo "job $JOB2 submitted"
+wait_for 600 "a first checkpoint of $JOB2" has_checkpoint "$JOB2"
+[ "$(state_of "$JOB2")" = running ] || die "job $JOB2 is $(state_of "$JOB2") at its first checkpoint, not running"
+victim=$(cids ray-worker-cpu | tail -1)
+"$ENGINE" kill "$victim" >/dev/null
+echo "killed worker container $victim mid-job"
+sleep 3
+# the restart policy or an operator brings the node back; the next attempt needs both
+"$ENGINE" start "$victim" >/dev/null 2>&1 || true
 "$ENGINE" restart "$(cid api)" >/dev/null
+echo "restarted the API container mid-job"
 wait_for 180 "API ready after restart" curl -fsS "http://127.0.0.1:$API_PORT/readyz"
-[ "$("$CLI" status "$JOB" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')" = succeeded ] \
-  || die "job lost after the API restart"
+for ((i = 0; i < 900; i += 5)); do
+  st=$(state_of "$JOB2" 2>/dev/null || echo unknown)
+  case $st in succeeded | failed | cancelled) break ;; esac
+  sleep 5
+done
+[ "$st" = succeeded ] || { "$CLI" logs "$JOB2" | tail -40; die "job $JOB2 ended $st after the kill"; }
+api "jobs/$JOB2/attempts" > "$work/attempts.json"
+api "jobs/$JOB2/artifacts/metrics.jsonl" > "$work/metrics2.jsonl"
+python3 - "$work/attempts.json" "$work/metrics2.jsonl" <<'PY' || die "resume after the kill: see above"
+import json, sys
+d = json.load(open(sys.argv[1]))
+attempts = d["items"] if isinstance(d, dict) else d
+starts = [r for r in map(json.loads, open(sys.argv[2])) if r.get("event") == "start"]
+print("attempts:", [(a["number"], a["submission_id"], a["outcome"]) for a in attempts])
+print("training starts (resumed_from):", [s.get("resumed_from") for s in starts])
+assert len(attempts) >= 2, "the kill did not cost an attempt"
+assert len({a["submission_id"] for a in attempts}) == len(attempts), "two attempts shared a Ray job"
+assert attempts[-1]["outcome"] == "succeeded"
+assert any((s.get("resumed_from") or 0) > 0 for s in starts), "no attempt resumed from a checkpoint"
+PY
+[ "$(state_of "$JOB")" = succeeded ] || die "job $JOB lost after the API restart"
+phase "worker killed and API restarted mid-job: $JOB2 resumed from its checkpoint and succeeded"
+
+# ---- 5. down / up with the same volumes ----
 "${C[@]}" down -t 5 >/dev/null
 start_stack
-[ "$("$CLI" status "$JOB" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')" = succeeded ] \
-  || die "job lost after down/up"
-"$CLI" jobs --json | python3 -c "import json,sys; ids=[j['id'] for j in json.load(sys.stdin)['items']]; sys.exit('$JOB' not in ids)" \
-  || die "job not listed after down/up"
-phase "job record kept across an API restart and down/up (PostgreSQL volume)"
+for j in "$JOB" "$JOB2"; do
+  [ "$(state_of "$j")" = succeeded ] || die "job $j lost after down/up"
+  "$CLI" jobs --json | python3 -c "import json,sys; ids=[j['id'] for j in json.load(sys.stdin)['items']]; sys.exit('$j' not in ids)" \
+    || die "job $j not listed after down/up"
+done
+phase "job records kept across down/up (PostgreSQL volume)"
 echo "PASS: deployment test"
