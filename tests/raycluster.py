@@ -39,7 +39,22 @@ class RayHead:
 def start_head(
     num_cpus: int = 2, tag: str = "t", env: dict | None = None, ports: dict[str, int] | None = None
 ) -> RayHead:
-    """`ports`: a stopped head's `ports`, to bring a new head up on the same address."""
+    """`ports`: a stopped head's `ports`, to bring a new head up on the same address.
+
+    A port chosen free can be taken before Ray binds it (by another head starting in another
+    test process, or any of the ports Ray's own workers open): a head on ports we chose is
+    retried on fresh ones, and the last failure says what `ray start` printed."""
+    tries = 1 if ports else 3
+    for attempt in range(tries):
+        try:
+            return _start_head(num_cpus, tag, env, ports)
+        except RuntimeError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_head(num_cpus: int, tag: str, env: dict | None, ports: dict[str, int] | None) -> RayHead:
     temp = Path("/tmp") / f"stray-{tag}-{os.getpid()}-{free_port()}"
     ports = (
         dict(ports)
@@ -83,7 +98,11 @@ def start_head(
     run_env[LOCAL_ONLY_ENV] = "0"
     bind_loopback()
     ensure_private_ray_token(run_env)
-    subprocess.run(cmd, check=True, env=run_env, capture_output=True, timeout=180)
+    done = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=180)
+    if done.returncode:
+        kill_tree(temp)  # whatever it started before failing
+        shutil.rmtree(temp, ignore_errors=True)
+        raise RuntimeError(f"`ray start --head` failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", temp, ports)
 
 
