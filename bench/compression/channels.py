@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -343,6 +344,8 @@ def plot(rows: list[dict], path) -> None:
     )
     ax.axvline(-1.0, color="k", ls="--", lw=1, label="-1 point")
     ax.set_yticks(ys, [""] * len(rows))
+    for a in axes[0]:
+        a.invert_yaxis()  # rows in the table's order, top to bottom
     ax.set_xlabel("accuracy vs dense (same seed and steps), points")
     ax.legend(fontsize=7)
     load = rows[-1]["machine"]["load_average"]
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["convnet"], choices=sorted(MODELS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--recipes", nargs="+", default=["r50-e100-s300"], choices=list(RECIPES))
+    ap.add_argument("--recipes", nargs="*", default=["r50-e100-s300"], choices=list(RECIPES))
     ap.add_argument(
         "--int8",
         nargs="*",
@@ -405,6 +408,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--append", action="store_true", help="keep the rows already in results.json")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="RESULTS_JSON",
+        help="train nothing: add the rows of these results.json files (runs made side by side, e.g. one "
+        "process per seed with BENCH_OUT set) and rewrite the table",
+    )
     args = ap.parse_args(argv)
     global COMMAND
     COMMAND = ".venv/bin/python -m bench.compression.channels " + shlex.join(
@@ -421,6 +432,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     if args.append and (out / "results.json").exists():
         rows = [_normalise(r) for r in json.loads((out / "results.json").read_text())["rows"]]
+    if args.merge:
+        for path in args.merge:
+            rows += [_normalise(r) for r in json.loads(Path(path).read_text())["rows"]]
+        print(write(out, rows, args.repeats, t0))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalArtifactStore(tmp)
         for model in args.models:
