@@ -21,6 +21,13 @@ rows already in results.json, each with its own command and conditions). Writes
 bench/results/compression_channels/{results.json, table.md, latency.png}, rewritten after every
 seed. The machine is shared: each row records the load average; latencies are medians of
 interleaved runs on one onnxruntime thread, so load shifts all columns alike.
+
+Cost: a 300-step convnet job trains in ~2.5 min of one free CPU (QAT ~1.5x that), so the full
+command above (3 seeds x dense, channels, channels + int8) needs ~25 CPU-minutes. On the shared
+2-CPU machine at load 15-40 one process got 0.12-0.25 of a CPU (more processes did not get more:
+five side by side got 3% each), i.e. hours; run it where a CPU is free, or one seed per run
+(`--append`), or one process per seed with its own BENCH_OUT, joined afterwards with
+`--append --merge DIR/compression_channels/results.json ...`.
 """
 
 from __future__ import annotations
