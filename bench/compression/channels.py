@@ -22,10 +22,11 @@ bench/results/compression_channels/{results.json, table.md, latency.png}, rewrit
 seed. The machine is shared: each row records the load average; latencies are medians of
 interleaved runs on one onnxruntime thread, so load shifts all columns alike.
 
-Cost: a 300-step convnet job trains in ~2.5 min of one free CPU (QAT ~1.5x that), so the full
-command above (3 seeds x dense, channels, channels + int8) needs ~25 CPU-minutes. On the shared
-2-CPU machine at load 15-40 one process got 0.12-0.25 of a CPU (more processes did not get more:
-five side by side got 3% each), i.e. hours; run it where a CPU is free, or one seed per run
+Cost: the 300-step dense convnet job took ~150 s of CPU time (training and export; 1019 s of
+wall time at load 12-43), QAT ~1.5x that, so the full command above (3 seeds x dense, channels,
+channels + int8) needs ~25-30 CPU-minutes: ~15 min as one process per seed on two free CPUs.
+On the shared 2-CPU machine at load 15-40 one process got 0.12-0.25 of a CPU (more processes did
+not get more: five side by side got 3% each), i.e. hours; run it where a CPU is free, or one seed per run
 (`--append`), or one process per seed with its own BENCH_OUT, joined afterwards with
 `--append --merge DIR/compression_channels/results.json ...`.
 """
