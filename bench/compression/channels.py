@@ -395,7 +395,9 @@ def write(out, rows: list[dict], repeats: int, t0: float) -> str:
         "int8 graph) for channels + int8; masked: the channel job's model with dense shapes and zero filters "
         "(what onnxruntime ran before slimming). Medians of "
         f"{repeats} interleaved runs after 5 warm-ups, one onnxruntime thread. Accuracy over 400 validation "
-        "samples (0.25 points each).\n\n" + conditions(m) + "\n"
+        "samples (0.25 points each). The rows' runs:\n\n"
+        + "\n".join(f"- {c}" for c in dict.fromkeys(conditions(r["machine"]) for r in rows))
+        + "\n"
     )
     (out / "table.md").write_text(text)
     plot(rows, out / "latency.png")
