@@ -237,7 +237,9 @@ def _with_field(spec: dict, path: str, key: str, value) -> dict:
     spec = json.loads(json.dumps(spec))
     node = spec
     for part in path.split(".") if path else []:
-        node = node[part]
+        # a section the full spec cannot hold beside the others (weight_sharing excludes
+        # quantization) is sent holding only the stray field: still refused, naming it
+        node = node.setdefault(part, {})
     node[key] = value
     return spec
 
