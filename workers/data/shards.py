@@ -38,6 +38,14 @@ def is_folder(uri: str | None) -> bool:
     return uri is not None and uri.endswith("/")
 
 
+def skipped(rel: str) -> bool:
+    """Whether the file at `rel` (its path under a folder of shards) is no shard, whatever its
+    ending: a path part that starts with "_" or "." (Spark's `_SUCCESS`, `_temporary/`,
+    `.part-0.crc`), or an empty or ".." part. The one rule for every reader of a folder and for
+    `slimtrain dataset push DIR`. Pure."""
+    return any(p.startswith(("_", ".")) or p in ("", "..") for p in rel.split("/"))
+
+
 def select(
     uri: str, fmt: str, entries: list[tuple[str, int]], store_layout: bool
 ) -> list[tuple[str, str, int]]:
@@ -52,9 +60,9 @@ def select(
     endings = DATA_FORMATS[fmt]
     out = []
     for rel, size in sorted(entries):
-        parts = rel.split("/")
-        if any(p.startswith(("_", ".")) or p in ("", "..") for p in parts):
+        if skipped(rel):
             continue
+        parts = rel.split("/")
         if not parts[-1].lower().endswith(endings):
             continue
         shown = "/".join(parts[:-1]) if store_layout and len(parts) > 1 else rel
