@@ -79,15 +79,7 @@ def _from_shards(spec: DataSpec, read: Reader, shards: list[tuple[str, Callable[
         return parquet_raw(pa.concat_tables([t.select(have) for _, t in tables]), spec)
     if fmt == "npz":
         arrays = [(uri, *_npz_arrays(get(), uri)) for uri, get in shards]
-        first, x0, y0 = arrays[0]
-        for uri, x, y in arrays[1:]:
-            for name, a, b in (("X", x0, x), ("y", y0, y)):
-                if a.dtype != b.dtype or a.shape[1:] != b.shape[1:]:
-                    raise ConfigError(
-                        f"data.uri: array {name} is {b.dtype} {list(b.shape[1:])} per sample in {uri} "
-                        f"but {a.dtype} {list(a.shape[1:])} in {first}: the shards of {spec.uri} "
-                        "must share one schema"
-                    )
+        check_same_arrays([(uri, npz_schema(x, y)) for uri, x, y in arrays], spec.uri)
         return npz_raw(np.concatenate([a[1] for a in arrays]), np.concatenate([a[2] for a in arrays]), spec)
     if fmt in ("jsonl", "text"):
         docs: list[str] = []
@@ -210,29 +202,86 @@ def from_npz(raw: bytes, spec: DataSpec) -> Raw:
     return npz_raw(*_npz_arrays(raw, spec.uri), spec)
 
 
+def npz_schema(x, y) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each array's dtype and per-sample shape: what the shards of a folder must share."""
+    return {"X": (x.dtype, tuple(x.shape[1:])), "y": (y.dtype, tuple(y.shape[1:]))}
+
+
+def check_same_arrays(schemas: list[tuple[str, dict]], folder: str) -> None:
+    """ConfigError naming data.uri, the array and the shard when a shard's X or y differs in
+    dtype or per-sample shape from the first shard's (`npz_schema` of each). Pure."""
+    (first, s0), rest = schemas[0], schemas[1:]
+    for uri, s in rest:
+        for name in ("X", "y"):
+            (da, sa), (db, sb) = s0[name], s[name]
+            if da != db or sa != sb:
+                raise ConfigError(
+                    f"data.uri: array {name} is {db} {list(sb)} per sample in {uri} "
+                    f"but {da} {list(sa)} in {first}: the shards of {folder} must share one schema"
+                )
+
+
+def npz_kind(x_dtype: np.dtype, x_shape: tuple[int, ...], y_shape: tuple[int, ...], spec: DataSpec) -> str:
+    """What npz arrays X and y of these dtypes and per-sample shapes hold: "tokens" (language
+    modelling: int X [N, T], y [N, T]), "sequence" (int32/int64 X [N, T] with one label per row:
+    token ids, never cast to float) or "features" (anything else numeric, with [N] labels).
+    Pure: the in-memory path and the streamed one (a group of rows at a time) decide alike."""
+    if len(y_shape) == 1:  # token sequences: X and y are int [N, T]
+        if not np.issubdtype(x_dtype, np.integer) or x_shape != y_shape:
+            raise ConfigError("data.uri: token data needs integer X of the same shape as y")
+        return "tokens"
+    if len(y_shape) != 0:
+        raise ConfigError("data.uri: y must be [N] labels or [N, T] tokens")
+    if (
+        len(x_shape) == 1
+        and np.issubdtype(x_dtype, np.integer)
+        and x_dtype.itemsize >= 4
+        and spec.layout is None
+    ):
+        return "sequence"
+    return "features"
+
+
+def npz_rows(
+    x: np.ndarray, y: np.ndarray, kind: str, spec: DataSpec
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int] | None]:
+    """(x, y, image shape) of some rows of npz arrays of `kind` (`npz_kind`): what the model
+    gets (int64 tokens; float32 features [N, F], NHWC images transposed to NCHW first). Row by
+    row, so any group of rows decodes as it would within the whole array; the checks over all
+    rows (labels, vocabulary) are the caller's."""
+    if kind == "tokens":
+        return x.astype(np.int64), y.astype(np.int64), None
+    y = y.astype(np.int64)
+    if kind == "sequence":
+        _check_ids(x, spec.uri)
+        return x.astype(np.int64), y, None
+    x, image_shape = _features(x, spec.layout, "data.uri: X")
+    return x, y, image_shape
+
+
 def npz_raw(x: np.ndarray, y: np.ndarray, spec: DataSpec) -> Raw:
     uri = spec.uri
     if len(x) != len(y):
         raise ConfigError(f"data.uri: X and y need the same length (got {len(x)}, {len(y)})")
-    if y.ndim == 2:  # token sequences: X and y are int [N, T]
-        if not np.issubdtype(x.dtype, np.integer) or x.shape != y.shape:
-            raise ConfigError("data.uri: token data needs integer X of the same shape as y")
+    kind = npz_kind(x.dtype, x.shape[1:], y.shape[1:], spec)
+    if kind == "tokens":
         vocab = token_vocab(np.concatenate([x.ravel(), y.ravel()]), spec.num_classes, "data.uri: X/y tokens")
-        return Raw(x.astype(np.int64), y.astype(np.int64), None, uri, vocab)
-    if y.ndim != 1:
-        raise ConfigError("data.uri: y must be [N] labels or [N, T] tokens")
+        xs, ys, _ = npz_rows(x, y, kind, spec)
+        return Raw(xs, ys, None, uri, vocab)
     k = check_labels(y, spec.num_classes, "data.uri: y")
-    y = y.astype(np.int64)
-    if x.ndim == 2 and np.issubdtype(x.dtype, np.integer) and x.dtype.itemsize >= 4 and spec.layout is None:
-        # int32/int64 [N, T] with one label per row: token ids, never cast to float.
-        return _sequence(x, y, k, uri)
-    x, image_shape = _features(x, spec.layout, "data.uri: X")
-    return Raw(x, y, image_shape, uri, k)
+    xs, ys, image_shape = npz_rows(x, y, kind, spec)
+    if kind == "sequence":
+        return Raw(xs, ys, None, uri, k, kind="sequence", vocab_size=int(xs.max()) + 1)
+    return Raw(xs, ys, image_shape, uri, k)
+
+
+def _check_ids(x: np.ndarray, source: str) -> None:
+    if x.size and x.min() < 0:
+        raise ConfigError(f"{source}: token ids must be non-negative (found {int(x.min())})")
 
 
 def _sequence(x: np.ndarray, y: np.ndarray, k: int, source: str) -> Raw:
-    if x.min() < 0:
-        raise ConfigError(f"{source}: token ids must be non-negative (found {int(x.min())})")
+    _check_ids(x, source)
     return Raw(x.astype(np.int64), y, None, source, k, kind="sequence", vocab_size=int(x.max()) + 1)
 
 
