@@ -543,15 +543,23 @@ app.add_typer(dataset_app, name="dataset")
 
 @dataset_app.command("push")
 def dataset_push(
-    file: Annotated[Path, typer.Argument(help="A dataset file.", exists=True, dir_okay=False)],
+    file: Annotated[
+        Path,
+        typer.Argument(help="A dataset file, or a folder of shards (a set).", exists=True),
+    ],
     name: Annotated[
-        str | None, typer.Argument(help="Its name (default: the file's): jobs use store://datasets/NAME.")
+        str | None,
+        typer.Argument(
+            help="Its name (default: the file's or folder's): jobs use store://datasets/NAME, "
+            "a folder's set store://datasets/NAME/."
+        ),
     ] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
             "--format",
-            help="npz, parquet, jsonl, text, image_zip, image_tar or tokenizer; default: from NAME's ending.",
+            help="npz, parquet, jsonl, text, image_zip, image_tar or tokenizer; default: from NAME's "
+            "ending (a folder: each file's).",
         ),
     ] = None,
     label_column: Annotated[
@@ -567,20 +575,95 @@ def dataset_push(
     token: Token = None,
 ):
     """Upload a dataset file as NAME, checked on arrival as a job will read it; a job reads it
-    with `data: {uri: store://datasets/NAME}` (a tokenizer.json: `data.tokenizer`)."""
+    with `data: {uri: store://datasets/NAME}` (a tokenizer.json: `data.tokenizer`).
+
+    A folder is a set of shards (as Spark or Ray Data write a table): each file in it is
+    uploaded as NAME/FILE, in sorted order, and a job reads them all as one dataset with
+    `data: {uri: store://datasets/NAME/}`. Names starting with '_' or '.' (_SUCCESS, .crc) are
+    skipped, as the readers skip them; anything else must be a shard of the one format. All or
+    nothing: NAME must not exist yet, and when a shard fails the shards already stored are
+    deleted again (the report says which, and what stays when that too fails)."""
     params = {"format": fmt, "label_column": label_column, "text_column": text_column}
-    _push("datasets", file, name or file.name, params, as_json, url, token)
+    if file.is_dir():
+        _push_folder(file, name or file.name, params, as_json, url, token)
+    else:
+        _push("datasets", file, name or file.name, params, as_json, url, token)
+
+
+def _push_folder(folder: Path, name: str, params: dict, as_json: bool, url, token) -> None:
+    from api.dataset_sets import FolderRefused, PushFailed, existing_shards, plan_folder, push_set, set_name
+
+    try:
+        name = set_name(name)
+        shards = plan_folder(folder, params["format"])
+    except FolderRefused as e:
+        console.print(f"[red]refused:[/] {e}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    with _api(url, token) as api:
+        there = existing_shards(api.list_uploads("datasets"), name)
+        if there:
+            console.print(
+                f"[red]refused:[/] {name}/ already exists ({len(there)} files: {', '.join(there[:3])}"
+                f"{', ...' if len(there) > 3 else ''}); pushing into it would mix two uploads. "
+                f"Delete it first with `slimtrain dataset rm {name}`",
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[files]}"),
+            console=console,
+        )
+        done = 0
+
+        def next_shard(shard) -> None:
+            nonlocal done
+            progress.update(task, description=f"{name}/{shard.name}", files=f"file {done + 1}/{len(shards)}")
+            done += 1
+
+        try:
+            with progress:
+                total = sum(s.size for s in shards)
+                task = progress.add_task(f"push {name}/", total=total, files=f"0/{len(shards)} files")
+                entries = push_set(api, name, shards, params, lambda n: progress.advance(task, n), next_shard)
+                progress.update(task, description=f"push {name}/", files=f"{len(shards)} files")
+        except PushFailed as e:
+            for line in e.report():
+                console.print(f"[red]{line}", soft_wrap=True)
+            if isinstance(e.cause, KeyboardInterrupt):
+                raise typer.Exit(130) from None
+            # _api says what failed it: the server's refusal (its 4xx message, exit 2; 5xx: 3)
+            # or the lost connection (exit 3).
+            raise e.cause from None
+    if as_json:
+        out.print_json(json.dumps({"name": name + "/", "shards": entries}))
+        return
+    for entry in entries:
+        out.print(f"{entry['name']}  {entry['size']:,} bytes  sha256 {entry['sha256']}")
+    size = sum(e["size"] for e in entries)
+    out.print(f"{name}/  {len(entries)} files  {size:,} bytes  -> store://datasets/{name}/")
 
 
 @dataset_app.command("ls")
 def dataset_ls(as_json: AsJson = False, url: Url = None, token: Token = None):
-    """List your datasets."""
+    """List your datasets; a set of shards is one line, SET/ (--json: every upload, a shard by its
+    name SET/SHARD, as GET /v1/datasets gives them)."""
+    from api.dataset_sets import group_sets
+
     with _api(url, token) as api:
         items = api.list_uploads("datasets")
     if as_json:
         out.print_json(json.dumps(items))
         return
-    for d in items:
+    for d in group_sets(items):
+        if "shards" in d:
+            out.print(
+                f"{d['name']}  {d['format']}  {d['shards']} shards  {d['samples']:,} samples  "
+                f"{d['size']:,} bytes  {d['created']}"
+            )
+            continue
         classes = f"  {d['num_classes']} classes" if d.get("num_classes") is not None else ""
         out.print(
             f"{d['name']}  {d['format']}  {d['samples']:,} samples{classes}  "
@@ -592,8 +675,8 @@ def dataset_ls(as_json: AsJson = False, url: Url = None, token: Token = None):
 def dataset_rm(
     name: Annotated[str, typer.Argument(help="The dataset's name.")], url: Url = None, token: Token = None
 ):
-    """Delete one of your datasets."""
-    _rm("datasets", name, url, token)
+    """Delete one of your datasets, or a whole set of shards (SET or SET/)."""
+    _rm("datasets", name.removesuffix("/") or name, url, token)
 
 
 # In a download folder: the id of the job whose files it holds, written before the first file,

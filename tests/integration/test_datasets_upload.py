@@ -261,3 +261,154 @@ def test_shards_upload_as_set_slash_name_and_a_job_reads_the_set(api):
     assert len(got.x_train) + len(got.x_val) == 80 and got.x_train.max() >= 100
     assert alice.delete("/v1/datasets/parts").status_code == 204
     assert not any(n.startswith("parts/") for n in _names(alice))
+
+
+# --- slimtrain dataset push DIR SET: a folder of shards, all or nothing (api/dataset_sets.py) ---
+
+
+def _cli(api, *args, token=ALICE):
+    from typer.testing import CliRunner
+
+    from api.cli import app as cli
+
+    return CliRunner().invoke(cli, [*args, "--url", api.url, "--token", token])
+
+
+def _spark_folder(root, bad: int | None = None):
+    """Three 40-row parquet parts as Spark writes them, with its marker and checksum files;
+    part `bad` corrupt."""
+    root.mkdir()
+    for k in range(3):
+        body = _corrupt_parquet() if k == bad else _table(100.0 * k)
+        (root / f"part-{k:05d}.parquet").write_bytes(body)
+    (root / "_SUCCESS").write_bytes(b"")
+    (root / ".part-00000.parquet.crc").write_bytes(b"crc")
+    return root
+
+
+def _said(r) -> str:
+    """The CLI's output as one line: rich wraps long messages (and the table of a 422's fields)."""
+    return " ".join(r.output.replace("│", " ").split())
+
+
+def _set_names(api, client, name):
+    return sorted(n for n in _names(client) if n.startswith(name + "/"))
+
+
+def test_cli_pushes_a_folder_as_a_set_that_ls_shows_whole_and_a_job_reads(api, tmp_path):
+    alice = api.client(ALICE)
+    folder = _spark_folder(tmp_path / "clicks")
+    r = _cli(api, "dataset", "push", str(folder), "clicks/")
+    assert r.exit_code == 0, r.output
+    parts = [f"part-{k:05d}.parquet" for k in range(3)]
+    assert _set_names(api, alice, "clicks") == [f"clicks/{p}" for p in parts]  # no _SUCCESS, no .crc
+    size = sum((folder / p).stat().st_size for p in parts)
+    assert f"clicks/  3 files  {size:,} bytes  -> store://datasets/clicks/" in r.stdout
+    r = _cli(api, "dataset", "ls")
+    assert r.exit_code == 0, r.output
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("clicks/")]
+    assert line.startswith(f"clicks/  parquet  3 shards  120 samples  {size:,} bytes"), line
+    job = _job(alice, {"uri": "store://datasets/clicks/", **FEATURES})
+    assert job.status_code == 201, job.text
+    got = load_dataset(parse_spec(job.json()["spec"]).data, api.artifacts)
+    assert len(got.x_train) + len(got.x_val) == 120
+    # a set that exists is not pushed into (two uploads mixed), whatever the folder holds
+    r = _cli(api, "dataset", "push", str(folder), "clicks")
+    assert r.exit_code == 2 and "clicks/ already exists (3 files" in r.output, r.output
+    assert "dataset rm clicks" in r.output
+    assert _cli(api, "dataset", "rm", "clicks/").exit_code == 0
+    assert _set_names(api, alice, "clicks") == []
+    # --json: the set and each shard's entry as the server gave it
+    r = _cli(api, "dataset", "push", str(folder), "--json")  # NAME: the folder's
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["name"] == "clicks/" and [e["name"] for e in out["shards"]] == [f"clicks/{p}" for p in parts]
+    assert out["shards"][0]["sha256"] == hashlib.sha256((folder / parts[0]).read_bytes()).hexdigest()
+    assert alice.delete("/v1/datasets/clicks").status_code == 204
+
+
+def test_cli_refuses_a_folder_that_is_no_set_with_exit_2_and_sends_nothing(api, tmp_path):
+    alice = api.client(ALICE)
+    assert (
+        alice.put("/v1/datasets/single", params={"format": "parquet"}, content=_table(0.0)).status_code == 201
+    )
+    before = _names(alice)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "_SUCCESS").write_bytes(b"")
+    nested = _spark_folder(tmp_path / "nested")
+    (nested / "year=2024").mkdir()
+    mixed = _spark_folder(tmp_path / "mixed")
+    (mixed / "notes.jsonl").write_text('{"text": "hi"}\n')
+    for folder, name, says in (
+        (empty, "e", "holds no shard files"),
+        (nested, "n", "holds year=2024/, which is no file"),
+        (mixed, "m", "mixes formats (notes.jsonl is jsonl, part-00000.parquet is parquet)"),
+        (nested, "bad name!", "invalid dataset set name 'bad name!'"),
+        (nested, "a/b", "invalid dataset set name 'a/b'"),
+    ):
+        r = _cli(api, "dataset", "push", str(folder), name)
+        assert r.exit_code == 2, (name, r.output)
+        assert says in _said(r), (name, r.output)
+    # a one-file dataset's name: the API's own refusal, and nothing of the set stays
+    r = _cli(api, "dataset", "push", str(_spark_folder(tmp_path / "clash")), "single")
+    assert r.exit_code == 2, r.output
+    assert "dataset 'single' is one file; a set of shards needs a name of its own" in _said(r), r.output
+    assert "nothing of single/ reached the server" in r.output
+    assert _names(alice) == before
+    assert alice.delete("/v1/datasets/single").status_code == 204
+
+
+def test_a_shard_refused_midway_rolls_back_the_shards_stored_before(api, tmp_path):
+    """All or nothing: part 2 is corrupt, parts 0 and 1 were stored: they are deleted again, and
+    the server's message says what was wrong with part 2."""
+    alice = api.client(ALICE)
+    r = _cli(api, "dataset", "push", str(_spark_folder(tmp_path / "half", bad=2)), "half")
+    assert r.exit_code == 2, r.output
+    said = _said(r)
+    assert "push of half/ stopped at shard part-00002.parquet" in said
+    assert (
+        "rolled back: the 2 shards stored before (part-00000.parquet, part-00001.parquet) were deleted"
+        in said
+    )
+    assert "store://datasets/half/part-00002.parquet is not a readable parquet file" in said
+    assert _set_names(api, alice, "half") == []
+
+
+def test_a_lost_connection_midway_rolls_back_or_names_exactly_what_stays(api, tmp_path, monkeypatch):
+    """The connection breaks after part 1 reached the server (its answer lost). With the server
+    still there, the rollback deletes parts 0 and 1; without it (every later call fails too),
+    the report names what is on the server and what is not, and the listing agrees."""
+    from api.client import Client, Unreachable
+
+    alice = api.client(ALICE)
+    real_push = Client.push
+
+    def push_then_lose_part_1(self, kind, path, name, *a, **kw):
+        entry = real_push(self, kind, path, name, *a, **kw)
+        if name.endswith("part-00001.parquet"):
+            raise Unreachable("connection reset (test)")
+        return entry
+
+    monkeypatch.setattr(Client, "push", push_then_lose_part_1)
+    r = _cli(api, "dataset", "push", str(_spark_folder(tmp_path / "lost")), "lost")
+    assert r.exit_code == 3, r.output
+    said = _said(r)
+    assert "stopped at shard part-00001.parquet" in said and "nothing of lost/ is on the server" in said
+    assert "connection reset (test)" in said
+    assert _set_names(api, alice, "lost") == []
+
+    def unreachable(self, *a, **kw):
+        raise Unreachable("connection refused (test)")
+
+    monkeypatch.setattr(Client, "delete_upload", unreachable)
+    r = _cli(api, "dataset", "push", str(_spark_folder(tmp_path / "stays")), "stays")
+    assert r.exit_code == 3, r.output
+    said = _said(r)
+    assert (
+        "NOT rolled back: stays/ on the server holds 2 of the shards (part-00000.parquet, "
+        "part-00001.parquet (perhaps)) and lacks part-00002.parquet" in said
+    ), said
+    assert "slimtrain dataset rm stays" in said
+    assert _set_names(api, alice, "stays") == ["stays/part-00000.parquet", "stays/part-00001.parquet"]
+    assert alice.delete("/v1/datasets/stays").status_code == 204
