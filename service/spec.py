@@ -718,8 +718,8 @@ def streaming_unsupported(spec: DataSpec, strategy: str) -> str | None:
     if spec.uri is None:
         return "built-in datasets load in memory"
     fmt = spec.resolved_format
-    if fmt not in ("parquet", "image_zip", "image_tar", "jsonl", "text"):
-        return f"only parquet, jsonl/text and image zip/tar archives stream (this is {fmt})"
+    if fmt not in ("parquet", "npz", "image_zip", "image_tar", "jsonl", "text"):
+        return f"only parquet, npz, jsonl/text and image zip/tar archives stream (this is {fmt})"
     if spec.token_column is not None and spec.label_column is None:
         return "token_column without label_column (language-modelling blocks) loads in memory"
     where = (spec.resolved_uri or spec.uri or "").lower()
@@ -729,6 +729,7 @@ def streaming_unsupported(spec: DataSpec, strategy: str) -> str | None:
         # Stage 0 needs a batch's inputs and the last stage its targets, while Ray Data hands
         # each worker a different share of the rows.
         return "parallel.strategy pipeline needs the data in memory; streaming is for ddp and fsdp"
+    # A compressed npz (np.savez_compressed) is only found out by the job's driver.
     return None
 
 

@@ -70,7 +70,12 @@ def test_streaming_decision(kw, strategy, size, threshold, want):
     ("spec", "strategy", "named"),
     [
         (DataSpec(name="digits", streaming="on"), "ddp", "built-in"),
-        (DataSpec(uri="store://datasets/d.npz", streaming="on"), "ddp", "only parquet"),
+        (
+            DataSpec(uri="store://datasets/d.parquet", token_column="t", streaming="on"),
+            "ddp",
+            "language-modelling",
+        ),
+        (DataSpec(uri="store://datasets/d.tar.gz", streaming="on"), "ddp", "compressed tar"),
         (spec_for("store://datasets/d.parquet", streaming="on"), "pipeline", "pipeline"),
     ],
 )
@@ -204,6 +209,30 @@ def test_s3_parquet_streams_with_the_credentials_the_plan_carries(
     plan = pickle.loads(pickle.dumps(st.plan))
     for k in s3_server.env:
         monkeypatch.delenv(k)
+    parts = [plan.rows(i, "train") for i in range(len(plan.row_starts))]
+    got = np.column_stack([np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])])
+    want = np.column_stack([mem.x_train.numpy(), mem.y_train.numpy()])
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
+
+
+def test_s3_npz_streams_by_ranged_reads(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """An uncompressed npz on s3:// streams as on the store: the .npy headers are parsed through
+    the pyarrow S3 filesystem and each group is one ranged read per array."""
+    import pickle
+
+    monkeypatch.setattr(streaming, "TASK_ROWS", 32)
+    rng = np.random.default_rng(4)
+    y = np.arange(100) % 3
+    x = (rng.standard_normal((100, 2, 3, 3)) + y[:, None, None, None]).astype(np.float32)
+    np.savez(tmp_path / "d.npz", X=x, y=y)
+    s3_server.client().upload_file(str(tmp_path / "d.npz"), s3_bucket, "data/d.npz")
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    spec = DataSpec(uri=f"s3://{s3_bucket}/data/d.npz", streaming="on")
+    st = load_for_job(spec, "ddp", None)
+    mem = load_dataset(spec.model_copy(update={"streaming": "off"}), None)
+    assert st.streamed and len(st.plan.row_starts) == 4 and st.info.image_shape == (2, 3, 3)
+    plan = pickle.loads(pickle.dumps(st.plan))  # as a read task gets it
     parts = [plan.rows(i, "train") for i in range(len(plan.row_starts))]
     got = np.column_stack([np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])])
     want = np.column_stack([mem.x_train.numpy(), mem.y_train.numpy()])

@@ -3,8 +3,8 @@
 artifact store or S3 in one of the formats of workers/data/formats.py: npz, parquet, JSON Lines,
 text, image folders in a zip or tar; or a folder of parquet, jsonl/text or npz shards,
 workers/data/shards.py). Held in memory as tensors, where index-based batching keeps
-every rank's view a pure function of the step; a parquet, jsonl/text or image zip/tar file larger
-than memory streams through Ray Data instead (`load_for_job`, workers/data/streaming.py)."""
+every rank's view a pure function of the step; a parquet, npz, jsonl/text or image zip/tar file
+larger than memory streams through Ray Data instead (`load_for_job`, workers/data/streaming.py)."""
 
 from __future__ import annotations
 
@@ -84,10 +84,10 @@ def load_for_job(spec: DataSpec, strategy: str, store=None, stream_above_bytes: 
             tok = _read_uri(spec.location("data.tokenizer"), store, "data.tokenizer")
         try:
             return streaming.open_streamed(spec, path, fs, tok)
-        except streaming.NotStreamable:
+        except streaming.NotStreamable as e:
             if spec.streaming == "on":
                 raise
-            log.info("data.uri %s cannot stream (a compressed tar): loading it in memory", spec.uri)
+            log.info("data.uri %s cannot stream (%s): loading it in memory", spec.uri, e.message)
     return load_dataset(spec, store)
 
 

@@ -278,6 +278,62 @@ class TarPlan(ZipPlan):
                 yield name, data
 
 
+@dataclass(frozen=True)
+class NpyArray:
+    """Where an uncompressed `.npy` member of an npz lies in its file: the byte its data starts
+    at, its dtype and per-sample shape. A C-order array's row i starts `i * row_bytes` after
+    that, so a group of rows is one ranged read (a local seek, an S3 range request)."""
+
+    name: str  # "X" or "y"
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]  # the whole array's
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+
+    def read(self, f, start: int, end: int, uri: str) -> np.ndarray:
+        """Rows start..end-1, read from the open file `f`."""
+        f.seek(self.offset + start * self.row_bytes)
+        size = (end - start) * self.row_bytes
+        data = f.read(size)
+        if len(data) != size:
+            raise ConfigError(
+                f"data.uri: {uri}: array {self.name} is truncated (the data changed since it was checked)"
+            )
+        return np.frombuffer(data, self.dtype).reshape(end - start, *self.shape[1:])
+
+
+@dataclass(frozen=True)
+class NpzPlan(Plan):
+    """An uncompressed npz (np.savez), or a folder of them: a group is a run of rows of one
+    file, read by offset from its stored `X.npy` and `y.npy` (`arrays`: each file's X and y)
+    and decoded by the in-memory path's own function (formats.npz_rows: NHWC to NCHW, integer
+    tokens kept as int64)."""
+
+    arrays: tuple[tuple[NpyArray, NpyArray], ...] = ()
+    file_starts: tuple[int, ...] = ()  # first sample of each file
+    kind: str = "features"  # formats.npz_kind of the arrays
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Group i's rows of X and y as stored (dtype and shape of the file)."""
+        k = self.shard(i)
+        path, uri = self.file(k)
+        start, end = self.group(i)
+        a, b = start - self.file_starts[k], end - self.file_starts[k]
+        ax, ay = self.arrays[k]
+        try:
+            with self.filesystem.open_input_file(path) as f:
+                return ax.read(f, a, b, uri), ay.read(f, a, b, uri)
+        except OSError as e:
+            raise ConfigError(f"data.uri: {uri}: rows {a}..{b - 1} are not readable ({e})") from None
+
+    def samples(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y, _ = F.npz_rows(*self.raw(i), self.kind, self.data_spec)
+        return x, y
+
+
 _TOKENIZERS: dict[int, object] = {}
 
 
@@ -557,15 +613,17 @@ class StreamedData:
 def open_streamed(spec: DataSpec, path, filesystem, tokenizer_json: bytes | None = None) -> StreamedData:
     """Plan and check a dataset for streaming: one pass, a row group (an image, a run of lines)
     at a time, raising ConfigError for what the in-memory path refuses. `path`: the file's, or
-    a folder's shards (workers/data/shards.Shard, in read order; parquet, jsonl, text).
+    a folder's shards (workers/data/shards.Shard, in read order; parquet, jsonl, text, npz).
     `tokenizer_json`: the bytes of a jsonl/text dataset's `data.tokenizer`."""
     fmt = spec.resolved_format
-    if not isinstance(path, str) and fmt not in ("parquet", "jsonl", "text"):
+    if not isinstance(path, str) and fmt not in ("parquet", "jsonl", "text", "npz"):
         raise NotStreamable(f"data.streaming: on is not possible: a folder of {fmt} files does not stream")
     if fmt in ("image_zip", "image_tar"):
         return open_archive(spec, path, filesystem)
     if fmt in ("jsonl", "text"):
         return open_text(spec, path, filesystem, tokenizer_json)
+    if fmt == "npz":
+        return open_npz(spec, path, filesystem)
     return open_parquet(spec, path, filesystem)
 
 
@@ -788,6 +846,169 @@ def open_text(spec: DataSpec, path, filesystem, tokenizer_json: bytes | None) ->
         source=source,
     )
     return StreamedData(info, plan)
+
+
+def _npy_member(zf, f, name: str, uri: str) -> NpyArray:
+    """Where array `name` of an open npz lies (its .npy header parsed with numpy.lib.format),
+    refusing what cannot be read by offset (NotStreamable) and what the in-memory path refuses."""
+    import struct
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    try:
+        info = zf.getinfo(name + ".npy")
+    except KeyError:
+        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y (no {name})") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise NotStreamable(
+            f"data.streaming: on is not possible: {uri} is a compressed npz (np.savez_compressed), "
+            "which cannot be read from the middle; save it with np.savez to stream it, or use auto or off"
+        )
+    f.seek(info.header_offset)
+    head = f.read(30)  # the member's local header: its name and extra field come before the data
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y (bad zip entry {name})")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    f.seek(start)
+    try:
+        version = npy.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy.read_array_header_2_0(f)
+        else:
+            raise ValueError(f".npy format version {version} is not read here")
+    except ValueError as e:
+        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({name}: {e})") from None
+    if dtype.hasobject:  # np.load(allow_pickle=False) refuses these in memory
+        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({name} holds Python objects)")
+    if not shape:
+        raise ConfigError(f"data.uri: {uri}: array {name} is a scalar; X and y need one row per sample")
+    if fortran and len(shape) > 1:
+        raise NotStreamable(
+            f"data.streaming: on is not possible: array {name} of {uri} is stored column-major "
+            "(Fortran order), whose rows cannot be read in ranges; save it C-ordered, or use auto or off"
+        )
+    arr = NpyArray(name, f.tell(), dtype, tuple(int(d) for d in shape))
+    if arr.offset - start + shape[0] * arr.row_bytes != info.file_size:
+        raise ConfigError(f"data.uri: {uri}: array {name} is truncated")
+    return arr
+
+
+def open_npz(spec: DataSpec, path, filesystem) -> StreamedData:
+    """Plan and check an uncompressed npz (or a folder's npz shards, as one: X and y alike in
+    each) for streaming: the members' .npy headers say where each array's rows lie; then one pass,
+    a group of rows at a time, checks them as the in-memory path does (labels, token ids, finite
+    values) and computes the training split's mean and std."""
+    import zipfile
+
+    files = _files(spec, path)
+    arrays: list[tuple[NpyArray, NpyArray]] = []
+    for fpath, uri in files:
+        try:
+            with filesystem.open_input_file(fpath) as f, zipfile.ZipFile(f) as zf:
+                ax, ay = _npy_member(zf, f, "X", uri), _npy_member(zf, f, "y", uri)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({e})") from None
+        if ax.shape[0] != ay.shape[0]:
+            raise ConfigError(
+                f"data.uri: X and y of {uri} need the same length (got {ax.shape[0]}, {ay.shape[0]})"
+            )
+        arrays.append((ax, ay))
+    if len(files) > 1:
+        schemas = [
+            (uri, {"X": (ax.dtype, ax.shape[1:]), "y": (ay.dtype, ay.shape[1:])})
+            for (_, uri), (ax, ay) in zip(files, arrays, strict=True)
+        ]
+        F.check_same_arrays(schemas, spec.uri)
+    ax, ay = arrays[0]
+    kind = F.npz_kind(ax.dtype, ax.shape[1:], ay.shape[1:], spec)
+    counts = [a[0].shape[0] for a in arrays]
+    n = sum(counts)
+    if n < F.MIN_SAMPLES:
+        raise ConfigError(f"data.uri: {spec.uri} gives {n} samples; at least {F.MIN_SAMPLES} are needed")
+    # A group: as many rows of one file as a read task takes (TASK_ROWS or TASK_BYTES decoded).
+    decoded = (4 if kind == "features" else 8) * int(np.prod(ax.shape[1:])) + 8 * int(np.prod(ay.shape[1:]))
+    per = max(1, min(TASK_ROWS, TASK_BYTES // max(decoded, 1)))
+    file_starts = [int(s) for s in np.cumsum([0, *counts])[:-1]]
+    starts, group_shard = [], []
+    for k, (first, count) in enumerate(zip(file_starts, counts, strict=True)):
+        for s in range(first, first + count, per):
+            starts.append(s)
+            group_shard.append(k)
+    _, val_idx = sh.split_indices(n, spec.val_fraction)
+    mask = np.zeros(n, dtype=bool)
+    mask[val_idx.numpy()] = True
+    ends = [*starts[1:], n]
+    plan = NpzPlan(
+        spec.uri,
+        files[0][0],
+        filesystem,
+        spec.model_dump(mode="json"),
+        tuple(starts),
+        n,
+        np.packbits(mask).tobytes(),
+        tuple((e - s) * decoded for s, e in zip(starts, ends, strict=True)),
+        arrays=tuple(arrays),
+        file_starts=tuple(file_starts),
+        kind=kind,
+        **_shard_fields(files, group_shard),
+    )
+    return StreamedData(scan_npz(plan, len(val_idx)), plan)
+
+
+def scan_npz(plan: NpzPlan, n_val: int) -> DataInfo:
+    """The DataInfo workers/data/_split derives from the whole arrays (formats.npz_raw), from
+    one pass: labels (or token ids) over every row, mean and std over the training rows."""
+    spec = plan.data_spec
+    labels = None
+    lo, hi = 0, -1  # token ids: the smallest (when negative) and the largest
+    total = total_sq = 0.0
+    count = 0
+    image_shape = x_shape = None
+    for i, start in enumerate(plan.row_starts):
+        x_raw, y_raw = plan.raw(i)
+        if plan.kind == "tokens":
+            lo = min(lo, int(x_raw.min()), int(y_raw.min()))
+            hi = max(hi, int(x_raw.max()), int(y_raw.max()))
+        else:
+            u = np.unique(y_raw)
+            labels = u if labels is None else np.union1d(labels, u)
+        x, y, image_shape = F.npz_rows(x_raw, y_raw, plan.kind, spec)
+        x_shape = x.shape[1:]
+        if plan.kind == "sequence":
+            hi = max(hi, int(x.max()))
+        elif plan.kind == "features":
+            train = x[~plan.is_val(start, len(y))].astype(np.float64)
+            total += float(train.sum())
+            total_sq += float(np.square(train).sum())
+            count += train.size
+    common = {
+        "input_shape": tuple(int(d) for d in x_shape),
+        "n_train": plan.n - n_val,
+        "n_val": n_val,
+        "source": plan.uri,
+    }
+    if plan.kind == "tokens":
+        vocab = F.token_vocab(np.array([lo, hi]), spec.num_classes, "data.uri: X/y tokens")
+        return DataInfo(kind="tokens", input_dtype="int64", num_classes=vocab, **common)
+    k = F.check_labels(labels, spec.num_classes, "data.uri: y")
+    if plan.kind == "sequence":
+        return DataInfo(kind="sequence", input_dtype="int64", num_classes=k, vocab_size=hi + 1, **common)
+    mean = total / count
+    # Unbiased, as torch.std on the in-memory path; clamped the same way.
+    std = max(float(np.sqrt(max(total_sq - count * mean * mean, 0.0) / max(count - 1, 1))), 1e-6)
+    return DataInfo(
+        kind="image" if image_shape else "vector",
+        input_dtype="float32",
+        num_classes=k,
+        image_shape=image_shape,
+        mean=float(mean),
+        std=std,
+        **common,
+    )
 
 
 def open_parquet(spec: DataSpec, path, filesystem) -> StreamedData:
