@@ -658,15 +658,10 @@ def dataset_ls(as_json: AsJson = False, url: Url = None, token: Token = None):
         out.print_json(json.dumps(items))
         return
     for d in group_sets(items):
-        if "shards" in d:
-            out.print(
-                f"{d['name']}  {d['format']}  {d['shards']} shards  {d['samples']:,} samples  "
-                f"{d['size']:,} bytes  {d['created']}"
-            )
-            continue
+        shards = f"  {d['shards']} shards" if "shards" in d else ""
         classes = f"  {d['num_classes']} classes" if d.get("num_classes") is not None else ""
         out.print(
-            f"{d['name']}  {d['format']}  {d['samples']:,} samples{classes}  "
+            f"{d['name']}  {d['format']}{shards}  {d['samples']:,} samples{classes}  "
             f"{d['size']:,} bytes  {d['created']}"
         )
 

@@ -227,8 +227,8 @@ def _rollback(
 
 def group_sets(items: list[dict]) -> list[dict]:
     """The API's list of datasets with each set's data shards (SET/SHARD) as one entry
-    `{"name": "SET/", "shards": n, "size": total, "samples": total, "format": ..., "created":
-    the latest}`, in name order. A tokenizer.json in a set (SET/tok.json) stays its own entry:
+    `{"name": "SET/", "shards": n, "size": total, "samples": total, "format": ..., "num_classes":
+    ..., "created": the latest}`, in name order. A tokenizer.json in a set (SET/tok.json) stays its own entry:
     it is no shard, and jobs name it by its full name. Pure."""
     from service.datasets import TOKENIZER
 
@@ -242,6 +242,9 @@ def group_sets(items: list[dict]) -> list[dict]:
             out.append(d)
     for head, shards in sets.items():
         formats = sorted({s["format"] for s in shards})
+        # Each shard's labels are 0..K-1 with every class present (the check on arrival), so the
+        # set's classes are the most of any shard's; unknown where one shard's are.
+        classes = [s.get("num_classes") for s in shards]
         out.append(
             {
                 "name": head + "/",
@@ -249,6 +252,7 @@ def group_sets(items: list[dict]) -> list[dict]:
                 "size": sum(s["size"] for s in shards),
                 "samples": sum(s["samples"] for s in shards),
                 "format": "+".join(formats),  # more than one: the set is refused at submission
+                "num_classes": None if None in classes else max(classes),
                 "created": max(s["created"] for s in shards),
             }
         )

@@ -307,7 +307,7 @@ def test_cli_pushes_a_folder_as_a_set_that_ls_shows_whole_and_a_job_reads(api, t
     r = _cli(api, "dataset", "ls")
     assert r.exit_code == 0, r.output
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("clicks/")]
-    assert line.startswith(f"clicks/  parquet  3 shards  120 samples  {size:,} bytes"), line
+    assert line.startswith(f"clicks/  parquet  3 shards  120 samples  4 classes  {size:,} bytes"), line
     job = _job(alice, {"uri": "store://datasets/clicks/", **FEATURES})
     assert job.status_code == 201, job.text
     got = load_dataset(parse_spec(job.json()["spec"]).data, api.artifacts)

@@ -85,15 +85,22 @@ def test_set_name_is_one_strict_name(bad):
         set_name(bad)
 
 
-def _entry(name, fmt="parquet", size=10, samples=4, created="2026-12-01T00:00:00Z"):
-    return {"name": name, "format": fmt, "size": size, "samples": samples, "created": created}
+def _entry(name, fmt="parquet", size=10, samples=4, created="2026-12-01T00:00:00Z", classes=None):
+    return {
+        "name": name,
+        "format": fmt,
+        "size": size,
+        "samples": samples,
+        "created": created,
+        "num_classes": classes,
+    }
 
 
 def test_ls_shows_a_set_as_one_line_with_its_shards_and_total_size():
     items = [
         _entry("a.parquet"),
-        _entry("clicks/p0.parquet", size=100, samples=40),
-        _entry("clicks/p1.parquet", size=150, samples=60, created="2026-12-02T00:00:00Z"),
+        _entry("clicks/p0.parquet", size=100, samples=40, classes=3),
+        _entry("clicks/p1.parquet", size=150, samples=60, created="2026-12-02T00:00:00Z", classes=4),
         _entry("clicks/tok.json", fmt="tokenizer", size=7, samples=0),
         _entry("z.npz", fmt="npz"),
     ]
@@ -105,7 +112,9 @@ def test_ls_shows_a_set_as_one_line_with_its_shards_and_total_size():
         "size": 250,
         "samples": 100,
         "format": "parquet",
+        "num_classes": 4,
         "created": "2026-12-02T00:00:00Z",
     }
     mixed = group_sets([_entry("s/a.parquet"), _entry("s/b.npz", fmt="npz")])
     assert mixed[0]["format"] == "npz+parquet"  # shown as it is: a job refuses such a set
+    assert mixed[0]["num_classes"] is None  # a shard whose classes the job's options decide
