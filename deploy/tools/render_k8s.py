@@ -170,8 +170,10 @@ class _Renderer:
                     defined = {e["name"] for e in out}
                     out += [self._input(v) for v in dict.fromkeys(needs) if v not in defined]
                     out.append({"name": name, "value": rendered})
-                else:
-                    out.append({"name": name, "valueFrom": self._config_ref(name, rendered)})
+                else:  # a ConfigMap value is not expanded: compose's $$ is a plain $
+                    out.append(
+                        {"name": name, "valueFrom": self._config_ref(name, rendered.replace("$$", "$"))}
+                    )
         return out
 
     def _interpolate(self, m: re.Match, needs: list[str]) -> str:
