@@ -714,7 +714,8 @@ JobName = Annotated[
 
 def streaming_unsupported(spec: DataSpec, strategy: str) -> str | None:
     """Why this dataset cannot stream through Ray Data (None when it can). Pure: checked at
-    submission for `data.streaming: on` (once the upload's format is known) and by the workers."""
+    submission for `data.streaming: on` (once the upload's format is known) and by the workers.
+    `strategy` (parallel.strategy): each of them streams today."""
     if spec.uri is None:
         return "built-in datasets load in memory"
     fmt = spec.resolved_format
@@ -725,11 +726,8 @@ def streaming_unsupported(spec: DataSpec, strategy: str) -> str | None:
     where = (spec.resolved_uri or spec.uri or "").lower()
     if fmt == "image_tar" and where.endswith((".gz", ".tgz", ".bz2", ".xz")):
         return "a compressed tar cannot be read from the middle; an uncompressed .tar streams"
-    if strategy == "pipeline":
-        # Stage 0 needs a batch's inputs and the last stage its targets, while Ray Data hands
-        # each worker a different share of the rows.
-        return "parallel.strategy pipeline needs the data in memory; streaming is for ddp and fsdp"
-    # A compressed npz (np.savez_compressed) is only found out by the job's driver.
+    # Every parallel.strategy streams (pipeline: stage 0 and the last stage read the same whole
+    # batches, workers.data.streaming.reads). A compressed npz is only found out by the driver.
     return None
 
 

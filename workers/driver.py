@@ -253,8 +253,12 @@ def _run_job(
             "datasets": data.ray_datasets(
                 spec.train.seed, spec.train.batch_size, _spe, total, streaming.resume_step(arts)
             ),
-            # "val" unsplit: every rank reads it and scores its rows (workers.data.streaming.Feed).
-            "dataset_config": DataConfig(datasets_to_split=["train"], execution_options=options),
+            # "val" unsplit: every rank reads it and scores its rows (workers.data.streaming.Feed);
+            # "train" too for pipeline stages, which read whole batches (streaming.reads).
+            "dataset_config": DataConfig(
+                datasets_to_split=["train"] if streaming.reads(p.strategy, 0, p.workers).split else [],
+                execution_options=options,
+            ),
         }
     trainer = TorchTrainer(
         _worker_entry,

@@ -97,7 +97,7 @@ class Run:
     train_seconds: float = 0.0  # rank 0's seconds inside train_step, over the kept steps
     wall_seconds: float = 0.0  # the loop's wall clock before this attempt (from the checkpoint)
     wall_from: float = 0.0  # perf_counter when this attempt's loop started
-    feed: streaming.Feed | None = None  # a streamed dataset's batches (None: data in memory)
+    feed: streaming.Feed | streaming.IdleFeed | None = None  # streamed data's batches (None: in memory)
 
     @property
     def module(self) -> nn.Module:
@@ -214,25 +214,29 @@ def _batch(run: Run, perm: torch.Tensor, step: int) -> tuple[torch.Tensor, torch
     return run.data.x_train[idx].to(dev), run.data.y_train[idx].to(dev)
 
 
-def _streamed_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+def _streamed_batch(run: Run) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     x, y = run.feed.train_batch(run.step)
+    if x is None:  # a pipeline stage between the first and the last reads no data
+        return None, None
     dev = run.dist.device
     return x.to(dev), y.to(dev)
 
 
 def open_feed(run: Run, session: Session) -> None:
-    """A streamed dataset: this rank reads its batches from its Ray Data shard (ddp and fsdp, see
-    service.spec.streaming_unsupported: every rank holds a different share of the batch)."""
+    """A streamed dataset: this rank reads its batches from its Ray Data shard, as
+    workers.data.streaming.reads decides (ddp, fsdp: its share of each global batch; pipeline:
+    the first and last stages the whole batch, the stages between nothing)."""
     if not getattr(run.data, "streamed", False):
         return
-    shard, shards = run.strategy.data_shard()
-    run.feed = streaming.Feed(
-        session.dataset_shards(),
-        run.spec.train.batch_size // shards,
+    run.feed = streaming.feed_for(
+        run.spec.parallel.strategy,
+        run.dist.rank,
+        run.dist.world_size,
+        session.dataset_shards,
+        run.spec.train.batch_size,
         run.steps_per_epoch,
         run.spec.train.seed,
-        shard,
-        shards,
+        run.data.info.n_val,
     )
 
 

@@ -56,7 +56,7 @@ def put(store, tmp_path, name="d.parquet", **kw):
         ({"streaming": "auto"}, "ddp", 2000, 1000, True),
         ({"streaming": "auto"}, "ddp", 1000, 1000, False),  # not above the threshold
         ({"streaming": "auto"}, "fsdp", 2000, 1000, True),  # fsdp ranks read shards as ddp's
-        ({"streaming": "auto"}, "pipeline", 2000, 1000, False),  # every stage needs the batch
+        ({"streaming": "auto"}, "pipeline", 2000, 1000, True),  # first and last stage read it whole
         ({"streaming": "off"}, "ddp", 2000, 1000, False),
         ({"streaming": "on"}, "ddp", 10, 1000, True),
     ],
@@ -76,7 +76,6 @@ def test_streaming_decision(kw, strategy, size, threshold, want):
             "language-modelling",
         ),
         (DataSpec(uri="store://datasets/d.tar.gz", streaming="on"), "ddp", "compressed tar"),
-        (spec_for("store://datasets/d.parquet", streaming="on"), "pipeline", "pipeline"),
     ],
 )
 def test_streaming_on_refuses_what_cannot_stream(spec, strategy, named):

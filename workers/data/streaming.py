@@ -28,7 +28,7 @@ plan's groups are every shard's row groups (line groups), a group never spanning
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +89,31 @@ def worker_cpus(workers: int, cluster_cpus: float, streamed: bool) -> float:
             "(use fewer workers, or data.streaming: off)"
         )
     return min(1.0, round(spare / workers, 2))
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What one rank reads of a streamed dataset (`reads` decides it)."""
+
+    split: bool  # Ray Train splits "train" across the workers; else each reader gets it whole
+    train: bool  # this rank reads: training batches of batch_size // count rows, and "val" ...
+    share: tuple[int, int]  # ... whose rows % count == index it scores: (index, count)
+
+
+def reads(strategy: str, rank: int, world: int) -> Reads:
+    """Who reads what of a streamed dataset: the one place that decides it (the driver asks
+    whether to split "train", each worker what it reads). Pure.
+
+    ddp, fsdp: Ray Data splits the training stream, each rank reading its own share of every
+    global batch, and every rank scores its share of the validation rows. pipeline: stage 0
+    needs a batch's inputs and the last stage its targets, so both read the whole stream, each
+    its own Ray Data execution of the same seeded items in order (`StreamedData.streams`), and
+    so get the same global batches; the stages between read nothing (their inputs are the
+    previous stage's activations) and run as many validation forwards as the others."""
+    if strategy == "pipeline":
+        ends = rank in (0, world - 1)
+        return Reads(split=False, train=ends, share=(0, 1))
+    return Reads(split=True, train=True, share=(rank, world))
 
 
 def ingest_options():
@@ -508,23 +533,22 @@ class StreamedData:
     plan: Plan
     streamed: bool = True
 
-    def ray_datasets(
+    def streams(
         self, seed: int, batch_size: int, steps_per_epoch: int, total_steps: int, start_step: int = 0
-    ) -> dict:
-        """The TorchTrainer's `datasets`: "train" (split across workers) and "val" (every worker
-        reads it and scores its share).
+    ) -> dict[str, tuple[list[dict], Callable[[dict], dict]]]:
+        """What `ray_datasets` makes Ray Datasets of, without Ray: for "train" and "val", the
+        items (one per read task, in stream order) and the function a read task runs on one
+        (a batch of one item, numpy columns) to give its rows (x, y, row; "train": from_epoch).
+        Pure: the same arguments give the same rows on every process, which is what lets two
+        pipeline stages read the same batches (`reads`).
 
         "train" is every epoch the job still trains, from the epoch of `start_step` (the newest
-        checkpoint's step: a resume skips within one epoch, not all before it) to the last, in
-        one Ray Data execution: an execution per epoch costs each epoch a start (the executor,
-        the first read tasks) during which the workers wait. Each epoch reads the read tasks in
-        its own seeded order; each task shuffles its rows (seeded by seed, epoch, task) and
-        leaves out its share of the epoch's ragged tail (`epoch_plan`), so that an epoch is
-        exactly `steps_per_epoch` global batches. Every row carries "from_epoch", the epoch the
-        stream starts at, so that a worker's Feed knows which step its first batch is."""
-        import ray.data
-
-        ingest_options()  # progress bars off in the context the datasets copy
+        checkpoint's step: a resume skips within one epoch, not all before it) to the last.
+        Each epoch reads the read tasks in its own seeded order; each task shuffles its rows
+        (seeded by seed, epoch, task) and leaves out its share of the epoch's ragged tail
+        (`epoch_plan`), so that an epoch is exactly `steps_per_epoch` global batches. Every row
+        carries "from_epoch", the epoch the stream starts at, so that a worker's Feed knows
+        which step its first batch is."""
         plan = self.plan
         tasks = read_tasks(plan.row_starts, plan.n, plan.group_bytes)
         ends = (*plan.row_starts[1:], plan.n)
@@ -554,14 +578,26 @@ class StreamedData:
             parts = [plan.rows(g, "val") for g in tasks[int(batch["task"][0])]]
             return {c: np.concatenate([p[c] for p in parts]) for c in ("x", "y", "row")}
 
+        return {"train": (items, read_train), "val": ([{"task": t} for t in range(len(tasks))], read_val)}
+
+    def ray_datasets(
+        self, seed: int, batch_size: int, steps_per_epoch: int, total_steps: int, start_step: int = 0
+    ) -> dict:
+        """The TorchTrainer's `datasets`: "train" (split across the workers, or whole to each
+        reading pipeline stage: `reads`) and "val" (every reading worker reads it whole and
+        scores its share), each the `streams` in one Ray Data execution per reader (an
+        execution per epoch costs each epoch a start, the executor and the first read tasks,
+        during which the workers wait): a Ray Data task per item, in order."""
+        import ray.data
+
+        ingest_options()  # progress bars off in the context the datasets copy
+
         def dataset(rows: list[dict], read):
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
             return ds.map_batches(read, batch_size=1, batch_format="numpy", num_cpus=READ_TASK_CPUS)
 
-        return {
-            "train": dataset(items, read_train),
-            "val": dataset([{"task": t} for t in range(len(tasks))], read_val),
-        }
+        streams = self.streams(seed, batch_size, steps_per_epoch, total_steps, start_step)
+        return {name: dataset(items, read) for name, (items, read) in streams.items()}
 
     def local_shards(
         self, seed: int, batch_size: int, steps_per_epoch: int, total_steps: int, start_step: int = 0
@@ -1120,8 +1156,8 @@ def scan(plan: ParquetPlan, n_val: int) -> DataInfo:
 
 class Feed:
     """One rank's batches from its Ray Data shards ("train": its split of the training stream,
-    `StreamedData.ray_datasets`; "val": all validation rows, of which it scores
-    row % world == rank).
+    or the whole stream for a pipeline stage that reads, `StreamedData.ray_datasets`; "val": all
+    validation rows, of which it scores row % world == rank: `reads` decides both).
 
     `train_batch(step)` returns the batch of that step: the stream is opened once, its first
     batch says which epoch it starts at (from_epoch), and a step is the stream's batch
@@ -1185,6 +1221,42 @@ class Feed:
         for b in self.shards["val"].iter_torch_batches(batch_size=EVAL_CHUNK_ROWS):
             mine = b["row"] % self.world == self.rank
             yield b["x"][mine], b["y"][mine]
+
+
+class IdleFeed:
+    """A rank that reads nothing (a pipeline stage between the first and the last): no batches,
+    and as many empty validation chunks as a reading rank's `Feed.val_chunks` yields for
+    `n_val` rows (Ray Data's batches of EVAL_CHUNK_ROWS rows, the last maybe fewer), since each
+    chunk is a forward whose activations this stage must pass on."""
+
+    def __init__(self, n_val: int):
+        self.n_chunks = -(-n_val // EVAL_CHUNK_ROWS)
+
+    def train_batch(self, step: int) -> tuple[None, None]:
+        return None, None
+
+    def val_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.n_chunks):
+            yield torch.empty(0), torch.empty(0, dtype=torch.int64)
+
+
+def feed_for(
+    strategy: str,
+    rank: int,
+    world: int,
+    shards: Callable[[], Mapping[str, object]],
+    batch_size: int,
+    steps_per_epoch: int,
+    seed: int,
+    n_val: int,
+) -> Feed | IdleFeed:
+    """This rank's feed of a streamed dataset, as `reads` says; `shards` gives its Ray Data
+    iterators (Ray Train's dataset shards), asked for only by a rank that reads."""
+    r = reads(strategy, rank, world)
+    if not r.train:
+        return IdleFeed(n_val)
+    index, count = r.share
+    return Feed(shards(), batch_size // count, steps_per_epoch, seed, index, count)
 
 
 def resume_step(arts) -> int:

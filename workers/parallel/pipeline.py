@@ -1,7 +1,8 @@
 """Pipeline parallel (`torch.distributed.pipelining`): rank r runs stage r of the model, cut by
 `workers.models.stages`; each global batch is split into `pipeline_microbatches` microbatches
 that flow through the stages on a GPipe or 1F1B schedule. There is no data parallelism: stage 0
-takes the whole global batch, the last stage computes the loss.
+takes the whole global batch, the last stage computes the loss. Streamed data (Ray Data) reaches
+those two only: the stages between get `x` and `y` None (workers.data.streaming.reads).
 
 Compression sees the stages as a sharding by layer: every rank's pruner lists all the model's
 prunable layers in the model's order, the ones it does not hold as empty placeholders, and its
@@ -95,11 +96,14 @@ class PipelineStrategy(Strategy):
         mode. Given to PipelineStage, they spare it its own shape inference, which would run an
         extra training-mode forward on uninitialised activations (and so feed garbage to any
         training-time state, such as QAT's activation observers)."""
-        mb = x[: len(x) // self.spec.parallel.pipeline_microbatches]
         was_training = wrapped.training
         wrapped.eval()
         with torch.no_grad():
-            h = mb if self.first else _recv(self.index - 1, self.dist.device)
+            # Only stage 0 has the batch's inputs (streamed, the other stages get x None).
+            if self.first:
+                h = x[: len(x) // self.spec.parallel.pipeline_microbatches]
+            else:
+                h = _recv(self.index - 1, self.dist.device)
             out = wrapped(h)
             if not self.last:
                 _send(out, self.index + 1)
