@@ -146,10 +146,13 @@ class PushFailed(Exception):
                 f"`slimtrain dataset rm {s}`, then push again"
             )
         elif self.removed:
-            lines.append(
-                f"rolled back: the {len(self.removed)} shards stored before ({_few(self.removed)}) were "
-                f"deleted again; nothing of {s}/ is on the server"
+            n = len(self.removed)
+            what = (
+                f"the shard stored before ({self.removed[0]}) was"
+                if n == 1
+                else (f"the {n} shards stored before ({_few(self.removed)}) were")
             )
+            lines.append(f"rolled back: {what} deleted again; nothing of {s}/ is on the server")
         else:
             lines.append(f"nothing of {s}/ reached the server")
         return lines
