@@ -1,14 +1,15 @@
-"""Datasets larger than memory: a parquet file, a jsonl/text corpus or an image zip/tar archive
-streamed through Ray Data to the training workers, instead of loaded whole, `ray.put` once and
-copied into every worker (workers/data/__init__.py). Each format has a `Plan` that says how a
-read task decodes one group of samples (a row group, a run of images, a line-aligned byte range).
+"""Datasets larger than memory: a parquet file, an uncompressed npz, a jsonl/text corpus or an
+image zip/tar archive streamed through Ray Data to the training workers, instead of loaded whole,
+`ray.put` once and copied into every worker (workers/data/__init__.py). Each format has a `Plan`
+that says how a read task decodes one group of samples (a row group, a run of npz rows or of
+images, a line-aligned byte range).
 
 Driver side (`open_streamed`): one pass over the file, a row group at a time, validates it and
 computes what the in-memory path derives from the whole array (DataInfo: shapes, classes, the
 training split's mean and std); `StreamedData.ray_datasets` then defines the "train" and "val"
 Ray Datasets that the driver hands to the TorchTrainer (`datasets=`). Worker side (`Feed`): each
-rank iterates its `get_dataset_shard("train")` with `iter_torch_batches`, and scores its share of
-"val".
+rank that reads (`reads`: all of them, or a pipeline's first and last stage) iterates its
+`get_dataset_shard("train")` with `iter_torch_batches`, and scores its share of "val".
 
 The same rows, the same tensors: samples are decoded by the in-memory path's own parquet
 functions (workers/data/formats.py), and the train/validation split is the in-memory path's
