@@ -267,7 +267,7 @@ class DataSpec(Strict):
     streaming: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Stream `uri` through Ray Data instead of loading it into every worker: on, "
-        "off, or auto (stream a parquet, jsonl/text or image zip/tar file larger than "
+        "off, or auto (stream a parquet, npz, jsonl/text or image zip/tar file larger than "
         "SLIMTRAIN_STREAM_ABOVE_BYTES; built-in sets always load in memory). See docs/data.md.",
     )
 
