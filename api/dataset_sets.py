@@ -147,11 +147,9 @@ class PushFailed(Exception):
             )
         elif self.removed:
             n = len(self.removed)
-            what = (
-                f"the shard stored before ({self.removed[0]}) was"
-                if n == 1
-                else (f"the {n} shards stored before ({_few(self.removed)}) were")
-            )
+            what = f"the {n} shards stored before ({_few(self.removed)}) were"
+            if n == 1:
+                what = f"the shard stored before ({self.removed[0]}) was"
             lines.append(f"rolled back: {what} deleted again; nothing of {s}/ is on the server")
         else:
             lines.append(f"nothing of {s}/ reached the server")
