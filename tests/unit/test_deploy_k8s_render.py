@@ -310,6 +310,13 @@ DRIFTS = {  # id: (which copy, mutation, what the report must name)
         lambda d: _containers(d)["api"]["env"].append({"name": "SLIMTRAIN_RUN_SCHEDULER", "value": "0"}),
         "api env SLIMTRAIN_RUN_SCHEDULER: set on k8s only",
     ),
+    "secret-key": (
+        "k8s",
+        lambda d: next(e for e in _containers(d)["api"]["env"] if e["name"] == "SLIMTRAIN_API_TOKENS")[
+            "valueFrom"
+        ]["secretKeyRef"].update(key="metrics-token"),
+        "api env SLIMTRAIN_API_TOKENS",
+    ),
     "policy-port": (
         "k8s",
         lambda d: next(x for x in d if x["metadata"]["name"] == "ray-inside-cluster")["spec"]["ingress"][1][
@@ -413,3 +420,7 @@ def test_every_secret_variable_goes_to_the_secret(raw_compose):
     secret_like |= {s["environment"] for s in raw_compose["secrets"].values()}
     assert secret_like <= set(render_k8s.SECRET_VARIABLES) | set(render_k8s.COMPOSE_ONLY_SECRETS)
     assert render_k8s.HOSTS == HOSTS and render_k8s.REGISTRY == REGISTRY
+    # distinct placeholders, so the value-for-value comparison tells a swapped secret key apart
+    [secret] = [d for d in _load_k8s() if d["kind"] == "Secret"]
+    values = list(secret["stringData"].values())
+    assert len(set(values)) == len(values)
