@@ -41,7 +41,7 @@ DIFFERENCES = {
     "rayStartParams as --key=value, which a bare flag refuses",
     "KubeRay's flags": "--head, --block and --address are set by KubeRay, not rayStartParams",
     "minio-init": "no depends_on on Kubernetes: the script retries its first step until MinIO answers",
-    "k8s-only env": "K8S_ONLY_ENV",
+    "k8s-only env": "K8S_ONLY_ENV below: what a Kubernetes volume or image user needs",
     "k8s-only": "resources, replicas, shm sizes, probe timings, the Ray head's probe (the head's own "
     "GCS, not its Service), NetworkPolicy, Ingress: the templates in deploy/tools/k8s_templates/",
 }
