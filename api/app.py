@@ -9,14 +9,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
-import anyio
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from api import errors, openapi
+from api.job_bodies import JobBodies
 from api.routes import dashboard, datasets, docs, jobs, models, sweeps, system
 from api.routes.prometheus import RequestMetrics, StoreCollector, request_latency
 from api.sse import JobHeads, Notifier
@@ -92,7 +93,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.db_limiter = anyio.CapacityLimiter(settings.request_threads or os.cpu_count() or 2)
+        threads = settings.request_threads or os.cpu_count() or 2
+        app.state.db_pool = ThreadPoolExecutor(threads, thread_name_prefix="slimtrain-db")
         db.upgrade()
         store.ensure_tenants(auth.tenants)
         store.listeners += [heads.forget, notifier.publish]  # forget first: a woken stream reads anew
@@ -104,6 +106,7 @@ def create_app(
             if leadership is not None:
                 leadership.stop()  # stops the loops, then releases the lease for a quick handover
             service.stop_background()
+            app.state.db_pool.shutdown(wait=True)  # requests' work done before the engine goes
             db.dispose()
 
     app = FastAPI(
@@ -118,6 +121,7 @@ def create_app(
     app.state.settings, app.state.service, app.state.auth = settings, service, auth
     app.state.notifier, app.state.heads, app.state.registry = notifier, heads, registry
     app.state.leadership = leadership
+    app.state.job_bodies = JobBodies()
     errors.install(app)
     app.include_router(system.router)
     app.include_router(jobs.router)

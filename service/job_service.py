@@ -16,15 +16,16 @@ from service.datasets import DatasetStore, resolve_sources
 from service.errors import ArtifactKeyError, ArtifactNotFound, SpecError
 from service.ids import new_job_id
 from service.ingest import Ingester
-from service.jobs import JobEvent, JobState, RetryPolicy
+from service.jobs import JobEvent, JobNotFound, JobState, RetryPolicy
 from service.limits import Resources, check_limits
 from service.ray_jobs import ClusterUnavailable, NodeInfo, RayJobs, capacity_of
 from service.reconciler import Reconciler
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.spec import JobSpec, parse_spec, streaming_unsupported
+from service.store.job_rows import JobRow, JobRows
 from service.store.models import Job
-from service.store.repo import NewJob, Page, Store
+from service.store.repo import NewJob, Page, Store, job_cursor, parse_job_cursor
 from service.sweeps.service import SweepService
 from service.tenant_files import field_error
 from service.uploads import ModelStore
@@ -60,6 +61,7 @@ def body_digest(data) -> str:
 class JobService:
     def __init__(self, settings: Settings, store: Store, ray: RayJobs, artifacts: ArtifactStore):
         self.settings, self.store, self.ray, self.artifacts = settings, store, ray, artifacts
+        self.rows = JobRows(store.db)
         self.ingester = Ingester(store, artifacts)
         self.scheduler = Scheduler(store, ray, artifacts, settings)
         self.reconciler = Reconciler(
@@ -134,6 +136,22 @@ class JobService:
 
     def list(self, tenant: str, states: list[str] | None, cursor: str | None, limit: int) -> Page:
         return self.store.list_jobs(tenant, states, cursor, limit)
+
+    # The API's reads of jobs: rows as stored (service/store/job_rows.py), read anew every time.
+
+    def job_row(self, tenant: str, job_id: str) -> JobRow:
+        row = self.rows.get(job_id)
+        if row is None or row.tenant_id != tenant:
+            raise JobNotFound(f"no job {job_id!r}")
+        return row
+
+    def job_rows(self, tenant: str, states: list[str] | None, cursor: str | None, limit: int) -> Page:
+        """`list` as rows: the same page, order and cursors."""
+        after = parse_job_cursor(cursor) if cursor else None
+        rows = self.rows.page(tenant, states, after, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(rows, job_cursor(rows[-1]) if more and rows else None)
 
     def cancel(self, tenant: str, job_id: str) -> Job:
         """Mark the job cancelled and stop its Ray job now; when Ray cannot be reached, the

@@ -196,10 +196,10 @@ async def list_jobs(
         str, Query(description=_CURSOR_DOC, json_schema_extra={"pattern": params.JOB_CURSOR_PATTERN})
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page.")] = 50,
-) -> JobPage:
+) -> Response:
     states = [s.value for s in state] if state else None
-    page = await run_db(request, service.list, tenant, states, params.job_cursor(cursor), limit)
-    return JobPage(items=[JobOut.of(j) for j in page.items], next_cursor=page.next_cursor)
+    page = await run_db(request, service.job_rows, tenant, states, params.job_cursor(cursor), limit)
+    return request.app.state.job_bodies.page(page)
 
 
 @router.get(
@@ -209,8 +209,8 @@ async def list_jobs(
     operation_id="get_job",
     responses=documented(401, 404),
 )
-async def get_job(job_id: JobId, request: Request, service: ServiceDep, tenant: CurrentTenant) -> JobOut:
-    return JobOut.of(await run_db(request, service.get, tenant, job_id))
+async def get_job(job_id: JobId, request: Request, service: ServiceDep, tenant: CurrentTenant) -> Response:
+    return request.app.state.job_bodies.job(await run_db(request, service.job_row, tenant, job_id))
 
 
 @router.post(

@@ -1,0 +1,165 @@
+"""The API's read path of jobs (service/store/job_rows.py) and its reuse of rendered bodies
+(api/job_bodies.py), on SQLite and PostgreSQL: the bytes are those FastAPI rendered from the ORM
+job before, every change of the row shows in the next read whoever wrote it, and a tenant never
+reads another's job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import TypeAdapter
+
+from api.job_bodies import JobBodies
+from api.routes.schemas import JobOut, JobPage
+from service.artifacts import LocalArtifactStore
+from service.job_service import JobService
+from service.jobs import JobEvent, JobNotFound, JobState
+from service.limits import Resources
+from service.settings import Settings
+from service.store.db import Database
+from service.store.repo import Store
+
+pytestmark = pytest.mark.integration
+
+SPEC = {"name": "j", "model": {"name": "mlp"}, "data": {"name": "digits"}, "parallel": {"workers": 2}}
+
+
+def make_service(url, tmp_path, fake_ray) -> JobService:
+    db = Database(url)
+    db.upgrade()
+    settings = Settings(data_dir=tmp_path, database_url=url, driver_python="py")
+    return JobService(settings, Store(db), fake_ray, LocalArtifactStore(tmp_path / "artifacts"))
+
+
+@pytest.fixture
+def svc(database_url, tmp_path, fake_ray):
+    s = make_service(database_url, tmp_path, fake_ray)
+    yield s
+    s.store.db.dispose()
+
+
+def submit(svc, tenant="t", **over) -> str:
+    job, _ = svc.submit(tenant, json.dumps({**SPEC, **over}).encode())
+    return job.id
+
+
+def orm_body(svc, job_id) -> bytes:
+    """What `GET /v1/jobs/{id}` answered before: FastAPI's rendering of JobOut.of(ORM job)."""
+    ta = TypeAdapter(JobOut)
+    return ta.dump_json(ta.validate_python(JobOut.of(svc.store.get_job(job_id))), by_alias=True)
+
+
+def body(svc, bodies, tenant, job_id) -> dict:
+    return json.loads(bodies.body(svc.job_row(tenant, job_id)))
+
+
+def test_the_body_is_the_orm_rendering_to_the_byte_in_every_state(svc):
+    bodies = JobBodies()
+    job_id = submit(svc, name="bytes", priority=3, train={"lr": 0.1, "epochs": 2})
+    assert bodies.body(svc.job_row("t", job_id)) == orm_body(svc, job_id)
+    job = svc.store.get_job(job_id)
+    svc.store.admit(job, f"{job_id}-1", Resources(2, 0))
+    svc.store.transition(job_id, JobEvent.START, reason="running")
+    svc.store.ingest(job_id, 0, [{"kind": "train", "step": 5, "loss": 0.25, "lr": 0.1, "note": [1]}])
+    assert bodies.body(svc.job_row("t", job_id)) == orm_body(svc, job_id)
+    svc.store.transition(job_id, JobEvent.FAIL, error=("training_failed", "boom ✗"), reason="failed")
+    got = bodies.body(svc.job_row("t", job_id))
+    assert got == orm_body(svc, job_id)
+    assert json.loads(got)["error"] == {"code": "training_failed", "message": "boom ✗"}
+
+
+def test_every_kind_of_write_shows_in_the_next_read(svc):
+    bodies = JobBodies()
+    job_id = submit(svc)
+    first = body(svc, bodies, "t", job_id)
+    assert first["state"] == "queued" and bodies.misses == 1
+    assert body(svc, bodies, "t", job_id) == first and bodies.hits == 1  # unchanged row: reused
+
+    svc.store.set_reason(job_id, "waiting behind 3 jobs")  # no version bump
+    assert body(svc, bodies, "t", job_id)["reason"] == "waiting behind 3 jobs"
+
+    job = svc.store.get_job(job_id)
+    svc.store.admit(job, f"{job_id}-1", Resources(2, 0))
+    after_admit = body(svc, bodies, "t", job_id)
+    assert (after_admit["state"], after_admit["attempts"]) == ("starting", 1)
+
+    svc.store.heartbeat(job_id, now=4_000_000_000.5)  # heartbeat only
+    assert body(svc, bodies, "t", job_id)["heartbeat_at"] == "2096-10-02T07:06:40.500000Z"
+
+    svc.store.transition(job_id, JobEvent.START)
+    svc.store.ingest(job_id, 0, [{"kind": "train", "step": 7, "loss": 1.5}])  # progress only
+    now = body(svc, bodies, "t", job_id)
+    assert (now["state"], now["progress"]["step"], now["progress"]["loss"]) == ("running", 7, 1.5)
+    svc.store.ingest(job_id, 1, [{"kind": "eval", "step": 8, "val_accuracy": 0.5}])
+    assert body(svc, bodies, "t", job_id)["progress"]["val_accuracy"] == 0.5
+
+    svc.cancel("t", job_id)
+    assert body(svc, bodies, "t", job_id)["state"] == "cancelled"
+
+
+def test_another_tenant_never_reads_the_job(svc):
+    bodies = JobBodies()
+    job_id = submit(svc, tenant="alice")
+    body(svc, bodies, "alice", job_id)  # rendered and kept: the check still runs first
+    with pytest.raises(JobNotFound):
+        svc.job_row("bob", job_id)
+    with pytest.raises(JobNotFound):
+        svc.job_row("alice", "20990101-000000-deadbeef")
+    assert svc.job_rows("bob", None, None, 50).items == []
+
+
+def test_two_services_on_one_database_see_each_others_writes(database_url, tmp_path, fake_ray):
+    a = make_service(database_url, tmp_path / "a", fake_ray)
+    b = make_service(database_url, tmp_path / "b", fake_ray)
+    try:
+        bodies_a, bodies_b = JobBodies(), JobBodies()
+        job_id = submit(a)
+        assert body(svc=b, bodies=bodies_b, tenant="t", job_id=job_id)["state"] == "queued"
+        assert body(a, bodies_a, "t", job_id)["state"] == "queued"
+        b.cancel("t", job_id)  # written through the other replica
+        assert body(a, bodies_a, "t", job_id)["state"] == "cancelled"
+        assert (
+            json.loads(bodies_a.page(a.job_rows("t", None, None, 50)).body)["items"][0]["state"]
+            == "cancelled"
+        )
+        b.store.set_reason(job_id, "r2", state=JobState.CANCELLED)
+        assert body(a, bodies_a, "t", job_id)["reason"] == "r2"
+    finally:
+        a.store.db.dispose()
+        b.store.db.dispose()
+
+
+@pytest.mark.parametrize("states", [None, ["queued"], ["cancelled"], ["queued", "cancelled", "queued"]])
+def test_pages_are_the_store_pages_to_the_byte(svc, states):
+    ids = [submit(svc, name=f"p{i}") for i in range(7)]
+    svc.cancel("t", ids[2])
+    svc.cancel("t", ids[5])
+    submit(svc, tenant="other")
+    bodies, ta = JobBodies(), TypeAdapter(JobPage)
+    cursor, seen = None, []
+    while True:
+        rows = svc.job_rows("t", states, cursor, 3)
+        orm = svc.store.list_jobs("t", list(dict.fromkeys(states)) if states else None, cursor, 3)
+        assert [r.id for r in rows.items] == [j.id for j in orm.items]
+        assert rows.next_cursor == orm.next_cursor
+        want = JobPage(items=[JobOut.of(j) for j in orm.items], next_cursor=orm.next_cursor)
+        assert bodies.page(rows).body == ta.dump_json(ta.validate_python(want), by_alias=True)
+        seen += [r.id for r in rows.items]
+        if rows.next_cursor is None:
+            break
+        cursor = rows.next_cursor
+    expected = [
+        i for i in reversed(ids) if states is None or (i in (ids[2], ids[5])) == ("cancelled" in states)
+    ]
+    if states == ["queued", "cancelled", "queued"]:
+        expected = list(reversed(ids))
+    assert seen == expected
+
+
+def test_the_cache_is_bounded(svc):
+    bodies = JobBodies(size=2)
+    ids = [submit(svc, name=f"b{i}") for i in range(3)]
+    for i in ids:
+        bodies.body(svc.job_row("t", i))
+    assert list(bodies._cache) == ids[1:]
