@@ -1,12 +1,17 @@
 """API benchmark (not part of the test suite): `python -m bench.api.run`.
 
-1. GET /v1/jobs/{id} and POST /v1/jobs against one uvicorn worker (SQLite, background loops off
-   so only request handling is measured), driven by bench/api/loadgen.py in its own process;
-   GET /healthz as the machine's hello-world anchor.
+1. GET /v1/jobs/{id}, GET /v1/jobs (a page of 50 jobs) and POST /v1/jobs against one uvicorn
+   worker (SQLite, background loops off so only request handling is measured), driven by
+   bench/api/loadgen.py in its own process; GET /healthz as the machine's hello-world anchor.
+   With BENCH_BASELINE=REV (a git revision), the same routes are measured on that revision's
+   code too, side by side in one run: both servers up at once, each route measured in
+   BENCH_ROUNDS rounds that alternate which code goes first, so a load that drifts during the
+   run weighs on both alike. Ratios (route / healthz) are taken within one code's figures.
 2. Submit -> first metric on `slimtrain serve`'s embedded Ray: small digits jobs (2 DDP
    workers), timed from the POST to the job's `running` event, its first metric record, and its
    first training loss, as seen over the SSE stream.
-Writes bench/out/api/{results.json,table.md,latency.png}."""
+   BENCH_JOBS=0 skips this part (bench/api/first_metric.py measures it in detail).
+Writes bench/results/api/{results.json,table.md,latency.png}."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import time
 from pathlib import Path
 
 from api.client import Client
-from bench.common import conditions, machine, markdown_table, results_dir, save_json
+from bench.common import ROOT, conditions, machine, markdown_table, results_dir, save_json
 from tests.plugins.server import wait_ready
 from tests.raycluster import free_port
 
@@ -39,8 +44,13 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def start_api(
-    data: Path, extra: dict[str, str], serve: bool = False, uvicorn_args: tuple[str, ...] = ()
+    data: Path,
+    extra: dict[str, str],
+    serve: bool = False,
+    uvicorn_args: tuple[str, ...] = (),
+    code: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
+    """`code`: run the server from that source tree (a baseline revision) instead of this one."""
     port = free_port()
     env = {
         **os.environ,
@@ -49,13 +59,15 @@ def start_api(
         "SLIMTRAIN_PORT": str(port),
         **extra,
     }
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     if serve:
         cmd = [sys.executable, "-m", "api.cli", "serve"]
     else:
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--port", str(port)]
         cmd += ["--workers", "1", "--log-level", "warning", "--no-access-log", *uvicorn_args]
     with open(data / "server.log", "ab") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=code)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, 120, proc)
     return proc, url
@@ -73,6 +85,7 @@ def load(
     return {
         "requests": r["requests"],
         "errors": r["errors"],
+        "wall_s": r["wall_s"],
         "req_per_s": r["requests"] / r["wall_s"],
         "p50_ms": percentile(lat, 0.50) * 1000,
         "p90_ms": percentile(lat, 0.90) * 1000,
@@ -82,22 +95,86 @@ def load(
     }
 
 
-def bench_requests(work: Path, seconds: float) -> dict:
-    proc, url = start_api(work / "requests", {"SLIMTRAIN_RUN_SCHEDULER": "false"})
+PAGE_JOBS = 50  # the list route reads a full default page
+
+
+def checkout(rev: str, dest: Path) -> tuple[Path, str]:
+    """The tree of git revision `rev` in `dest` (git archive: no worktree bookkeeping left
+    behind); returns it and the full commit id."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    where = subprocess.run(
+        [sys.executable, "-c", "import api.app; print(api.app.__file__)"],
+        cwd=dest,
+        env={**os.environ, "PYTHONPATH": str(dest)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not where.startswith(str(dest)):  # the baseline must really run its own code
+        raise RuntimeError(f"baseline imports api from {where}, not from {dest}")
+    return dest, commit
+
+
+def merge(runs: list[dict]) -> dict:
+    """Rounds of one route on one code, as one measurement."""
+    lat = [x for r in runs for x in r["latencies_ms"]]
+    wall = sum(r["wall_s"] for r in runs)
+    n = len(lat)
+    return {
+        "requests": n,
+        "errors": sum(r["errors"] for r in runs),
+        "req_per_s": n / wall,
+        "req_per_s_rounds": [r["req_per_s"] for r in runs],
+        "p50_ms": percentile(lat, 0.50),
+        "p90_ms": percentile(lat, 0.90),
+        "p99_ms": percentile(lat, 0.99),
+        "latencies_ms": lat,
+        "connections": runs[0]["connections"],
+    }
+
+
+def bench_requests(work: Path, seconds: float, codes: dict[str, Path | None], rounds: int) -> dict:
+    """{code label: {route: figures}}, every code's server up for the whole measurement."""
+    servers, paths = {}, {}
+    body = work / "spec.json"
+    body.write_text(json.dumps(SPEC))
     try:
-        c = Client(url, TOKEN)
-        job_id = c.submit(SPEC)["id"]
-        body = work / "spec.json"
-        body.write_text(json.dumps(SPEC))
-        load(url, f"/v1/jobs/{job_id}", 2, 16)  # warm-up
-        return {
-            "healthz": load(url, "/healthz", seconds, 16),
-            "get_job": load(url, f"/v1/jobs/{job_id}", seconds, 16),
-            "post_job": load(url, "/v1/jobs", seconds, 4, "POST", body),
-        }
+        for label, code in codes.items():
+            (work / f"requests-{label}").mkdir()
+            proc, url = start_api(work / f"requests-{label}", {"SLIMTRAIN_RUN_SCHEDULER": "false"}, code=code)
+            servers[label] = (proc, url)
+            c = Client(url, TOKEN)
+            ids = [c.submit({**SPEC, "name": f"bench-{i}"})["id"] for i in range(PAGE_JOBS)]
+            paths[label] = {
+                "healthz": ("/healthz", 16, "GET"),
+                "get_job": (f"/v1/jobs/{ids[0]}", 16, "GET"),
+                "list_jobs": (f"/v1/jobs?limit={PAGE_JOBS}", 16, "GET"),
+                "post_job": ("/v1/jobs", 4, "POST"),
+            }
+            load(url, paths[label]["get_job"][0], 2, 16)  # warm-up
+        runs: dict[str, dict[str, list]] = {label: {} for label in codes}
+        for route in ("healthz", "get_job", "list_jobs", "post_job"):
+            for r in range(rounds):
+                order = list(codes) if r % 2 == 0 else list(reversed(codes))
+                for label in order:
+                    path, conns, method = paths[label][route]
+                    url = servers[label][1]
+                    res = load(url, path, seconds, conns, method, body if method == "POST" else None)
+                    runs[label].setdefault(route, []).append(res)
+        return {label: {route: merge(rs) for route, rs in by.items()} for label, by in runs.items()}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
 
 
 def bench_first_metric(work: Path, jobs: int) -> list[dict]:
@@ -127,51 +204,102 @@ def bench_first_metric(work: Path, jobs: int) -> list[dict]:
     return out
 
 
+ROUTES = ("healthz", "get_job", "list_jobs", "post_job")
+
+
 def plot(req: dict, path: Path) -> None:
+    """Latency CDFs: one colour per route, one line style per code (this tree solid)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in req.items():
-        xs = sorted(r["latencies_ms"])
-        ax.plot(xs, [i / len(xs) for i in range(len(xs))], label=f"{name} ({r['req_per_s']:.0f} req/s)")
-    ax.axvline(50, color="grey", ls="--", lw=1, label="p99 target 50 ms")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = ["-", "--", ":"]
+    colours = dict(zip(ROUTES, ["tab:grey", "tab:blue", "tab:green", "tab:orange"], strict=True))
+    for (label, routes), ls in zip(req.items(), styles, strict=False):
+        for name, r in routes.items():
+            xs = sorted(r["latencies_ms"])
+            ax.plot(
+                xs,
+                [i / len(xs) for i in range(len(xs))],
+                ls=ls,
+                color=colours[name],
+                label=f"{label}: {name} ({r['req_per_s']:.0f} req/s)",
+            )
+    ax.axvline(50, color="black", ls="-.", lw=1, label="p99 target 50 ms")
     ax.set_xscale("log")
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("fraction of requests")
-    ax.set_title("slimtrain API, one uvicorn worker, loopback")
-    ax.legend()
+    ax.set_title("slimtrain API, one uvicorn worker, loopback, 16 connections (POST: 4)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def request_rows(req: dict) -> list[list]:
+    rows = []
+    for label, routes in req.items():
+        base = routes["healthz"]["req_per_s"]
+        for name in ROUTES:
+            r = routes[name]
+            rows.append(
+                [
+                    name,
+                    label,
+                    r["connections"],
+                    r["requests"],
+                    r["errors"],
+                    round(r["req_per_s"]),
+                    " / ".join(str(round(x)) for x in r["req_per_s_rounds"]),
+                    round(r["req_per_s"] / base, 3),
+                    r["p50_ms"],
+                    r["p90_ms"],
+                    r["p99_ms"],
+                ]
+            )
+    return rows
 
 
 def main() -> None:
     seconds = float(os.environ.get("BENCH_SECONDS", "10"))
     jobs = int(os.environ.get("BENCH_JOBS", "3"))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "2"))
+    baseline = os.environ.get("BENCH_BASELINE")
     out = results_dir("api")
     with tempfile.TemporaryDirectory(prefix="slimtrain-bench-") as tmp:
         work = Path(tmp)
-        (work / "requests").mkdir()
+        codes: dict[str, Path | None] = {}
+        base_commit = None
+        if baseline:
+            tree, base_commit = checkout(baseline, work / "baseline-code")
+            codes[f"baseline {base_commit[:10]}"] = tree
+        codes["this tree"] = None
+        req = bench_requests(work, seconds, codes, rounds)
         (work / "serve").mkdir()
-        req = bench_requests(work, seconds)
-        first = bench_first_metric(work, jobs)
-    rows = [
-        [
-            name,
-            r["connections"],
-            r["requests"],
-            r["errors"],
-            round(r["req_per_s"]),
-            r["p50_ms"],
-            r["p90_ms"],
-            r["p99_ms"],
-        ]
-        for name, r in req.items()
+        first = bench_first_metric(work, jobs) if jobs else []
+    headers = [
+        "route",
+        "code",
+        "connections",
+        "requests",
+        "errors",
+        "req/s",
+        "req/s by round",
+        "req/s vs healthz",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
     ]
-    headers = ["route", "connections", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"]
-    table = markdown_table(headers, rows)
+    table = markdown_table(headers, request_rows(req))
+    if baseline:
+        (b, bf), (t, tf) = list(req.items())
+        speed = [
+            f"{name}: {tf[name]['req_per_s'] / bf[name]['req_per_s']:.2f}x the req/s of {b}, "
+            f"p99 {bf[name]['p99_ms']:.1f} -> {tf[name]['p99_ms']:.1f} ms"
+            for name in ROUTES
+        ]
+        table += "\n\nThis tree against the baseline, same run:\n" + "\n".join(f"- {x}" for x in speed)
     frows = [
         [
             r["job"],
@@ -183,19 +311,41 @@ def main() -> None:
         ]
         for r in first
     ]
-    ftable = markdown_table(
-        ["job", "to running (s)", "to first metric (s)", "to first loss (s)", "to end (s)", "state"], frows
+    ftable = (
+        markdown_table(
+            ["job", "to running (s)", "to first metric (s)", "to first loss (s)", "to end (s)", "state"],
+            frows,
+        )
+        if first
+        else "Submit -> first metric: not run here (BENCH_JOBS=0); see bench/results/api_first_metric."
     )
     m = machine()
-    sizes = f"BENCH_SECONDS={seconds:g} per route, BENCH_JOBS={jobs}"
+    sizes = (
+        f"BENCH_SECONDS={seconds:g} per route and round, BENCH_ROUNDS={rounds}, BENCH_JOBS={jobs}, "
+        f"BENCH_BASELINE={baseline or '(none)'}"
+        + (f" = {base_commit}" if base_commit else "")
+        + f"; the list route reads a page of {PAGE_JOBS} jobs"
+    )
     text = f"{conditions(m)}\n{sizes}.\n\n{table}\n\n{ftable}\n"
     (out / "table.md").write_text(text)
     save_json(
         out / "results.json",
         {
             "machine": m,
-            "settings": {"seconds_per_route": seconds, "jobs": jobs},
-            "requests": {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in req.items()},
+            "settings": {
+                "seconds_per_route_and_round": seconds,
+                "rounds": rounds,
+                "jobs": jobs,
+                "baseline": baseline,
+                "baseline_commit": base_commit,
+                "page_jobs": PAGE_JOBS,
+            },
+            "requests": {
+                label: {
+                    k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in routes.items()
+                }
+                for label, routes in req.items()
+            },
             "first_metric": first,
         },
     )
