@@ -2,7 +2,9 @@
 live API (tests/plugins/live_api.py: real uvicorn, SQLite, a local artifact store; its Ray
 stand-in finishes each job as it is submitted, which is all a starting point needs here). A
 tenant's uploaded dataset (a parquet file, whose columns the page offers for `label_column`),
-uploaded model and succeeded job are offered; what is chosen is what the stored spec says. A
+uploaded model and succeeded job are offered, and a set of shards (uploaded as SET/SHARD) as one
+choice `SET/` that reads the set whole (`store://datasets/SET/`); what is chosen is what the
+stored spec says. A
 tenant with nothing uploaded is told the CLI commands; a server without `/v1/datasets` (404)
 still offers the built-in datasets."""
 
@@ -27,15 +29,17 @@ from tests.plugins.live_api import ALICE, BOB, LiveApi, live_api
 
 pytestmark = pytest.mark.e2e
 
-DATASET, MODEL = "digits.parquet", "base"
+DATASET, MODEL, SET = "digits.parquet", "base", "digits-parts"
 
 
-def _parquet() -> bytes:
+def _parquet(rows: slice = slice(None)) -> bytes:
     d = load_digits()
     table = pa.table(
         {
-            "pixels": pa.array([row.tolist() for row in d.data.astype(np.float32)], pa.list_(pa.float32())),
-            "label": pa.array(d.target.astype(np.int64)),
+            "pixels": pa.array(
+                [row.tolist() for row in d.data[rows].astype(np.float32)], pa.list_(pa.float32())
+            ),
+            "label": pa.array(d.target[rows].astype(np.int64)),
         }
     )
     out = io.BytesIO()
@@ -70,6 +74,9 @@ def test_uploads_and_finished_jobs_are_offered_and_end_up_in_the_spec(page, api)
     assert r.status_code == 201, r.text
     r = alice.put(f"/v1/datasets/{DATASET}", content=_parquet())
     assert r.status_code == 201, r.text
+    for k, rows in enumerate((slice(0, 900), slice(900, None))):  # every class in each shard
+        r = alice.put(f"/v1/datasets/{SET}/part-{k}.parquet", content=_parquet(rows))
+        assert r.status_code == 201, r.text
     spec = {"name": "parent", "model": {"name": "mlp"}, "data": {"name": "digits"}}
     parent = alice.post("/v1/jobs", json=spec)
     parent_id = parent.json()["id"]
@@ -99,6 +106,16 @@ def test_uploads_and_finished_jobs_are_offered_and_end_up_in_the_spec(page, api)
     expect(page.locator("#feature-columns input:checked")).to_have_count(1)
     expect(page.locator("#feature-columns input")).to_have_value("pixels")
 
+    # a set of shards is one choice, SET/, read whole; its columns are its shards'
+    whole = dataset.locator(f"option[value='upload:{SET}/']")
+    expect(whole).to_contain_text(f"{SET}/ — parquet, 2 shards, 1797 samples, 10 classes")
+    expect(dataset.locator(f"option[value^='upload:{SET}/part-']")).to_have_count(0)
+    dataset.select_option(f"upload:{SET}/")
+    expect(editor).to_have_value(re.compile(rf"uri: store://datasets/{SET}/\n"))
+    assert editing(page)["data"] == {**expected, "uri": f"store://datasets/{SET}/"}
+    expect(dataset).to_have_value(f"upload:{SET}/")
+    expect(page.locator("#label-column")).to_have_value("label")
+
     # a finished job, then an uploaded model: one `init` at a time
     expect(init.locator(f"option[value='job:{parent_id}']")).to_contain_text("parent · mlp")
     init.select_option(f"job:{parent_id}")
@@ -114,7 +131,8 @@ def test_uploads_and_finished_jobs_are_offered_and_end_up_in_the_spec(page, api)
     page.click("#submit-spec")
     page.wait_for_url(re.compile(r"#/jobs/[0-9a-z-]+$"))
     job = alice.get(f"/v1/jobs/{page.url.rsplit('/', 1)[-1]}").json()
-    assert job["spec"]["data"]["uri"] == f"store://datasets/{DATASET}"
+    assert job["spec"]["data"]["uri"] == f"store://datasets/{SET}/"
+    assert job["spec"]["data"]["resolved_uri"] == f"_tenants/alice/datasets/{SET}/"
     assert job["spec"]["data"]["label_column"] == "label" and job["spec"]["data"]["name"] is None
     assert job["spec"]["data"]["feature_columns"] == ["pixels"]
     assert job["spec"]["model"]["init"]["uri"] == f"store://models/{MODEL}"

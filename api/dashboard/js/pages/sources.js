@@ -1,5 +1,5 @@
 // The Submit page's pickers for what a job reads: its data (a built-in dataset or one of the
-// tenant's uploads, `data.uri: store://datasets/<name>`) and its initial weights (an uploaded
+// tenant's uploads, `data.uri: store://datasets/<name>`, or a set of shards, `store://datasets/SET/`) and its initial weights (an uploaded
 // model, `model.init.uri: store://models/<name>`, or a succeeded job, `model.init.job`). They
 // edit the spec in the editor, which stays the one thing submitted: a choice rewrites only the
 // keys it owns, and the pickers follow what the editor says when a spec is loaded or edited.
@@ -29,10 +29,50 @@ export function builtinDatasets(schema) {
 }
 
 function datasetNote(d) {
-  const parts = [d.format, `${d.samples} samples`];
+  const parts = [d.format];
+  if (d.shards) parts.push(`${d.shards} shards`);
+  parts.push(`${d.samples} samples`);
   if (d.num_classes) parts.push(`${d.num_classes} classes`);
   parts.push(bytes(d.size));
   return `${d.name} — ${parts.join(", ")}`;
+}
+
+/**
+ * What the Dataset picker offers from `GET /v1/datasets`: each one-file upload, and each set of
+ * shards (uploaded as SET/SHARD) as one entry named `SET/`, which a job reads whole as
+ * `store://datasets/SET/` (its shards are not offered one by one). A set's columns are its first
+ * shard's, as the job's readers take them. A tokenizer.json is no data (nor a set's shard).
+ */
+export function datasetChoices(items) {
+  const sets = new Map();
+  const out = [];
+  for (const d of items) {
+    if (d.format === "tokenizer") continue;
+    const slash = d.name.indexOf("/");
+    if (slash < 0) {
+      out.push(d);
+      continue;
+    }
+    const name = d.name.slice(0, slash + 1);
+    if (!sets.has(name)) sets.set(name, []);
+    sets.get(name).push(d);
+  }
+  for (const [name, shards] of sets) {
+    shards.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    const formats = [...new Set(shards.map((s) => s.format))].sort();
+    out.push({
+      name,
+      shards: shards.length,
+      format: formats.join("+"), // more than one: the server refuses the set at submission
+      samples: shards.reduce((n, s) => n + s.samples, 0),
+      size: shards.reduce((n, s) => n + s.size, 0),
+      // Each shard's labels are 0..K-1, every class present (the check on arrival): the set's
+      // classes are the most of any shard's.
+      num_classes: shards.every((s) => s.num_classes != null) ? Math.max(...shards.map((s) => s.num_classes)) : null,
+      columns: shards[0].columns,
+    });
+  }
+  return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
 }
 
 function hint(what, command) {
@@ -70,7 +110,7 @@ export function sourcePickers({ edit, read }) {
   );
 
   function options() {
-    const uploads = (datasets || []).filter((d) => d.format !== "tokenizer");
+    const uploads = datasetChoices(datasets || []);
     fill(
       dataset,
       h("option", { value: "" }, "as written in the spec"),
@@ -115,7 +155,7 @@ export function sourcePickers({ edit, read }) {
 
   function chosenUpload() {
     const name = dataset.value.startsWith("upload:") ? dataset.value.slice(7) : null;
-    return (datasets || []).find((d) => d.name === name) || null;
+    return datasetChoices(datasets || []).find((d) => d.name === name) || null;
   }
 
   // A parquet upload's columns, to choose the label and the features from, as the spec has them.
