@@ -7,6 +7,10 @@
    code too, side by side in one run: both servers up at once, each route measured in
    BENCH_ROUNDS rounds that alternate which code goes first, so a load that drifts during the
    run weighs on both alike. Ratios (route / healthz) are taken within one code's figures.
+   Besides req/s and latencies, the server process's CPU per request (psutil, user + system):
+   on a shared machine other load takes cores away from the server, which moves req/s and
+   latency a lot and the CPU a request costs little, so "CPU-bound req/s vs healthz" (healthz's
+   CPU per request / the route's) is the steadier figure of what a route costs.
 2. Submit -> first metric on `slimtrain serve`'s embedded Ray: small digits jobs (2 DDP
    workers), timed from the POST to the job's `running` event, its first metric record, and its
    first training loss, as seen over the SSE stream.
@@ -22,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from api.client import Client
 from bench.common import ROOT, conditions, machine, markdown_table, results_dir, save_json
@@ -73,16 +79,33 @@ def start_api(
     return proc, url
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of the server process and its children so far."""
+    proc = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+
+
 def load(
-    url: str, path: str, seconds: float, connections: int, method="GET", body: Path | None = None
+    url: str,
+    path: str,
+    seconds: float,
+    connections: int,
+    method="GET",
+    body: Path | None = None,
+    server_pid: int | None = None,
 ) -> dict:
+    """`server_pid`: also the server's CPU per request, which the machine's other load moves far
+    less than req/s (a busy machine takes cores away, not CPU cycles from each request)."""
     cmd = [sys.executable, "-m", "bench.api.loadgen", url, path, "--token", TOKEN, "--method", method]
     cmd += ["--seconds", str(seconds), "--connections", str(connections)]
     if body:
         cmd += ["--body", str(body)]
+    cpu0 = cpu_seconds(server_pid) if server_pid else None
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    cpu = cpu_seconds(server_pid) - cpu0 if server_pid else None
     lat = r["latencies_s"]
     return {
+        "server_cpu_s": cpu,
         "requests": r["requests"],
         "errors": r["errors"],
         "wall_s": r["wall_s"],
@@ -96,6 +119,7 @@ def load(
 
 
 PAGE_JOBS = 50  # the list route reads a full default page
+ROUTES = ("healthz", "get_job", "list_jobs", "post_job")
 
 
 def checkout(rev: str, dest: Path) -> tuple[Path, str]:
@@ -131,6 +155,7 @@ def merge(runs: list[dict]) -> dict:
     n = len(lat)
     return {
         "requests": n,
+        "server_cpu_ms_per_request": 1000 * sum(r["server_cpu_s"] for r in runs) / n,
         "errors": sum(r["errors"] for r in runs),
         "req_per_s": n / wall,
         "req_per_s_rounds": [r["req_per_s"] for r in runs],
@@ -162,13 +187,17 @@ def bench_requests(work: Path, seconds: float, codes: dict[str, Path | None], ro
             }
             load(url, paths[label]["get_job"][0], 2, 16)  # warm-up
         runs: dict[str, dict[str, list]] = {label: {} for label in codes}
-        for route in ("healthz", "get_job", "list_jobs", "post_job"):
-            for r in range(rounds):
+        # Rounds outermost: each round measures every route on every code within a minute or
+        # two, so a load that changes during the run lands on all of them alike.
+        for r in range(rounds):
+            for route in ROUTES:
                 order = list(codes) if r % 2 == 0 else list(reversed(codes))
                 for label in order:
                     path, conns, method = paths[label][route]
-                    url = servers[label][1]
-                    res = load(url, path, seconds, conns, method, body if method == "POST" else None)
+                    proc, url = servers[label]
+                    res = load(
+                        url, path, seconds, conns, method, body if method == "POST" else None, proc.pid
+                    )
                     runs[label].setdefault(route, []).append(res)
         return {label: {route: merge(rs) for route, rs in by.items()} for label, by in runs.items()}
     finally:
@@ -202,9 +231,6 @@ def bench_first_metric(work: Path, jobs: int) -> list[dict]:
         proc.terminate()
         proc.wait(60)
     return out
-
-
-ROUTES = ("healthz", "get_job", "list_jobs", "post_job")
 
 
 def plot(req: dict, path: Path) -> None:
@@ -253,6 +279,8 @@ def request_rows(req: dict) -> list[list]:
                     round(r["req_per_s"]),
                     " / ".join(str(round(x)) for x in r["req_per_s_rounds"]),
                     round(r["req_per_s"] / base, 3),
+                    r["server_cpu_ms_per_request"],
+                    round(routes["healthz"]["server_cpu_ms_per_request"] / r["server_cpu_ms_per_request"], 3),
                     r["p50_ms"],
                     r["p90_ms"],
                     r["p99_ms"],
@@ -287,6 +315,8 @@ def main() -> None:
         "req/s",
         "req/s by round",
         "req/s vs healthz",
+        "server CPU ms / request",
+        "CPU-bound req/s vs healthz",
         "p50 ms",
         "p90 ms",
         "p99 ms",
@@ -295,7 +325,9 @@ def main() -> None:
     if baseline:
         (b, bf), (t, tf) = list(req.items())
         speed = [
-            f"{name}: {tf[name]['req_per_s'] / bf[name]['req_per_s']:.2f}x the req/s of {b}, "
+            f"{name}: {tf[name]['req_per_s'] / bf[name]['req_per_s']:.2f}x the req/s of {b}, server CPU "
+            f"{bf[name]['server_cpu_ms_per_request']:.3f} -> {tf[name]['server_cpu_ms_per_request']:.3f} ms "
+            f"per request, p50 {bf[name]['p50_ms']:.1f} -> {tf[name]['p50_ms']:.1f} ms, "
             f"p99 {bf[name]['p99_ms']:.1f} -> {tf[name]['p99_ms']:.1f} ms"
             for name in ROUTES
         ]
