@@ -92,7 +92,9 @@ def _api(url: str | None, token: str | None, hint: str | None = None) -> Iterato
         yield client
     except ApiError as e:
         if e.fields:
-            console.print(render.spec_errors(SpecError(e.message, e.fields)))
+            # Not only specs come back with fields (a dataset shard, a sweep, a model upload):
+            # the server's own message is the title.
+            console.print(render.spec_errors(SpecError(e.message, e.fields), title=f"Refused: {e.message}"))
         else:
             console.print(f"[red]{e.code}:[/] {e.message}" + (f" {hint}" if hint and e.status == 404 else ""))
         if e.status == 401:

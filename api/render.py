@@ -7,8 +7,8 @@ from rich.table import Table
 from service.errors import SpecError
 
 
-def spec_errors(err: SpecError) -> Table:
-    t = Table(title="Invalid job spec", title_style="bold red", show_lines=False)
+def spec_errors(err: SpecError, title: str = "Invalid job spec") -> Table:
+    t = Table(title=title, title_style="bold red", show_lines=False)
     t.add_column("field", style="bold")
     t.add_column("problem")
     for e in err.errors or [{"field": "(spec)", "message": err.message}]:
