@@ -240,3 +240,69 @@ def test_a_jsonl_corpus_streams_through_ray_data(ray_cluster, store, monkeypatch
     xs, ys = torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
     assert xs.dtype == torch.int64 and xs.shape == (n, 16)
     assert rows(torch.cat([xs, ys], 1)) == rows(torch.cat([mem.x_train, mem.y_train], 1))
+
+
+def test_a_pipeline_job_streams_an_npz_as_one_process_reads_it(ray_cluster, store, tmp_path):
+    """A 2-stage pipeline job through the driver (Ray Train, "train" unsplit: stage 0 and the
+    last stage each read the whole stream, workers.data.streaming.reads) on an uncompressed NHWC
+    npz read by row ranges: its losses follow a one-process run fed by the same stream through
+    real Ray Data, step for step, which they could not if the two stages read different rows."""
+    from workers.driver import run_job
+
+    rng = np.random.default_rng(0)
+    y = np.arange(600) % 4
+    x = (rng.standard_normal((600, 4, 4, 1)) + y[:, None, None, None]).astype(np.float32)
+    np.savez(tmp_path / "img.npz", X=x, y=y)
+    store.put_file("datasets/img.npz", tmp_path / "img.npz")
+    job = {
+        "name": "pipe-streamed",
+        "model": {"name": "mlp", "args": {"hidden": [32]}},
+        "data": {
+            "uri": "store://datasets/img.npz",
+            "resolved_uri": "datasets/img.npz",
+            "layout": "nhwc",
+            "streaming": "on",
+        },
+        "train": {
+            "epochs": 1,
+            "batch_size": 32,
+            "lr": 0.05,
+            "seed": 1,
+            "log_every_steps": 1,
+            "eval_every_steps": 15,
+        },
+        "parallel": {"strategy": "pipeline", "workers": 2, "pipeline_microbatches": 2},
+        "checkpoint": {"every_steps": 1000},
+        "retries": 0,
+    }
+    out: dict = {}
+
+    def go():
+        try:
+            out["report"] = run_job(parse_spec(job), "pipe-streamed", store)
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(300)
+    assert not t.is_alive(), "the streamed pipeline job did not finish in 300 s"
+    assert "error" not in out, out.get("error")
+    lines = JobArtifacts(store, "pipe-streamed").get_bytes("metrics.jsonl").decode().splitlines()
+    pipe = [json.loads(line) for line in lines]
+
+    one = parse_spec({**job, "parallel": {"strategy": "ddp", "workers": 1}})
+    data = load_for_job(one.data, "ddp", store)
+    assert data.streamed and data.info.image_shape == (1, 4, 4) and data.info.n_train == 480
+    session = LocalSession(store, "one", shards=data.local_shards(1, 32, 15, 15))
+    train(one, data, session)
+
+    def curve(records, kind, key):
+        return [r[key] for r in records if r.get("kind") == kind]
+
+    assert len(curve(pipe, "train", "loss")) == 15
+    assert curve(pipe, "train", "loss") == pytest.approx(curve(session.records, "train", "loss"), rel=1e-4)
+    assert curve(pipe, "eval", "val_loss") == pytest.approx(
+        curve(session.records, "eval", "val_loss"), rel=1e-4
+    )
+    assert curve(pipe, "train", "loss")[-1] < 0.7 * curve(pipe, "train", "loss")[0]

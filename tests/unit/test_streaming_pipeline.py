@@ -128,7 +128,7 @@ SPEC = {
         "log_every_steps": 1,
         "eval_every_steps": 11,
     },
-    "parallel": {"strategy": "pipeline", "workers": 3, "pipeline_microbatches": 2},
+    "parallel": {"strategy": "pipeline", "workers": 3, "pipeline_microbatches": 4},
     "checkpoint": {"every_steps": 1000},
 }
 
