@@ -241,7 +241,7 @@ def plot(req: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    styles = ["-", "--", ":"]
+    styles = ["--", "-"] if len(req) == 2 else ["-"]  # a baseline dashed, this tree solid
     colours = dict(zip(ROUTES, ["tab:grey", "tab:blue", "tab:green", "tab:orange"], strict=True))
     for (label, routes), ls in zip(req.items(), styles, strict=False):
         for name, r in routes.items():
