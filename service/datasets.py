@@ -9,9 +9,11 @@ the stored file's name is fixed by the format, so readers never guess from the u
 
 The check reads the file as the workers will: parquet batch by batch (the format meant for
 data larger than memory: decoding every page finds corruption, and only the label column's
-distinct values are kept); npz, text and archives whole, as the in-memory path loads them
-anyway (archives through workers/data/archives.py's limits, images shrunk to 4x4 so the
-check's memory is small whatever their size).
+distinct values are kept); npz the same way, its members' .npy headers parsed as the streamed
+reader parses them and the arrays decoded a bounded chunk at a time (`_inspect_npz`: an npz may
+be larger than memory too); text and archives whole, as the in-memory path loads them anyway
+(archives through workers/data/archives.py's limits, images shrunk to 4x4 so the check's
+memory is small whatever their size).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ FILENAMES = {fmt: "data" + endings[0] for fmt, endings in DATA_FORMATS.items()} 
     TOKENIZER: "tokenizer.json"
 }
 PARQUET_BATCH_ROWS = 65_536
+# The npz check decodes at most about this many bytes of an array at a time (plus the float32
+# copy and mask the in-memory path's checks make of them).
+NPZ_CHUNK_BYTES = 4 * 2**20
 CHECK_IMAGE_SIDE = 4  # images are decoded for the check, then kept this small
 
 
@@ -117,6 +122,8 @@ def _inspect(name: str, fmt: str, label_column: str | None, text_column: str | N
         except Exception as e:  # the library raises plain Exception for a malformed file
             raise ConfigError(f"not a tokenizer.json ({e})") from None
         return {"samples": 0, "num_classes": tok.get_vocab_size()}
+    if fmt == "npz":
+        return _inspect_npz(path, uri)
     raw = path.read_bytes()
     if fmt in ("jsonl", "text"):
         spec = DataSpec(uri=uri, format=fmt, text_column=text_column if fmt == "jsonl" else None)
@@ -125,11 +132,8 @@ def _inspect(name: str, fmt: str, label_column: str | None, text_column: str | N
         if not n:
             raise ConfigError(f"{uri} holds no text")
         return {"samples": n}
-    if fmt == "npz":
-        out = formats.from_npz(raw, DataSpec(uri=uri, format=fmt))
-    else:
-        members = archives.iter_zip(raw) if fmt == "image_zip" else archives.iter_tar(raw)
-        out = formats.from_images(members, DataSpec(uri=uri, format=fmt, image_size=CHECK_IMAGE_SIDE))
+    members = archives.iter_zip(raw) if fmt == "image_zip" else archives.iter_tar(raw)
+    out = formats.from_images(members, DataSpec(uri=uri, format=fmt, image_size=CHECK_IMAGE_SIDE))
     _enough(len(out.x), uri)
     return {"samples": len(out.x), "num_classes": out.num_classes}
 
@@ -139,6 +143,81 @@ def _enough(n: int, uri: str) -> None:
 
     if n < MIN_SAMPLES:
         raise ConfigError(f"{uri} holds {n} samples; a job needs at least {MIN_SAMPLES}")
+
+
+def _inspect_npz(path: Path, uri: str) -> dict:
+    """What formats.npz_raw finds in the whole arrays (the same samples and classes, the same
+    refusals), without holding them: X's and y's .npy headers parsed (formats.npy_header, as
+    the streamed reader does), then y and X read through zipfile a chunk at a time (stored or
+    deflated alike, each member's CRC checked at its end, as np.load checks it) and checked by
+    the in-memory path's functions: labels (check_labels over the distinct labels) or token
+    ids (token_vocab over the smallest and largest) first, then every chunk of X decoded by
+    formats.npz_rows (numeric, finite, token ids not negative)."""
+    import zipfile
+    import zlib
+
+    from workers.data import formats as F
+
+    spec = DataSpec(uri=uri, format="npz")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            (sx, fx, dx), (sy, fy, dy) = (_npy_header(zf, name, uri) for name in ("X", "y"))
+            if sx[0] != sy[0]:
+                raise ConfigError(f"data.uri: X and y of {uri} need the same length (got {sx[0]}, {sy[0]})")
+            kind = F.npz_kind(dx, sx[1:], sy[1:], spec)
+            if kind == "tokens":
+                lo, hi, seen = 0, -1, False
+                for name, shape, fortran, dtype in (("X", sx, fx, dx), ("y", sy, fy, dy)):
+                    for part in _npy_chunks(zf, name, shape, fortran, dtype, uri):
+                        if part.size:
+                            lo, hi, seen = min(lo, int(part.min())), max(hi, int(part.max())), True
+                tokens = np.array([lo, hi]) if seen else np.zeros(0, np.int64)
+                k = F.token_vocab(tokens, None, "data.uri: X/y tokens")
+            else:
+                labels = np.zeros(0, dy)
+                for part in _npy_chunks(zf, "y", sy, fy, dy, uri):
+                    labels = np.union1d(labels, part)
+                k = F.check_labels(labels, None, "data.uri: y")
+                no_y = np.zeros(0, np.int64)  # y is checked; npz_rows decodes X and y apart
+                for part in _npy_chunks(zf, "X", sx, fx, dx, uri):
+                    F.npz_rows(part, no_y, kind, spec)
+    # A truncated or corrupted upload surfaces as any of these (np.load's own list; and an
+    # entry compressed with a method zipfile lacks).
+    except (ValueError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({e})") from None
+    _enough(sx[0], uri)
+    return {"samples": sx[0], "num_classes": k}
+
+
+def _npy_header(zf, name: str, uri: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    from workers.data.formats import npy_header, npz_member
+
+    with zf.open(npz_member(zf, name, uri)) as f:
+        return npy_header(f, name, uri)
+
+
+def _npy_chunks(zf, name: str, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, uri: str):
+    """Array `name` of the open npz, NPZ_CHUNK_BYTES or one row at a time, in the order it is
+    stored: runs of rows [r, *shape[1:]]; a Fortran-ordered array (stored column by column)
+    as runs of its elements, 1-D, which the checks (per element, none looks across a row)
+    take alike."""
+    from workers.data.formats import npy_header, npz_member
+
+    per = shape[1:] if not (fortran and len(shape) > 1) else ()
+    unit = dtype.itemsize * int(np.prod(per, dtype=np.int64))  # bytes of one row (one element)
+    left = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if unit == 0:
+        return
+    step = max(1, NPZ_CHUNK_BYTES // unit) * unit
+    with zf.open(npz_member(zf, name, uri)) as f:
+        npy_header(f, name, uri)  # to the first data byte
+        while left:
+            size = min(step, left)
+            data = f.read(size)
+            if len(data) != size:
+                raise ConfigError(f"data.uri: {uri}: array {name} is truncated")
+            left -= size
+            yield np.frombuffer(data, dtype).reshape(-1, *per)
 
 
 def _inspect_parquet(path: Path, label_column: str | None, uri: str) -> dict:

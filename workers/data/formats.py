@@ -188,11 +188,17 @@ def _blocks(tokens: np.ndarray, seq_len: int, vocab: int, source: str) -> Raw:
 def _npz_arrays(raw: bytes, uri: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         # allow_pickle=False: an .npz from a user must never execute code when loaded.
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        z = np.load(io.BytesIO(raw), allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy loads as one array
+            raise ValueError("one .npy array, not an .npz archive")
+        with z:
             x, y = z["X"], z["y"]
     # A truncated or corrupted upload surfaces as any of these; none is fixed by a retry.
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({e})") from None
+    for name, a in (("X", x), ("y", y)):
+        if a.ndim == 0:  # as npy_header says it
+            raise ConfigError(f"data.uri: {uri}: array {name} is a scalar; X and y need one row per sample")
     if len(x) != len(y):
         raise ConfigError(f"data.uri: X and y of {uri} need the same length (got {len(x)}, {len(y)})")
     return x, y
@@ -200,6 +206,38 @@ def _npz_arrays(raw: bytes, uri: str) -> tuple[np.ndarray, np.ndarray]:
 
 def from_npz(raw: bytes, spec: DataSpec) -> Raw:
     return npz_raw(*_npz_arrays(raw, spec.uri), spec)
+
+
+def npz_member(zf: zipfile.ZipFile, name: str, uri: str) -> zipfile.ZipInfo:
+    """The zip entry of array `name` ("X" or "y") of an open npz."""
+    try:
+        return zf.getinfo(name + ".npy")
+    except KeyError:
+        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y (no {name})") from None
+
+
+def npy_header(f, name: str, uri: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) of the .npy whose magic `f` is at (numpy.lib.format), `f`
+    left at its first data byte; refusing what np.load(allow_pickle=False) refuses, and a
+    scalar. The streamed reader (workers/data/streaming.py) and the upload check
+    (service/datasets.py) parse npz members with it, neither loading an array."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy.read_array_header_2_0(f)
+        else:
+            raise ValueError(f".npy format version {version} is not read here")
+    except ValueError as e:
+        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({name}: {e})") from None
+    if dtype.hasobject:  # np.load(allow_pickle=False) refuses these in memory
+        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({name} holds Python objects)")
+    if not shape:
+        raise ConfigError(f"data.uri: {uri}: array {name} is a scalar; X and y need one row per sample")
+    return tuple(int(d) for d in shape), bool(fortran), dtype
 
 
 def npz_schema(x, y) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:

@@ -886,17 +886,12 @@ def open_text(spec: DataSpec, path, filesystem, tokenizer_json: bytes | None) ->
 
 
 def _npy_member(zf, f, name: str, uri: str) -> NpyArray:
-    """Where array `name` of an open npz lies (its .npy header parsed with numpy.lib.format),
+    """Where array `name` of an open npz lies (its .npy header parsed by formats.npy_header),
     refusing what cannot be read by offset (NotStreamable) and what the in-memory path refuses."""
     import struct
     import zipfile
 
-    from numpy.lib import format as npy
-
-    try:
-        info = zf.getinfo(name + ".npy")
-    except KeyError:
-        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y (no {name})") from None
+    info = F.npz_member(zf, name, uri)
     if info.compress_type != zipfile.ZIP_STORED:
         raise NotStreamable(
             f"data.streaming: on is not possible: {uri} is a compressed npz (np.savez_compressed), "
@@ -909,26 +904,13 @@ def _npy_member(zf, f, name: str, uri: str) -> NpyArray:
     name_len, extra_len = struct.unpack("<HH", head[26:30])
     start = info.header_offset + 30 + name_len + extra_len
     f.seek(start)
-    try:
-        version = npy.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = npy.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = npy.read_array_header_2_0(f)
-        else:
-            raise ValueError(f".npy format version {version} is not read here")
-    except ValueError as e:
-        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({name}: {e})") from None
-    if dtype.hasobject:  # np.load(allow_pickle=False) refuses these in memory
-        raise ConfigError(f"data.uri: {uri} is not an .npz with arrays X and y ({name} holds Python objects)")
-    if not shape:
-        raise ConfigError(f"data.uri: {uri}: array {name} is a scalar; X and y need one row per sample")
+    shape, fortran, dtype = F.npy_header(f, name, uri)
     if fortran and len(shape) > 1:
         raise NotStreamable(
             f"data.streaming: on is not possible: array {name} of {uri} is stored column-major "
             "(Fortran order), whose rows cannot be read in ranges; save it C-ordered, or use auto or off"
         )
-    arr = NpyArray(name, f.tell(), dtype, tuple(int(d) for d in shape))
+    arr = NpyArray(name, f.tell(), dtype, shape)
     if arr.offset - start + shape[0] * arr.row_bytes != info.file_size:
         raise ConfigError(f"data.uri: {uri}: array {name} is truncated")
     return arr
