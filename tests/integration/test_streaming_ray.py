@@ -36,6 +36,27 @@ def write_parquet(store, tmp_path, name: str, n: int, f: int, row_group: int, se
     return x.nbytes
 
 
+def _run_job_within(spec, name: str, store, seconds: float) -> dict:
+    """The job's report, run through the driver on a thread, so a hang fails the test within
+    `seconds` (e.g. Ray Data starved of CPU) instead of holding the session's Ray head."""
+    from workers.driver import run_job
+
+    out: dict = {}
+
+    def go():
+        try:
+            out["report"] = run_job(spec, name, store)
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"job {name} did not finish in {seconds} s"
+    assert "error" not in out, out.get("error")
+    return out["report"]
+
+
 def data_spec(name: str, **kw) -> dict:
     return {
         "uri": f"store://datasets/{name}",
@@ -134,8 +155,6 @@ def test_ddp_job_on_parquet_several_times_a_workers_memory_cap(ray_cluster, stor
     Sized for CI: 24,000 rows (47 MiB, cap 11.7 MiB) and 4 evaluations, each a Ray Data
     execution per rank, which is where such a job's time goes; 40,000 rows and 7 evaluations
     took 4 minutes."""
-    from workers.driver import run_job
-
     nbytes = write_parquet(store, tmp_path, "big.parquet", n=24_000, f=512, row_group=1_000)
     cap = nbytes // 4
     spec = parse_spec(
@@ -156,19 +175,7 @@ def test_ddp_job_on_parquet_several_times_a_workers_memory_cap(ray_cluster, stor
             "retries": 0,
         }
     )
-    out: dict = {}
-
-    def go():
-        try:
-            out["report"] = run_job(spec, "streamed-ddp", store)
-        except BaseException as e:
-            out["error"] = e
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(400)
-    assert not t.is_alive(), "the streamed DDP job did not finish in 400 s (Ray Data starved of CPU?)"
-    assert "error" not in out, out.get("error")
+    out = {"report": _run_job_within(spec, "streamed-ddp", store, 400)}
     records = [
         json.loads(line)
         for line in JobArtifacts(store, "streamed-ddp").get_bytes("metrics.jsonl").decode().splitlines()
@@ -247,8 +254,6 @@ def test_a_pipeline_job_streams_an_npz_as_one_process_reads_it(ray_cluster, stor
     last stage each read the whole stream, workers.data.streaming.reads) on an uncompressed NHWC
     npz read by row ranges: its losses follow a one-process run fed by the same stream through
     real Ray Data, step for step, which they could not if the two stages read different rows."""
-    from workers.driver import run_job
-
     rng = np.random.default_rng(0)
     y = np.arange(600) % 4
     x = (rng.standard_normal((600, 4, 4, 1)) + y[:, None, None, None]).astype(np.float32)
@@ -275,19 +280,7 @@ def test_a_pipeline_job_streams_an_npz_as_one_process_reads_it(ray_cluster, stor
         "checkpoint": {"every_steps": 1000},
         "retries": 0,
     }
-    out: dict = {}
-
-    def go():
-        try:
-            out["report"] = run_job(parse_spec(job), "pipe-streamed", store)
-        except BaseException as e:
-            out["error"] = e
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(300)
-    assert not t.is_alive(), "the streamed pipeline job did not finish in 300 s"
-    assert "error" not in out, out.get("error")
+    _run_job_within(parse_spec(job), "pipe-streamed", store, 300)
     lines = JobArtifacts(store, "pipe-streamed").get_bytes("metrics.jsonl").decode().splitlines()
     pipe = [json.loads(line) for line in lines]
 
