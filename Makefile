@@ -23,7 +23,7 @@ UV_VERSION ?= 0.13.9
 # Serial by default. `make test PYTEST_WORKERS=2` runs two pytest-xdist workers (tests/conftest.py
 # keeps every test on the session's Ray head in one worker and each other module in one). On this
 # 2-CPU machine it is slower than serial: two trials (load 15-39, then 6-17) were stopped at 28% and
-# 27% after 47 and 23 minutes, where serial runs 69% of the tests in ~12. The tests are CPU-bound
+# 27% after 47 and 23 minutes, while the unit tests alone (69%) take ~12 serially. Tests are CPU-bound
 # (torch, Ray workers), so two pytest processes only share the same two cores.
 PYTEST_WORKERS ?= 0
 PYTEST_ARGS ?= --durations=30 -n $(PYTEST_WORKERS) --dist loadgroup
