@@ -134,9 +134,6 @@ class JobService:
     def get(self, tenant: str, job_id: str) -> Job:
         return self.store.get_job(job_id, tenant)
 
-    def list(self, tenant: str, states: list[str] | None, cursor: str | None, limit: int) -> Page:
-        return self.store.list_jobs(tenant, states, cursor, limit)
-
     # The API's reads of jobs: rows as stored (service/store/job_rows.py), read anew every time.
 
     def job_row(self, tenant: str, job_id: str) -> JobRow:
@@ -146,7 +143,7 @@ class JobService:
         return row
 
     def job_rows(self, tenant: str, states: list[str] | None, cursor: str | None, limit: int) -> Page:
-        """`list` as rows: the same page, order and cursors."""
+        """A page of the tenant's jobs as rows: the page, order and cursors of Store.list_jobs."""
         after = parse_job_cursor(cursor) if cursor else None
         rows = self.rows.page(tenant, states, after, limit + 1)
         more = len(rows) > limit
