@@ -13,13 +13,15 @@ iterating its shard). Each run trains `--steps` optimizer steps.
   leaves out Ray object-store pages read zero-copy), and the RSS when its session started,
   before it fetched any data (the training loop's `worker_memory` record);
 - samples/s: the median over the loop's logging windows (the first left out: warm-up) of the
-  global samples per second, so the job's start, evaluation and export do not count;
+  global samples per second, so the job's start, evaluation and export do not count, pooled
+  over `--rounds` runs of each mode whose order alternates (off on, on off): one run's windows
+  move by 2x on this shared machine;
 - CPU per sample: the CPU seconds of the bench's whole process tree (driver, Ray, workers, Ray
   Data tasks) from the first logging window to the last before the final step, per sample: what
   a dedicated 2-CPU machine's throughput would follow if the job is CPU-bound, and a figure that
   other processes on a shared machine do not move (samples/s they do).
 
-    .venv/bin/python -m bench.data [--rows 10000 31623 100000] [--features 256] [--steps 300]
+    .venv/bin/python -m bench.data [--rows 10000 31623 100000] [--features 256] [--steps 300] [--rounds 2]
 
 Writes results.json, table.md and data.png to bench/results/data/ (BENCH_OUT redirects).
 """
@@ -154,7 +156,7 @@ def job(name: str, mode: str, steps: int, hidden: list[int], batch: int) -> dict
     }
 
 
-def run_one(store, name: str, mode: str, args) -> dict:
+def run_one(store, name: str, mode: str, args, round_: int = 0) -> dict:
     from service.spec import parse_spec
     from workers.driver import run_job
 
@@ -178,7 +180,7 @@ def run_one(store, name: str, mode: str, args) -> dict:
     t0 = time.time()
     rep = run_job(
         parse_spec(job(name, mode, args.steps, args.hidden, args.batch)),
-        f"{Path(name).stem}-{mode}",
+        f"{Path(name).stem}-{mode}-{round_}",  # a job id of its own: one already run would resume
         store,
         on_record=on_record,
     )
@@ -206,6 +208,24 @@ def run_one(store, name: str, mode: str, args) -> dict:
         "accuracy": rep["accuracy"],
         "job_seconds": time.time() - t0,
         "cpu_ms_per_1000_samples": cpu_per_sample * 1e6,
+    }
+
+
+def pooled(runs: list[dict], n: int, mode: str) -> dict:
+    """One size's runs of one mode, every round together: samples/s the median of all their
+    logging windows, CPU per sample the median of the runs', memory the largest peak."""
+    rs = [r for r in runs if (r["rows"], r["mode"]) == (n, mode)]
+    return {
+        "rows": n,
+        "mode": mode,
+        "rounds": len(rs),
+        "dataset_mib": rs[0]["dataset_mib"],
+        "samples_per_second": statistics.median(w for r in rs for w in r["windows"]),
+        "cpu_ms_per_1000_samples": statistics.median(r["cpu_ms_per_1000_samples"] for r in rs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+        "peak_private_mib": max(r["peak_private_mib"] for r in rs),
+        "start_rss_mib": max(r["start_rss_mib"] for r in rs),
+        "accuracy": min(r["accuracy"] for r in rs),
     }
 
 
@@ -281,7 +301,7 @@ def write_profile(rows: list[dict], args, out: Path) -> None:
 
 def iteration_cost(path: Path, args) -> dict:
     """CPU a training worker's batch iteration costs, without training: this process reads one
-    file's streamed training split through Feed (iter_torch_batches over the local iterator, as
+    file's streamed training split through Feed (blocks of the local iterator, cut into batches, as
     LocalSession does), batches of the per-rank size, after letting the reads run ahead. The
     main thread's CPU is Feed and Ray Data's batch iterator as the training thread runs them;
     the process's adds the prefetch thread and, here only, the streaming executor (in a job it
@@ -348,6 +368,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--modes", nargs="+", choices=["off", "on"], default=["off", "on"])
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="runs of each mode per size, the order reversed each round (off on, on off, ...); "
+        "--profile and --iteration run one",
+    )
+    ap.add_argument(
         "--iteration",
         action="store_true",
         help="measure only the batch iteration's CPU (iteration.json), at the first --rows",
@@ -360,9 +387,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from service.artifacts import LocalArtifactStore
+    from workers import onnx_export
     from workers.ray_runtime import connect
 
     connect(None, num_cpus=2, log_to_driver=False)
+    # The driver warms the ONNX exporter up while a job trains, and the first time in a process
+    # costs several CPU seconds more than later ones: paid here, it does not slow whichever
+    # run comes first (it cost the first, in-memory, run 70-86 CPU ms per 1000 samples).
+    onnx_export.warm_up().join()
     out = results_dir("data")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -379,29 +411,43 @@ def main() -> None:
             src = Path(tmp) / name
             nbytes = write_parquet(src, n, args.features)
             store.put_file(f"datasets/{name}", src)
-            for mode in args.modes:
-                r = run_one(store, name, mode, args)
-                r.update(rows=n, dataset_mib=nbytes / MIB, file_mib=src.stat().st_size / MIB)
-                rows.append(r)
-                print(
-                    f"{n} rows ({nbytes / MIB:.0f} MiB) {mode}: peak {r['peak_rss_mib']:.0f} MiB, "
-                    f"{r['samples_per_second']:.0f} samples/s, "
-                    f"{r['cpu_ms_per_1000_samples']:.0f} CPU ms / 1000 samples, of which:",
-                    flush=True,
-                )
-                for part, ms in list(r["cpu_ms_per_1000_samples_by_part"].items())[:40]:
-                    print(f"    {ms:7.1f}  {part}", flush=True)
-                print(f"    processes started in the loop: {r['processes_started_in_loop']}", flush=True)
+            rounds = 1 if args.profile else args.rounds
+            for k in range(rounds):
+                for mode in args.modes if k % 2 == 0 else args.modes[::-1]:
+                    r = run_one(store, name, mode, args, k)
+                    r.update(rows=n, round=k, dataset_mib=nbytes / MIB, file_mib=src.stat().st_size / MIB)
+                    rows.append(r)
+                    print(
+                        f"{n} rows ({nbytes / MIB:.0f} MiB) {mode}, round {k + 1}: "
+                        f"peak {r['peak_rss_mib']:.0f} MiB, "
+                        f"{r['samples_per_second']:.0f} samples/s, "
+                        f"{r['cpu_ms_per_1000_samples']:.0f} CPU ms / 1000 samples, of which:",
+                        flush=True,
+                    )
+                    for part, ms in list(r["cpu_ms_per_1000_samples_by_part"].items())[:40]:
+                        print(f"    {ms:7.1f}  {part}", flush=True)
+                    print(f"    processes started in the loop: {r['processes_started_in_loop']}", flush=True)
     if args.profile:
         write_profile(rows, args, out)
         return
     if args.modes != ["off", "on"]:
         return  # one path only: no comparison to write
 
+    runs = rows
+    rows = [pooled(runs, n, mode) for n in args.rows for mode in ("off", "on")]
+
     def pick(mode):
         return [r for r in rows if r["mode"] == mode]
 
+    def speed_in(n: int, k: int) -> float:
+        on, off = (
+            next(r for r in runs if (r["mode"], r["rows"], r["round"]) == (m, n, k)) for m in ("on", "off")
+        )
+        return on["samples_per_second"] / off["samples_per_second"]
+
     st, mem = pick("on"), pick("off")
+    # Each round's own ratio, beside the pooled one: how far one pair of runs moves here.
+    by_round = [[speed_in(n, k) for k in range(args.rounds)] for n in args.rows]
     flat = st[-1]["peak_rss_mib"] / st[0]["peak_rss_mib"]
     speed = [s["samples_per_second"] / m["samples_per_second"] for s, m in zip(st, mem, strict=True)]
     # The throughput a dedicated machine would show, were the job CPU-bound: samples per CPU
@@ -413,12 +459,14 @@ def main() -> None:
         "streamed_memory_largest_over_smallest": flat,
         "streamed_over_in_memory_samples_per_second": speed,
         "streamed_over_in_memory_samples_per_cpu_second": per_cpu,
+        "streamed_over_in_memory_samples_per_second_by_round": by_round,
         "targets": {"memory_flat_max": 1.2, "throughput_min": 0.9},
         "memory_target_met": flat <= 1.2,
         "throughput_target_met": min(speed) >= 0.9,
     }
     m = machine()
-    save_json(out / "results.json", {"args": vars(args), "machine": m, "runs": rows, "summary": summary})
+    got = {"args": vars(args), "machine": m, "runs": runs, "pooled": rows, "summary": summary}
+    save_json(out / "results.json", got)
     table = markdown_table(
         [
             "rows",
@@ -457,7 +505,8 @@ def main() -> None:
         f"{conditions(m)}\n\n2 DDP workers, mlp hidden {args.hidden}, global batch {args.batch}, "
         f"{args.steps} steps, {args.features} float32 features, row groups of {ROW_GROUP} rows.\n\n"
         f"{table}\n\nStreamed peak RSS, largest/smallest dataset: {flat:.2f} (target <= 1.2); "
-        f"streamed/in-memory samples/s: {', '.join(f'{s:.2f}' for s in speed)} (target >= 0.9); "
+        f"streamed/in-memory samples/s: {', '.join(f'{s:.2f}' for s in speed)} (target >= 0.9; "
+        f"each round alone: {'; '.join(', '.join(f'{x:.2f}' for x in r) for r in by_round)}); "
         f"samples per CPU second (other load aside): {', '.join(f'{s:.2f}' for s in per_cpu)}.\n"
     )
     plot(rows, out / "data.png")

@@ -263,6 +263,24 @@ def test_epoch_plan_is_a_seeded_permutation_that_drops_the_ragged_tail(drop):
     assert len(orders) > 1  # each epoch its own order
 
 
+@pytest.mark.parametrize(
+    "sizes, size, want",
+    [
+        ([3, 1, 6, 0, 7], 4, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]),  # 16 dropped
+        ([8], 4, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ([1, 1, 1], 2, [[0, 1]]),
+        ([2], 3, []),
+        ([], 3, []),
+    ],
+)
+def test_rebatch_cuts_the_stream_into_full_batches_across_blocks(sizes, size, want):
+    edges = np.cumsum([0, *sizes])
+    blocks = [{"x": np.arange(a, b), "y": -np.arange(a, b)} for a, b in zip(edges, edges[1:], strict=False)]
+    got = list(streaming.rebatch(iter(blocks), size))
+    assert [b["x"].tolist() for b in got] == want
+    assert [b["y"].tolist() for b in got] == [[-v for v in w] for w in want]
+
+
 def _png(px: np.ndarray, mode: str) -> bytes:
     import io
 

@@ -22,11 +22,15 @@ from workers.data import load_for_job, streaming
 
 class InOrder:
     """A Ray Data iterator of `StreamedData.streams` items read in order (preserve_order): each
-    item's read task, its rows rebatched into batches of exactly batch_size (the last maybe
-    fewer). Every call iterates anew, as each reader's own execution does."""
+    item's read task as a block, or its rows rebatched into torch batches of exactly batch_size
+    (the last maybe fewer). Every call iterates anew, as each reader's own execution does."""
 
     def __init__(self, items: list[dict], read):
         self.items, self.read = items, read
+
+    def iter_batches(self, batch_size=None, batch_format="numpy", prefetch_batches=1):
+        for item in self.items:  # a block per read task
+            yield self.read({k: np.array([v]) for k, v in item.items()})
 
     def iter_torch_batches(self, batch_size: int, drop_last: bool = False):
         buf: dict | None = None

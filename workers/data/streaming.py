@@ -9,7 +9,7 @@ computes what the in-memory path derives from the whole array (DataInfo: shapes,
 training split's mean and std); `StreamedData.ray_datasets` then defines the "train" and "val"
 Ray Datasets that the driver hands to the TorchTrainer (`datasets=`). Worker side (`Feed`): each
 rank that reads (`reads`: all of them, or a pipeline's first and last stage) iterates its
-`get_dataset_shard("train")` with `iter_torch_batches`, and scores its share of "val".
+`get_dataset_shard("train")` block by block (`rebatch`), and scores its share of "val".
 
 The same rows, the same tensors: samples are decoded by the in-memory path's own parquet
 functions (workers/data/formats.py), and the train/validation split is the in-memory path's
@@ -1137,6 +1137,29 @@ def scan(plan: ParquetPlan, n_val: int) -> DataInfo:
 # --- worker side --------------------------------------------------------------------------
 
 
+def rebatch(blocks: Iterator[Mapping[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of exactly `size` rows, in stream order, from blocks of any sizes (columns of
+    equal length); the rows left over at the end, fewer than `size`, are dropped (drop_last).
+    A batch inside one block is a view of it; one that spans blocks, a copy. Pure."""
+    carry: dict[str, np.ndarray] | None = None
+    for block in blocks:
+        n = len(next(iter(block.values()))) if block else 0
+        start = 0
+        if carry is not None:
+            have = len(next(iter(carry.values())))
+            start = min(size - have, n)
+            carry = {k: np.concatenate([carry[k], v[:start]]) for k, v in block.items()}
+            if have + start < size:
+                continue
+            yield carry
+            carry = None
+        while start + size <= n:
+            yield {k: v[start : start + size] for k, v in block.items()}
+            start += size
+        if start < n:
+            carry = {k: v[start:] for k, v in block.items()}
+
+
 class Feed:
     """One rank's batches from its Ray Data shards ("train": its split of the training stream,
     or the whole stream for a pipeline stage that reads, `StreamedData.ray_datasets`; "val": all
@@ -1165,7 +1188,15 @@ class Feed:
         self._next = 0  # index in the stream of the batch the open iterator yields next
 
     def _open(self) -> None:
-        self._it = iter(self.shards["train"].iter_torch_batches(batch_size=self.batch, drop_last=True))
+        # Whole blocks (a read task's rows, or a split's slice of them), cut into batches here:
+        # iter_torch_batches costs a batch its slicing, formatting and a hand-off between Ray
+        # Data's threads, which with the workers on every CPU slowed the training step by ~45 ms
+        # per 1000 samples (bench/results/data/profile.md); a block's batches are views, copied
+        # once into the tensor the step reads.
+        blocks = self.shards["train"].iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+        self._it = (
+            {k: torch.from_numpy(np.array(v)) for k, v in b.items()} for b in rebatch(blocks, self.batch)
+        )
         self._head = next(self._it, None)
         if self._head is None:
             raise RuntimeError(f"rank {self.rank}: the streamed training split gave no batch")
