@@ -39,9 +39,8 @@ class Shard:
 
     def iter_batches(self, batch_size=None, batch_format="numpy", prefetch_batches=1):
         n, s = len(self.cols["y"]), 0
-        for size in iter(lambda: 7 + s % 5, None):
-            if s >= n:
-                return
+        while s < n:
+            size = 7 + s % 5
             yield {k: v[s : s + size] for k, v in self.cols.items()}
             s += size
 
