@@ -276,6 +276,7 @@ def test_epoch_plan_is_a_seeded_permutation_that_drops_the_ragged_tail(drop):
 def test_rebatch_cuts_the_stream_into_full_batches_across_blocks(sizes, size, want):
     edges = np.cumsum([0, *sizes])
     blocks = [{"x": np.arange(a, b), "y": -np.arange(a, b)} for a, b in zip(edges, edges[1:], strict=False)]
+    blocks[1:1] = [{}]  # a block without columns, in the middle of a carried batch: no rows
     got = list(streaming.rebatch(iter(blocks), size))
     assert [b["x"].tolist() for b in got] == want
     assert [b["y"].tolist() for b in got] == [[-v for v in w] for w in want]

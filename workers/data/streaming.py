@@ -1144,6 +1144,8 @@ def rebatch(blocks: Iterator[Mapping[str, np.ndarray]], size: int) -> Iterator[d
     carry: dict[str, np.ndarray] | None = None
     for block in blocks:
         n = len(next(iter(block.values()))) if block else 0
+        if n == 0:
+            continue
         start = 0
         if carry is not None:
             have = len(next(iter(carry.values())))
@@ -1189,10 +1191,11 @@ class Feed:
 
     def _open(self) -> None:
         # Whole blocks (a read task's rows, or a split's slice of them), cut into batches here:
-        # iter_torch_batches costs a batch its slicing, formatting and a hand-off between Ray
-        # Data's threads, which with the workers on every CPU slowed the training step by ~45 ms
-        # per 1000 samples (bench/results/data/profile.md); a block's batches are views, copied
-        # once into the tensor the step reads.
+        # iter_torch_batches costs every batch its slicing, formatting and a hand-off between Ray
+        # Data's threads, which with the workers on every CPU cost their Python threads ~45 ms
+        # more CPU per 1000 samples than in memory (bench/results/data/profile-before-rebatch.md,
+        # against profile-rebatch.md); a block's batches are views, copied once into the tensor
+        # the step reads.
         blocks = self.shards["train"].iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
         self._it = (
             {k: torch.from_numpy(np.array(v)) for k, v in b.items()} for b in rebatch(blocks, self.batch)
