@@ -391,12 +391,8 @@ def main() -> None:
     from workers.ray_runtime import connect
 
     connect(None, num_cpus=2, log_to_driver=False)
-    # The driver warms the ONNX exporter up while a job trains, and the first time in a process
-    # costs several CPU seconds more than later ones: paid here, it does not slow whichever
-    # run comes first (it cost the first, in-memory, run 70-86 CPU ms per 1000 samples).
-    onnx_export.warm_up().join()
     out = results_dir("data")
-    rows = []
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalArtifactStore(Path(tmp) / "store")
         if args.iteration:
@@ -406,6 +402,10 @@ def main() -> None:
             save_json(out / "iteration.json", got)
             print(got, flush=True)
             return
+        # The driver warms the ONNX exporter up while a job trains, and the first time in a process
+        # costs several CPU seconds more than later ones: paid here, it does not slow whichever
+        # run comes first (it cost the first, in-memory, run 70-86 CPU ms per 1000 samples).
+        onnx_export.warm_up().join()
         for n in args.rows:
             name = f"rows{n}.parquet"
             src = Path(tmp) / name
@@ -416,7 +416,7 @@ def main() -> None:
                 for mode in args.modes if k % 2 == 0 else args.modes[::-1]:
                     r = run_one(store, name, mode, args, k)
                     r.update(rows=n, round=k, dataset_mib=nbytes / MIB, file_mib=src.stat().st_size / MIB)
-                    rows.append(r)
+                    runs.append(r)
                     print(
                         f"{n} rows ({nbytes / MIB:.0f} MiB) {mode}, round {k + 1}: "
                         f"peak {r['peak_rss_mib']:.0f} MiB, "
@@ -428,12 +428,11 @@ def main() -> None:
                         print(f"    {ms:7.1f}  {part}", flush=True)
                     print(f"    processes started in the loop: {r['processes_started_in_loop']}", flush=True)
     if args.profile:
-        write_profile(rows, args, out)
+        write_profile(runs, args, out)
         return
     if args.modes != ["off", "on"]:
         return  # one path only: no comparison to write
 
-    runs = rows
     rows = [pooled(runs, n, mode) for n in args.rows for mode in ("off", "on")]
 
     def pick(mode):

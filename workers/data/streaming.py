@@ -1197,9 +1197,7 @@ class Feed:
         # against profile-rebatch.md); a block's batches are views, copied once into the tensor
         # the step reads.
         blocks = self.shards["train"].iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-        self._it = (
-            {k: torch.from_numpy(np.array(v)) for k, v in b.items()} for b in rebatch(blocks, self.batch)
-        )
+        self._it = rebatch(blocks, self.batch)
         self._head = next(self._it, None)
         if self._head is None:
             raise RuntimeError(f"rank {self.rank}: the streamed training split gave no batch")
@@ -1228,8 +1226,8 @@ class Feed:
                     f"(step {self._first_step + self._next}); step {step} was asked for"
                 )
             self._next += 1
-            if self._next - 1 == k:
-                return b["x"], b["y"]
+            if self._next - 1 == k:  # a copy: blocks are read-only views of Ray's object store
+                return torch.from_numpy(np.array(b["x"])), torch.from_numpy(np.array(b["y"]))
 
     def val_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of the validation rows (each row is scored by exactly one rank), one
