@@ -36,6 +36,7 @@ CASES = {
             "end_step": 16,
             "frequency": 4,
             "structure": "channel",
+            "channel_multiple": 4,  # each layer rounded up to 4 channels: the same on every rank
         }
     },
     # activations measured on each update's calibration batches (replayed identically on resume)

@@ -320,6 +320,7 @@ CONFIGS = [
     {"scope": "layer", "structure": "unstructured"},
     {"scope": "global", "structure": "channel"},
     {"scope": "layer", "structure": "channel"},
+    {"scope": "global", "structure": "channel", "channel_multiple": 4},
     {"schedule": "threshold", "threshold": 0.8, "end_step": 10},
 ]
 
@@ -359,7 +360,9 @@ def _masks_vs_gathered_for(rank, world, strategy_name: str, model_spec: dict, da
             expect = threshold_masks(weights, ones, threshold_at(pr, step))
         elif pr.structure == "channel":
             # along each weight's output axis (columns of a transformers Conv1D)
-            expect = channel_masks(weights, 0.7, pr.scope, axes=axes_of(pruner.weights))
+            expect = channel_masks(
+                weights, 0.7, pr.scope, axes=axes_of(pruner.weights), multiple=pr.channel_multiple
+            )
         else:
             expect = unstructured_masks(weights, 0.7, pr.scope)
         assert list(masks) == list(expect)

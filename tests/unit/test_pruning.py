@@ -89,6 +89,31 @@ def test_channel_masks_zero_whole_channels():
     assert abs(pruned - 0.5 * total) <= 40
 
 
+def test_channel_multiple_rounds_each_layers_kept_channels_up_to_the_strongest():
+    # channel c of each layer has RMS c + 1: the strongest channels are the last ones
+    rows = {"a": 64, "b": 32, "c": 6}
+    w = {
+        n: (torch.arange(r, dtype=torch.float32) + 1).repeat_interleave(9).reshape(r, 1, 3, 3)
+        for n, r in rows.items()
+    }
+    kept = lambda masks: {n: m.reshape(m.shape[0], -1).all(1) for n, m in masks.items()}  # noqa: E731
+    # 40% of 64 is 25.6 -> 26 pruned, 38 kept -> 40; of 32: 13 pruned, 19 kept -> 24; of 6: 2
+    # pruned, 4 kept -> 8 is more than the layer has: all 6 kept
+    for n, want in kept(channel_masks(w, 0.4, "layer", multiple=8)).items():
+        assert want.tolist() == [c >= rows[n] - {"a": 40, "b": 24, "c": 6}[n] for c in range(rows[n])], n
+    # a count already a multiple stays: 50% of 64 and 32 keeps 32 and 16
+    got = kept(channel_masks(w, 0.5, "layer", multiple=8))
+    assert (int(got["a"].sum()), int(got["b"].sum())) == (32, 16)
+    # global scope rounds each layer's share the same way, upwards
+    plain = kept(channel_masks(w, 0.4, "global"))
+    rounded = kept(channel_masks(w, 0.4, "global", multiple=8))
+    for n in rows:
+        assert int(rounded[n].sum()) == min(rows[n], -(-int(plain[n].sum()) // 8) * 8), n
+        assert bool((plain[n] <= rounded[n]).all()), n  # only channels come back, none go
+    one, plain = kept(channel_masks(w, 0.4, "layer", multiple=1)), kept(channel_masks(w, 0.4, "layer"))
+    assert all(torch.equal(one[n], plain[n]) for n in rows)
+
+
 def test_threshold_masks_prune_below_theta_std_and_only_shrink():
     w = weights()
     alive = {k: torch.ones_like(v, dtype=torch.bool) for k, v in w.items()}

@@ -123,6 +123,16 @@ priority: 0
             "compression.pruning.structure",
             "'unstructured' or 'channel'",
         ),
+        (
+            {"compression": {"pruning": {"channel_multiple": 8}}},
+            "compression.pruning.channel_multiple",
+            "only used by structure `channel` (structure is 'unstructured')",
+        ),
+        (
+            {"compression": {"pruning": {"structure": "channel", "channel_multiple": 0}}},
+            "compression.pruning.channel_multiple",
+            "greater than or equal to 1",
+        ),
         ({"compression": {"clipping": {"max_abs": 0}}}, "compression.clipping.max_abs", "greater than 0"),
         (
             {"compression": {"quantization": {"mode": "int4"}}},

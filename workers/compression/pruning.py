@@ -228,6 +228,7 @@ def channel_masks(
     reduce_sum: ReduceSum | None = None,
     axes: dict[str, int] | None = None,
     units: dict[str, torch.Tensor] | None = None,
+    multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Prune whole output channels (rows of a Linear, filters of a Conv, columns of a
     transformers Conv1D: `axes` gives each weight's output axis) by RMS norm.
@@ -237,7 +238,9 @@ def channel_masks(
     Every layer keeps at least its strongest channel. `units` (layer -> unit id of each output
     channel) prunes channels in units, all or none, scored by the unit's RMS: whole attention
     heads of a fused qkv (workers.compression.channel_slim.channel_plan), so that export can
-    delete them."""
+    delete them. `multiple`: each layer's kept channels are then rounded up to a multiple of it
+    (its next-strongest channels come back), as kernels compute channels in blocks (units are
+    not rounded: a head is already a block)."""
     axes = axes or {}
     units = units or {}
     world = _total([1.0], reduce_sum)  # ranks sharing the weights (1 without a reduction)
@@ -306,6 +309,18 @@ def channel_masks(
             # smallest with k = all channels, so sharded rows need no gather either.
             best = kth_smallest([rms[n]], channels(n), reduce_sum=reduction([n], "layer"))
             kp |= rms[n] >= best
+    for n, kp in keep.items():
+        if multiple == 1 or n in units:
+            continue
+        total = channels(n)
+        kept = float(kp.sum()) if n in replicated else _total([int(kp.sum())], reduce_sum)
+        # Rounded up, never down: rounding must not prune more than the schedule asks.
+        want = min(total, math.ceil(kept / multiple - 1e-9) * multiple)
+        if want >= total:
+            keep[n] = torch.ones_like(kp)
+        elif want > kept:  # the strongest `want` channels: the others are the (total - want) smallest
+            tau = kth_smallest([rms[n]], total - want, reduce_sum=reduction([n], "layer"))
+            keep[n] = rms[n] > tau
     out = {}
     for n, w in weights.items():
         lw = _local(w).movedim(axes.get(n, 0), 0)
@@ -458,7 +473,13 @@ class Pruner:
                 new = nm_masks(self.weights, self.masks, keep, group, axes_of(self.weights))
             else:
                 new = channel_masks(
-                    self.weights, s, cfg.scope, self.reduce_sum, axes_of(self.weights), self.units
+                    self.weights,
+                    s,
+                    cfg.scope,
+                    self.reduce_sum,
+                    axes_of(self.weights),
+                    self.units,
+                    cfg.channel_multiple,
                 )
         # Masks only shrink: a weight pruned once stays pruned (with ties at zero it could
         # otherwise flip back in and out).
