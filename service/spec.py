@@ -490,11 +490,10 @@ class PruningSpec(Strict):
         ge=1,
         le=512,
         description="structure channel: every pruned layer keeps a multiple of this many channels, "
-        "rounded up from what final_sparsity asks (so the sparsity reached can be a little lower). "
-        "CPU and GPU kernels work on blocks of channels: on onnxruntime's CPU convolutions, 40% "
-        "of a convnet's channels pruned to odd counts ran 1.0-1.3x faster, where counts in "
-        "multiples of 8 ... (bench/compression/channels.py). Attention heads are kept whole, "
-        "not rounded.",
+        "rounded up from what final_sparsity asks (so the sparsity reached can be a little lower), "
+        "for runtimes that compute channels in blocks. Attention heads are kept whole, not "
+        "rounded. Measured on a convnet in onnxruntime on 2 CPUs, 8 bought no speed "
+        "(bench/README.md, 'Channel pruning').",
     )
     exclude: list[str] = Field(
         default_factory=list, description="Layer names (or fnmatch patterns) never pruned."
