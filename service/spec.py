@@ -498,6 +498,14 @@ class PruningSpec(Strict):
     exclude: list[str] = Field(
         default_factory=list, description="Layer names (or fnmatch patterns) never pruned."
     )
+    layer_sparsity: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default_factory=dict,
+        description="scope layer: a final sparsity of their own for the layers a name (or fnmatch "
+        "pattern) matches, the first matching entry winning; the others go to final_sparsity. Each "
+        "follows the same schedule scaled to its own final value (its target at every step is the "
+        "schedule's times value / final_sparsity). Every entry must match a pruned layer.",
+        json_schema_extra={"examples": [{"features.conv1*": 0.5, "features.conv2*": 0.25}]},
+    )
     criterion: Literal["magnitude", "wanda"] = Field(
         default="magnitude",
         description="What a weight is worth. magnitude: |w|. wanda (Sun et al. 2023): |w| times "
@@ -553,6 +561,7 @@ class PruningSpec(Strict):
             raise ValueError(f"end_step: must be greater than start_step ({self.start_step})")
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(f"initial_sparsity: must not exceed final_sparsity ({self.final_sparsity})")
+        self._layer_sparsity_rules()
         if self.channel_multiple != 1 and self.structure != "channel":
             raise ValueError(
                 f"channel_multiple: only used by structure `channel` (structure is '{self.structure}'); "
@@ -560,6 +569,25 @@ class PruningSpec(Strict):
             )
         self._wanda_rules()
         return self
+
+    def _layer_sparsity_rules(self) -> None:
+        if not self.layer_sparsity:
+            return
+        if self.scope != "layer":
+            raise ValueError(
+                "layer_sparsity: per-layer targets need scope `layer` (under `global` one threshold "
+                "ranks every layer's weights together); set scope: layer"
+            )
+        if self.nm() is not None or self.schedule == "threshold" or self.criterion == "wanda":
+            raise ValueError(
+                "layer_sparsity: allowed with criterion magnitude, structure unstructured or channel "
+                "and a cubic, linear or oneshot schedule"
+            )
+        if self.final_sparsity <= 0.0:
+            raise ValueError(
+                "layer_sparsity: each layer's target is the schedule's scaled by value / final_sparsity, "
+                "so final_sparsity must be above 0"
+            )
 
     def _wanda_rules(self) -> None:
         if self.criterion != "wanda":
@@ -803,6 +831,25 @@ class JobSpec(Strict):
                     f"{a['n_layer'] + 2} pipeline stages (embedding, {a['n_layer']} blocks, head)"
                 )
         return self
+
+    def _layer_sparsity_rules(self) -> None:
+        if not self.layer_sparsity:
+            return
+        if self.scope != "layer":
+            raise ValueError(
+                "layer_sparsity: per-layer targets need scope `layer` (under `global` one threshold "
+                "ranks every layer's weights together); set scope: layer"
+            )
+        if self.nm() is not None or self.schedule == "threshold" or self.criterion == "wanda":
+            raise ValueError(
+                "layer_sparsity: allowed with criterion magnitude, structure unstructured or channel "
+                "and a cubic, linear or oneshot schedule"
+            )
+        if self.final_sparsity <= 0.0:
+            raise ValueError(
+                "layer_sparsity: each layer's target is the schedule's scaled by value / final_sparsity, "
+                "so final_sparsity must be above 0"
+            )
 
     def _wanda_rules(self) -> None:
         pr = self.compression.pruning

@@ -26,6 +26,7 @@ from service.records import PARTS, Phase, phase_record
 from service.spec import JobSpec
 from workers import export, init_weights, onnx_export
 from workers.checkpoint import CHECKPOINTS
+from workers.compression.pruning import layer_scales, prunable_weights
 from workers.data import load_for_job, streaming
 from workers.metrics_log import MetricsLog
 from workers.models import build_model
@@ -98,6 +99,11 @@ def preflight(spec: JobSpec, store: ArtifactStore):
         init_weights.apply(model, init_weights.load_init_state(spec, store))
     if spec.parallel.strategy == "pipeline":
         require_stages(model, spec.parallel.workers)
+    pr = spec.compression.pruning
+    if pr is not None and pr.layer_sparsity:
+        # A misspelt layer name fails here, before any worker starts (the pruner checks again
+        # against the layers it actually prunes, after the method's own skips).
+        layer_scales(pr, list(prunable_weights(model, pr.exclude)))
     if spec.uses_gpu:
         need = spec.parallel.gpus_per_worker * spec.parallel.workers
         have = ray.cluster_resources().get("GPU", 0)

@@ -96,6 +96,21 @@ RECIPES = {
     # where plain r40 keeps [19, 19, 38, 38] and 77, counts onnxruntime's kernels run slowly.
     "r40-e150-s300-m8": {"sparsity": 0.4, "end_step": 150, "epochs": 12, "multiple": 8},
     "r40-e100-s400-m8": {"sparsity": 0.4, "end_step": 100, "epochs": 16, "multiple": 8},
+    # -c2r25: pruning.layer_sparsity keeps the second block and the hidden layer at 25%, the
+    # first block at 50%: [16, 16, 48, 48] and 96 (bench/compression/widths.py: a narrow first
+    # block is what onnxruntime runs fast; the wider rest keeps capacity).
+    "r50-c2r25-e100-s400": {
+        "sparsity": 0.5,
+        "end_step": 100,
+        "epochs": 16,
+        "layers": {"features.conv2*": 0.25, "classifier.fc1": 0.25},
+    },
+    "r50-c2r25-e150-s300": {
+        "sparsity": 0.5,
+        "end_step": 150,
+        "epochs": 12,
+        "layers": {"features.conv2*": 0.25, "classifier.fc1": 0.25},
+    },
 }
 BATCHES = (1, 64)
 
@@ -111,6 +126,7 @@ def spec_for(model: str, seed: int, recipe: str | None, int8: bool = False, epoc
             "final_sparsity": r["sparsity"],
             "end_step": r["end_step"],
             "channel_multiple": r.get("multiple", 1),
+            "layer_sparsity": r.get("layers", {}),
         }
         if int8:
             # Fake quantization from pruning's last step: the channels it trains are the slim ones.
@@ -398,7 +414,8 @@ def write(out, rows: list[dict], repeats: int, t0: float) -> str:
         f"Last run: `{COMMAND}` ({time.time() - t0:.0f} s). Each row's command and conditions are in "
         "results.json; recipe rNN-eE-sS: NN% of each layer's channels pruned on a cubic ramp from step 25 "
         "to step E, S steps in all (the rest fine-tunes the pruned model); -m8: each layer keeps a multiple "
-        "of 8 channels (`pruning.channel_multiple: 8`); int8: + QAT from step E.\n\n"
+        "of 8 channels (`pruning.channel_multiple: 8`); -c2r25: the second block and the hidden layer "
+        "pruned to 25% (`pruning.layer_sparsity`); int8: + QAT from step E.\n\n"
         "## Per recipe (mean over seeds; loss against the dense job of the same seed and steps)\n\n"
         + summary_table(summary)
         + "\n\n## Every row\n\n"

@@ -321,6 +321,8 @@ CONFIGS = [
     {"scope": "global", "structure": "channel"},
     {"scope": "layer", "structure": "channel"},
     {"scope": "global", "structure": "channel", "channel_multiple": 4},
+    # per-layer targets (every layer 0.35 here, through the per-layer path): the same on every rank
+    {"scope": "layer", "structure": "channel", "layer_sparsity": {"*": 0.35}},
     {"schedule": "threshold", "threshold": 0.8, "end_step": 10},
 ]
 
@@ -360,8 +362,9 @@ def _masks_vs_gathered_for(rank, world, strategy_name: str, model_spec: dict, da
             expect = threshold_masks(weights, ones, threshold_at(pr, step))
         elif pr.structure == "channel":
             # along each weight's output axis (columns of a transformers Conv1D)
+            target = pr.layer_sparsity.get("*", 0.7)
             expect = channel_masks(
-                weights, 0.7, pr.scope, axes=axes_of(pruner.weights), multiple=pr.channel_multiple
+                weights, target, pr.scope, axes=axes_of(pruner.weights), multiple=pr.channel_multiple
             )
         else:
             expect = unstructured_masks(weights, 0.7, pr.scope)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.errors import MaskMismatchError
+from service.errors import ConfigError, MaskMismatchError
 from service.spec import PruningSpec
 from tests.thread_ranks import run_on_two_ranks
 from workers.compression.pruning import (
@@ -134,6 +134,37 @@ def _cfg(**kw):
     return PruningSpec(**{"schedule": "oneshot", "final_sparsity": 0.8, "start_step": 0, **kw})
 
 
+def test_layer_sparsity_gives_the_named_layers_their_own_target_on_the_same_schedule():
+    def pruned(**kw) -> dict[str, int]:
+        p = Pruner(PruningSpec(**kw), prunable_weights(_model()))
+        p.update(kw["end_step"] if kw["schedule"] != "oneshot" else 0)
+        return {n: int((~m).sum()) for n, m in p.masks.items()}
+
+    # layer "0" (600 weights) to 0.25, layer "2" (300) to final_sparsity 0.8
+    base = {"scope": "layer", "final_sparsity": 0.8, "start_step": 0, "layer_sparsity": {"0": 0.25}}
+    assert pruned(**base, schedule="oneshot") == {"0": 150, "2": 240}
+    # half-way along a linear ramp 0 -> 0.8 the target is 0.4: layer "0" gets 0.4 * 0.25 / 0.8
+    mid = Pruner(PruningSpec(**base, schedule="linear", end_step=10), prunable_weights(_model()))
+    mid.update(5)
+    assert {n: int((~m).sum()) for n, m in mid.masks.items()} == {"0": round(0.125 * 600), "2": 120}
+    # patterns, first match wins; channels: whole rows of each layer, to each layer's own target
+    ch = {**base, "structure": "channel", "layer_sparsity": {"[0-1]": 0.5, "*": 0.0}}
+    p = Pruner(PruningSpec(**ch, schedule="oneshot"), prunable_weights(_model()))
+    p.update(0)
+    rows = {n: int((~m.all(1)).sum()) for n, m in p.masks.items()}
+    assert rows == {"0": 15, "2": 0}
+    # without layer_sparsity the targets are the schedule's, one number
+    assert Pruner(_cfg(scope="layer"), prunable_weights(_model())).layer_targets(0.5) == 0.5
+
+
+def test_layer_sparsity_naming_no_pruned_layer_is_a_config_error():
+    cfg = _cfg(scope="layer", layer_sparsity={"0": 0.5, "features.*": 0.5})
+    with pytest.raises(
+        ConfigError, match=r"'features\.\*' matches no pruned layer; the pruned layers are 0, 2"
+    ):
+        Pruner(cfg, prunable_weights(_model()))
+
+
 def test_prunable_weights_skip_biases_norms_and_excluded():
     m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Conv1d(4, 4, 1), nn.Linear(4, 2))
     assert list(prunable_weights(m)) == ["0", "2", "3"]
@@ -230,3 +261,23 @@ def test_mask_mismatch_fails_loudly():
     verify_masks_agree([7, 7, 7])
     with pytest.raises(MaskMismatchError, match="differ between ranks"):
         verify_masks_agree([7, 8])
+
+
+def test_preflight_refuses_a_layer_sparsity_entry_that_names_no_layer(tmp_path):
+    from service.artifacts import LocalArtifactStore
+    from service.spec import parse_spec
+    from workers.driver import preflight
+
+    pruning = {"scope": "layer", "end_step": 100, "frequency": 10, "layer_sparsity": {"net.fc9": 0.2}}
+    spec = parse_spec(
+        {
+            "name": "p",
+            "model": {"name": "mlp"},
+            "data": {"name": "digits"},
+            "compression": {"pruning": pruning},
+        }
+    )
+    with pytest.raises(
+        ConfigError, match=r"layer_sparsity: 'net.fc9' matches no pruned layer; the pruned layers are "
+    ):
+        preflight(spec, LocalArtifactStore(tmp_path))

@@ -124,6 +124,34 @@ priority: 0
             "'unstructured' or 'channel'",
         ),
         (
+            {"compression": {"pruning": {"layer_sparsity": {"fc1": 0.5}}}},
+            "compression.pruning.layer_sparsity",
+            "per-layer targets need scope `layer`",
+        ),
+        (
+            {"compression": {"pruning": {"scope": "layer", "layer_sparsity": {"fc1": 1.0}}}},
+            "compression.pruning.layer_sparsity.fc1",
+            "less than 1",
+        ),
+        (
+            {
+                "compression": {
+                    "pruning": {"scope": "layer", "structure": "2:4", "layer_sparsity": {"fc1": 0.5}}
+                }
+            },
+            "compression.pruning.layer_sparsity",
+            "allowed with criterion magnitude, structure unstructured or channel",
+        ),
+        (
+            {
+                "compression": {
+                    "pruning": {"scope": "layer", "final_sparsity": 0.0, "layer_sparsity": {"a": 0.5}}
+                }
+            },
+            "compression.pruning.layer_sparsity",
+            "final_sparsity must be above 0",
+        ),
+        (
             {"compression": {"pruning": {"channel_multiple": 8}}},
             "compression.pruning.channel_multiple",
             "only used by structure `channel` (structure is 'unstructured')",

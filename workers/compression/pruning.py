@@ -202,8 +202,16 @@ def _group_reduce(
     return reduce_sum
 
 
+Sparsity = float | dict[str, float]
+"""One target for every layer, or (layer scope) each layer's own: `Pruner.layer_targets`."""
+
+
+def _target(sparsity: Sparsity, name: str) -> float:
+    return sparsity[name] if isinstance(sparsity, dict) else sparsity
+
+
 def unstructured_masks(
-    weights: dict[str, torch.Tensor], sparsity: float, scope: str, reduce_sum: ReduceSum | None = None
+    weights: dict[str, torch.Tensor], sparsity: Sparsity, scope: str, reduce_sum: ReduceSum | None = None
 ) -> dict[str, torch.Tensor]:
     """Keep |w| > tau, tau the k-th smallest |w| with k = round(sparsity * n)."""
     scores = {n: _local(w).detach().abs() for n, w in weights.items()}
@@ -211,7 +219,7 @@ def unstructured_masks(
     masks = {}
     for names in groups:
         n_total = _total([scores[n].numel() for n in names], reduce_sum)
-        k = round(sparsity * n_total)
+        k = round(_target(sparsity, names[0]) * n_total)
         if k <= 0:
             masks.update({n: torch.ones_like(scores[n], dtype=torch.bool) for n in names})
             continue
@@ -223,7 +231,7 @@ def unstructured_masks(
 
 def channel_masks(
     weights: dict[str, torch.Tensor],
-    sparsity: float,
+    sparsity: Sparsity,
     scope: str,
     reduce_sum: ReduceSum | None = None,
     axes: dict[str, int] | None = None,
@@ -294,10 +302,10 @@ def channel_masks(
     for names in groups:
         if scope == "global":  # the target counts weights: a channel weighs its fan-in
             wts = [sizes[n] for n in names]
-            k = sparsity * _total([float(sizes[n].sum()) for n in names], reduce_sum)
+            k = _target(sparsity, names[0]) * _total([float(sizes[n].sum()) for n in names], reduce_sum)
         else:  # whole channels of this layer: round(sparsity * channels)
             wts = None
-            k = round(sparsity * channels(names[0]))
+            k = round(_target(sparsity, names[0]) * channels(names[0]))
         if k <= 0:
             keep.update({n: torch.ones_like(rms[n], dtype=torch.bool) for n in names})
             continue
@@ -413,6 +421,28 @@ def _total(values: list[float], reduce_sum: ReduceSum | None) -> float:
 # --- the stateful pruner ------------------------------------------------------------------------
 
 
+def layer_scales(cfg: PruningSpec, names: list[str]) -> dict[str, float]:
+    """layer -> its final sparsity / final_sparsity under `layer_sparsity` (1 for the layers no
+    entry matches; the first matching entry wins); {} without it. An entry matching no pruned
+    layer is a configuration error: a misspelt name would otherwise prune at final_sparsity."""
+    if not cfg.layer_sparsity:
+        return {}
+    for pat in cfg.layer_sparsity:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+            raise ConfigError(
+                f"compression.pruning.layer_sparsity: {pat!r} matches no pruned layer; the pruned "
+                f"layers are {shown}"
+            )
+    scales = {}
+    for n in names:
+        final = next(
+            (v for pat, v in cfg.layer_sparsity.items() if fnmatch.fnmatchcase(n, pat)), cfg.final_sparsity
+        )
+        scales[n] = final / cfg.final_sparsity
+    return scales
+
+
 class Pruner:
     """Holds the masks of one model and applies its schedule.
 
@@ -441,7 +471,13 @@ class Pruner:
         self.last_update: int | None = None
         # layer -> unit of each output channel, pruned together (`channel_masks`); set by the method
         self.units: dict[str, torch.Tensor] = {}
+        self.scales = layer_scales(cfg, list(named_weights))
         self._refresh()
+
+    def layer_targets(self, s: float) -> Sparsity:
+        """The schedule's target `s` for every layer, or each layer's under `layer_sparsity`
+        (s <= final_sparsity, so a layer's stays <= its own final value, below 1)."""
+        return {n: s * k for n, k in self.scales.items()} if self.scales else s
 
     # schedule
 
@@ -466,7 +502,7 @@ class Pruner:
             if self.criterion is not None:
                 new = self.criterion.masks(step, s, self.masks)
             elif cfg.structure == "unstructured":
-                new = unstructured_masks(self.weights, s, cfg.scope, self.reduce_sum)
+                new = unstructured_masks(self.weights, self.layer_targets(s), cfg.scope, self.reduce_sum)
             elif cfg.nm() is not None:
                 group = cfg.nm()[1]
                 keep = round((1.0 - s) * group)  # s is a multiple of 1/M here (schedules.target_sparsity)
@@ -474,7 +510,7 @@ class Pruner:
             else:
                 new = channel_masks(
                     self.weights,
-                    s,
+                    self.layer_targets(s),
                     cfg.scope,
                     self.reduce_sum,
                     axes_of(self.weights),
