@@ -111,6 +111,13 @@ RECIPES = {
         "epochs": 12,
         "layers": {"features.conv2*": 0.25, "classifier.fc1": 0.25},
     },
+    # -c2r375: the second block and the hidden layer at 37.5%: [16, 16, 40, 40] and 80
+    "r50-c2r375-e150-s300": {
+        "sparsity": 0.5,
+        "end_step": 150,
+        "epochs": 12,
+        "layers": {"features.conv2*": 0.375, "classifier.fc1": 0.375},
+    },
 }
 BATCHES = (1, 64)
 
@@ -414,8 +421,8 @@ def write(out, rows: list[dict], repeats: int, t0: float) -> str:
         f"Last run: `{COMMAND}` ({time.time() - t0:.0f} s). Each row's command and conditions are in "
         "results.json; recipe rNN-eE-sS: NN% of each layer's channels pruned on a cubic ramp from step 25 "
         "to step E, S steps in all (the rest fine-tunes the pruned model); -m8: each layer keeps a multiple "
-        "of 8 channels (`pruning.channel_multiple: 8`); -c2r25: the second block and the hidden layer "
-        "pruned to 25% (`pruning.layer_sparsity`); int8: + QAT from step E.\n\n"
+        "of 8 channels (`pruning.channel_multiple: 8`); -c2r25 / -c2r375: the second block and the "
+        "hidden layer pruned to 25% / 37.5% (`pruning.layer_sparsity`); int8: + QAT from step E.\n\n"
         "## Per recipe (mean over seeds; loss against the dense job of the same seed and steps)\n\n"
         + summary_table(summary)
         + "\n\n## Every row\n\n"
