@@ -7,8 +7,9 @@ counts that channel pruning leaves, timed side by side. Not part of the test sui
 bench/compression/channels.py trains and slims real jobs; there, 40% of the channels pruned
 (19 and 38 channels left) ran only 1.02-1.30x faster than the dense model where half (16 and 32)
 ran 2.5x. This bench asks the runtime alone: random weights (latency does not depend on their
-values), the same graph the export ships for each shape (`workers.onnx_export.to_onnx` of the
-registry `convnet` with `channels: [c1, c2]`, `hidden: h`), one onnxruntime thread, medians of
+values), the graph the export builds for a model of each shape (`workers.onnx_export.to_onnx`
+of the registry `convnet` with `channels: [c1, c2]`, `hidden: h`; a slimmed job's graph may add
+the offset maps of folded channels, docs/compression.md), one onnxruntime thread, medians of
 interleaved runs at batch 1 and 64, beside each shape's multiply-accumulates per sample. A shape
 whose speed-up falls well short of its MAC ratio is one the runtime's kernels handle badly.
 Writes bench/results/compression_widths/{results.json, table.md, widths.png}.
