@@ -832,25 +832,6 @@ class JobSpec(Strict):
                 )
         return self
 
-    def _layer_sparsity_rules(self) -> None:
-        if not self.layer_sparsity:
-            return
-        if self.scope != "layer":
-            raise ValueError(
-                "layer_sparsity: per-layer targets need scope `layer` (under `global` one threshold "
-                "ranks every layer's weights together); set scope: layer"
-            )
-        if self.nm() is not None or self.schedule == "threshold" or self.criterion == "wanda":
-            raise ValueError(
-                "layer_sparsity: allowed with criterion magnitude, structure unstructured or channel "
-                "and a cubic, linear or oneshot schedule"
-            )
-        if self.final_sparsity <= 0.0:
-            raise ValueError(
-                "layer_sparsity: each layer's target is the schedule's scaled by value / final_sparsity, "
-                "so final_sparsity must be above 0"
-            )
-
     def _wanda_rules(self) -> None:
         pr = self.compression.pruning
         if pr is None or pr.criterion != "wanda":
