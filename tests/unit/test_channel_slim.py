@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from service.artifacts import JobArtifacts, LocalArtifactStore
-from service.spec import parse_spec
+from service.spec import PruningSpec, parse_spec
 from workers import export, onnx_export, train_loop
 from workers.compression import channel_slim as cs
-from workers.compression.pruning import axes_of, channel_masks, prunable_weights
+from workers.compression.pruning import Pruner, axes_of, channel_followers, channel_masks, prunable_weights
 from workers.data import load_dataset
 from workers.data.info import DataInfo
 from workers.models import build_model, output_layer
@@ -147,6 +147,55 @@ def test_layers_that_cannot_shrink_are_not_channel_pruned():
     skip, units = cs.channel_plan(gpt)
     assert set(skip) == {f"blocks.{i}.{n}" for i in (0, 1) for n in ("attn.proj", "fc_proj")}
     assert units["blocks.0.attn.qkv"].tolist() == [r % 32 // 8 for r in range(96)]
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet"])
+def test_channel_pruning_zeroes_conv_biases_and_batchnorm_so_slim_needs_no_offset_maps(name):
+    """Training under `structure: channel` holds a removed filter's bias (the convnet) or its
+    BatchNorm's scale and shift (the resnet) at zero with the filter, through SGD with momentum
+    and weight decay: the channel outputs exactly zero, so the slim model needs no `Offset`
+    (an extra pass over the activations, docs/compression.md) and still equals the masked one."""
+    model = _build(name, seed=0)
+    with torch.no_grad():  # biases and shifts away from zero: a kept constant would show
+        for m in model.modules():
+            if isinstance(getattr(m, "bias", None), nn.Parameter):
+                m.bias.add_(0.5)
+    skip, units = cs.channel_plan(model)
+    weights = prunable_weights(model, skip=(*skip, output_layer(model)))
+    followers = channel_followers(model, weights)
+    if name == "convnet":
+        convs = [f"features.conv{i}" for i in ("1a", "1b", "2a", "2b")]
+        assert {n: len(ps) for n, ps in followers.items()} == dict.fromkeys(convs, 1)
+    else:  # bias-free convs: the BatchNorm after each pruned conv
+        assert followers and all(len(ps) == 2 for ps in followers.values())
+        assert all(n.endswith("conv1.conv") for n in followers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+    pruner = Pruner(
+        PruningSpec(structure="channel", scope="layer", schedule="oneshot", final_sparsity=0.5, start_step=0),
+        weights,
+        followers=followers,
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 64, generator=g) * 16, torch.randint(0, 10, (16,), generator=g)
+    model.train()
+    for step in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pruner.mask_grads_()
+        opt.step()
+        pruner.apply_()
+        pruner.maybe_update(step, opt)
+    for n, ps in followers.items():
+        gone = ~pruner.masks[n].flatten(1).any(dim=1)
+        assert gone.any(), n
+        for p in ps:
+            assert torch.all(p.detach()[gone] == 0), n
+            assert torch.all(opt.state[p]["momentum_buffer"][gone] == 0), n
+    model.eval()
+    slim, _ = cs.slim(model, x[:2], skip=(output_layer(model),))
+    assert not any(isinstance(m, cs.Offset) for m in slim.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def _initializer_values(graph: bytes) -> int:

@@ -28,6 +28,7 @@ from workers.checkpoint import load_latest
 from workers.compression.pruning import (
     Pruner,
     axes_of,
+    channel_followers,
     channel_masks,
     threshold_masks,
     unstructured_masks,
@@ -342,10 +343,14 @@ def _masks_vs_gathered_for(rank, world, strategy_name: str, model_spec: dict, da
     for cfg in CONFIGS:
         strategy.load_full_state_dict(wrapped, initial[0])  # dense again: configs do not stack
         pr = PruningSpec(**{"schedule": "oneshot", "final_sparsity": 0.7, "start_step": 0, **cfg})
-        pruner = Pruner(pr, strategy.prunable(wrapped, [], ()), strategy.pruner_reduce())
+        weights = strategy.prunable(wrapped, [], ())
+        channel = pr.structure == "channel"
+        followers = channel_followers(strategy.unwrap(wrapped), weights) if channel else None
+        pruner = Pruner(pr, weights, strategy.pruner_reduce(), followers=followers)
         full = strategy.full_state_dict(wrapped)
         step = pr.end_step if pr.schedule == "threshold" else 0
         pruner.update(step)
+        after = strategy.full_state_dict(wrapped)  # a collective: on every rank
         masks = strategy.gather_masks(pruner.weights, pruner.masks)
         sparsity, layers = pruner.sparsity()
         # what a checkpoint stores, cut again: every rank gets back exactly its own part
@@ -375,13 +380,29 @@ def _masks_vs_gathered_for(rank, world, strategy_name: str, model_spec: dict, da
         assert sparsity == pytest.approx(pruned, abs=1e-9), cfg
         for n, m in expect.items():
             assert layers[n] == pytest.approx(int((~m).sum()) / m.numel(), abs=1e-12), (cfg, n)
+        if pr.structure == "channel":
+            # conv filters removed took their biases along, whichever rank held them
+            convs = {n: ~m.flatten(1).any(dim=1) for n, m in expect.items() if m.dim() > 2}
+            assert not convs or any(gone.any() for gone in convs.values()), cfg
+            for n, gone in convs.items():
+                assert torch.all(after[f"{n}.bias"][gone] == 0), (cfg, n)
+                assert torch.all(after[f"{n}.bias"][~gone] == full[f"{n}.bias"][~gone]), (cfg, n)
 
 
 @pytest.mark.parametrize(
     ("strategy", "models"),
     [
-        # uneven and even shards; Conv1D columns and tied embeddings
-        ("fsdp", [(MLP["model"], MLP["data"]), (GPT["model"], GPT["data"]), (HF_GPT2, GPT["data"])]),
+        # uneven and even shards; Conv1D columns and tied embeddings; conv biases sharded with
+        # their filters
+        (
+            "fsdp",
+            [
+                (MLP["model"], MLP["data"]),
+                (GPT["model"], GPT["data"]),
+                (HF_GPT2, GPT["data"]),
+                ({"name": "convnet"}, {"name": "digits"}),
+            ],
+        ),
         ("pipeline", [(GPT["model"], GPT["data"]), ({"name": "convnet"}, {"name": "digits"})]),
     ],
 )

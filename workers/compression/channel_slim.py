@@ -25,7 +25,11 @@ pushed through the consumer's float weight; for a Linear, or a conv whose
 result is spatially uniform, it joins the bias; a padded conv sees the constant only inside the
 image (the border pads zeros), so its effect is a fixed map, added after the conv (after its
 BatchNorm, scaled by it, so BatchNorm folding at export stays valid) by an `Offset` module.
-Masked and slim outputs are then equal up to float rounding.
+Masked and slim outputs are then equal up to float rounding. Training avoids most of these maps:
+it zeroes a conv's bias and its BatchNorm's scale and shift with each removed filter
+(`pruning.channel_followers`), so behind ReLU the channel outputs zero and folds to nothing; an
+`Offset` remains for weights pruned elsewhere or activations with f(0) != 0, and costs speed
+(bench/compression/widths.py).
 
 The slim structure is recorded only in the weights' shapes (and `*.offset` buffers):
 `conform` gives a freshly built registry model that structure, so every place that rebuilds a

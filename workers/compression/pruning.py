@@ -90,6 +90,35 @@ def prunable_weights(model: nn.Module, exclude: list[str] = (), skip: tuple[str,
     return out
 
 
+def channel_followers(model: nn.Module, names) -> dict[str, list[nn.Parameter]]:
+    """For each conv among `names` (layers whose output channels `structure: channel` prunes):
+    the per-channel parameters masked with its filters, its bias and, where a BatchNorm follows
+    it in the same Sequential, that BatchNorm's scale and shift (`channel_slim` slims the same
+    pairs). Why: a filter removed with its bias kept still outputs a constant, and the next
+    padded conv turns a constant into a map (zero padding at the border) that export must add
+    after that conv (`channel_slim.Offset`): an extra pass over the activations that also stops
+    onnxruntime fusing the conv with its ReLU, 21% of the slim convnet's batch-64 time
+    (bench/compression/widths.py, "offset maps"). Zeroed with its filter, the channel outputs
+    zero through ReLU (or any activation with f(0) = 0) and leaves nothing to add."""
+    wanted = set(names)
+    out: dict[str, list[nn.Parameter]] = {}
+    for parent_name, parent in model.named_modules():
+        for child, m in parent.named_children():
+            name = f"{parent_name}.{child}" if parent_name else child
+            if name not in wanted or not isinstance(m, PRUNABLE) or m.weight.dim() < 3:
+                continue
+            params = [m.bias] if m.bias is not None else []
+            if isinstance(parent, nn.Sequential):
+                order = list(parent._modules)
+                nxt = order[order.index(child) + 1] if order.index(child) + 1 < len(order) else None
+                bn = parent._modules[nxt] if nxt is not None else None
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.affine:
+                    params += [bn.weight, bn.bias]
+            if params:
+                out[name] = params
+    return out
+
+
 def axes_of(weights) -> dict[str, int]:
     """Output axis of each weight (0 where the mapping does not say)."""
     given = getattr(weights, "out_axis", {})
@@ -455,6 +484,7 @@ class Pruner:
         named_weights: OrderedDict[str, nn.Parameter],
         reduce_sum: ReduceSum | None = None,
         criterion=None,
+        followers: dict[str, list[nn.Parameter]] | None = None,
     ):
         if not named_weights:
             raise ConfigError(
@@ -466,6 +496,9 @@ class Pruner:
         # criterion.masks(step, sparsity, masks) -> new masks, where a criterion other than
         # magnitude chooses them (`wanda`, workers.compression.wanda); None: magnitude.
         self.criterion = criterion
+        # layer -> per-output-channel parameters zeroed with its channels (`channel_followers`);
+        # their masks follow the layer's, so they are not state of their own.
+        self.followers = {n: ps for n, ps in (followers or {}).items() if n in named_weights}
         self.masks = {n: torch.ones_like(_local(w), dtype=torch.bool) for n, w in named_weights.items()}
         self._float_masks: list[torch.Tensor] = []
         self.last_update: int | None = None
@@ -529,8 +562,17 @@ class Pruner:
     # enforcement (hot path: foreach ops, one kernel per list)
 
     def _refresh(self) -> None:
-        self._params = [_local(w) for w in self.weights.values()]
-        self._float_masks = [m.to(p.dtype) for m, p in zip(self.masks.values(), self._params, strict=True)]
+        # What the masks hold at zero: the weights, then the followers of channel-pruned layers
+        # (a channel is kept while any of its weights is: the row's `any`; local rows of a
+        # sharded weight and of its 1-D followers are the same dim-0 chunk).
+        targets, masks = list(self.weights.values()), list(self.masks.values())
+        for n, ps in self.followers.items():
+            row = self.masks[n].flatten(1).any(dim=1)
+            targets += ps
+            masks += [row] * len(ps)
+        self._targets = targets
+        self._params = [_local(t) for t in targets]
+        self._float_masks = [m.to(p.dtype) for m, p in zip(masks, self._params, strict=True)]
 
     @torch.no_grad()
     def apply_(self) -> None:
@@ -539,7 +581,7 @@ class Pruner:
     @torch.no_grad()
     def mask_grads_(self) -> None:
         grads, masks = [], []
-        for w, m in zip(self.weights.values(), self._float_masks, strict=True):
+        for w, m in zip(self._targets, self._float_masks, strict=True):
             if w.grad is not None:
                 grads.append(_local(w.grad))
                 masks.append(m.to(w.grad.dtype))
@@ -548,7 +590,7 @@ class Pruner:
 
     @torch.no_grad()
     def prune_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
-        for w, m in zip(self.weights.values(), self._float_masks, strict=True):
+        for w, m in zip(self._targets, self._float_masks, strict=True):
             for value in optimizer.state.get(w, {}).values():
                 if torch.is_tensor(value):
                     lv = _local(value)
@@ -645,7 +687,10 @@ class PruningMethod(BaseMethod):
             from workers.compression.wanda import Wanda  # it builds on this module
 
             criterion = Wanda(ctx, self.cfg, weights)
-        self.pruner = Pruner(self.cfg, weights, s.pruner_reduce(), criterion)
+        followers = (
+            channel_followers(s.unwrap(ctx.model), weights) if self.cfg.structure == "channel" else None
+        )
+        self.pruner = Pruner(self.cfg, weights, s.pruner_reduce(), criterion, followers)
         self.pruner.units = {n: u for n, u in self.units.items() if n in weights}
 
     def on_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
