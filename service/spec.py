@@ -648,6 +648,14 @@ class QuantizationSpec(Strict):
         description="Weight sharing after quantization: each layer's nonzero codes snap to "
         "2**codebook_bits shared values (k-means), Deep Compression's second stage.",
     )
+    kernels: Literal["portable", "vnni"] = Field(
+        default="portable",
+        description="bits 8: the onnxruntime CPU kernels model.int8.onnx is built for. portable: "
+        "weight codes stored as uint8 + 128 (U8U8 kernels), exact on every CPU. vnni: stored as "
+        "int8 (U8S8 kernels), exact only on x86 CPUs with AVX-VNNI, AVX-512 VNNI or AMX, where "
+        "its convolutions ran 2x faster (bench/README.md); on x86 CPUs without VNNI those kernels "
+        "saturate 16-bit sums and the model computes something else.",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> QuantizationSpec:
@@ -658,6 +666,7 @@ class QuantizationSpec(Strict):
                 ("start_step", 0),
                 ("freeze_step", None),
                 ("codebook_bits", None),
+                ("kernels", "portable"),
             ):
                 if getattr(self, name) != default:
                     raise ValueError(f"{name}: only used when mode is ptq, qat or fixed (mode is none)")
@@ -676,6 +685,8 @@ class QuantizationSpec(Strict):
                 raise ValueError("freeze_step: bits 4 is weight-only; there are no activation observers")
             if self.freeze_step <= self.start_step:
                 raise ValueError(f"freeze_step: must be greater than start_step ({self.start_step})")
+        if self.kernels != "portable" and self.bits != 8:
+            raise ValueError(f"kernels: only for bits 8 (bits {self.bits} is weight-only, float compute)")
         if self.codebook_bits is not None and self.codebook_bits >= self.bits:
             raise ValueError(f"codebook_bits: must be less than bits ({self.bits})")
         return self

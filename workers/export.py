@@ -370,8 +370,10 @@ def _quantized_onnx(
         fq = quant.FakeQuantizer(model, quant.QuantSchedule(0, 0, 0))
         ranges = fq.activation_ranges()
         calib = _calibration(data, spec.train.batch_size)
-        graph = onnx_export.quantize_int8(src, weights, qweights, ranges, calib)
+        graph = onnx_export.quantize_int8(src, weights, qweights, ranges, calib, q.kernels)
         info["activations"] = "uint8 per-tensor affine"
+        # how the codes are stored decides which onnxruntime kernels run them (spec field)
+        info["kernels"] = {"portable": "portable (uint8 + 128, U8U8)", "vnni": "vnni (int8, U8S8)"}[q.kernels]
         info["activation_ranges"] = {
             "from_qat_observers": sorted(ranges),
             "calibrated_samples": sum(len(b) for b in calib),

@@ -297,22 +297,36 @@ def activation_overrides(
     return out
 
 
-def weight_overrides(nodes: dict[str, LayerNode], q: dict[str, QuantizedWeight]) -> dict[str, list[dict]]:
-    from onnxruntime.quantization import QuantType
-
+def weight_overrides(
+    nodes: dict[str, LayerNode], q: dict[str, QuantizedWeight], kernels: str = "portable"
+) -> dict[str, list[dict]]:
+    """Our scales for each quantized weight, stored as uint8 + 128 (`portable`, U8U8) or as int8
+    (`vnni`, U8S8): the same codes either way."""
+    qtype, zero_point = _weight_storage(kernels)
     out = {}
     for name, qw in q.items():
         ln = nodes[name]
         out[ln.weight] = [
             {
                 "axis": ln.axis,
-                "quant_type": QuantType.QUInt8,
+                "quant_type": qtype,
                 "scale": np.array(s, dtype=np.float32),
-                "zero_point": np.array(WEIGHT_ZERO_POINT, dtype=np.uint8),
+                "zero_point": zero_point,
             }
             for s in qw.scale.float().tolist()
         ]
     return out
+
+
+def _weight_storage(kernels: str):
+    """(onnxruntime QuantType, zero point) of the weight codes for `kernels` (module docstring)."""
+    from onnxruntime.quantization import QuantType
+
+    if kernels == "vnni":
+        return QuantType.QInt8, np.array(0, dtype=np.int8)
+    if kernels != "portable":
+        raise ValueError(f"kernels: {kernels!r}; allowed: portable, vnni")
+    return QuantType.QUInt8, np.array(WEIGHT_ZERO_POINT, dtype=np.uint8)
 
 
 def quantize_int8(
@@ -321,15 +335,16 @@ def quantize_int8(
     q: dict[str, QuantizedWeight],
     ranges: dict[str, tuple[float, int]],
     calibration: Iterable[np.ndarray],
+    kernels: str = "portable",
 ) -> onnx.ModelProto:
     """The QDQ int8 graph of `fp32`, whose quantized layers already hold code * scale: our weight
     codes, our activation ranges where we have them (QAT), calibrated ranges (MinMax over
-    `calibration`) for the rest."""
+    `calibration`) for the rest. `kernels`: the weights' storage (spec quantization.kernels)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     nodes = layer_nodes(fp32, weights)
-    overrides = {**activation_overrides(fp32, nodes, ranges), **weight_overrides(nodes, q)}
+    overrides = {**activation_overrides(fp32, nodes, ranges), **weight_overrides(nodes, q, kernels)}
     with tempfile.TemporaryDirectory() as tmp:
         # From a file: given a ModelProto, the quantizer rewrites it in place.
         raw, src, out = Path(tmp) / "raw.onnx", Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -351,7 +366,7 @@ def quantize_int8(
             nodes_to_exclude=_float_matmuls(fp32, nodes),
             per_channel=True,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QUInt8,  # U8U8: exact on CPUs without VNNI (module docstring)
+            weight_type=_weight_storage(kernels)[0],  # U8U8 unless asked (module docstring)
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={
                 "WeightSymmetric": True,

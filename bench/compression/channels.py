@@ -118,6 +118,15 @@ RECIPES = {
         "epochs": 12,
         "layers": {"features.conv2*": 0.375, "classifier.fc1": 0.375},
     },
+    # -vnni: with --int8, model.int8.onnx stores int8 weights (quantization.kernels: vnni, U8S8
+    # kernels: exact on CPUs with VNNI or AMX only); the channel job is r50-c2r375-e150-s300's
+    "r50-c2r375-e150-s300-vnni": {
+        "sparsity": 0.5,
+        "end_step": 150,
+        "epochs": 12,
+        "layers": {"features.conv2*": 0.375, "classifier.fc1": 0.375},
+        "kernels": "vnni",
+    },
 }
 BATCHES = (1, 64)
 
@@ -137,7 +146,12 @@ def spec_for(model: str, seed: int, recipe: str | None, int8: bool = False, epoc
         }
         if int8:
             # Fake quantization from pruning's last step: the channels it trains are the slim ones.
-            compression["quantization"] = {"mode": "qat", "bits": 8, "start_step": r["end_step"]}
+            compression["quantization"] = {
+                "mode": "qat",
+                "bits": 8,
+                "start_step": r["end_step"],
+                "kernels": r.get("kernels", "portable"),
+            }
     kind = "dense" if recipe is None else f"{recipe}{'-int8' if int8 else ''}"
     return parse_spec(
         {
@@ -422,7 +436,8 @@ def write(out, rows: list[dict], repeats: int, t0: float) -> str:
         "results.json; recipe rNN-eE-sS: NN% of each layer's channels pruned on a cubic ramp from step 25 "
         "to step E, S steps in all (the rest fine-tunes the pruned model); -m8: each layer keeps a multiple "
         "of 8 channels (`pruning.channel_multiple: 8`); -c2r25 / -c2r375: the second block and the "
-        "hidden layer pruned to 25% / 37.5% (`pruning.layer_sparsity`); int8: + QAT from step E.\n\n"
+        "hidden layer pruned to 25% / 37.5% (`pruning.layer_sparsity`); int8: + QAT from step E; -vnni: "
+        "model.int8.onnx for U8S8 kernels (`quantization.kernels: vnni`).\n\n"
         "## Per recipe (mean over seeds; loss against the dense job of the same seed and steps)\n\n"
         + summary_table(summary)
         + "\n\n## Every row\n\n"

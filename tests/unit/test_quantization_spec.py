@@ -42,6 +42,9 @@ def errors(d):
         ({"mode": "qat", "bits": 3}, "bits", "Input should be 8 or 4"),
         ({"mode": "int8"}, "mode", "'none', 'ptq', 'qat' or 'fixed'"),
         ({"mode": "fixed", "scale": -1}, "scale", "greater than 0"),
+        ({"kernels": "vnni"}, "kernels", "only used when mode is ptq, qat or fixed"),
+        ({"mode": "qat", "bits": 4, "kernels": "vnni"}, "kernels", "only for bits 8 (bits 4 is weight-only"),
+        ({"mode": "qat", "kernels": "amx"}, "kernels", "'portable' or 'vnni'"),
     ],
 )
 def test_bad_combinations_name_the_field(quant, field, message):
@@ -70,6 +73,8 @@ def test_freeze_before_the_last_mask_update_is_rejected():
         {"mode": "ptq", "bits": 4, "codebook_bits": 2},
         {"mode": "fixed", "scale": 64, "start_step": 10},
         {"mode": "qat", "start_step": 10, "freeze_step": 700, "codebook_bits": 5},
+        {"mode": "ptq", "kernels": "vnni"},
+        {"mode": "qat", "bits": 8, "kernels": "portable"},
     ],
 )
 def test_good_combinations(quant):
