@@ -122,6 +122,7 @@ def create_app(
     app.state.notifier, app.state.heads, app.state.registry = notifier, heads, registry
     app.state.leadership = leadership
     app.state.job_bodies = JobBodies()
+    app.state.inline_reads = db.inline is not None  # api.deps.read_db
     errors.install(app)
     app.include_router(system.router)
     app.include_router(jobs.router)

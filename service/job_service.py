@@ -136,16 +136,18 @@ class JobService:
 
     # The API's reads of jobs: rows as stored (service/store/job_rows.py), read anew every time.
 
-    def job_row(self, tenant: str, job_id: str) -> JobRow:
-        row = self.rows.get(job_id)
+    def job_row(self, tenant: str, job_id: str, inline: bool = False) -> JobRow:
+        row = self.rows.get(job_id, inline)
         if row is None or row.tenant_id != tenant:
             raise JobNotFound(f"no job {job_id!r}")
         return row
 
-    def job_rows(self, tenant: str, states: list[str] | None, cursor: str | None, limit: int) -> Page:
+    def job_rows(
+        self, tenant: str, states: list[str] | None, cursor: str | None, limit: int, inline: bool = False
+    ) -> Page:
         """A page of the tenant's jobs as rows: the page, order and cursors of Store.list_jobs."""
         after = parse_job_cursor(cursor) if cursor else None
-        rows = self.rows.page(tenant, states, after, limit + 1)
+        rows = self.rows.page(tenant, states, after, limit + 1, inline)
         more = len(rows) > limit
         rows = rows[:limit]
         return Page(rows, job_cursor(rows[-1]) if more and rows else None)

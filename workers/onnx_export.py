@@ -27,6 +27,9 @@
   turn convs into ConvInteger, 2-6x slower than fp32. Per-tensor weights were 0-20% faster than
   per-channel on the same kernels, but would discard the per-channel scales QAT trained. So the
   exact per-channel U8U8 export with the QAT codes and activation ranges stays the default.
+  `kernels="vnni"` (spec `quantization.kernels`) stores the same codes as int8 for fleets with
+  VNNI or AMX, where U8S8 is exact; there the slim convnet's int8 graph ran 1.5x faster than its
+  fp32 graph while the U8U8 one ran slower (bench/compression/channels.py, `-vnni` rows).
 - `quantize_weights_only`: int4 (or int8) DequantizeLinear on each weight, float compute:
   onnxruntime has int4 weights (opset 21) but no int4 activation kernels on CPU. Written here
   rather than with onnxruntime's MatMulNBits quantizer, which covers MatMul only (not Gemm or

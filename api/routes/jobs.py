@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from sse_starlette import EventSourceResponse
 
 from api import params
-from api.deps import CurrentTenant, ServiceDep, run_db
+from api.deps import CurrentTenant, ServiceDep, read_db, run_db
 from api.errors import BadRequest, BodyTooLarge, UnsupportedMediaType, documented
 from api.openapi import EVENT_STREAM, JOB_LINKS
 from api.params import ArtifactName, JobId, MetricKind
@@ -198,7 +198,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page.")] = 50,
 ) -> Response:
     states = [s.value for s in state] if state else None
-    page = await run_db(request, service.job_rows, tenant, states, params.job_cursor(cursor), limit)
+    page = await read_db(request, service.job_rows, tenant, states, params.job_cursor(cursor), limit)
     return request.app.state.job_bodies.page(page)
 
 
@@ -210,7 +210,7 @@ async def list_jobs(
     responses=documented(401, 404),
 )
 async def get_job(job_id: JobId, request: Request, service: ServiceDep, tenant: CurrentTenant) -> Response:
-    return request.app.state.job_bodies.job(await run_db(request, service.job_row, tenant, job_id))
+    return request.app.state.job_bodies.job(await read_db(request, service.job_row, tenant, job_id))
 
 
 @router.post(

@@ -54,11 +54,33 @@ def _sqlite_pragmas(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
 
+def _inline_engine(url: str) -> Engine:
+    """SQLite reads made on the API's event loop (api.deps.read_db): read-only connections whose
+    busy timeout is 0, so a read that would wait for a lock fails at once instead of stalling
+    every request the loop serves (the caller redoes it on the request threads, which wait)."""
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 0})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout=0")
+        cur.execute("PRAGMA query_only=ON")  # this engine never writes
+        cur.close()
+
+    return engine
+
+
 class Database:
     def __init__(self, url: str):
         self.url = url
         self.engine = make_engine(url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        # A file database's reads may run on the event loop (WAL: readers do not wait for writers);
+        # an in-memory one is per connection, and PostgreSQL's reads cross a socket: neither.
+        database = self.engine.url.database
+        file_backed = self.is_sqlite and database not in (None, "", ":memory:")
+        self.inline: Engine | None = _inline_engine(url) if file_backed else None
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
 
@@ -79,6 +101,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.inline is not None:
+            self.inline.dispose()
 
     # --- schema --------------------------------------------------------------------------------
 

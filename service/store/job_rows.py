@@ -67,10 +67,11 @@ class _Statement:
         self.compiled, self.sql = compiled, str(compiled)
         self.positional = tuple(compiled.positiontup) if compiled.positional else None
 
-    def rows(self, params: dict[str, Any]) -> list[tuple]:
+    def rows(self, params: dict[str, Any], inline: bool = False) -> list[tuple]:
         values = self.compiled.construct_params(params)  # adds what the dialect bound itself (OFFSET 0)
         args = tuple(values[k] for k in self.positional) if self.positional is not None else values
-        conn = self.db.engine.raw_connection()  # checkout: pre-ping on PostgreSQL, as sessions do
+        engine = self.db.inline if inline and self.db.inline is not None else self.db.engine
+        conn = engine.raw_connection()  # checkout: pre-ping on PostgreSQL, as sessions do
         try:
             cur = conn.cursor()
             try:
@@ -90,21 +91,28 @@ class JobRows:
         self._by_id = _Statement(db, select(*_COLUMNS).where(_T.c.id == bindparam("id")))
         self._pages: dict[tuple[int, bool], _Statement] = {}
 
-    def get(self, job_id: str) -> JobRow | None:
-        rows = self._by_id.rows({"id": job_id})
+    def get(self, job_id: str, inline: bool = False) -> JobRow | None:
+        """`inline`: on the database's event-loop engine (`Database.inline`), which fails with
+        sqlite3.OperationalError rather than wait for a lock."""
+        rows = self._by_id.rows({"id": job_id}, inline)
         return JobRow(tuple(rows[0])) if rows else None
 
     def page(
-        self, tenant: str, states: Sequence[str] | None, after: tuple[float, str] | None, limit: int
+        self,
+        tenant: str,
+        states: Sequence[str] | None,
+        after: tuple[float, str] | None,
+        limit: int,
+        inline: bool = False,
     ) -> list[JobRow]:
         """Up to `limit` rows of the tenant, newest first (created_at, id), after the job `after`
-        names; the same order and keyset condition as Store.list_jobs."""
+        names; the same order and keyset condition as Store.list_jobs. `inline`: as in `get`."""
         states = list(dict.fromkeys(states or ()))
         params: dict[str, Any] = {"tenant": tenant, "limit": limit}
         params.update({f"state_{i}": s for i, s in enumerate(states)})
         if after is not None:
             params["after_created"], params["after_id"] = after
-        rows = self._page_statement(len(states), after is not None).rows(params)
+        rows = self._page_statement(len(states), after is not None).rows(params, inline)
         return [JobRow(tuple(r)) for r in rows]
 
     def _page_statement(self, n_states: int, has_cursor: bool) -> _Statement:

@@ -6,7 +6,9 @@ reads another's job."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
+import httpx
 import pytest
 from pydantic import TypeAdapter
 
@@ -51,7 +53,8 @@ def orm_body(svc, job_id) -> bytes:
 
 
 def body(svc, bodies, tenant, job_id) -> dict:
-    return json.loads(bodies.body(svc.job_row(tenant, job_id)))
+    # as GET /v1/jobs/{id} reads: on the event-loop engine where there is one (a SQLite file)
+    return json.loads(bodies.body(svc.job_row(tenant, job_id, inline=True)))
 
 
 def test_the_body_is_the_orm_rendering_to_the_byte_in_every_state(svc):
@@ -120,7 +123,7 @@ def test_two_services_on_one_database_see_each_others_writes(database_url, tmp_p
         b.cancel("t", job_id)  # written through the other replica
         assert body(a, bodies_a, "t", job_id)["state"] == "cancelled"
         assert (
-            json.loads(bodies_a.page(a.job_rows("t", None, None, 50)).body)["items"][0]["state"]
+            json.loads(bodies_a.page(a.job_rows("t", None, None, 50, inline=True)).body)["items"][0]["state"]
             == "cancelled"
         )
         b.store.set_reason(job_id, "r2", state=JobState.CANCELLED)
@@ -139,7 +142,7 @@ def test_pages_are_the_store_pages_to_the_byte(svc, states):
     bodies, ta = JobBodies(), TypeAdapter(JobPage)
     cursor, seen = None, []
     while True:
-        rows = svc.job_rows("t", states, cursor, 3)
+        rows = svc.job_rows("t", states, cursor, 3, inline=True)
         orm = svc.store.list_jobs("t", list(dict.fromkeys(states)) if states else None, cursor, 3)
         assert [r.id for r in rows.items] == [j.id for j in orm.items]
         assert rows.next_cursor == orm.next_cursor
@@ -163,3 +166,70 @@ def test_the_cache_is_bounded(svc):
     for i in ids:
         bodies.body(svc.job_row("t", i))
     assert list(bodies._cache) == ids[1:]
+
+
+def test_the_event_loop_engine_is_sqlite_files_only_and_never_writes(database_url, tmp_path, fake_ray):
+    svc = make_service(database_url, tmp_path, fake_ray)
+    try:
+        db = svc.store.db
+        if not db.is_sqlite:  # PostgreSQL's reads cross a socket: never on the loop
+            assert db.inline is None
+            return
+        conn = db.inline.raw_connection()
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                conn.cursor().execute("DELETE FROM jobs")
+            assert conn.cursor().execute("PRAGMA busy_timeout").fetchone() == (0,)
+        finally:
+            conn.close()
+    finally:
+        svc.store.db.dispose()
+    assert Database("sqlite:///:memory:").inline is None  # one database per connection
+
+
+def test_get_job_reads_on_the_loop_and_waits_off_it_when_sqlite_is_locked(tmp_path, monkeypatch):
+    """On SQLite, GET /v1/jobs/{id} and the job list read on the event loop (api.deps.read_db):
+    they answer with the request threads out of service. A read the inline engine cannot make
+    at once (sqlite3's "database is locked", stood in for here: a lock held by another process
+    is what it meets) is redone on the request threads, and the answer is the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from api.app import create_app
+    from service.store.job_rows import JobRows
+    from tests.plugins.fake_ray import FakeRay
+    from tests.plugins.server import serve_app
+
+    token = "reads-token-0123456789ab"
+    settings = Settings(
+        data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", api_tokens=f"{token}:t"
+    )
+    app = create_app(settings, ray=FakeRay(cpu=1000), artifacts=LocalArtifactStore(tmp_path / "a"))
+    with (
+        serve_app(app) as url,
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c,
+    ):
+        job_id = c.post("/v1/jobs", json=SPEC).json()["id"]
+        pool = app.state.db_pool
+
+        class Closed(ThreadPoolExecutor):
+            def submit(self, *a, **kw):
+                raise AssertionError("a job read went to the request threads")
+
+        app.state.db_pool = Closed(1)
+        assert c.get(f"/v1/jobs/{job_id}").json()["id"] == job_id
+        assert [j["id"] for j in c.get("/v1/jobs").json()["items"]] == [job_id]
+        app.state.db_pool = pool
+
+        locked = []
+        real_get = JobRows.get
+
+        def get(self, job_id, inline=False):
+            if inline:
+                locked.append(job_id)
+                raise sqlite3.OperationalError("database is locked")
+            return real_get(self, job_id, inline)
+
+        monkeypatch.setattr(JobRows, "get", get)
+        r = c.get(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200 and r.json()["id"] == job_id and locked == [job_id]
+        assert c.get("/v1/jobs/20990101-000000-deadbeef").status_code == 404  # not found stays 404
