@@ -56,9 +56,10 @@ async def read_db(request: Request, fn: Callable[..., T], *args) -> T:
     otherwise (PostgreSQL, whose reads cross a socket) `run_db`. Why: one SQLite SELECT costs
     ~15 us of CPU, less than the hand-off to a thread and back plus the GIL that thread and the
     loop then share: GET /v1/jobs/{id} went from 1,536 to 2,693 req/s at 16 connections on
-    2 CPUs, 0.32x to 0.57x of /healthz (bench/README.md, API). WAL readers do not wait for writers; a read
-    that would wait anyway (another process checkpointing or recovering the file) fails at once
-    on the inline engine's zero busy timeout and is redone by `run_db`, which waits."""
+    2 CPUs, 0.32x to 0.57x of /healthz (bench/README.md, API). WAL readers do not wait for
+    writers; a read that would wait anyway (another process checkpointing or recovering the
+    file) fails at once on the inline engine's zero busy timeout and is redone by `run_db`,
+    which waits."""
     if request.app.state.inline_reads:
         try:
             return fn(*args, inline=True)
