@@ -118,34 +118,6 @@ def _worst_case(name: str):
     return model, q, info, x
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_int8_graph_runs_exactly_its_qdq_arithmetic_on_this_cpu(name):
-    """The fused int8 kernels onnxruntime picks for this CPU compute what the QDQ graph says
-    (DequantizeLinear then float ops: onnxruntime with graph optimisation off), even when every
-    product is at the top of the grid. U8S8 weights failed this on AVX2 (and cost the digits QAT
-    mlp of test_export 1.1 points); on a CPU with VNNI the arithmetic test cannot fail, so
-    the storage (uint8, zero point 128: onnxruntime's exact U8U8 kernels) is checked as well."""
-    import onnxruntime as ort
-
-    model, q, info, x = _worst_case(name)
-    weights = prunable_weights(model)
-    graph = onnx_export.to_onnx(model, x[:4])
-    int8 = onnx_export.quantize_int8(graph, weights, q, {}, [x.numpy()])
-    fused = onnx_export.predict(onnx_export.session(int8), x.numpy())
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    plain = ort.InferenceSession(int8.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    reference = onnx_export.predict(plain, x.numpy())
-    np.testing.assert_allclose(fused, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
-    inits = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
-    producers = {o: n for n in int8.graph.node for o in n.output}
-    for ln in onnx_export.layer_nodes(graph, weights).values():
-        node = next(n for n in int8.graph.node if n.name == ln.node)
-        dq = producers[node.input[1]]
-        assert inits[dq.input[0]].dtype == np.uint8, ln.node
-        assert (inits[dq.input[2]] == onnx_export.WEIGHT_ZERO_POINT).all(), ln.node
-
-
 def _cpu_has_vnni() -> bool:
     """Whether this x86 CPU multiplies u8 x s8 into int32 (AVX-VNNI, AVX-512 VNNI, AMX), where
     onnxruntime's U8S8 kernels are exact."""
@@ -156,25 +128,36 @@ def _cpu_has_vnni() -> bool:
     return bool(flags & {"avx_vnni", "avx512_vnni", "amx_int8"})
 
 
-@pytest.mark.parametrize("name", ["mlp", "lenet5"])
-def test_vnni_kernels_store_int8_codes_and_compute_exactly_on_a_vnni_cpu(name):
-    """`quantization.kernels: vnni` stores the same codes as int8 with zero point 0 (check_codes
-    reads them back inside quantize_int8); on a CPU with VNNI its fused kernels compute the QDQ
-    arithmetic exactly, even at the top of the grid. Elsewhere they may saturate: that part is
-    skipped, and why the default stays `portable`."""
+# quantization.kernels -> how the weight codes are stored: (dtype, zero point)
+STORAGE = {"portable": (np.uint8, onnx_export.WEIGHT_ZERO_POINT), "vnni": (np.int8, 0)}
+
+
+@pytest.mark.parametrize(
+    ("name", "kernels"), [*((n, "portable") for n in MODELS), ("mlp", "vnni"), ("lenet5", "vnni")]
+)
+def test_int8_graph_runs_exactly_its_qdq_arithmetic_on_this_cpu(name, kernels):
+    """The fused int8 kernels onnxruntime picks for this CPU compute what the QDQ graph says
+    (DequantizeLinear then float ops: onnxruntime with graph optimisation off), even when every
+    product is at the top of the grid. U8S8 weights failed this on AVX2 (and cost the digits QAT
+    mlp of test_export 1.1 points); on a CPU with VNNI the arithmetic test cannot fail, so the
+    storage is checked as well: `portable` stores the codes as uint8 with zero point 128
+    (onnxruntime's exact U8U8 kernels); `vnni` as int8 with zero point 0 (U8S8), whose
+    arithmetic is checked only where the CPU has VNNI (elsewhere it may saturate: why the
+    default is `portable`)."""
     import onnxruntime as ort
 
     model, q, info, x = _worst_case(name)
     weights = prunable_weights(model)
     graph = onnx_export.to_onnx(model, x[:4])
-    int8 = onnx_export.quantize_int8(graph, weights, q, {}, [x.numpy()], kernels="vnni")
+    int8 = onnx_export.quantize_int8(graph, weights, q, {}, [x.numpy()], kernels=kernels)
     inits = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
     producers = {o: n for n in int8.graph.node for o in n.output}
+    dtype, zero_point = STORAGE[kernels]
     for ln in onnx_export.layer_nodes(graph, weights).values():
         dq = producers[next(n for n in int8.graph.node if n.name == ln.node).input[1]]
-        assert inits[dq.input[0]].dtype == np.int8, ln.node
-        assert (inits[dq.input[2]] == 0).all(), ln.node
-    if not _cpu_has_vnni():
+        assert inits[dq.input[0]].dtype == dtype, ln.node
+        assert (inits[dq.input[2]] == zero_point).all(), ln.node
+    if kernels == "vnni" and not _cpu_has_vnni():
         pytest.skip("no VNNI on this CPU: onnxruntime's U8S8 kernels may saturate here")
     fused = onnx_export.predict(onnx_export.session(int8), x.numpy())
     opts = ort.SessionOptions()
