@@ -652,8 +652,9 @@ class QuantizationSpec(Strict):
         default="portable",
         description="bits 8: the onnxruntime CPU kernels model.int8.onnx is built for. portable: "
         "weight codes stored as uint8 + 128 (U8U8 kernels), exact on every CPU. vnni: stored as "
-        "int8 (U8S8 kernels), exact only on x86 CPUs with AVX-VNNI, AVX-512 VNNI or AMX, where "
-        "its convolutions ran 2x faster (bench/README.md); on x86 CPUs without VNNI those kernels "
+        "int8 (U8S8 kernels), exact only on x86 CPUs with AVX-VNNI, AVX-512 VNNI or AMX, where a "
+        "slim convnet's int8 graph ran 1.8x faster than with portable storage (bench/README.md, "
+        "Channel pruning); on x86 CPUs without VNNI those kernels "
         "saturate 16-bit sums and the model computes something else.",
     )
 

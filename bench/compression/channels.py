@@ -118,16 +118,10 @@ RECIPES = {
         "epochs": 12,
         "layers": {"features.conv2*": 0.375, "classifier.fc1": 0.375},
     },
-    # -vnni: with --int8, model.int8.onnx stores int8 weights (quantization.kernels: vnni, U8S8
-    # kernels: exact on CPUs with VNNI or AMX only); the channel job is r50-c2r375-e150-s300's
-    "r50-c2r375-e150-s300-vnni": {
-        "sparsity": 0.5,
-        "end_step": 150,
-        "epochs": 12,
-        "layers": {"features.conv2*": 0.375, "classifier.fc1": 0.375},
-        "kernels": "vnni",
-    },
 }
+# -vnni: with --int8, model.int8.onnx stores int8 weights (quantization.kernels: vnni, U8S8
+# kernels: exact on CPUs with VNNI or AMX only); the channel job is r50-c2r375-e150-s300's
+RECIPES["r50-c2r375-e150-s300-vnni"] = {**RECIPES["r50-c2r375-e150-s300"], "kernels": "vnni"}
 BATCHES = (1, 64)
 
 

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from service.errors import ExportError
-from workers.compression.pruning import is_prunable, out_axis
+from workers.compression.pruning import batchnorm_after, is_prunable, out_axis
 
 log = logging.getLogger(__name__)
 
@@ -430,14 +430,12 @@ def _insert_offset(model: nn.Module, conv_name: str, effect: torch.Tensor) -> No
     parent = model.get_submodule(parent_name) if parent_name else model
     if not isinstance(parent, nn.Sequential):
         raise ExportError(f"channel slimming: {conv_name} is not in a Sequential; cannot add its offset")
-    order = list(parent._modules)
     after = child
-    nxt = order[order.index(child) + 1] if order.index(child) + 1 < len(order) else None
-    if nxt is not None and isinstance(parent._modules[nxt], _BN):
-        bn = parent._modules[nxt]
+    found = batchnorm_after(parent, child)
+    if found is not None:
+        after, bn = found
         k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         effect = effect * k.reshape(-1, *([1] * (effect.dim() - 1)))
-        after = nxt
     _insert_after(parent, after, Offset(effect))
 
 

@@ -90,6 +90,18 @@ def prunable_weights(model: nn.Module, exclude: list[str] = (), skip: tuple[str,
     return out
 
 
+def batchnorm_after(parent: nn.Module, child: str) -> tuple[str, nn.Module] | None:
+    """(name, module) of the BatchNorm right after `child` in the Sequential `parent`: the one
+    that normalizes its output channels; None when none follows it there."""
+    if not isinstance(parent, nn.Sequential):
+        return None
+    order = list(parent._modules)
+    i = order.index(child) + 1
+    if i < len(order) and isinstance(parent._modules[order[i]], nn.modules.batchnorm._BatchNorm):
+        return order[i], parent._modules[order[i]]
+    return None
+
+
 def channel_followers(model: nn.Module, names) -> dict[str, list[nn.Parameter]]:
     """For each conv among `names` (layers whose output channels `structure: channel` prunes):
     the per-channel parameters masked with its filters, its bias and, where a BatchNorm follows
@@ -108,12 +120,9 @@ def channel_followers(model: nn.Module, names) -> dict[str, list[nn.Parameter]]:
             if name not in wanted or not isinstance(m, PRUNABLE) or m.weight.dim() < 3:
                 continue
             params = [m.bias] if m.bias is not None else []
-            if isinstance(parent, nn.Sequential):
-                order = list(parent._modules)
-                nxt = order[order.index(child) + 1] if order.index(child) + 1 < len(order) else None
-                bn = parent._modules[nxt] if nxt is not None else None
-                if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.affine:
-                    params += [bn.weight, bn.bias]
+            after = batchnorm_after(parent, child)
+            if after is not None and after[1].affine:
+                params += [after[1].weight, after[1].bias]
             if params:
                 out[name] = params
     return out
