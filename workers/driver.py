@@ -18,7 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
-from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+from ray.train.v2._internal.constants import (
+    CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,
+    ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+)
 
 from service.artifacts import ArtifactStore, JobArtifacts
 from service.errors import ConfigError, SlimtrainError, TrainingFailed
@@ -86,6 +89,22 @@ def _worker_entry(config: dict) -> None:
     session = RaySession(config["store"], config["job_id"], config["relay"])
     data = ray.get(config["data"])
     train(spec, data, session, Faults.from_dict(config.get("faults")))
+
+
+def write_at_once(records: list[dict], awaited: bool, first_train: bool) -> tuple[bool, bool]:
+    """Whether the driver writes these relayed records out now rather than within the metrics
+    log's interval, and whether the next train record is still a worker group's first.
+
+    Now: when a checkpoint waits for them (RaySession.save), and when they hold what a client
+    watching a new or resumed job waits for: the `start` event (which brings the training phase)
+    and the first train record after it."""
+    now = awaited
+    for rec in records:
+        if rec.get("event") == "start":
+            first_train = now = True
+        elif rec.get("kind") == "train" and first_train:
+            first_train, now = False, True
+    return now, first_train
 
 
 def preflight(spec: JobSpec, store: ArtifactStore):
@@ -218,6 +237,11 @@ def _run_job(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train starts a PreemptionWatcher actor (one more Python process) right as the workers
+    # enter the train function, to pass node-drain notices to a loop that reads them. Ours never
+    # does: it checkpoints on its own schedule and a lost node fails the attempt, which resumes
+    # from the last checkpoint. The controller reads this from the driver's environment.
+    os.environ.setdefault(ENABLE_PREEMPTION_WATCHER_ENV_VAR, "0")
     started = time.time()
     arts = JobArtifacts(store, job_id)
     arts.put_json("spec.json", spec.model_dump(mode="json"))
@@ -307,10 +331,12 @@ def _run_job(
 
     drained = 0
     warm: list[threading.Thread] = []  # the exporter's warm-up, started once training runs
+    first_train = True  # the next train record is a worker group's first
 
     def pump():
-        nonlocal drained
+        nonlocal drained, first_train
         records, awaited = ray.get(relay.drain.remote())
+        now, first_train = write_at_once(records, awaited, first_train)
         for rec in records:
             attempts.observe(rec)
             if rec.get("event") == "done":
@@ -326,8 +352,7 @@ def _run_job(
                 if on_record:
                     on_record(training)
         drained += len(records)
-        # A checkpoint waits for its records (RaySession.save): write them out now.
-        metrics.flush(force=awaited)
+        metrics.flush(force=now)
         if awaited:
             relay.ack.remote(drained)
 

@@ -79,6 +79,21 @@ def test_dense_lenet5_through_the_cli(ray_cluster, tmp_path):
     # the driver said what it was doing, in order, and the manifest covers the last word
     phases = [r["phase"] for r in _records(LocalArtifactStore(tmp_path), "dense") if r["kind"] == "phase"]
     assert phases == ["preparing", "waiting_for_workers", "training", "exporting", "verifying", "done"]
+    # the process Ray Train would start for node-drain notices, which the loop never reads, was
+    # not started (workers.driver turns it off): one process fewer while the workers start
+    classes = _actor_classes_of_newest_job(ray_cluster["dashboard_url"])
+    assert "RayTrainWorker" in classes and "TrainController" in classes, classes
+    assert "PreemptionWatcher" not in classes, classes
+
+
+def _actor_classes_of_newest_job(dashboard_url: str) -> set[str]:
+    """Class names of the actors of the Ray job that started last (the newest driver)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=dashboard_url, limit=10_000)
+    # a job id is a little-endian counter in hex ("05000000" is job 5)
+    newest = max({a.job_id for a in actors}, key=lambda j: int.from_bytes(bytes.fromhex(j), "little"))
+    return {a.class_name for a in actors if a.job_id == newest}
 
 
 def test_gmp90_reaches_target_sparsity_and_accuracy(gmp90):
