@@ -10,9 +10,9 @@
 #   4. submits a longer job, kills one worker container after its first checkpoint (and starts
 #      it again), restarts the API container: the job resumes from its checkpoint in a new
 #      attempt (its own Ray job) and succeeds;
-#   5. `down` / `up` with the same volumes: both jobs are still there (their records; the
-#      artifacts only where the S3 server keeps its objects: moto's stand-in keeps them in
-#      memory, so the artifacts are checked before `down`);
+#   5. `down` / `up` with the same volumes: both jobs are still there: their records
+#      (PostgreSQL's volume), every artifact and checkpoint in the bucket (the S3 stand-in's
+#      volume), and the first job's report, unchanged;
 # then tears everything down (volumes included). Prints each phase's duration.
 #
 # Environment:
@@ -132,7 +132,8 @@ healthy() { "$ENGINE" exec "$(cid "$1")" "${@:2}"; }
 start_stack() {
   up postgres minio
   wait_for 120 "postgres ready" healthy postgres pg_isready -U slimtrain -d slimtrain
-  wait_for 60 "S3 server up" healthy minio python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9000/moto-api/')"
+  # up once it has replayed what it stored before a restart (deploy/test/s3-server.py)
+  wait_for 120 "S3 server up" healthy minio test -e /tmp/s3-ready
   up minio-init
   "$ENGINE" wait "$(cid minio-init)" | grep -qx 0 || die "minio-init failed: $("$ENGINE" logs "$(cid minio-init)" 2>&1 | tail -5)"
   up ray-head
@@ -220,10 +221,15 @@ else:
 phase "local-folder store refused with workers on other nodes"
 
 # ---- 3. artifacts and checkpoints in the bucket, against the manifests ----
-"$ENGINE" exec -i -e AWS_ACCESS_KEY_ID=test -e AWS_SECRET_ACCESS_KEY=test -e AWS_DEFAULT_REGION=us-east-1 \
-    "$(cid minio)" python - "$BUCKET" artifacts "$JOB" \
-    spec.json metrics.jsonl report.json model.safetensors model.onnx model.int8.onnx \
-  < deploy/test/verify_bucket.py || die "bucket contents disagree with the manifests"
+# verify_bucket JOB [NAME...]: its artifacts and checkpoints, read from the S3 server itself,
+# against its manifests; the NAMEs besides the ones every job exports must be there too
+verify_bucket() {
+  "$ENGINE" exec -i -e AWS_ACCESS_KEY_ID=test -e AWS_SECRET_ACCESS_KEY=test -e AWS_DEFAULT_REGION=us-east-1 \
+      "$(cid minio)" python - "$BUCKET" artifacts "$1" \
+      spec.json metrics.jsonl report.json model.safetensors model.onnx "${@:2}" \
+    < deploy/test/verify_bucket.py || die "bucket contents of $1 disagree with the manifests"
+}
+verify_bucket "$JOB" model.int8.onnx  # job-ddp.yaml quantizes
 "$CLI" download "$JOB" "$work/download" >/dev/null || die "slimtrain download (sha256-checked) failed"
 "$CLI" report "$JOB" --json > "$work/report-before.json"
 phase "artifacts verified in the bucket and through the API"
@@ -279,5 +285,11 @@ for j in "$JOB" "$JOB2"; do
   "$CLI" jobs --json | python3 -c "import json,sys; ids=[j['id'] for j in json.load(sys.stdin)['items']]; sys.exit('$j' not in ids)" \
     || die "job $j not listed after down/up"
 done
-phase "job records kept across down/up (PostgreSQL volume)"
+verify_bucket "$JOB" model.int8.onnx
+verify_bucket "$JOB2"
+"$CLI" report "$JOB" --json > "$work/report-after.json"
+cmp -s "$work/report-before.json" "$work/report-after.json" || die "the report of $JOB changed across down/up"
+rm -rf "$work/download"
+"$CLI" download "$JOB" "$work/download" >/dev/null || die "slimtrain download (sha256-checked) failed after down/up"
+phase "job records, artifacts, checkpoints and reports kept across down/up (PostgreSQL and S3 volumes)"
 echo "PASS: deployment test"
