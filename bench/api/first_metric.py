@@ -10,7 +10,7 @@ Every milestone is a wall-clock time on this machine, in seconds from just befor
   ray_running       Ray reports the Ray job RUNNING (polled every 0.1 s: runtime env set up,
                     the job's supervisor actor up)
   driver_process    the driver process was created (its pid from Ray's job details, its start
-                    time from /proc)
+                    time from /proc, to 10 ms; before 2026-12-02 22:55 UTC psutil's, up to 1 s early)
   driver_record     the driver's first record (`starting` phase, when the driver writes one)
   driver_connected  `preparing` phase: the driver's imports done and Ray joined
   data_loaded       `waiting_for_workers` phase: data loaded, model built, plan checked
@@ -150,12 +150,7 @@ def follow(c: Client, ray, spec: dict, name: str, timeout: float = 300.0) -> dic
                     at.setdefault("ray_running", now)
                 pid = pid or (d.get("driver_info") or {}).get("pid")
                 if pid and "driver_process" not in at:
-                    try:
-                        import psutil
-
-                        at["driver_process"] = psutil.Process(int(pid)).create_time() - t0
-                    except Exception:  # ended already
-                        at["driver_process"] = float("nan")
+                    at["driver_process"] = process_started_at(int(pid)) - t0
         params = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
         page = c._request("GET", f"/v1/jobs/{jid}/metrics", params=params).json()
         for item in page["items"]:
@@ -287,6 +282,22 @@ def plot(variants: list[dict], path: Path) -> None:
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def process_started_at(pid: int) -> float:
+    """Wall-clock time the process started, to the kernel's clock tick (10 ms). Not psutil's
+    create_time(): it adds the boot time, which /proc/stat gives in whole seconds, so it can read
+    up to 1 s early. This takes the process's age from /proc/uptime instead; NaN once it ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # field 22 (starttime, clock ticks since boot), counted after the ")" that ends comm
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        now = time.time()
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return now - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def combine(labels: list[str], described: dict[str, str] | None = None) -> None:
