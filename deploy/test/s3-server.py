@@ -31,6 +31,8 @@ LOG = os.environ.get("MOTO_RECORDER_FILEPATH", "/data/s3-requests.jsonl")
 READY = os.environ.get("S3_STANDIN_READY", "/tmp/s3-ready")  # the healthcheck's: replay done
 CHANGES = {"PUT", "POST", "DELETE"}
 UPLOAD_ID = re.compile(r"(?<=uploadId=)[^&]+")
+STARTS_UPLOAD = re.compile(r"(^|&)uploads(=|&|$)")  # CreateMultipartUpload's query
+NOT_REPLAYED = {"host", "content-length", "transfer-encoding"}  # headers the new request sets
 
 
 def recorded_changes(path: str) -> list[dict]:
@@ -68,12 +70,11 @@ def replay(entries: list[dict]) -> list[str]:
         query = UPLOAD_ID.sub(new_id, parts.query)
         url = BASE + parts.path + (f"?{query}" if query else "")
         body = base64.b64decode(e["body"]) if e.get("body_encoded") else (e.get("body") or "").encode()
-        skip = {"host", "content-length", "transfer-encoding"}
-        headers = {k: v for k, v in e["headers"].items() if k.lower() not in skip}
+        headers = {k: v for k, v in e["headers"].items() if k.lower() not in NOT_REPLAYED}
         r = requests.request(e["method"], url, headers=headers, data=body, timeout=60)
         if r.status_code >= 300:
             refused.append(f"{e['method']} {parts.path}?{parts.query}: HTTP {r.status_code}")
-        if e["method"] == "POST" and re.search(r"(^|&)uploads(=|&|$)", parts.query):
+        if e["method"] == "POST" and STARTS_UPLOAD.search(parts.query):
             created = re.search(r"<UploadId>([^<]+)</UploadId>", r.text)
             if created:
                 started[parts.path] = created.group(1)

@@ -16,11 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.fs
 import pytest
 from boto3.s3.transfer import TransferConfig
 
-from service.s3_store import make_client
+from service.s3_store import S3ArtifactStore, make_client
 from tests.plugins.s3 import CREDENTIALS, REGION
 from tests.raycluster import free_port
 
@@ -77,14 +76,10 @@ def _lines_until_ready(server: subprocess.Popen) -> list[str]:
 def test_objects_survive_restarts(standin):
     server = standin()
     s3 = make_client(standin.endpoint, REGION, CREDENTIALS)
-    fs = pyarrow.fs.S3FileSystem(
-        endpoint_override=standin.endpoint.removeprefix("http://"),
-        scheme="http",
-        access_key=CREDENTIALS.access_key,
-        secret_key=CREDENTIALS.secret_key,
-        region=REGION,
-    )
     s3.create_bucket(Bucket="kept")
+    # the filesystem the driver hands Ray Train for its checkpoint uploads
+    store = S3ArtifactStore("s3://kept", standin.endpoint, region=REGION, credentials=CREDENTIALS)
+    job_root, fs = store.ray_storage("job")
     big = os.urandom(12 * MiB)
     s3.upload_fileobj(
         io.BytesIO(big),
@@ -102,7 +97,7 @@ def test_objects_survive_restarts(standin):
         if int(key.rsplit("/", 1)[1]) % 2:
             s3.put_object(Bucket="kept", Key=key, Body=blobs[key])
         else:
-            with fs.open_output_stream(f"kept/{key}") as f:
+            with fs.open_output_stream(f"{job_root}/{key.removeprefix('job/')}") as f:
                 f.write(blobs[key])
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
