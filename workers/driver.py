@@ -34,7 +34,7 @@ from workers.data import load_for_job, streaming
 from workers.metrics_log import MetricsLog
 from workers.models import build_model
 from workers.models.stages import require_stages
-from workers.session import MetricsRelay
+from workers.relay import MetricsRelay
 from workers.store_check import check_store_shared
 from workers.train_loop import total_steps
 
@@ -105,6 +105,36 @@ def write_at_once(records: list[dict], awaited: bool, first_train: bool) -> tupl
         elif rec.get("kind") == "train" and first_train:
             first_train, now = False, True
     return now, first_train
+
+
+def attempt_trainer() -> type:
+    """Ray Train's TorchTrainer less the helper actors an attempt does not need.
+
+    Every helper actor is one more Python process started for the attempt, importing Ray Train
+    on the cores its workers are starting on (bench/README, "Submit -> first metric"). Dropped:
+    - the PlacementGroupCleaner, a detached actor that removes the run's placement group if the
+      controller dies while the driver lives on. An attempt's driver fails the attempt when its
+      controller dies and ends its Ray job, and Ray removes a job's placement groups when the job
+      ends;
+    - the DatasetManager, which shards Ray Datasets, when the job has none (data held in memory
+      and shipped by `ray.put`): Ray Train starts it even for an empty `datasets`.
+    `_create_default_callbacks` is private to Ray Train 2.60 (pinned in pyproject.toml):
+    tests/integration/test_training_ray.py lists an attempt's actors, so a Ray upgrade that
+    renames it, and so starts the helpers again, fails there."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class AttemptTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            def needed(cb) -> bool:
+                if isinstance(cb, PlacementGroupCleanerCallback):
+                    return False
+                return not (isinstance(cb, DatasetsCallback) and not self.datasets)
+
+            return [cb for cb in super()._create_default_callbacks() if needed(cb)]
+
+    return AttemptTrainer
 
 
 def preflight(spec: JobSpec, store: ArtifactStore):
@@ -235,7 +265,7 @@ def _run_job(
     retry budget and resubmits the job as a new attempt, so every failure is an attempt the
     job record shows, and `retries` is spent once, not once per driver."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     # Ray Train starts a PreemptionWatcher actor (one more Python process) right as the workers
     # enter the train function, to pass node-drain notices to a loop that reads them. Ours never
@@ -256,6 +286,9 @@ def _run_job(
             on_record(rec)
 
     enter(Phase.PREPARING)
+    # Started first: its process boots on a core the preflight below leaves idle, instead of
+    # beside Ray Train's controller, which the workers wait for.
+    relay = MetricsRelay.remote()
     # a local folder that another node's workers would not see fails here, not at resume
     check_store_shared(store)
     data, _spe, total = preflight(spec, store)
@@ -263,7 +296,6 @@ def _run_job(
     if faults is None and os.environ.get("SLIMTRAIN_FAULTS"):
         faults = json.loads(os.environ["SLIMTRAIN_FAULTS"])
 
-    relay = MetricsRelay.remote()
     # Resume is decided by our own manifest-verified checkpoints (workers.checkpoint), never by
     # Ray's snapshot of a previous run: restored, it would delete this run's checkpoints that
     # reuse an old one's folder name, and refuse to start once a listed folder is gone.
@@ -290,7 +322,7 @@ def _run_job(
                 execution_options=options,
             ),
         }
-    trainer = TorchTrainer(
+    trainer = attempt_trainer()(
         _worker_entry,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),

@@ -1,6 +1,7 @@
 """Sessions: how the training loop reports and checkpoints.
 
-`RaySession` runs inside a Ray Train worker: records go to the driver's `MetricsRelay` actor,
+`RaySession` runs inside a Ray Train worker: records go to the driver's `MetricsRelay` actor
+(workers.relay),
 checkpoints through `ray.train.report(checkpoint=...)` into the job's artifact store.
 `LocalSession` does the same against a plain folder, for tests, benchmarks and torchrun."""
 
@@ -18,43 +19,6 @@ from workers.checkpoint import CHECKPOINTS, Loaded, dir_name, load_latest, write
 from workers.data.streaming import memory_now
 from workers.parallel import Dist
 
-
-class RelayBuffer:
-    """Rank 0's records on their way to the driver, and how many of them the driver has made
-    durable (written to metrics.jsonl). Plain Python so the handshake is testable without Ray;
-    `MetricsRelay` is this class as an actor."""
-
-    def __init__(self):
-        self.records: list[dict] = []
-        self.pushed = 0  # records ever pushed
-        self.wanted = 0  # pushed count a checkpoint waits to see durable
-        self.durable = 0  # records the driver has written out
-
-    def push(self, records: list[dict]) -> None:
-        self.records.extend(records)
-        self.pushed += len(records)
-
-    def mark(self) -> int:
-        """Ask the driver to make everything pushed so far durable now; returns the count to
-        wait for. Calls from one worker run in order, so this follows that worker's pushes."""
-        self.wanted = max(self.wanted, self.pushed)
-        return self.pushed
-
-    def drain(self) -> tuple[list[dict], bool]:
-        """The buffered records, and whether a checkpoint waits for them to be durable."""
-        out, self.records = self.records, []
-        return out, self.wanted > self.durable
-
-    def ack(self, count: int) -> None:
-        """The driver has written the first `count` records pushed."""
-        self.durable = max(self.durable, count)
-
-    def durable_count(self) -> int:
-        return self.durable
-
-
-# Buffers rank 0's records until the driver drains them; it outlives worker restarts.
-MetricsRelay = ray.remote(num_cpus=0)(RelayBuffer)
 # How long a checkpoint waits for the driver to write out the records before it (the driver
 # polls every 0.25 s; this only trips when the driver is stuck writing to the store).
 DURABLE_TIMEOUT_S = 120.0

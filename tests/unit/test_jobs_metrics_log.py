@@ -7,7 +7,7 @@ import json
 
 from service.artifacts import JobArtifacts, LocalArtifactStore
 from workers.metrics_log import MetricsLog
-from workers.session import RelayBuffer
+from workers.relay import RelayBuffer
 
 
 def test_metrics_log_continues_an_existing_series(tmp_path):
