@@ -344,7 +344,7 @@ class SweepService:
         created = 0
         for index in range(len(rows), len(rows) + step.create):
             if not self._create_trial(sweep, req, index, rows, baseline_for_trials):
-                break  # another process created it
+                break  # another process created it, or the sweep was cancelled meanwhile
             created += 1
         if created:
             self.jobs._wake("scheduler")
@@ -450,7 +450,8 @@ class SweepService:
     def _create_trial(
         self, sweep: Sweep, req: SweepRequest, index: int, rows, baseline_job: str | None
     ) -> bool:
-        """Insert trial `index` and its job in one transaction; False when it exists already."""
+        """Insert trial `index` and its job in one transaction; False when it exists already or
+        the sweep is no longer running."""
         params = self._params(req, index, rows)
         spec, error = None, None
         try:
@@ -460,6 +461,14 @@ class SweepService:
         now = time.time()
         try:
             with self.db.write() as s:
+                # Checked in the transaction that inserts: `advance` read the sweep as running
+                # before it counted the live trials, and a cancel committed in between (which
+                # made those trials end) must not be followed by a new trial.
+                still_running = s.execute(
+                    update(Sweep).where(Sweep.id == sweep.id, Sweep.state == RUNNING).values(updated_at=now)
+                ).rowcount
+                if not still_running:
+                    return False
                 job_id = None
                 if spec is not None:
                     job_id = add_job_rows(s, self._new_job(sweep.tenant_id, sweep.id, spec), now).id

@@ -236,6 +236,37 @@ def test_cancel_stops_the_running_trials_and_creates_no_more(api):
         ray.hold = False
 
 
+def test_no_trial_is_created_once_a_cancel_has_committed(tmp_path, monkeypatch):
+    """The race the test above once lost under load: a tick read the sweep as running, the
+    cancel committed and ended its trials, and the tick then filled the freed slots with new
+    trials. Replayed here step by step: `advance` gets the sweep as read before the cancel."""
+    artifacts = LocalArtifactStore(tmp_path / "artifacts")
+    ray = ReportingRay(artifacts=artifacts)
+    ray.hold = True
+    settings = Settings(data_dir=tmp_path, api_tokens=TOKENS, max_sweep_trials=6, **FAST)
+    app = create_app(settings, ray=ray, artifacts=artifacts)
+    with (
+        serve_app(app) as url,
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ALICE}"}) as alice,
+    ):
+        sweep_id = alice.post("/v1/sweeps", json=sweep_body("stale", baseline=False)).json()["id"]
+        sweeps = app.state.service.sweeps
+
+        def two_running():
+            states = [t["state"] for t in alice.get(f"/v1/sweeps/{sweep_id}").json()["trials"]]
+            return states == ["running", "running"]
+
+        wait_for(two_running, 20, 0.1, "two running trials")
+        stale = sweeps._sweep(sweep_id)
+        assert alice.post(f"/v1/sweeps/{sweep_id}/cancel").status_code == 200
+        monkeypatch.setattr(sweeps, "_sweep", lambda _id, tenant=None: stale)
+        sweeps.advance(sweep_id)  # sees the trials ended: two free slots of a "running" sweep
+        monkeypatch.undo()
+        assert len(sweeps._rows(sweep_id)) == 2
+        assert [t["state"] for t in alice.get(f"/v1/sweeps/{sweep_id}").json()["trials"]] == ["cancelled"] * 2
+    ray.hold = False
+
+
 class FactoryApi(ApiProcess):
     """ApiProcess running this module's app_factory instead of api.app:create_app."""
 
