@@ -127,12 +127,8 @@ def attempt_trainer() -> type:
 
     class AttemptTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list:
-            def needed(cb) -> bool:
-                if isinstance(cb, PlacementGroupCleanerCallback):
-                    return False
-                return not (isinstance(cb, DatasetsCallback) and not self.datasets)
-
-            return [cb for cb in super()._create_default_callbacks() if needed(cb)]
+            unneeded = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unneeded)]
 
     return AttemptTrainer
 

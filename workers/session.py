@@ -1,8 +1,8 @@
 """Sessions: how the training loop reports and checkpoints.
 
 `RaySession` runs inside a Ray Train worker: records go to the driver's `MetricsRelay` actor
-(workers.relay),
-checkpoints through `ray.train.report(checkpoint=...)` into the job's artifact store.
+(workers.relay), checkpoints through `ray.train.report(checkpoint=...)` into the job's artifact
+store.
 `LocalSession` does the same against a plain folder, for tests, benchmarks and torchrun."""
 
 from __future__ import annotations
