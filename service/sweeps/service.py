@@ -82,6 +82,15 @@ def next_step(
     return Step(create)
 
 
+def _while_running(s, sweep_id: str, **values) -> int:
+    """Update the sweep only while it is running; the rows changed (0: it has ended). The update
+    also locks the sweep's row until the transaction ends (PostgreSQL; SQLite locks the whole
+    database), so a cancel racing with it either waits for it or is seen by it."""
+    return s.execute(
+        update(Sweep).where(Sweep.id == sweep_id, Sweep.state == RUNNING).values(**values)
+    ).rowcount
+
+
 # --- views -----------------------------------------------------------------------------------------
 
 
@@ -272,16 +281,14 @@ class SweepService:
         cancels the rest."""
         sweep = self._sweep(sweep_id, tenant)
         with self.db.write() as s:
-            n = s.execute(
-                update(Sweep)
-                .where(Sweep.id == sweep_id, Sweep.state == RUNNING)
-                .values(
-                    state=CANCELLED,
-                    reason="cancelled by the user",
-                    updated_at=time.time(),
-                    finished_at=time.time(),
-                )
-            ).rowcount
+            n = _while_running(
+                s,
+                sweep_id,
+                state=CANCELLED,
+                reason="cancelled by the user",
+                updated_at=time.time(),
+                finished_at=time.time(),
+            )
         if n == 0:
             raise InvalidTransition(f"cannot cancel a sweep that is {sweep.state}; it is over", sweep.state)
         self._cancel_live_jobs(sweep_id)
@@ -464,10 +471,7 @@ class SweepService:
                 # Checked in the transaction that inserts: `advance` read the sweep as running
                 # before it counted the live trials, and a cancel committed in between (which
                 # made those trials end) must not be followed by a new trial.
-                still_running = s.execute(
-                    update(Sweep).where(Sweep.id == sweep.id, Sweep.state == RUNNING).values(updated_at=now)
-                ).rowcount
-                if not still_running:
+                if not _while_running(s, sweep.id, updated_at=now):
                     return False
                 job_id = None
                 if spec is not None:
@@ -495,16 +499,8 @@ class SweepService:
     def _finish(self, sweep_id: str, state: str) -> None:
         now = time.time()
         with self.db.write() as s:
-            s.execute(
-                update(Sweep)
-                .where(Sweep.id == sweep_id, Sweep.state == RUNNING)
-                .values(state=state, reason=None, updated_at=now, finished_at=now)
-            )
+            _while_running(s, sweep_id, state=state, reason=None, updated_at=now, finished_at=now)
 
     def _set_reason(self, sweep_id: str, reason: str) -> None:
         with self.db.write() as s:
-            s.execute(
-                update(Sweep)
-                .where(Sweep.id == sweep_id, Sweep.state == RUNNING)
-                .values(reason=reason, updated_at=time.time())
-            )
+            _while_running(s, sweep_id, reason=reason, updated_at=time.time())

@@ -264,7 +264,6 @@ def test_no_trial_is_created_once_a_cancel_has_committed(tmp_path, monkeypatch):
         monkeypatch.undo()
         assert len(sweeps._rows(sweep_id)) == 2
         assert [t["state"] for t in alice.get(f"/v1/sweeps/{sweep_id}").json()["trials"]] == ["cancelled"] * 2
-    ray.hold = False
 
 
 class FactoryApi(ApiProcess):
