@@ -20,7 +20,7 @@ from api import errors, openapi
 from api.job_bodies import JobBodies
 from api.routes import dashboard, datasets, docs, jobs, models, sweeps, system
 from api.routes.prometheus import RequestMetrics, StoreCollector, request_latency
-from api.sse import JobHeads, Notifier
+from api.sse import JobFeed, Notifier
 from service.artifacts import ArtifactStore, open_store
 from service.auth import TokenAuth, load_auth
 from service.job_service import JobService
@@ -85,7 +85,7 @@ def create_app(
     store = Store(db)
     artifacts = artifacts or open_store(settings.resolved_artifact_uri, settings.s3_endpoint_url)
     service = JobService(settings, store, ray or RayJobs(ray_address(settings)), artifacts)
-    notifier, heads = Notifier(), JobHeads(store)
+    notifier, feed = Notifier(), JobFeed(store)
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
     leadership = leadership_of(settings, db, service)
@@ -97,7 +97,7 @@ def create_app(
         app.state.db_pool = ThreadPoolExecutor(threads, thread_name_prefix="slimtrain-db")
         db.upgrade()
         store.ensure_tenants(auth.tenants)
-        store.listeners += [heads.forget, notifier.publish]  # forget first: a woken stream reads anew
+        store.listeners += [feed.heads.forget, notifier.publish]  # forget first: a woken stream reads anew
         if leadership is not None:
             leadership.start()
         try:
@@ -119,7 +119,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings, app.state.service, app.state.auth = settings, service, auth
-    app.state.notifier, app.state.heads, app.state.registry = notifier, heads, registry
+    app.state.notifier, app.state.feed, app.state.registry = notifier, feed, registry
     app.state.leadership = leadership
     app.state.job_bodies = JobBodies()
     app.state.inline_reads = db.inline is not None  # api.deps.read_db

@@ -30,7 +30,7 @@ from api.routes.schemas import (
     NodeOut,
     ResourcesOut,
 )
-from api.sse import job_events
+from api.sse import encoded, job_events
 from service.artifacts import NAME_MAX_CHARS, check_name, iter_file_chunks
 from service.errors import SpecError
 from service.jobs import JobState
@@ -305,7 +305,7 @@ async def job_events_stream(
     await run_db(request, service.get, tenant, job_id)
     start = max(after, params.sequence(last_event_id, "Last-Event-ID") or 0)
     state = request.app.state
-    stream = job_events(service.store, state.heads, state.notifier, job_id, start)
+    stream = encoded(job_events(state.feed, state.notifier, job_id, start))
     return EventSourceResponse(stream, ping=15, headers={"Cache-Control": "no-store"})
 
 
