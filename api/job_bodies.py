@@ -1,5 +1,5 @@
 """Response bodies of `GET /v1/jobs/{id}` and `GET /v1/jobs`, rendered once per version of a
-job's row.
+job's row; and of `GET /v1/jobs/{id}/metrics`, rendered from rows.
 
 A body is a pure function of the job's row, so it is kept beside the row it was rendered from
 and reused while the database still holds that row to the byte. The row is read on every
@@ -10,17 +10,19 @@ the validated model), so a client cannot tell a reused body from a fresh one."""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 from fastapi import Response
 from pydantic import TypeAdapter
 
-from api.routes.schemas import JobOut
+from api.routes.schemas import JobOut, MetricPage
 from service.store.job_rows import JobRow
 from service.store.repo import Page
 
 _JOB = TypeAdapter(JobOut)
 _CURSOR = TypeAdapter(str | None)
+_METRICS = TypeAdapter(MetricPage)
 JSON = "application/json"
 
 
@@ -56,3 +58,11 @@ class JobBodies:
         items = b",".join(self.body(r) for r in page.items)
         cursor = _CURSOR.dump_json(page.next_cursor)
         return Response(b'{"items":[' + items + b'],"next_cursor":' + cursor + b"}", media_type=JSON)
+
+
+def metric_page(page: Page) -> Response:
+    """A `MetricPage` of metric rows (service/store/job_rows.py: MetricRows), validated and
+    rendered as FastAPI renders the model (so NaN and infinities in a record become null)."""
+    items = [{"seq": q, "kind": k, "step": st, "data": json.loads(d)} for q, k, st, d in page.items]
+    model = _METRICS.validate_python({"items": items, "next_cursor": page.next_cursor})
+    return Response(_METRICS.dump_json(model, by_alias=True), media_type=JSON)

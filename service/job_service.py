@@ -23,7 +23,7 @@ from service.reconciler import Reconciler
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.spec import JobSpec, parse_spec, streaming_unsupported
-from service.store.job_rows import JobRow, JobRows
+from service.store.job_rows import JobRow, JobRows, MetricRows
 from service.store.models import Job
 from service.store.repo import NewJob, Page, Store, job_cursor, parse_job_cursor
 from service.sweeps.service import SweepService
@@ -62,6 +62,7 @@ class JobService:
     def __init__(self, settings: Settings, store: Store, ray: RayJobs, artifacts: ArtifactStore):
         self.settings, self.store, self.ray, self.artifacts = settings, store, ray, artifacts
         self.rows = JobRows(store.db)
+        self.metric_rows = MetricRows(store.db)
         self.ingester = Ingester(store, artifacts)
         self.scheduler = Scheduler(store, ray, artifacts, settings)
         self.reconciler = Reconciler(
@@ -167,9 +168,14 @@ class JobService:
         self._wake("scheduler")
         return job
 
-    def metrics(self, tenant: str, job_id: str, after: int, kinds: list[str] | None, limit: int) -> Page:
-        self.store.get_job(job_id, tenant)
-        return self.store.metrics(job_id, after, kinds, limit)
+    def metric_page(self, tenant: str, job_id: str, after: int, kinds: list[str] | None, limit: int) -> Page:
+        """A page of the job's metric records as rows (MetricRows): the page, order and cursor of
+        Store.metrics."""
+        self.job_row(tenant, job_id)
+        rows = self.metric_rows.page(job_id, after, kinds, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(rows, str(rows[-1][0]) if more and rows else None)
 
     def attempts(self, tenant: str, job_id: str):
         self.store.get_job(job_id, tenant)

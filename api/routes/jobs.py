@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse
 from api import params
 from api.deps import CurrentTenant, ServiceDep, read_db, run_db
 from api.errors import BadRequest, BodyTooLarge, UnsupportedMediaType, documented
+from api.job_bodies import metric_page
 from api.openapi import EVENT_STREAM, JOB_LINKS
 from api.params import ArtifactName, JobId, MetricKind
 from api.routes.schemas import (
@@ -26,7 +27,6 @@ from api.routes.schemas import (
     JobOut,
     JobPage,
     MetricPage,
-    MetricRecord,
     NodeOut,
     ResourcesOut,
 )
@@ -258,10 +258,10 @@ async def job_metrics(
         str, Query(description=_CURSOR_DOC, json_schema_extra={"pattern": params.SEQ_PATTERN})
     ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="Records per page.")] = 1000,
-) -> MetricPage:
-    after = params.sequence(cursor, "cursor")
-    page = await run_db(request, service.metrics, tenant, job_id, -1 if after is None else after, kind, limit)
-    return MetricPage(items=[MetricRecord.of(m) for m in page.items], next_cursor=page.next_cursor)
+) -> Response:
+    after = -1 if (seq := params.sequence(cursor, "cursor")) is None else seq
+    page = await run_db(request, service.metric_page, tenant, job_id, after, kind, limit)
+    return metric_page(page)
 
 
 @router.get(

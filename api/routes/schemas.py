@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from service.artifacts import ObjectInfo
 from service.jobs import JobState
-from service.store.models import Attempt, Job, Metric
+from service.store.models import Attempt, Job
 
 
 def _ts(t: float | None) -> datetime | None:
@@ -143,10 +143,6 @@ class MetricRecord(BaseModel):
     )
     step: int | None = Field(description="Optimizer step of the record, when it has one.")
     data: dict[str, Any] = Field(description="The record as the driver wrote it.")
-
-    @classmethod
-    def of(cls, m: Metric) -> MetricRecord:
-        return cls(seq=m.seq, kind=m.kind, step=m.step, data=m.data)
 
 
 class MetricPage(BaseModel):

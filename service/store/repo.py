@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -493,6 +494,7 @@ class Store:
         exactly once: the update is conditional on `metrics_lines == first_line`."""
         if not records:
             return False
+        records = [json_finite(rec) for rec in records]
         now = time.time()
         n = len(records)
         with self.db.write() as s:
@@ -554,6 +556,21 @@ class Store:
                     .limit(limit)
                 )
             )
+
+
+def json_finite(value: Any) -> Any:
+    """`value` with every NaN and infinity in it replaced by None. JSON has no such numbers:
+    PostgreSQL's json type refuses a batch holding one, so a diverged job's records (its loss is
+    NaN) stopped there, and the ingest tick failed on it every time, before the jobs after it;
+    and a browser's JSON.parse fails on the `NaN` Python writes, which SQLite kept as text. The
+    API's JSON already rendered them as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_finite(v) for v in value]
+    return value
 
 
 class BadCursor(SlimtrainError):

@@ -1,7 +1,7 @@
 """The API's read path of jobs (service/store/job_rows.py) and its reuse of rendered bodies
 (api/job_bodies.py), on SQLite and PostgreSQL: the bytes are those FastAPI rendered from the ORM
 job before, every change of the row shows in the next read whoever wrote it, and a tenant never
-reads another's job."""
+reads another's job. Metric pages, read as rows, are the ORM rendering to the byte too."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import httpx
 import pytest
 from pydantic import TypeAdapter
 
-from api.job_bodies import JobBodies
-from api.routes.schemas import JobOut, JobPage
+from api.job_bodies import JobBodies, metric_page
+from api.routes.schemas import JobOut, JobPage, MetricPage
 from service.artifacts import LocalArtifactStore
 from service.job_service import JobService
 from service.jobs import JobEvent, JobNotFound, JobState
@@ -233,3 +233,59 @@ def test_get_job_reads_on_the_loop_and_waits_off_it_when_sqlite_is_locked(tmp_pa
         r = c.get(f"/v1/jobs/{job_id}")
         assert r.status_code == 200 and r.json()["id"] == job_id and locked == [job_id]
         assert c.get("/v1/jobs/20990101-000000-deadbeef").status_code == 404  # not found stays 404
+
+
+def orm_metric_page(svc, job_id, after, kinds, limit) -> bytes:
+    """What `GET /v1/jobs/{id}/metrics` answered before: FastAPI's rendering of the ORM records."""
+    page = svc.store.metrics(job_id, after, kinds, limit)
+    items = [{"seq": m.seq, "kind": m.kind, "step": m.step, "data": m.data} for m in page.items]
+    ta = TypeAdapter(MetricPage)
+    return ta.dump_json(ta.validate_python({"items": items, "next_cursor": page.next_cursor}), by_alias=True)
+
+
+def test_a_metric_page_is_the_orm_rendering_to_the_byte(svc):
+    job_id = submit(svc, name="metrics")
+    records = [
+        {"kind": "train", "step": 1, "loss": 0.25, "lr": 1e-3, "sparsity": {"fc1.weight": 0.5}},
+        {"kind": "eval", "step": 1, "val_accuracy": 0.9, "note": "naïve ✓"},
+        {"kind": "train", "step": 2, "loss": float("nan"), "grad_norm": float("inf")},
+        {"kind": "phase", "phase": "exporting"},
+        {"event": "start", "resumed_from": None, "ranks": [0, 1]},
+    ]
+    svc.store.ingest(job_id, 0, records)
+    for after, kinds, limit in [
+        (-1, None, 1000),
+        (-1, None, 2),
+        (1, None, 2),
+        (3, None, 2),
+        (-1, ["train"], 1000),
+        (-1, ["train", "eval"], 1),
+        (0, ["train", "eval", "train"], 1000),
+        (-1, ["event"], 1000),
+        (4, None, 10),
+    ]:
+        got = metric_page(svc.metric_page("t", job_id, after, kinds, limit)).body
+        assert got == orm_metric_page(svc, job_id, after, kinds, limit), (after, kinds, limit)
+    nan = json.loads(metric_page(svc.metric_page("t", job_id, 1, None, 1)).body)["items"][0]["data"]
+    assert nan["loss"] is None and nan["grad_norm"] is None  # as before: JSON has no NaN
+    with pytest.raises(JobNotFound):
+        svc.metric_page("other", job_id, -1, None, 10)
+
+
+def test_records_with_nan_and_infinity_are_stored_on_every_database(svc):
+    """A diverged job's records hold NaN: PostgreSQL's json refused the whole batch, so none of
+    its records was ever stored there. Now each such number is stored as null, as the API
+    already rendered it."""
+    job_id = submit(svc, name="diverged")
+    rec = {
+        "kind": "train",
+        "step": 3,
+        "loss": float("nan"),
+        "hist": [1.0, float("-inf")],
+        "g": {"n": float("inf")},
+    }
+    assert svc.store.ingest(job_id, 0, [rec])
+    want = {"kind": "train", "step": 3, "loss": None, "hist": [1.0, None], "g": {"n": None}}
+    assert [m.data for m in svc.store.metrics(job_id).items] == [want]
+    (event,) = [e for e in svc.store.events_after(job_id, 0) if e.type == "metric"]
+    assert event.data == {**want, "seq": 0}
