@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -161,9 +160,9 @@ class RecentEvents:
                 first, run = self._runs.get(job_id, (0, []))
             end = first + len(run) - 1
             if run and first <= after + 1 <= end + 1:
-                run = run + [message(e) for e in self.store.events_after(job_id, end)]
+                run = run + [message(*e) for e in self.store.event_texts(job_id, end)]
             else:
-                page = [message(e) for e in self.store.events_after(job_id, after)]
+                page = [message(*e) for e in self.store.event_texts(job_id, after)]
                 if run and after < end:
                     return page  # behind the run: not the newest events
                 first, run = after + 1, page
@@ -194,9 +193,9 @@ class Sent:
     wire: bytes  # with sse-starlette's default line separator, which the route keeps
 
 
-def message(e) -> Sent:
-    data = json.dumps(e.data, separators=(",", ":"))
-    return Sent(e.seq, e.type, data, ServerSentEvent(data=data, event=e.type, id=str(e.seq)).encode())
+def message(seq: int, type_: str, data: str) -> Sent:
+    """`data` is the event's JSON as the database holds it, sent as it is."""
+    return Sent(seq, type_, data, ServerSentEvent(data=data, event=type_, id=str(seq)).encode())
 
 
 class JobFeed:

@@ -302,7 +302,7 @@ async def job_events_stream(
 ):
     # The job first: an unknown job is a 404 whatever the header (the contract fuzz test counts
     # this route's 400 as an answer about a job it found).
-    await run_db(request, service.get, tenant, job_id)
+    await read_db(request, service.job_row, tenant, job_id)
     start = max(after, params.sequence(last_event_id, "Last-Event-ID") or 0)
     state = request.app.state
     stream = encoded(job_events(state.feed, state.notifier, job_id, start))

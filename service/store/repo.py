@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Text, and_, cast, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -556,6 +556,18 @@ class Store:
                     .limit(limit)
                 )
             )
+
+    def event_texts(self, job_id: str, after: int, limit: int = 500) -> list[tuple[int, str, str]]:
+        """(seq, type, data as its stored JSON text) of the events after `after`: what the SSE
+        streams send (api/sse.py), without building an ORM object or decoding JSON per event."""
+        q = (
+            select(Event.seq, Event.type, cast(Event.data, Text))
+            .where(Event.job_id == job_id, Event.seq > after)
+            .order_by(Event.seq)
+            .limit(limit)
+        )
+        with self.db.read() as s:
+            return [(seq, type_, data) for seq, type_, data in s.execute(q)]
 
 
 def json_finite(value: Any) -> Any:

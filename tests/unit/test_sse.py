@@ -31,10 +31,10 @@ class CountingStore(Store):
             self.reads += 1
         return super().get_job(job_id, tenant)
 
-    def events_after(self, job_id: str, after: int, limit: int = 500):
+    def event_texts(self, job_id: str, after: int, limit: int = 500):
         with self._count_lock:
             self.event_reads += 1
-        return super().events_after(job_id, after, limit)
+        return super().event_texts(job_id, after, limit)
 
 
 @pytest.fixture
