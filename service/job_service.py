@@ -190,7 +190,10 @@ class JobService:
         for att in self.store.attempts_of(job_id):
             parts.append(f"=== attempt {att.number} ({att.submission_id}) ===\n")
             text = self.ray.logs(att.submission_id)
-            parts.append(text if text is not None else "(Ray no longer has this log)\n")
+            if text is None and att.submitted_at is not None:
+                text = "(Ray no longer has this log)\n"
+            # else: an attempt cancelled before the scheduler submitted it never ran: no log
+            parts.append(text or "")
         return "".join(parts)
 
     async def follow_logs(self, tenant: str, job_id: str, poll: float = 1.0) -> AsyncIterator[str]:

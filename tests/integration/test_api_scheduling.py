@@ -346,3 +346,17 @@ def test_queued_job_cancel_and_terminal_cancel(svc):
     assert svc.cancel("t", job).state == JobState.CANCELLED
     with pytest.raises(InvalidTransition):
         svc.cancel("t", job)
+
+
+def test_the_log_of_an_attempt_cancelled_before_submission_is_empty(svc, fake_ray):
+    """An attempt recorded but cancelled before the scheduler submitted it never ran: its log is
+    its header alone, not "Ray no longer has this log" (which stays for one Ray has lost)."""
+    never = submit(svc, name="never")
+    svc.store.admit(svc.store.get_job(never), never, Resources(1, 0))  # recorded, not submitted
+    svc.cancel("t", never)
+    assert svc.logs("t", never) == f"=== attempt 1 ({never}) ===\n"
+
+    lost = submit(svc, name="lost")
+    _, attempt = svc.store.admit(svc.store.get_job(lost), lost, Resources(1, 0))
+    svc.store.attempt_submitted(attempt.id)  # Ray took it, and has since forgotten it
+    assert svc.logs("t", lost) == f"=== attempt 1 ({lost}) ===\n(Ray no longer has this log)\n"
