@@ -133,9 +133,9 @@ class JobRows:
 
 class MetricRows:
     """A job's metric records as (seq, kind, step, data as its stored JSON text), a page at a
-    time in the order and with the cursor of Store.metrics. Without ORM objects: a page of 100
-    records cost ~8 ms of CPU as ORM instances, held under the GIL beside the event loop that
-    serves GET /v1/jobs/{id} (bench/load)."""
+    time in the order and with the cursor of Store.metrics. Without ORM objects: building one per
+    record held the GIL beside the event loop that serves GET /v1/jobs/{id}, whose tail under
+    many dashboards this shortened (bench/README.md, "Load and soak")."""
 
     def __init__(self, db: Database):
         self.db = db
