@@ -148,10 +148,7 @@ class JobService:
     ) -> Page:
         """A page of the tenant's jobs as rows: the page, order and cursors of Store.list_jobs."""
         after = parse_job_cursor(cursor) if cursor else None
-        rows = self.rows.page(tenant, states, after, limit + 1, inline)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, job_cursor(rows[-1]) if more and rows else None)
+        return Page.of(self.rows.page(tenant, states, after, limit + 1, inline), limit, job_cursor)
 
     def cancel(self, tenant: str, job_id: str) -> Job:
         """Mark the job cancelled and stop its Ray job now; when Ray cannot be reached, the
@@ -172,10 +169,7 @@ class JobService:
         """A page of the job's metric records as rows (MetricRows): the page, order and cursor of
         Store.metrics."""
         self.job_row(tenant, job_id)
-        rows = self.metric_rows.page(job_id, after, kinds, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, str(rows[-1][0]) if more and rows else None)
+        return Page.of(self.metric_rows.page(job_id, after, kinds, limit + 1), limit, lambda r: str(r[0]))
 
     def attempts(self, tenant: str, job_id: str):
         self.store.get_job(job_id, tenant)

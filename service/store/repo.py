@@ -83,6 +83,13 @@ class Page:
     items: list
     next_cursor: str | None
 
+    @classmethod
+    def of(cls, rows: list, limit: int, cursor_of: Callable[[Any], str]) -> Page:
+        """The page of `limit` items from `limit + 1` rows read: the extra row only says that a
+        next page exists, whose cursor names the page's last item."""
+        items = rows[:limit]
+        return cls(items, cursor_of(items[-1]) if len(rows) > limit and items else None)
+
 
 class Store:
     def __init__(self, db: Database):
@@ -188,9 +195,7 @@ class Store:
         q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
         with self.db.read() as s:
             rows = list(s.scalars(q))
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, job_cursor(rows[-1]) if more and rows else None)
+        return Page.of(rows, limit, job_cursor)
 
     def transition(
         self,
@@ -542,32 +547,22 @@ class Store:
         q = q.order_by(Metric.seq).limit(limit + 1)
         with self.db.read() as s:
             rows = list(s.scalars(q))
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, str(rows[-1].seq) if more and rows else None)
+        return Page.of(rows, limit, lambda m: str(m.seq))
 
     def events_after(self, job_id: str, after: int, limit: int = 500) -> list[Event]:
         with self.db.read() as s:
-            return list(
-                s.scalars(
-                    select(Event)
-                    .where(Event.job_id == job_id, Event.seq > after)
-                    .order_by(Event.seq)
-                    .limit(limit)
-                )
-            )
+            return list(s.scalars(_events_after(select(Event), job_id, after, limit)))
 
     def event_texts(self, job_id: str, after: int, limit: int = 500) -> list[tuple[int, str, str]]:
         """(seq, type, data as its stored JSON text) of the events after `after`: what the SSE
         streams send (api/sse.py), without building an ORM object or decoding JSON per event."""
-        q = (
-            select(Event.seq, Event.type, cast(Event.data, Text))
-            .where(Event.job_id == job_id, Event.seq > after)
-            .order_by(Event.seq)
-            .limit(limit)
-        )
+        q = _events_after(select(Event.seq, Event.type, cast(Event.data, Text)), job_id, after, limit)
         with self.db.read() as s:
             return [(seq, type_, data) for seq, type_, data in s.execute(q)]
+
+
+def _events_after(q, job_id: str, after: int, limit: int):
+    return q.where(Event.job_id == job_id, Event.seq > after).order_by(Event.seq).limit(limit)
 
 
 def json_finite(value: Any) -> Any:
