@@ -7,6 +7,7 @@ serve one database."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -78,7 +79,15 @@ def create_app(
     ray: RayJobs | None = None,
     artifacts: ArtifactStore | None = None,
     auth: TokenAuth | None = None,
+    freeze_gc: bool = False,
 ) -> FastAPI:
+    """The API app. `freeze_gc`: the process is this app's alone (`slimtrain serve`), so once
+    it has started, every object alive then (modules, Ray's, SQLAlchemy's and pydantic's state)
+    moves out of the cyclic collector's reach (`gc.freeze`). Each full collection otherwise
+    walks them all with the event loop stopped, and every request in flight waits: the longest
+    stalls of GET /v1/jobs/{id} under bench/load's 200 users (bench/README.md, "Load and soak").
+    Off for apps that share their process (tests, embedded uses): objects frozen there are never
+    collected if they later become garbage in a cycle."""
     settings = settings or get_settings()
     auth = auth or load_auth(settings)[0]
     db = Database(settings.resolved_database_url)
@@ -100,6 +109,9 @@ def create_app(
         store.listeners += [feed.heads.forget, notifier.publish]  # forget first: a woken stream reads anew
         if leadership is not None:
             leadership.start()
+        if freeze_gc:
+            gc.collect()  # garbage now is not frozen with the rest
+            gc.freeze()
         try:
             yield
         finally:

@@ -323,7 +323,7 @@ def serve(
     # 60 s), never by the server first: uvicorn's default of 5 s made a request sent just as the
     # server closed its connection get no answer at all (bench/load/keepalive_race.py).
     uvicorn.run(
-        create_app(settings, auth=auth),
+        create_app(settings, auth=auth, freeze_gc=True),
         host=settings.host,
         port=settings.port,
         log_level="info",

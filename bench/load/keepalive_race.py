@@ -21,6 +21,7 @@ import httpx
 
 from bench.api.run import TOKEN, start_api
 from bench.common import conditions, machine, markdown_table, results_dir, save_json
+from bench.load import clients as cl
 
 # Just under httpx's 5 s expiry: idle longer than that and httpx opens a new connection itself.
 IDLE = {"4.90-4.99 s": (4.90, 4.99), "2 s (control)": (2.0, 2.0)}
@@ -29,7 +30,7 @@ SERVERS = {"uvicorn default (5 s)": (), "--timeout-keep-alive 75": ("--timeout-k
 
 async def pair(url: str, lo: float, hi: float, rng: random.Random) -> str:
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as c:
+    async with cl.client(base_url=url, headers=headers, timeout=30) as c:
         await c.get("/healthz")
         await asyncio.sleep(rng.uniform(lo, hi))
         try:

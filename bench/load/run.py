@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import secrets
 import sys
 import tempfile
@@ -33,7 +34,7 @@ import numpy as np
 
 from bench.common import conditions, machine, markdown_table, results_dir, save_json
 from bench.load import clients as cl
-from bench.load import report
+from bench.load import gc_pauses, report
 from bench.load.server import sample, serve
 
 SPEC = {
@@ -85,6 +86,12 @@ async def sampler(pid, rec, pool, opened, samples, every: float) -> None:
 
 
 async def drive(server, args, seconds: float) -> dict:
+    # This process's own collector pauses delay every response it is reading at the time; they
+    # are recorded, and shortened as `slimtrain serve` shortens the API's (api.app: freeze_gc).
+    gen_pauses: list = []
+    gc_pauses.install(gen_pauses.append)
+    gc.collect()
+    gc.freeze()
     rec, pool, opened = cl.Recorder(), cl.JobPool(), cl.OpenStreams()
     submitted: list[str] = []
     samples: list[dict] = []
@@ -116,6 +123,7 @@ async def drive(server, args, seconds: float) -> dict:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = rec.now()
+    t0_wall = time.time() - elapsed
     await cl.cancel_live(rec, url, token, pool)
     jobs = await cl.final_states(url, token, submitted)
     return {
@@ -125,7 +133,15 @@ async def drive(server, args, seconds: float) -> dict:
         "prom": prom,
         "lags": lags,
         "jobs": jobs,
+        "gc_pauses": {
+            "api": gc_pauses.summary(gc_pauses.read(server.gc_path), t0_wall),
+            "generator": gc_pauses.summary(gen_pauses, t0_wall),
+        },
     }
+
+
+def _pauses(s: dict) -> str:
+    return f"{s['count']} ({s['full_collections']}) / {s['max_ms']:.0f} / {s['total_ms']:.0f}"
 
 
 def summarise(args, res: dict, soak: bool, out: Path) -> int:
@@ -146,6 +162,7 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
     lags_ms = np.asarray(res["lags"]) * 1000
     verdict = report.soak_verdict(samples, 0.0) if soak else None
     prom = res["prom"]
+    gcp = res["gc_pauses"]
     cpus = [x["cpu_percent"] for x in samples[1:]]  # the first sample has no previous one
     cpu_med, cpu_max = (report.pct(cpus, 50), max(cpus)) if cpus else (float("nan"), float("nan"))
     summary_rows = [
@@ -178,6 +195,8 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
         ],
         ["API RSS first / last sample (MiB)", f"{samples[0]['rss_mib']:.1f} / {samples[-1]['rss_mib']:.1f}"],
         ["API CPU median / max of samples (% of one core)", f"{cpu_med:.0f} / {cpu_max:.0f}"],
+        ["API GC pauses >= 5 ms: count (full) / longest / total ms", _pauses(gcp["api"])],
+        ["load generator GC pauses >= 5 ms: count (full) / longest / total ms", _pauses(gcp["generator"])],
         ["API threads first / last", f"{samples[0]['threads']} / {samples[-1]['threads']}"],
         ["API fds first / last", f"{samples[0]['fds']} / {samples[-1]['fds']}"],
     ]
@@ -236,6 +255,7 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
             "samples": samples,
             "prometheus_bytes": prom,
             "soak": verdict,
+            "gc_pauses": gcp,
             "per_minute_p99_ms": {r: report.per_minute_p99(rec, r, seconds) for r in rec.lats},
         },
     )

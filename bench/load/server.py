@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.load import gc_pauses
 from tests.plugins.server import wait_ready
 from tests.raycluster import free_port
 
@@ -28,6 +29,7 @@ class Server:
     token: str
     proc: subprocess.Popen
     log_path: Path
+    gc_path: Path  # its garbage-collector pauses (bench/load/gc_pauses.py)
 
     @property
     def pid(self) -> int:
@@ -42,6 +44,7 @@ class Server:
 @contextlib.contextmanager
 def serve(data_dir: Path, token: str, ready_timeout: float = 180) -> Iterator[Server]:
     port = free_port()
+    gc_path = data_dir / "gc_pauses.txt"
     env = {
         **os.environ,
         "SLIMTRAIN_DATA_DIR": str(data_dir),
@@ -50,6 +53,10 @@ def serve(data_dir: Path, token: str, ready_timeout: float = 180) -> Iterator[Se
         "SLIMTRAIN_PORT": str(port),
         # The default 8265 may be taken by another Ray on this machine (the test suites).
         "SLIMTRAIN_RAY_DASHBOARD_PORT": str(free_port()),
+        gc_pauses.ENV: str(gc_path),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(gc_pauses.HOOK_DIR), str(ROOT), os.environ.get("PYTHONPATH")) if p
+        ),
     }
     log_path = data_dir / "server.log"
     with open(log_path, "ab") as log:
@@ -60,7 +67,7 @@ def serve(data_dir: Path, token: str, ready_timeout: float = 180) -> Iterator[Se
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = Server(f"http://127.0.0.1:{port}", token, proc, log_path)
+    server = Server(f"http://127.0.0.1:{port}", token, proc, log_path, gc_path)
     try:
         wait_ready(server.url, ready_timeout, proc)
         yield server

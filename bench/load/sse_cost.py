@@ -23,6 +23,7 @@ import psutil
 from api.sse import POLL_SECONDS
 from bench.api.run import TOKEN, start_api
 from bench.common import conditions, machine, markdown_table, median, results_dir, save_json
+from bench.load import clients as cl
 
 SPEC = {"name": "idle", "model": {"name": "mlp"}, "data": {"name": "digits"}}
 
@@ -37,7 +38,7 @@ async def hold(url: str, jobs: list[str], n: int, ready: asyncio.Event, stop: as
         timeout = httpx.Timeout(30, read=60)
         path = f"/v1/jobs/{jobs[i % len(jobs)]}/events"
         async with (
-            httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as c,
+            cl.client(base_url=url, headers=headers, timeout=timeout) as c,
             c.stream("GET", path) as r,
         ):
             r.raise_for_status()
