@@ -28,9 +28,9 @@ _TLS = ssl.create_default_context()
 
 def client(**kw) -> httpx.AsyncClient:
     """An httpx client with the shared TLS context. Each client otherwise loads the CA bundle
-    when it is made (~20 ms of this process's CPU here, measured with httpx 0.28): 200 users made
-    at once held the load generator's event loop for ~4 s, and the requests already in flight,
-    the first job list and /metrics scrape, were recorded as taking that long."""
+    when it is made, on this process's event loop: 200 users made at once held it for seconds,
+    and the requests already in flight (the first job list and /metrics scrape) were recorded as
+    taking that long, the 3.5-3.7 s maxima of every run in bench/results/load_ab/."""
     return httpx.AsyncClient(verify=_TLS, **kw)
 
 
