@@ -549,20 +549,17 @@ class Store:
             rows = list(s.scalars(q))
         return Page.of(rows, limit, lambda m: str(m.seq))
 
-    def events_after(self, job_id: str, after: int, limit: int = 500) -> list[Event]:
-        with self.db.read() as s:
-            return list(s.scalars(_events_after(select(Event), job_id, after, limit)))
-
     def event_texts(self, job_id: str, after: int, limit: int = 500) -> list[tuple[int, str, str]]:
         """(seq, type, data as its stored JSON text) of the events after `after`: what the SSE
         streams send (api/sse.py), without building an ORM object or decoding JSON per event."""
-        q = _events_after(select(Event.seq, Event.type, cast(Event.data, Text)), job_id, after, limit)
+        q = (
+            select(Event.seq, Event.type, cast(Event.data, Text))
+            .where(Event.job_id == job_id, Event.seq > after)
+            .order_by(Event.seq)
+            .limit(limit)
+        )
         with self.db.read() as s:
             return [(seq, type_, data) for seq, type_, data in s.execute(q)]
-
-
-def _events_after(q, job_id: str, after: int, limit: int):
-    return q.where(Event.job_id == job_id, Event.seq > after).order_by(Event.seq).limit(limit)
 
 
 def json_finite(value: Any) -> Any:

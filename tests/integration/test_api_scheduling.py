@@ -52,7 +52,7 @@ def tick(svc):
 
 
 def events(svc, job_id):
-    return [(e.seq, e.type, e.data.get("state")) for e in svc.store.events_after(job_id, 0)]
+    return [(seq, type_, json.loads(d).get("state")) for seq, type_, d in svc.store.event_texts(job_id, 0)]
 
 
 def test_admission_by_priority_then_age_within_free_resources(svc, fake_ray):
@@ -260,7 +260,7 @@ def test_silence_from_ray_beyond_the_heartbeat_timeout_loses_the_driver(svc, fak
     assert reason.endswith("(attempt 2 of 3)")
     svc.scheduler.tick()  # the reason now says what the job waits for; the event log keeps why
     assert state(svc, job)[1].startswith("waiting for the Ray cluster: Ray Jobs API at fake")
-    assert "no word from the Ray cluster" in svc.store.events_after(job, 0)[-1].data["reason"]
+    assert "no word from the Ray cluster" in json.loads(svc.store.event_texts(job, 0)[-1][2])["reason"]
     assert svc.store.attempts_of(job)[0].outcome == "lost"
 
 
