@@ -310,10 +310,11 @@ def serve(
     if not settings.ray_address and not settings.ray_dashboard_url:
         import ray
 
-        from workers.ray_runtime import connect
+        from workers.ray_runtime import connect, lower_head_priority
 
         logging.getLogger("ray").setLevel(logging.WARNING)
         connect(None, include_dashboard=True, dashboard_port=settings.ray_dashboard_port, log_to_driver=False)
+        lower_head_priority(settings.ray_nice)
         settings = settings.model_copy(update={"ray_address": ray.get_runtime_context().gcs_address})
         console.print(f"embedded Ray head at {settings.ray_address} (loopback, token auth)")
     from api.app import create_app

@@ -28,6 +28,14 @@ class Settings(BaseSettings):
         default=None, description="Ray cluster address; unset starts an embedded local head."
     )
     ray_dashboard_port: int = Field(default=8265, description="Embedded head's dashboard/Jobs API port.")
+    ray_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Embedded head only: the niceness of its raylet and of every process it starts "
+        "(job drivers, Ray Train's actors and workers), so that the API, sharing the machine's "
+        "cores with training, answers first when they are contended. 0: the same as the API.",
+    )
     api_tokens: str | None = Field(default=None, description="token:tenant,token:tenant")
     metrics_token: SecretStr | None = Field(
         default=None,

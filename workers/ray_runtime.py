@@ -3,6 +3,7 @@ Ray's token authentication on (the unauthenticated Jobs API was CVE-2023-48022).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -129,3 +130,60 @@ def connect(
         dashboard_port=dashboard_port,
         log_to_driver=log_to_driver,
     )
+
+
+def lower_head_priority(nice: int) -> int:
+    """Give the embedded head's raylet, and every process it has started, a niceness of at least
+    `nice`; the processes it starts later (job drivers, Ray's workers) inherit it. Ray starts its
+    workers 15 above their parent (Ray's `worker_niceness`) but its job drivers at the raylet's.
+    The head shares the machine with this process, the API: the API's requests then come before
+    training when both want a core, and training still gets every cycle the API leaves idle
+    (bench/README, "Load and soak"). Returns how many processes were looked at.
+
+    Linux keeps a niceness per thread, and a thread or process inherits its creator's: each
+    thread of each process is set, the raylet first, so that nothing it forks meanwhile is
+    missed. A thread already nicer is left as it is: raising a priority needs privileges. A
+    process that exits meanwhile is skipped; where the system refuses even lowering one (a
+    sandbox's seccomp policy), it stops there with a warning."""
+    import psutil
+
+    if nice <= 0:
+        return 0
+    raylets = [p for p in psutil.Process().children() if _name(p) == "raylet"]
+    looked_at = 0
+    for raylet in raylets:
+        for proc in [raylet, *_descendants(raylet)]:
+            try:
+                threads = proc.threads()
+            except psutil.NoSuchProcess:
+                continue
+            try:
+                for thread in threads:
+                    with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+                        if os.getpriority(os.PRIO_PROCESS, thread.id) < nice:
+                            os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+            except PermissionError as e:  # a sandbox that forbids it: run on, at one priority
+                log.warning("could not lower the Ray head's priority: %s", e)
+                return looked_at
+            looked_at += 1
+    if not raylets:
+        log.warning("no raylet among this process's children: the Ray head keeps its priority")
+    return looked_at
+
+
+def _name(proc) -> str:
+    import psutil
+
+    try:
+        return proc.name()
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def _descendants(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
