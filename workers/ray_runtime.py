@@ -141,34 +141,43 @@ def lower_head_priority(nice: int) -> int:
     (bench/README, "Load and soak"). Returns how many processes were looked at.
 
     Linux keeps a niceness per thread, and a thread or process inherits its creator's: each
-    thread of each process is set, the raylet first, so that nothing it forks meanwhile is
-    missed. A thread already nicer is left as it is: raising a priority needs privileges. A
-    process that exits meanwhile is skipped; where the system refuses even lowering one (a
-    sandbox's seccomp policy), it stops there with a warning."""
-    import psutil
-
+    thread of each process is set, the raylet's before its children are listed, so that nothing
+    it forks meanwhile is missed. A thread already nicer is left as it is: raising a priority
+    needs privileges. A process that exits meanwhile is skipped; where the system refuses even
+    lowering one (a sandbox's seccomp policy), it stops there with a warning."""
     if nice <= 0:
         return 0
+    import psutil
+
     raylets = [p for p in psutil.Process().children() if _name(p) == "raylet"]
-    looked_at = 0
-    for raylet in raylets:
-        for proc in [raylet, *_descendants(raylet)]:
-            try:
-                threads = proc.threads()
-            except psutil.NoSuchProcess:
-                continue
-            try:
-                for thread in threads:
-                    with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
-                        if os.getpriority(os.PRIO_PROCESS, thread.id) < nice:
-                            os.setpriority(os.PRIO_PROCESS, thread.id, nice)
-            except PermissionError as e:  # a sandbox that forbids it: run on, at one priority
-                log.warning("could not lower the Ray head's priority: %s", e)
-                return looked_at
-            looked_at += 1
     if not raylets:
         log.warning("no raylet among this process's children: the Ray head keeps its priority")
+    looked_at = 0
+    try:
+        for raylet in raylets:
+            # The raylet before listing what it has started: a child it forks meanwhile either
+            # inherits the new niceness or is in the listing.
+            looked_at += _at_least(raylet, nice)
+            for proc in _descendants(raylet):
+                looked_at += _at_least(proc, nice)
+    except PermissionError as e:  # a sandbox that forbids it: the rest keeps the API's priority
+        log.warning("could not lower the Ray head's priority: %s", e)
     return looked_at
+
+
+def _at_least(proc, nice: int) -> int:
+    """1 once every thread of `proc` has a niceness of at least `nice`; 0 if it has exited."""
+    import psutil
+
+    try:
+        threads = proc.threads()
+    except psutil.NoSuchProcess:
+        return 0
+    for thread in threads:
+        with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+            if os.getpriority(os.PRIO_PROCESS, thread.id) < nice:
+                os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+    return 1
 
 
 def _name(proc) -> str:
