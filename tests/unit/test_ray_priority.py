@@ -1,9 +1,9 @@
 """The embedded Ray head runs below the API's priority (workers.ray_runtime.lower_head_priority,
 settings.ray_nice): its raylet, what the raylet has started, and what it starts later.
 
-The function looks for a child process named `raylet`: each case runs it in a fresh Python
-process whose child is a stand-in `raylet` (a shell script), so that the Ray head this test
-session may have started in its own process is never touched."""
+The function looks for a child process named `raylet`: the cases that call it run it in a fresh
+Python process whose child is a stand-in `raylet` (a shell script), so that the Ray head this
+test session may have started in its own process is never touched."""
 
 from __future__ import annotations
 
