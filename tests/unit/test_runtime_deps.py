@@ -119,7 +119,8 @@ def test_the_scan_sees_imports_inside_functions(tmp_path, monkeypatch):
     pkg = tmp_path / "api"
     pkg.mkdir()
     (pkg / "m.py").write_text(
-        "import os\nfrom api import x\nfrom . import y\n\ndef f():\n    import psutil.foo\n    from yaml import safe_load\n"
+        "import os\nfrom api import x\nfrom . import y\n\n"
+        "def f():\n    import psutil.foo\n    from yaml import safe_load\n"
     )
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert third_party_imports("api") == {"psutil": ["api/m.py:6"], "yaml": ["api/m.py:7"]}
