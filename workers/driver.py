@@ -120,12 +120,21 @@ def attempt_trainer() -> type:
       and shipped by `ray.put`): Ray Train starts it even for an empty `datasets`.
     `_create_default_callbacks` is private to Ray Train 2.60 (pinned in pyproject.toml):
     tests/integration/test_training_ray.py lists an attempt's actors, so a Ray upgrade that
-    renames it, and so starts the helpers again, fails there."""
+    renames it, and so starts the helpers again, fails there.
+
+    Its process group is set up by `workers.torch_backend`, whose config does not make the
+    controller import torch before it starts the workers."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+    from workers.torch_backend import WorkerTorchConfig
+
     class AttemptTrainer(TorchTrainer):
+        def __init__(self, *args, torch_config=None, **kwargs):
+            # TorchTrainer fills in the backend: nccl when the workers use GPUs, else gloo.
+            super().__init__(*args, torch_config=torch_config or WorkerTorchConfig(), **kwargs)
+
         def _create_default_callbacks(self) -> list:
             unneeded = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unneeded)]
@@ -261,7 +270,6 @@ def _run_job(
     retry budget and resubmits the job as a new attempt, so every failure is an attempt the
     job record shows, and `retries` is spent once, not once per driver."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
     # Ray Train starts a PreemptionWatcher actor (one more Python process) right as the workers
     # enter the train function, to pass node-drain notices to a loop that reads them. Ours never
@@ -333,7 +341,6 @@ def _run_job(
         scaling_config=ScalingConfig(
             num_workers=p.workers, use_gpu=spec.uses_gpu, resources_per_worker=resources
         ),
-        torch_config=TorchConfig(backend="nccl" if spec.uses_gpu else "gloo"),
         **ray_data,
         run_config=RunConfig(
             name=CHECKPOINTS,
