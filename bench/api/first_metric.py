@@ -262,7 +262,7 @@ def plot(variants: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.9 * len(variants)))
+    fig, ax = plt.subplots(figsize=(9, 1.8 + 0.5 * len(variants)), layout="constrained")
     colors = plt.get_cmap("tab20").colors
     for y, v in enumerate(variants):
         s = v["summary"]
@@ -279,8 +279,8 @@ def plot(variants: list[dict], path: Path) -> None:
     ax.axvline(5, color="grey", ls="--", lw=1)
     ax.set_xlabel("seconds after POST (median of the runs)")
     ax.set_title("POST -> first train metric visible through the API")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
-    fig.tight_layout()
+    # below the axes at a fixed distance, however many variants there are
+    fig.legend(fontsize=7, ncol=6, loc="outside lower center")
     fig.savefig(path, dpi=120)
 
 
