@@ -78,13 +78,17 @@ class _WorkerTorchBackend(Backend):
         # LOCAL_RANK and the like, which init_process_group reads.
         worker_group.execute(_on_worker, name="_set_torch_distributed_env_vars")
         n = len(worker_group)
+        # None only outside TorchTrainer, which fills it in; then as Ray's: nccl on GPU workers.
+        backend = backend_config.backend or (
+            "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
+        )
         ray.get(
             [
                 worker_group.execute_single_async(
                     i,
                     _on_worker,
                     name="_setup_torch_process_group",
-                    backend=backend_config.backend,
+                    backend=backend,
                     world_rank=i,
                     world_size=n,
                     init_method="env://",

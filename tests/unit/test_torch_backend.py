@@ -47,3 +47,58 @@ def test_what_the_controller_unpickles_imports_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines() == ["TORCH True False", "[]"]
+
+
+class _RecordingGroup:
+    """Stands in for Ray Train's worker group: records what the controller asks each worker to
+    run (what the workers then do is the integration tests' part)."""
+
+    def __init__(self, n: int, resources: dict):
+        self.n, self.resources, self.calls = n, resources, []
+
+    def __len__(self):
+        return self.n
+
+    def get_resources_per_worker(self):
+        return self.resources
+
+    def execute_single(self, rank, fn, **kw):
+        self.calls.append((rank, fn.__name__, kw))
+        return ("10.0.0.7", 29500)
+
+    def execute(self, fn, **kw):
+        self.calls.append(("all", fn.__name__, kw))
+
+    def execute_single_async(self, rank, fn, **kw):
+        self.calls.append((rank, fn.__name__, kw))
+        return rank
+
+    def execute_async(self, fn, **kw):
+        self.calls.append(("all", fn.__name__, kw))
+        return []
+
+
+def test_the_backend_takes_ray_torch_steps_in_order(monkeypatch):
+    import workers.torch_backend as tb
+
+    monkeypatch.setattr(tb.ray, "get", lambda refs, timeout=None: refs)
+    group = _RecordingGroup(2, {"CPU": 1, "GPU": 1})
+    cfg = WorkerTorchConfig(timeout_s=60)  # backend left to the workers' resources
+    backend = cfg.backend_cls()
+    backend.on_start(group, cfg)
+    setup = {"backend": "nccl", "world_size": 2, "init_method": "env://", "timeout_s": 60}
+    assert group.calls == [
+        (0, "get_address_and_port", {}),
+        ("all", "_set_master", {"addr": "10.0.0.7", "port": 29500}),
+        ("all", "_on_worker", {"name": "_set_torch_distributed_env_vars"}),
+        (0, "_on_worker", {"name": "_setup_torch_process_group", "world_rank": 0, **setup}),
+        (1, "_on_worker", {"name": "_setup_torch_process_group", "world_rank": 1, **setup}),
+    ]
+    group.calls.clear()
+    backend.on_shutdown(group, cfg)
+    assert group.calls == [("all", "_on_worker", {"name": "_shutdown_torch", "destroy_process_group": True})]
+    # and the names it calls are Ray's: an upgrade that renames one fails here, not on a worker
+    from ray.train.torch import config
+
+    assert all(callable(getattr(config, c[2]["name"])) for c in group.calls)
+    assert callable(config._set_torch_distributed_env_vars) and callable(config._setup_torch_process_group)
