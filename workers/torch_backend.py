@@ -7,8 +7,8 @@ start-up on 2 CPUs, `PYTHONPROFILEIMPORTTIME` in the controller's log) before a 
 though the controller itself never touches a tensor. This config and backend do the same steps
 as Ray's `_TorchBackend` (pinned Ray 2.60) in the same order, but every step that needs torch
 runs on the workers, through Ray's own worker-side functions imported there. The module imports
-only Ray: keep it that way (tests/integration/test_training_ray.py checks the controller's
-modules).
+only Ray: keep it that way (tests/unit/test_torch_backend.py loads what the controller gets in
+a fresh process and fails if torch comes with it).
 """
 
 from __future__ import annotations
