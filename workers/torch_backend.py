@@ -2,9 +2,9 @@
 
 Ray Train's controller is a fresh Python process per attempt, and the workers are started only
 once it has unpickled the run's backend config. `ray.train.torch.TorchConfig` lives in a module
-that imports torch at its top, so every attempt's controller imported torch (1.4 s of its
-start-up on 2 CPUs, `PYTHONPROFILEIMPORTTIME` in the controller's log) before a worker existed,
-though the controller itself never touches a tensor. This config and backend do the same steps
+that imports torch at its top, so every attempt's controller imported torch before a worker
+existed, though the controller itself never touches a tensor (bench/README, "No torch in Ray
+Train's controller", has the first metric with and without it). This config and backend do the same steps
 as Ray's `_TorchBackend` (pinned Ray 2.60) in the same order, but every step that needs torch
 runs on the workers, through Ray's own worker-side functions imported there. The module imports
 only Ray: keep it that way (tests/unit/test_torch_backend.py loads what the controller gets in

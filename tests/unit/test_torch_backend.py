@@ -94,11 +94,13 @@ def test_the_backend_takes_ray_torch_steps_in_order(monkeypatch):
         (0, "_on_worker", {"name": "_setup_torch_process_group", "world_rank": 0, **setup}),
         (1, "_on_worker", {"name": "_setup_torch_process_group", "world_rank": 1, **setup}),
     ]
-    group.calls.clear()
+    started = group.calls
+    group.calls = []
     backend.on_shutdown(group, cfg)
     assert group.calls == [("all", "_on_worker", {"name": "_shutdown_torch", "destroy_process_group": True})]
     # and the names it calls are Ray's: an upgrade that renames one fails here, not on a worker
     from ray.train.torch import config
 
-    assert all(callable(getattr(config, c[2]["name"])) for c in group.calls)
-    assert callable(config._set_torch_distributed_env_vars) and callable(config._setup_torch_process_group)
+    names = {kw["name"] for _, fn, kw in started + group.calls if fn == "_on_worker"}
+    assert names == {"_set_torch_distributed_env_vars", "_setup_torch_process_group", "_shutdown_torch"}
+    assert all(callable(getattr(config, name)) for name in names)
