@@ -54,6 +54,16 @@ def _sqlite_pragmas(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
 
+def _pg_read_engine(url: str) -> Engine:
+    """PostgreSQL's engine for the API's read path (service/store/job_rows.py), whose reads are
+    one SELECT each: in autocommit, so no BEGIN and ROLLBACK go to the server around it, and
+    without the pool's pre-ping, a SELECT 1 before every read; `Statement.rows` redoes a read
+    that finds its connection closed instead. One GET job's read went from ~400 to ~150 us of
+    the API's CPU (bench/README.md, "API at one and two processes"). A single statement in
+    autocommit reads one committed state, as it did inside the transaction."""
+    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=10)
+
+
 def _inline_engine(url: str) -> Engine:
     """SQLite reads made on the API's event loop (api.deps.read_db): read-only connections whose
     busy timeout is 0, so a read that would wait for a lock fails at once instead of stalling
@@ -81,6 +91,8 @@ class Database:
         database = self.engine.url.database
         file_backed = self.is_sqlite and database not in (None, "", ":memory:")
         self.inline: Engine | None = _inline_engine(url) if file_backed else None
+        # The read path's engine (job_rows.Statement): SQLite's own; PostgreSQL's in autocommit.
+        self.reads: Engine = self.engine if self.is_sqlite else _pg_read_engine(url)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
 
@@ -100,9 +112,8 @@ class Database:
             conn.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
-        self.engine.dispose()
-        if self.inline is not None:
-            self.inline.dispose()
+        for engine in {self.engine, self.reads, self.inline} - {None}:
+            engine.dispose()
 
     # --- schema --------------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
 """The read path the API serves jobs from: `GET /v1/jobs/{id}`, the job list and a job's metric
-records (`GET /v1/jobs/{id}/metrics`).
+records (`GET /v1/jobs/{id}/metrics`), and the events its SSE streams send.
 
 One SELECT on a pooled DBAPI connection, with no ORM session, no SQLAlchemy `Connection` and
 no transaction of our own around it (measured in bench/api: the ORM's `Session.get` costs
 ~540 us of CPU per job on SQLite, this ~30 us). A single statement reads one committed state
-(SQLite in WAL mode, PostgreSQL in READ COMMITTED), the newest at the time it runs, so a change
+(SQLite in WAL mode, PostgreSQL in autocommit), the newest at the time it runs, so a change
 committed by any process on the database shows in the next read.
 
 The JSON columns come back as their text, undecoded: a `JobRow` is the row exactly as stored,
@@ -21,10 +21,11 @@ from typing import Any
 from sqlalchemy import JSON, Select, Text, and_, bindparam, cast, or_, select
 
 from service.store.db import Database
-from service.store.models import Job, Metric
+from service.store.models import Event, Job, Metric
 
 _T = Job.__table__
 _M = Metric.__table__
+_E = Event.__table__
 # Every column, in table order; JSON ones as their stored text (CAST is a no-op on SQLite, and
 # PostgreSQL's `json`, the type of these columns, keeps its input text as it was written).
 _COLUMNS = [cast(c, Text).label(c.name) if isinstance(c.type, JSON) else c for c in _T.c]
@@ -72,17 +73,28 @@ class Statement:
     def rows(self, params: dict[str, Any], inline: bool = False) -> list[tuple]:
         values = self.compiled.construct_params(params)  # adds what the dialect bound itself (OFFSET 0)
         args = tuple(values[k] for k in self.positional) if self.positional is not None else values
-        engine = self.db.inline if inline and self.db.inline is not None else self.db.engine
-        conn = engine.raw_connection()  # checkout: pre-ping on PostgreSQL, as sessions do
-        try:
-            cur = conn.cursor()
+        engine = self.db.inline if inline and self.db.inline is not None else self.db.reads
+        # PostgreSQL's read engine does not ping a connection before use (db._pg_read_engine): a
+        # read that finds its connection closed (a server restart, an idle timeout) drops it and
+        # runs on the next. Each such failure is immediate, and the pool holds at most its size
+        # of them; once it is empty the pool connects anew, and a server that is down fails that.
+        tries = engine.pool.size() + 2
+        for attempt in range(1, tries + 1):
+            conn = engine.raw_connection()
             try:
-                cur.execute(self.sql, args)
-                return cur.fetchall()
+                cur = conn.cursor()
+                try:
+                    cur.execute(self.sql, args)
+                    return cur.fetchall()
+                finally:
+                    cur.close()
+            except engine.dialect.loaded_dbapi.Error as e:
+                if attempt == tries or not engine.dialect.is_disconnect(e, conn.dbapi_connection, None):
+                    raise
+                conn.invalidate(e)
             finally:
-                cur.close()
-        finally:
-            conn.close()  # back to the pool, which rolls back (ends PostgreSQL's implicit transaction)
+                conn.close()  # back to the pool (an invalidated one is discarded)
+        raise AssertionError("unreachable: the last try returns or raises")
 
 
 class JobRows:
@@ -156,3 +168,17 @@ class MetricRows:
                 q = q.where(or_(*(_M.c.kind == bindparam(f"kind_{i}") for i in range(n_kinds))))
             self._pages[n_kinds] = Statement(self.db, q.order_by(_M.c.seq).limit(bindparam("limit")))
         return self._pages[n_kinds]
+
+
+class EventRows:
+    """A job's events after a seq as (seq, type, data as its stored JSON text), oldest first: what
+    the SSE streams send (api/sse.py), without an ORM session or a JSON decoding per event."""
+
+    def __init__(self, db: Database):
+        q = select(_E.c.seq, _E.c.type, cast(_E.c.data, Text)).where(
+            _E.c.job_id == bindparam("job"), _E.c.seq > bindparam("after")
+        )
+        self._after = Statement(db, q.order_by(_E.c.seq).limit(bindparam("limit")))
+
+    def after(self, job_id: str, after: int, limit: int) -> list[tuple[int, str, str]]:
+        return [tuple(r) for r in self._after.rows({"job": job_id, "after": after, "limit": limit})]

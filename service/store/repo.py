@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Text, and_, cast, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,7 @@ from service.jobs import (
 )
 from service.limits import Resources
 from service.store.db import Database
+from service.store.job_rows import EventRows
 from service.store.models import Attempt, Event, IdempotencyKey, Job, Metric, Tenant
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Page:
 class Store:
     def __init__(self, db: Database):
         self.db = db
+        self._event_rows = EventRows(db)
         # Called with a job id after a commit that changed its state or added events (SSE wake-up).
         self.listeners: list[Callable[[str], None]] = []
 
@@ -551,15 +553,8 @@ class Store:
 
     def event_texts(self, job_id: str, after: int, limit: int = 500) -> list[tuple[int, str, str]]:
         """(seq, type, data as its stored JSON text) of the events after `after`: what the SSE
-        streams send (api/sse.py), without building an ORM object or decoding JSON per event."""
-        q = (
-            select(Event.seq, Event.type, cast(Event.data, Text))
-            .where(Event.job_id == job_id, Event.seq > after)
-            .order_by(Event.seq)
-            .limit(limit)
-        )
-        with self.db.read() as s:
-            return [(seq, type_, data) for seq, type_, data in s.execute(q)]
+        streams send (api/sse.py), read as the API's other reads are (job_rows.EventRows)."""
+        return self._event_rows.after(job_id, after, limit)
 
 
 def json_finite(value: Any) -> Any:

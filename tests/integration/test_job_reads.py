@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -185,6 +186,37 @@ def test_the_event_loop_engine_is_sqlite_files_only_and_never_writes(database_ur
     finally:
         svc.store.db.dispose()
     assert Database("sqlite:///:memory:").inline is None  # one database per connection
+
+
+def test_postgres_reads_run_in_autocommit_and_outlive_a_server_closing_their_connections(
+    postgres_url, tmp_path, fake_ray
+):
+    """PostgreSQL's read engine (service.store.db._pg_read_engine) runs each SELECT in autocommit
+    and does not ping before it. A read that meets connections the server has closed (here:
+    pg_terminate_backend on every idle one in the pool, as a server restart or an idle timeout
+    leaves them) drops each and answers from a new one; the same read without the retry fails."""
+    svc = make_service(postgres_url, tmp_path, fake_ray)
+    try:
+        db = svc.store.db
+        job_id = submit(svc)
+        held = [db.reads.raw_connection() for _ in range(3)]  # three idle in the pool after this
+        assert all(c.dbapi_connection.autocommit for c in held)
+        for c in held:
+            c.close()
+        others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        # autocommit: inside a transaction, pg_stat_activity stays what it was when first read
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as admin:
+            assert admin.exec_driver_sql(f"SELECT count(pg_terminate_backend(pid)) {others}").scalar() >= 3
+            deadline = time.monotonic() + 30
+            while admin.exec_driver_sql(f"SELECT count(*) {others}").scalar():  # they end in their time
+                assert time.monotonic() < deadline, "terminated backends still there after 30 s"
+                time.sleep(0.05)
+        assert db.reads.pool.checkedin() == 3  # what the next read meets first: all closed
+        assert svc.job_row("t", job_id).id == job_id
+        page = svc.metric_page("t", job_id, -1, None, 10)
+        assert page.items == []
+    finally:
+        svc.store.db.dispose()
 
 
 def test_get_job_reads_on_the_loop_and_waits_off_it_when_sqlite_is_locked(tmp_path, monkeypatch):
