@@ -60,8 +60,11 @@ def _pg_read_engine(url: str) -> Engine:
     without the pool's pre-ping, a SELECT 1 before every read; `Statement.rows` redoes a read
     that finds its connection closed instead. One GET job's read went from ~400 to ~150 us of
     the API's CPU (bench/README.md, "API at one and two processes"). A single statement in
-    autocommit reads one committed state, as it did inside the transaction."""
-    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=10)
+    autocommit reads one committed state, as it did inside the transaction. At most 10
+    connections: the reads run on the request threads (as many as the cores) and the SSE
+    streams' reads, one per job at a time; with the write engine's 30, an API process stays
+    within 40 of PostgreSQL's connections (README.md, "Several API replicas")."""
+    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5)
 
 
 def _inline_engine(url: str) -> Engine:
