@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import JSON, Select, Text, and_, bindparam, cast, or_, select
+from sqlalchemy.pool import QueuePool
 
 from service.store.db import Database
 from service.store.models import Event, Job, Metric
@@ -78,7 +79,8 @@ class Statement:
         # read that finds its connection closed (a server restart, an idle timeout) drops it and
         # runs on the next. Each such failure is immediate, and the pool holds at most its size
         # of them; once it is empty the pool connects anew, and a server that is down fails that.
-        tries = engine.pool.size() + 2
+        pool = engine.pool
+        tries = pool.size() + 2 if isinstance(pool, QueuePool) else 1  # in-memory SQLite: one connection
         for attempt in range(1, tries + 1):
             conn = engine.raw_connection()
             try:

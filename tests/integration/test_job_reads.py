@@ -219,6 +219,19 @@ def test_postgres_reads_run_in_autocommit_and_outlive_a_server_closing_their_con
         svc.store.db.dispose()
 
 
+def test_the_read_path_works_on_an_in_memory_database(tmp_path, fake_ray):
+    """An in-memory SQLite database has one connection per thread (SingletonThreadPool), no
+    pool of a size to retry over: the reads of jobs, metric pages and events run on it."""
+    svc = make_service("sqlite:///:memory:", tmp_path, fake_ray)
+    try:
+        job_id = submit(svc)
+        assert svc.job_row("t", job_id).id == job_id
+        assert svc.metric_page("t", job_id, -1, None, 10).items == []
+        assert [type_ for _, type_, _ in svc.store.event_texts(job_id, -1)] == ["state"]
+    finally:
+        svc.store.db.dispose()
+
+
 def test_get_job_reads_on_the_loop_and_waits_off_it_when_sqlite_is_locked(tmp_path, monkeypatch):
     """On SQLite, GET /v1/jobs/{id} and the job list read on the event loop (api.deps.read_db):
     they answer with the request threads out of service. A read the inline engine cannot make
