@@ -233,13 +233,26 @@ def test_another_tenant_and_bad_tokens_reach_no_live_job(live):
     assert _states(live)[live.running] == "running" and _states(live)[live.queued] == "queued"
 
 
-MALFORMED_IDS = ["%2e%2e", "not-a-job", "x" * 300, "%00", "'%20OR%201=1%20--", "%E2%80%AE", "{job}x", "{JOB}"]
+MALFORMED_IDS = ["%2e%2e", "not-a-job", "x" * 300, "%00", "'%20OR%201=1%20--", "%E2%80%AE"]
+
+
+def near_misses(job_id: str) -> list[str]:
+    """Ids one edit away from a real one: a character more, the last one changed, and the id in
+    capitals where that changes it (an id whose random part has no letter, as 2% do, stays
+    itself)."""
+    last = "0" if job_id[-1] != "0" else "1"
+    return [job_id + "x", job_id[:-1] + last] + ([job_id.upper()] if job_id.upper() != job_id else [])
+
+
+def test_near_misses_are_other_ids():
+    for job_id in ("20261203-174125-92943293", "20261203-174125-9294329a", "20261203-174125-00000000"):
+        misses = near_misses(job_id)
+        assert job_id not in misses and len(set(misses)) == len(misses) >= 2
 
 
 def test_malformed_and_near_miss_ids_are_404_on_every_job_route(live):
     with live.client(timeout=httpx.Timeout(30, read=5)) as c:
-        for raw in MALFORMED_IDS:
-            job_id = raw.replace("{job}", live.running).replace("{JOB}", live.running.upper())
+        for job_id in MALFORMED_IDS + near_misses(live.running):
             for method, path in _job_routes(live.doc):
                 r = _request(c, method, _url(path, job_id))
                 assert r.status_code == 404, (method, path, job_id, r.status_code, r.text[:200])
