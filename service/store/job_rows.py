@@ -183,4 +183,4 @@ class EventRows:
         self._after = Statement(db, q.order_by(_E.c.seq).limit(bindparam("limit")))
 
     def after(self, job_id: str, after: int, limit: int) -> list[tuple[int, str, str]]:
-        return [tuple(r) for r in self._after.rows({"job": job_id, "after": after, "limit": limit})]
+        return self._after.rows({"job": job_id, "after": after, "limit": limit})  # DBAPI rows: tuples
