@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 from api.client import Client
-from bench.api.run import SPEC, TOKEN, checkout, cpu_seconds, percentile, start_api
+from bench.api.run import SPEC, TOKEN, checkout, cpu_seconds, merge, start_api
 from bench.common import conditions, machine, markdown_table, results_dir, save_json
 
 VARIANTS = ("1 process", "2 processes")
@@ -56,28 +56,22 @@ def generate(targets: list[str], path: str, seconds: float, connections: int, se
             raise RuntimeError(f"load generator exited {p.returncode}")
         outs.append(json.loads(out))
     cpu = sum(cpu_seconds(pid) for pid in servers) - cpu0
-    return {
-        "requests": sum(o["requests"] for o in outs),
+    requests = sum(o["requests"] for o in outs)
+    wall = max(o["wall_s"] for o in outs)  # the generators run side by side
+    return {  # the fields of bench.api.run.load's result, which merge reads
+        "requests": requests,
         "errors": sum(o["errors"] for o in outs),
-        "wall_s": max(o["wall_s"] for o in outs),  # the generators run side by side
+        "wall_s": wall,
+        "req_per_s": requests / wall,
         "server_cpu_s": cpu,
         "latencies_ms": [x * 1000 for o in outs for x in o["latencies_s"]],
+        "connections": connections * len(targets),
     }
 
 
 def summarize(runs: list[dict]) -> dict:
-    lat = [x for r in runs for x in r["latencies_ms"]]
-    n = sum(r["requests"] for r in runs)
-    per_round = [r["requests"] / r["wall_s"] for r in runs]
-    return {
-        "requests": n,
-        "errors": sum(r["errors"] for r in runs),
-        "req_per_s": n / sum(r["wall_s"] for r in runs),
-        "req_per_s_rounds": per_round,
-        "server_cpu_ms_per_request": 1000 * sum(r["server_cpu_s"] for r in runs) / n,
-        "p50_ms": percentile(lat, 0.50),
-        "p99_ms": percentile(lat, 0.99),
-    }
+    """bench.api.run's merge of rounds, without the latencies (results.json keeps figures only)."""
+    return {k: v for k, v in merge(runs).items() if k != "latencies_ms"}
 
 
 def bench_db(work: Path, db_urls: dict[str, str | None], codes: dict[str, Path | None], a) -> dict:
