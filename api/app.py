@@ -28,6 +28,7 @@ from service.job_service import JobService
 from service.leader import Leadership, Lease
 from service.ray_jobs import RayJobs
 from service.settings import Settings, get_settings
+from service.store.async_reads import AsyncReads
 from service.store.db import Database
 from service.store.repo import Store
 
@@ -104,11 +105,15 @@ def create_app(
     async def lifespan(app: FastAPI):
         threads = settings.request_threads or os.cpu_count() or 2
         app.state.db_pool = ThreadPoolExecutor(threads, thread_name_prefix="slimtrain-db")
+        # PostgreSQL's reads on this loop (api.deps.read_db); a pool belongs to the loop it opened on.
+        app.state.async_reads = None if db.is_sqlite else AsyncReads(db.url)
         db.upgrade()
         store.ensure_tenants(auth.tenants)
         store.listeners += [feed.heads.forget, notifier.publish]  # forget first: a woken stream reads anew
         if leadership is not None:
             leadership.start()
+        if app.state.async_reads is not None:
+            await app.state.async_reads.open()
         if freeze_gc:
             gc.collect()  # garbage now is not frozen with the rest
             gc.freeze()
@@ -119,6 +124,8 @@ def create_app(
                 leadership.stop()  # stops the loops, then releases the lease for a quick handover
             service.stop_background()
             app.state.db_pool.shutdown(wait=True)  # requests' work done before the engine goes
+            if app.state.async_reads is not None:
+                await app.state.async_reads.close()
             db.dispose()
 
     app = FastAPI(
@@ -135,6 +142,7 @@ def create_app(
     app.state.leadership = leadership
     app.state.job_bodies = JobBodies()
     app.state.inline_reads = db.inline is not None  # api.deps.read_db
+    app.state.async_reads = None  # PostgreSQL's, opened by the lifespan
     errors.install(app)
     app.include_router(system.router)
     app.include_router(jobs.router)

@@ -13,6 +13,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
 from service.job_service import JobService
+from service.store.async_reads import AsyncReads
+from service.store.job_rows import Read, run
 
 
 # async: both are pure CPU work; a plain `def` dependency costs a threadpool hop per request.
@@ -51,18 +53,29 @@ async def run_db(request: Request, fn: Callable[..., T], *args) -> T:
     return await asyncio.get_running_loop().run_in_executor(request.app.state.db_pool, call)
 
 
-async def read_db(request: Request, fn: Callable[..., T], *args) -> T:
-    """A read of job rows (`fn` takes `inline=`): on a SQLite file, run here on the event loop;
-    otherwise (PostgreSQL, whose reads cross a socket) `run_db`. Why: one SQLite SELECT costs
+async def read_db(request: Request, fn: Callable[..., Read[T]], *args, on_loop: bool = True) -> T:
+    """Run the read `fn(*args)` makes (service/store/job_rows.py) where the database is best read.
+
+    PostgreSQL: on the event loop, through the async pool (service/store/async_reads.py), which
+    waits on its socket without holding a thread or the GIL.
+
+    A SQLite file, when `on_loop`: here on the event loop too. Why: one SQLite SELECT costs
     ~15 us of CPU, less than the hand-off to a thread and back plus the GIL that thread and the
     loop then share: GET /v1/jobs/{id} went from 1,536 to 2,693 req/s at 16 connections on
     2 CPUs, 0.32x to 0.57x of /healthz (bench/README.md, API). WAL readers do not wait for
     writers; a read that would wait anyway (another process checkpointing or recovering the
     file) fails at once on the inline engine's zero busy timeout and is redone by `run_db`,
-    which waits."""
-    if request.app.state.inline_reads:
+    which waits. Otherwise (in-memory SQLite, or a read the caller keeps off the loop): `run_db`."""
+    reads: AsyncReads | None = request.app.state.async_reads
+    if reads is not None:
+        return await reads.run(fn(*args))
+    if on_loop and request.app.state.inline_reads:
         try:
-            return fn(*args, inline=True)
+            return run(fn(*args), inline=True)
         except sqlite3.OperationalError:
             pass  # locked: wait off the loop
-    return await run_db(request, fn, *args)
+    return await run_db(request, _run, fn, *args)
+
+
+def _run(fn: Callable[..., Read[T]], *args) -> T:
+    return run(fn(*args))

@@ -23,7 +23,7 @@ from service.reconciler import Reconciler
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.spec import JobSpec, parse_spec, streaming_unsupported
-from service.store.job_rows import JobRow, JobRows, MetricRows
+from service.store.job_rows import JobRow, JobRows, MetricRows, Read
 from service.store.models import Job
 from service.store.repo import NewJob, Page, Store, job_cursor, parse_job_cursor
 from service.sweeps.service import SweepService
@@ -136,19 +136,20 @@ class JobService:
         return self.store.get_job(job_id, tenant)
 
     # The API's reads of jobs: rows as stored (service/store/job_rows.py), read anew every time.
+    # Each is a job_rows.Read, which the API runs where the database is best read (api.deps.read_db)
+    # and anything else with job_rows.run.
 
-    def job_row(self, tenant: str, job_id: str, inline: bool = False) -> JobRow:
-        row = self.rows.get(job_id, inline)
+    def job_row(self, tenant: str, job_id: str) -> Read[JobRow]:
+        row = yield from self.rows.get(job_id)
         if row is None or row.tenant_id != tenant:
             raise JobNotFound(f"no job {job_id!r}")
         return row
 
-    def job_rows(
-        self, tenant: str, states: list[str] | None, cursor: str | None, limit: int, inline: bool = False
-    ) -> Page:
+    def job_rows(self, tenant: str, states: list[str] | None, cursor: str | None, limit: int) -> Read[Page]:
         """A page of the tenant's jobs as rows: the page, order and cursors of Store.list_jobs."""
         after = parse_job_cursor(cursor) if cursor else None
-        return Page.of(self.rows.page(tenant, states, after, limit + 1, inline), limit, job_cursor)
+        rows = yield from self.rows.page(tenant, states, after, limit + 1)
+        return Page.of(rows, limit, job_cursor)
 
     def cancel(self, tenant: str, job_id: str) -> Job:
         """Mark the job cancelled and stop its Ray job now; when Ray cannot be reached, the
@@ -165,11 +166,14 @@ class JobService:
         self._wake("scheduler")
         return job
 
-    def metric_page(self, tenant: str, job_id: str, after: int, kinds: list[str] | None, limit: int) -> Page:
+    def metric_page(
+        self, tenant: str, job_id: str, after: int, kinds: list[str] | None, limit: int
+    ) -> Read[Page]:
         """A page of the job's metric records as rows (MetricRows): the page, order and cursor of
         Store.metrics."""
-        self.job_row(tenant, job_id)
-        return Page.of(self.metric_rows.page(job_id, after, kinds, limit + 1), limit, lambda r: str(r[0]))
+        yield from self.job_row(tenant, job_id)
+        rows = yield from self.metric_rows.page(job_id, after, kinds, limit + 1)
+        return Page.of(rows, limit, lambda r: str(r[0]))
 
     def attempts(self, tenant: str, job_id: str):
         self.store.get_job(job_id, tenant)

@@ -42,6 +42,22 @@ def ray_cluster():
         head.stop()
 
 
+@pytest.fixture
+def cli_width(monkeypatch):
+    """Draws the CLI's output at `cli_width(n)` columns for the rest of the test. The CLI's rich
+    consoles take COLUMNS once, when api.cli_common is imported: where it was set then
+    (pytest-xdist's workers have COLUMNS=80), an invocation's COLUMNS cannot widen them. Rich
+    keeps that width in `_width` (None: follow the terminal); the `width` property's setter
+    would leave a fixed width behind when monkeypatch restores it."""
+    from api import cli_common
+
+    def set_width(columns: int) -> None:
+        for console in (cli_common.out, cli_common.console):
+            monkeypatch.setattr(console, "_width", columns)
+
+    return set_width
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -260,7 +260,8 @@ async def job_metrics(
     limit: Annotated[int, Query(ge=1, le=10_000, description="Records per page.")] = 1000,
 ) -> Response:
     after = -1 if (seq := params.sequence(cursor, "cursor")) is None else seq
-    page = await run_db(request, service.metric_page, tenant, job_id, after, kind, limit)
+    # On SQLite, a page of up to `limit` records is read off the event loop.
+    page = await read_db(request, service.metric_page, tenant, job_id, after, kind, limit, on_loop=False)
     return metric_page(page)
 
 

@@ -60,11 +60,12 @@ def _pg_read_engine(url: str) -> Engine:
     without the pool's pre-ping, a SELECT 1 before every read; `Statement.rows` redoes a read
     that finds its connection closed instead. The API's CPU per GET job went from 1.37 to
     0.99 ms on one process (bench/README.md, "API at one and two processes"). A single statement in
-    autocommit reads one committed state, as it did inside the transaction. At most 10
-    connections: the reads run on the request threads (as many as the cores) and the SSE
-    streams' reads, one per job at a time; with the write engine's 30, an API process stays
+    autocommit reads one committed state, as it did inside the transaction. The API's own reads
+    of jobs and metrics now run on the event loop (service/store/async_reads.py); this engine
+    serves the SSE streams' event reads, one per job at a time, and reads outside the API. At
+    most 5 connections: with the write engine's 30 and the async pool's 5, an API process stays
     within 40 of PostgreSQL's connections (README.md, "Several API replicas")."""
-    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5)
+    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=2, max_overflow=3)
 
 
 def _inline_engine(url: str) -> Engine:

@@ -9,14 +9,19 @@ committed by any process on the database shows in the next read.
 
 The JSON columns come back as their text, undecoded: a `JobRow` is the row exactly as stored,
 so two equal rows are the same job to the byte, which is what lets the API reuse a rendered
-body (api/job_bodies.py) after checking it against the database on every request."""
+body (api/job_bodies.py) after checking it against the database on every request.
+
+A read is a generator (`Read`): it yields each (statement, parameters) it needs and gets back
+their rows, so one piece of logic (which statements, what the rows mean) serves every way the
+API runs it: `run` here, on the calling thread (SQLite on the event loop or a request thread),
+and `AsyncReads.run` on PostgreSQL's async pool on the event loop (service/store/async_reads.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Select, Text, and_, bindparam, cast, or_, select
 from sqlalchemy.pool import QueuePool
@@ -33,6 +38,21 @@ _COLUMNS = [cast(c, Text).label(c.name) if isinstance(c.type, JSON) else c for c
 NAMES = tuple(c.name for c in _T.c)
 _JSON = frozenset(c.name for c in _T.c if isinstance(c.type, JSON))
 _INDEX = {name: i for i, name in enumerate(NAMES)}
+
+T = TypeVar("T")
+Query = tuple["Statement", dict[str, Any]]
+Read = Generator[Query, list, T]  # yields what it reads, gets the rows back, returns its result
+
+
+def run(read: Read[T], inline: bool = False) -> T:
+    """Run `read` on this thread. `inline`: on the database's event-loop engine, as in
+    `Statement.rows`."""
+    try:
+        stmt, params = next(read)
+        while True:
+            stmt, params = read.send(stmt.rows(params, inline))
+    except StopIteration as done:
+        return done.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +91,15 @@ class Statement:
         self.compiled, self.sql = compiled, str(compiled)
         self.positional = tuple(compiled.positiontup) if compiled.positional else None
 
-    def rows(self, params: dict[str, Any], inline: bool = False) -> list[tuple]:
+    def args(self, params: dict[str, Any]) -> tuple | dict[str, Any]:
+        """The DBAPI's parameters for `params`, in the dialect's paramstyle."""
         values = self.compiled.construct_params(params)  # adds what the dialect bound itself (OFFSET 0)
-        args = tuple(values[k] for k in self.positional) if self.positional is not None else values
+        return tuple(values[k] for k in self.positional) if self.positional is not None else values
+
+    def rows(self, params: dict[str, Any], inline: bool = False) -> list[tuple]:
+        """`inline`: on the database's event-loop engine (`Database.inline`), which fails with
+        sqlite3.OperationalError rather than wait for a lock."""
+        args = self.args(params)
         engine = self.db.inline if inline and self.db.inline is not None else self.db.reads
         # PostgreSQL's read engine does not ping a connection before use (db._pg_read_engine): a
         # read that finds its connection closed (a server restart, an idle timeout) drops it and
@@ -107,10 +133,8 @@ class JobRows:
         self._by_id = Statement(db, select(*_COLUMNS).where(_T.c.id == bindparam("id")))
         self._pages: dict[tuple[int, bool], Statement] = {}
 
-    def get(self, job_id: str, inline: bool = False) -> JobRow | None:
-        """`inline`: on the database's event-loop engine (`Database.inline`), which fails with
-        sqlite3.OperationalError rather than wait for a lock."""
-        rows = self._by_id.rows({"id": job_id}, inline)
+    def get(self, job_id: str) -> Read[JobRow | None]:
+        rows = yield self._by_id, {"id": job_id}
         return JobRow(tuple(rows[0])) if rows else None
 
     def page(
@@ -119,16 +143,15 @@ class JobRows:
         states: Sequence[str] | None,
         after: tuple[float, str] | None,
         limit: int,
-        inline: bool = False,
-    ) -> list[JobRow]:
+    ) -> Read[list[JobRow]]:
         """Up to `limit` rows of the tenant, newest first (created_at, id), after the job `after`
-        names; the same order and keyset condition as Store.list_jobs. `inline`: as in `get`."""
+        names; the same order and keyset condition as Store.list_jobs."""
         states = list(dict.fromkeys(states or ()))
         params: dict[str, Any] = {"tenant": tenant, "limit": limit}
         params.update({f"state_{i}": s for i, s in enumerate(states)})
         if after is not None:
             params["after_created"], params["after_id"] = after
-        rows = self._page_statement(len(states), after is not None).rows(params, inline)
+        rows = yield self._page_statement(len(states), after is not None), params
         return [JobRow(tuple(r)) for r in rows]
 
     def _page_statement(self, n_states: int, has_cursor: bool) -> Statement:
@@ -155,11 +178,11 @@ class MetricRows:
         self.db = db
         self._pages: dict[int, Statement] = {}
 
-    def page(self, job_id: str, after: int, kinds: Sequence[str] | None, limit: int) -> list[tuple]:
+    def page(self, job_id: str, after: int, kinds: Sequence[str] | None, limit: int) -> Read[list[tuple]]:
         kinds = list(dict.fromkeys(kinds or ()))
         params: dict[str, Any] = {"job": job_id, "after": after, "limit": limit}
         params.update({f"kind_{i}": k for i, k in enumerate(kinds)})
-        return self._statement(len(kinds)).rows(params)
+        return (yield self._statement(len(kinds)), params)
 
     def _statement(self, n_kinds: int) -> Statement:
         if n_kinds not in self._pages:  # one shape per number of kinds asked for (at most 3)

@@ -5,12 +5,17 @@ reads another's job. Metric pages, read as rows, are the ORM rendering to the by
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from pydantic import TypeAdapter
 
 from api.job_bodies import JobBodies, metric_page
@@ -20,7 +25,9 @@ from service.job_service import JobService
 from service.jobs import JobEvent, JobNotFound, JobState
 from service.limits import Resources
 from service.settings import Settings
+from service.store.async_reads import AsyncReads
 from service.store.db import Database
+from service.store.job_rows import Statement, run
 from service.store.repo import Store
 
 pytestmark = pytest.mark.integration
@@ -53,89 +60,124 @@ def orm_body(svc, job_id) -> bytes:
     return ta.dump_json(ta.validate_python(JobOut.of(svc.store.get_job(job_id))), by_alias=True)
 
 
-def body(svc, bodies, tenant, job_id) -> dict:
-    # as GET /v1/jobs/{id} reads: on the event-loop engine where there is one (a SQLite file)
-    return json.loads(bodies.body(svc.job_row(tenant, job_id, inline=True)))
+class Reads:
+    """Runs a service read (a job_rows.Read) as the API can (api.deps.read_db): "thread" on the
+    calling thread, as a request thread does; "loop" as the event loop does, on a SQLite file's
+    inline engine or PostgreSQL's async pool (service/store/async_reads.py), one per database,
+    on one event loop."""
+
+    def __init__(self, how: str):
+        self.how, self.runner, self.pools = how, asyncio.Runner(), {}
+
+    def __call__(self, fn, *args):
+        db = fn.__self__.store.db
+        if self.how == "thread":
+            return run(fn(*args))
+        if db.is_sqlite:
+            return run(fn(*args), inline=db.inline is not None)
+        return self.runner.run(self.pool(db.url).run(fn(*args)))
+
+    def pool(self, url: str) -> AsyncReads:
+        if url not in self.pools:
+            self.pools[url] = AsyncReads(url)
+            self.runner.run(self.pools[url].open())
+        return self.pools[url]
+
+    def close(self) -> None:
+        for reads in self.pools.values():
+            self.runner.run(reads.close())
+        self.runner.close()
 
 
-def test_the_body_is_the_orm_rendering_to_the_byte_in_every_state(svc):
+@pytest.fixture(params=["thread", "loop"])
+def read(request):
+    reads = Reads(request.param)
+    yield reads
+    reads.close()
+
+
+def body(read, svc, bodies, tenant, job_id) -> dict:
+    return json.loads(bodies.body(read(svc.job_row, tenant, job_id)))
+
+
+def test_the_body_is_the_orm_rendering_to_the_byte_in_every_state(svc, read):
     bodies = JobBodies()
     job_id = submit(svc, name="bytes", priority=3, train={"lr": 0.1, "epochs": 2})
-    assert bodies.body(svc.job_row("t", job_id)) == orm_body(svc, job_id)
+    assert bodies.body(read(svc.job_row, "t", job_id)) == orm_body(svc, job_id)
     job = svc.store.get_job(job_id)
     svc.store.admit(job, f"{job_id}-1", Resources(2, 0))
     svc.store.transition(job_id, JobEvent.START, reason="running")
     svc.store.ingest(job_id, 0, [{"kind": "train", "step": 5, "loss": 0.25, "lr": 0.1, "note": [1]}])
-    assert bodies.body(svc.job_row("t", job_id)) == orm_body(svc, job_id)
+    assert bodies.body(read(svc.job_row, "t", job_id)) == orm_body(svc, job_id)
     svc.store.transition(job_id, JobEvent.FAIL, error=("training_failed", "boom ✗"), reason="failed")
-    got = bodies.body(svc.job_row("t", job_id))
+    got = bodies.body(read(svc.job_row, "t", job_id))
     assert got == orm_body(svc, job_id)
     assert json.loads(got)["error"] == {"code": "training_failed", "message": "boom ✗"}
 
 
-def test_every_kind_of_write_shows_in_the_next_read(svc):
+def test_every_kind_of_write_shows_in_the_next_read(svc, read):
     bodies = JobBodies()
     job_id = submit(svc)
-    first = body(svc, bodies, "t", job_id)
+    first = body(read, svc, bodies, "t", job_id)
     assert first["state"] == "queued" and bodies.misses == 1
-    assert body(svc, bodies, "t", job_id) == first and bodies.hits == 1  # unchanged row: reused
+    assert body(read, svc, bodies, "t", job_id) == first and bodies.hits == 1  # unchanged row: reused
 
     svc.store.set_reason(job_id, "waiting behind 3 jobs")  # no version bump
-    assert body(svc, bodies, "t", job_id)["reason"] == "waiting behind 3 jobs"
+    assert body(read, svc, bodies, "t", job_id)["reason"] == "waiting behind 3 jobs"
 
     job = svc.store.get_job(job_id)
     svc.store.admit(job, f"{job_id}-1", Resources(2, 0))
-    after_admit = body(svc, bodies, "t", job_id)
+    after_admit = body(read, svc, bodies, "t", job_id)
     assert (after_admit["state"], after_admit["attempts"]) == ("starting", 1)
 
     svc.store.heartbeat(job_id, now=4_000_000_000.5)  # heartbeat only
-    assert body(svc, bodies, "t", job_id)["heartbeat_at"] == "2096-10-02T07:06:40.500000Z"
+    assert body(read, svc, bodies, "t", job_id)["heartbeat_at"] == "2096-10-02T07:06:40.500000Z"
 
     svc.store.transition(job_id, JobEvent.START)
     svc.store.ingest(job_id, 0, [{"kind": "train", "step": 7, "loss": 1.5}])  # progress only
-    now = body(svc, bodies, "t", job_id)
+    now = body(read, svc, bodies, "t", job_id)
     assert (now["state"], now["progress"]["step"], now["progress"]["loss"]) == ("running", 7, 1.5)
     svc.store.ingest(job_id, 1, [{"kind": "eval", "step": 8, "val_accuracy": 0.5}])
-    assert body(svc, bodies, "t", job_id)["progress"]["val_accuracy"] == 0.5
+    assert body(read, svc, bodies, "t", job_id)["progress"]["val_accuracy"] == 0.5
 
     svc.cancel("t", job_id)
-    assert body(svc, bodies, "t", job_id)["state"] == "cancelled"
+    assert body(read, svc, bodies, "t", job_id)["state"] == "cancelled"
 
 
-def test_another_tenant_never_reads_the_job(svc):
+def test_another_tenant_never_reads_the_job(svc, read):
     bodies = JobBodies()
     job_id = submit(svc, tenant="alice")
-    body(svc, bodies, "alice", job_id)  # rendered and kept: the check still runs first
+    body(read, svc, bodies, "alice", job_id)  # rendered and kept: the check still runs first
     with pytest.raises(JobNotFound):
-        svc.job_row("bob", job_id)
+        read(svc.job_row, "bob", job_id)
     with pytest.raises(JobNotFound):
-        svc.job_row("alice", "20990101-000000-deadbeef")
-    assert svc.job_rows("bob", None, None, 50).items == []
+        read(svc.job_row, "alice", "20990101-000000-deadbeef")
+    assert read(svc.job_rows, "bob", None, None, 50).items == []
 
 
-def test_two_services_on_one_database_see_each_others_writes(database_url, tmp_path, fake_ray):
+def test_two_services_on_one_database_see_each_others_writes(database_url, tmp_path, fake_ray, read):
     a = make_service(database_url, tmp_path / "a", fake_ray)
     b = make_service(database_url, tmp_path / "b", fake_ray)
     try:
         bodies_a, bodies_b = JobBodies(), JobBodies()
         job_id = submit(a)
-        assert body(svc=b, bodies=bodies_b, tenant="t", job_id=job_id)["state"] == "queued"
-        assert body(a, bodies_a, "t", job_id)["state"] == "queued"
+        assert body(read, svc=b, bodies=bodies_b, tenant="t", job_id=job_id)["state"] == "queued"
+        assert body(read, a, bodies_a, "t", job_id)["state"] == "queued"
         b.cancel("t", job_id)  # written through the other replica
-        assert body(a, bodies_a, "t", job_id)["state"] == "cancelled"
+        assert body(read, a, bodies_a, "t", job_id)["state"] == "cancelled"
         assert (
-            json.loads(bodies_a.page(a.job_rows("t", None, None, 50, inline=True)).body)["items"][0]["state"]
+            json.loads(bodies_a.page(read(a.job_rows, "t", None, None, 50)).body)["items"][0]["state"]
             == "cancelled"
         )
         b.store.set_reason(job_id, "r2", state=JobState.CANCELLED)
-        assert body(a, bodies_a, "t", job_id)["reason"] == "r2"
+        assert body(read, a, bodies_a, "t", job_id)["reason"] == "r2"
     finally:
         a.store.db.dispose()
         b.store.db.dispose()
 
 
 @pytest.mark.parametrize("states", [None, ["queued"], ["cancelled"], ["queued", "cancelled", "queued"]])
-def test_pages_are_the_store_pages_to_the_byte(svc, states):
+def test_pages_are_the_store_pages_to_the_byte(svc, states, read):
     ids = [submit(svc, name=f"p{i}") for i in range(7)]
     svc.cancel("t", ids[2])
     svc.cancel("t", ids[5])
@@ -143,7 +185,7 @@ def test_pages_are_the_store_pages_to_the_byte(svc, states):
     bodies, ta = JobBodies(), TypeAdapter(JobPage)
     cursor, seen = None, []
     while True:
-        rows = svc.job_rows("t", states, cursor, 3, inline=True)
+        rows = read(svc.job_rows, "t", states, cursor, 3)
         orm = svc.store.list_jobs("t", list(dict.fromkeys(states)) if states else None, cursor, 3)
         assert [r.id for r in rows.items] == [j.id for j in orm.items]
         assert rows.next_cursor == orm.next_cursor
@@ -161,11 +203,11 @@ def test_pages_are_the_store_pages_to_the_byte(svc, states):
     assert seen == expected
 
 
-def test_the_cache_is_bounded(svc):
+def test_the_cache_is_bounded(svc, read):
     bodies = JobBodies(size=2)
     ids = [submit(svc, name=f"b{i}") for i in range(3)]
     for i in ids:
-        bodies.body(svc.job_row("t", i))
+        bodies.body(read(svc.job_row, "t", i))
     assert list(bodies._cache) == ids[1:]
 
 
@@ -188,6 +230,20 @@ def test_the_event_loop_engine_is_sqlite_files_only_and_never_writes(database_ur
     assert Database("sqlite:///:memory:").inline is None  # one database per connection
 
 
+def terminate_other_connections(db: Database) -> int:
+    """pg_terminate_backend on every other connection to the database, as a server restart or an
+    idle timeout closes them; returns once the server has ended them all (how many it ended)."""
+    others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    # autocommit: inside a transaction, pg_stat_activity stays what it was when first read
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as admin:
+        ended = admin.exec_driver_sql(f"SELECT count(pg_terminate_backend(pid)) {others}").scalar()
+        deadline = time.monotonic() + 30
+        while admin.exec_driver_sql(f"SELECT count(*) {others}").scalar():  # they end in their time
+            assert time.monotonic() < deadline, "terminated backends still there after 30 s"
+            time.sleep(0.05)
+    return ended
+
+
 def test_postgres_reads_run_in_autocommit_and_outlive_a_server_closing_their_connections(
     postgres_url, tmp_path, fake_ray
 ):
@@ -199,24 +255,103 @@ def test_postgres_reads_run_in_autocommit_and_outlive_a_server_closing_their_con
     try:
         db = svc.store.db
         job_id = submit(svc)
-        held = [db.reads.raw_connection() for _ in range(3)]  # three idle in the pool after this
-        assert all(c.dbapi_connection.autocommit for c in held)
+        n = db.reads.pool.size()
+        held = [db.reads.raw_connection() for _ in range(n)]  # n idle in the pool after this
+        assert n >= 2 and all(c.dbapi_connection.autocommit for c in held)
         for c in held:
             c.close()
-        others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        # autocommit: inside a transaction, pg_stat_activity stays what it was when first read
-        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as admin:
-            assert admin.exec_driver_sql(f"SELECT count(pg_terminate_backend(pid)) {others}").scalar() >= 3
-            deadline = time.monotonic() + 30
-            while admin.exec_driver_sql(f"SELECT count(*) {others}").scalar():  # they end in their time
-                assert time.monotonic() < deadline, "terminated backends still there after 30 s"
-                time.sleep(0.05)
-        assert db.reads.pool.checkedin() == 3  # what the next read meets first: all closed
-        assert svc.job_row("t", job_id).id == job_id
-        page = svc.metric_page("t", job_id, -1, None, 10)
+        assert terminate_other_connections(db) >= n
+        assert db.reads.pool.checkedin() == n  # what the next read meets first: all closed
+        assert run(svc.job_row("t", job_id)).id == job_id
+        page = run(svc.metric_page("t", job_id, -1, None, 10))
         assert page.items == []
     finally:
         svc.store.db.dispose()
+
+
+def test_postgres_loop_reads_run_in_autocommit_and_outlive_a_server_closing_their_connections(
+    postgres_url, tmp_path, fake_ray
+):
+    """The same of the event loop's reads (service/store/async_reads.py): autocommit connections,
+    no check before use, and a read that meets connections the server has closed answers from
+    a new one; the same read without the retry fails."""
+    svc = make_service(postgres_url, tmp_path, fake_ray)
+    job_id = submit(svc)
+    reads = AsyncReads(postgres_url)
+
+    async def scenario():
+        await reads.open()
+        try:
+            async with (
+                reads.pool.connection() as a,
+                reads.pool.connection() as b,
+                reads.pool.connection() as c,
+            ):
+                assert a.autocommit and b.autocommit and c.autocommit
+            assert await asyncio.to_thread(terminate_other_connections, svc.store.db) >= 3
+            assert reads.pool.get_stats()["pool_available"] == 3  # what the next read meets: all closed
+            row = await reads.run(svc.job_row("t", job_id))
+            page = await reads.run(svc.metric_page("t", job_id, -1, None, 10))
+            with pytest.raises(JobNotFound):
+                await reads.run(svc.job_row("other", job_id))
+            return row, page
+        finally:
+            await reads.close()
+
+    try:
+        row, page = asyncio.run(scenario())
+        assert row.id == job_id and page.items == []
+    finally:
+        svc.store.db.dispose()
+
+
+def test_on_postgres_the_api_reads_jobs_and_metrics_on_the_loop(postgres_url, tmp_path):
+    """On PostgreSQL, GET /v1/jobs/{id}, the job list and a metric page read on the event loop
+    through the app's async pool, opened and closed by its lifespan: they answer with the request
+    threads out of service, and a job that is not there is still a 404."""
+    with api_with_a_job(postgres_url, tmp_path) as (app, c, job_id):
+        reads = app.state.async_reads
+        assert reads is not None and not reads.pool.closed
+        with without_request_threads(app):
+            assert c.get(f"/v1/jobs/{job_id}").json()["id"] == job_id
+            assert [j["id"] for j in c.get("/v1/jobs").json()["items"]] == [job_id]
+            assert c.get(f"/v1/jobs/{job_id}/metrics").json() == {"items": [], "next_cursor": None}
+            missing = c.get("/v1/jobs/20990101-000000-deadbeef")
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+    assert reads.pool.closed
+
+
+@contextlib.contextmanager
+def api_with_a_job(database_url: str, tmp_path) -> Iterator[tuple[FastAPI, httpx.Client, str]]:
+    """The API served on `database_url` (Ray faked) with one job submitted: its app, a client of
+    the job's tenant and the job's id."""
+    from api.app import create_app
+    from tests.plugins.fake_ray import FakeRay
+    from tests.plugins.server import serve_app
+
+    token = "reads-token-0123456789ab"
+    settings = Settings(data_dir=tmp_path, database_url=database_url, api_tokens=f"{token}:t")
+    app = create_app(settings, ray=FakeRay(cpu=1000), artifacts=LocalArtifactStore(tmp_path / "a"))
+    with (
+        serve_app(app) as url,
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c,
+    ):
+        yield app, c, c.post("/v1/jobs", json=SPEC).json()["id"]
+
+
+@contextlib.contextmanager
+def without_request_threads(app: FastAPI) -> Iterator[None]:
+    """The app's request threads (api.deps.run_db) out of service: work sent there fails."""
+
+    class Closed(ThreadPoolExecutor):
+        def submit(self, *a, **kw):
+            raise AssertionError("a job read went to the request threads")
+
+    pool, app.state.db_pool = app.state.db_pool, Closed(1)
+    try:
+        yield
+    finally:
+        app.state.db_pool = pool
 
 
 def test_the_read_path_works_on_an_in_memory_database(tmp_path, fake_ray):
@@ -225,8 +360,8 @@ def test_the_read_path_works_on_an_in_memory_database(tmp_path, fake_ray):
     svc = make_service("sqlite:///:memory:", tmp_path, fake_ray)
     try:
         job_id = submit(svc)
-        assert svc.job_row("t", job_id).id == job_id
-        assert svc.metric_page("t", job_id, -1, None, 10).items == []
+        assert run(svc.job_row("t", job_id)).id == job_id
+        assert run(svc.metric_page("t", job_id, -1, None, 10)).items == []
         assert [type_ for _, type_, _ in svc.store.event_texts(job_id, -1)] == ["state"]
     finally:
         svc.store.db.dispose()
@@ -237,44 +372,21 @@ def test_get_job_reads_on_the_loop_and_waits_off_it_when_sqlite_is_locked(tmp_pa
     they answer with the request threads out of service. A read the inline engine cannot make
     at once (sqlite3's "database is locked", stood in for here: a lock held by another process
     is what it meets) is redone on the request threads, and the answer is the same."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from api.app import create_app
-    from service.store.job_rows import JobRows
-    from tests.plugins.fake_ray import FakeRay
-    from tests.plugins.server import serve_app
-
-    token = "reads-token-0123456789ab"
-    settings = Settings(
-        data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", api_tokens=f"{token}:t"
-    )
-    app = create_app(settings, ray=FakeRay(cpu=1000), artifacts=LocalArtifactStore(tmp_path / "a"))
-    with (
-        serve_app(app) as url,
-        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c,
-    ):
-        job_id = c.post("/v1/jobs", json=SPEC).json()["id"]
-        pool = app.state.db_pool
-
-        class Closed(ThreadPoolExecutor):
-            def submit(self, *a, **kw):
-                raise AssertionError("a job read went to the request threads")
-
-        app.state.db_pool = Closed(1)
-        assert c.get(f"/v1/jobs/{job_id}").json()["id"] == job_id
-        assert [j["id"] for j in c.get("/v1/jobs").json()["items"]] == [job_id]
-        app.state.db_pool = pool
+    with api_with_a_job(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path) as (app, c, job_id):
+        with without_request_threads(app):
+            assert c.get(f"/v1/jobs/{job_id}").json()["id"] == job_id
+            assert [j["id"] for j in c.get("/v1/jobs").json()["items"]] == [job_id]
 
         locked = []
-        real_get = JobRows.get
+        real_rows = Statement.rows
 
-        def get(self, job_id, inline=False):
+        def rows(self, params, inline=False):
             if inline:
-                locked.append(job_id)
+                locked.append(params.get("id"))
                 raise sqlite3.OperationalError("database is locked")
-            return real_get(self, job_id, inline)
+            return real_rows(self, params, inline)
 
-        monkeypatch.setattr(JobRows, "get", get)
+        monkeypatch.setattr(Statement, "rows", rows)
         r = c.get(f"/v1/jobs/{job_id}")
         assert r.status_code == 200 and r.json()["id"] == job_id and locked == [job_id]
         assert c.get("/v1/jobs/20990101-000000-deadbeef").status_code == 404  # not found stays 404
@@ -288,7 +400,7 @@ def orm_metric_page(svc, job_id, after, kinds, limit) -> bytes:
     return ta.dump_json(ta.validate_python({"items": items, "next_cursor": page.next_cursor}), by_alias=True)
 
 
-def test_a_metric_page_is_the_orm_rendering_to_the_byte(svc):
+def test_a_metric_page_is_the_orm_rendering_to_the_byte(svc, read):
     job_id = submit(svc, name="metrics")
     records = [
         {"kind": "train", "step": 1, "loss": 0.25, "lr": 1e-3, "sparsity": {"fc1.weight": 0.5}},
@@ -309,12 +421,12 @@ def test_a_metric_page_is_the_orm_rendering_to_the_byte(svc):
         (-1, ["event"], 1000),
         (4, None, 10),
     ]:
-        got = metric_page(svc.metric_page("t", job_id, after, kinds, limit)).body
+        got = metric_page(read(svc.metric_page, "t", job_id, after, kinds, limit)).body
         assert got == orm_metric_page(svc, job_id, after, kinds, limit), (after, kinds, limit)
-    nan = json.loads(metric_page(svc.metric_page("t", job_id, 1, None, 1)).body)["items"][0]["data"]
+    nan = json.loads(metric_page(read(svc.metric_page, "t", job_id, 1, None, 1)).body)["items"][0]["data"]
     assert nan["loss"] is None and nan["grad_norm"] is None  # as before: JSON has no NaN
     with pytest.raises(JobNotFound):
-        svc.metric_page("other", job_id, -1, None, 10)
+        read(svc.metric_page, "other", job_id, -1, None, 10)
 
 
 def test_records_with_nan_and_infinity_are_stored_on_every_database(svc):

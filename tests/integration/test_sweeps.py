@@ -338,18 +338,12 @@ def test_a_tpe_sweep_asks_optuna_for_each_trial(api):
     assert sweep["pareto"] and sweep["baseline_job"] is None
 
 
-def test_cli_submit_wait_shows_the_trials_and_front_marks_the_best(api, tmp_path, monkeypatch):
+def test_cli_submit_wait_shows_the_trials_and_front_marks_the_best(api, tmp_path, cli_width):
     from typer.testing import CliRunner
 
-    from api import cli_common
     from api.cli import app as cli
 
-    # The CLI's consoles take COLUMNS once, when api.cli_common is imported: where it was set
-    # then (pytest-xdist's workers have COLUMNS=80), the invocation's COLUMNS below cannot widen
-    # them. Rich keeps that width in `_width` (None: follow the terminal); the `width` property's
-    # setter would leave a fixed width behind when monkeypatch restores it.
-    for c in (cli_common.out, cli_common.console):
-        monkeypatch.setattr(c, "_width", 200)
+    cli_width(200)
     alice, _, _ = api
     runner, url = CliRunner(), ["--url", api_url(alice), "--token", ALICE]
     f = tmp_path / "sweep.yaml"

@@ -40,9 +40,10 @@ REPORT = {
 }
 
 
-def test_report_table_shows_the_compression_keys(tmp_path):
+def test_report_table_shows_the_compression_keys(tmp_path, cli_width):
     (tmp_path / "report.json").write_text(json.dumps(REPORT))
-    r = CliRunner().invoke(app, ["report", str(tmp_path)], env={"COLUMNS": "250"})
+    cli_width(250)
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert r.exit_code == 0, r.output
     out = r.stdout
     for text in (
