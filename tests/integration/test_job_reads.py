@@ -354,6 +354,14 @@ def without_request_threads(app: FastAPI) -> Iterator[None]:
         app.state.db_pool = pool
 
 
+def test_an_api_process_opens_at_most_40_postgresql_connections():
+    """README.md, "Several API replicas": 30 for writes and the loops, 5 for the reads on the
+    event loop, 5 for the event streams' reads on threads (no connection is opened here)."""
+    db = Database("postgresql+psycopg://u@127.0.0.1:9/x")
+    writes, reads = (e.pool.size() + e.pool._max_overflow for e in (db.engine, db.reads))
+    assert (writes, reads, AsyncReads("postgresql+psycopg://u@127.0.0.1:9/x").pool.max_size) == (30, 5, 5)
+
+
 def test_the_read_path_works_on_an_in_memory_database(tmp_path, fake_ray):
     """An in-memory SQLite database has one connection per thread (SingletonThreadPool), no
     pool of a size to retry over: the reads of jobs, metric pages and events run on it."""
