@@ -62,10 +62,11 @@ def _pg_read_engine(url: str) -> Engine:
     0.99 ms on one process (bench/README.md, "API at one and two processes"). A single statement in
     autocommit reads one committed state, as it did inside the transaction. The API's own reads
     of jobs and metrics now run on the event loop (service/store/async_reads.py); this engine
-    serves the SSE streams' event reads, one per job at a time, and reads outside the API. At
-    most 5 connections: with the write engine's 30 and the async pool's 5, an API process stays
-    within 40 of PostgreSQL's connections (README.md, "Several API replicas")."""
-    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=2, max_overflow=3)
+    serves the SSE streams' event reads (api/sse.py: one read for all the streams of a job) and
+    reads outside the API. At most 2 connections: with the write engine's 30 and the async
+    pool's 8, an API process stays within 40 of PostgreSQL's connections (README.md, "Several API
+    replicas")."""
+    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=1)
 
 
 def _inline_engine(url: str) -> Engine:
