@@ -4,9 +4,10 @@ through psycopg's async connections and its pool (psycopg_pool).
 Why: a PostgreSQL read crosses a socket, so on a request thread it cost the hand-off to the
 thread and back, the GIL that thread and the event loop then share, and SQLAlchemy's pool
 checkout, for a SELECT that the server answers in tens of microseconds; GET /v1/jobs/{id} ran at
-0.26x of /healthz's req/s on one process, against 0.58x on SQLite, whose reads already run on
-the loop (bench/README.md, "API at one and two processes"). Here the loop sends the query and
-serves other requests until the answer comes. SQLAlchemy's own asyncio layer would do the same
+0.29x of /healthz's req/s on one process, against 0.59x on SQLite, whose reads already run on
+the loop. Here the loop sends the query and serves other requests until the answer comes: 1.24x
+the GET job req/s at 16 requests in flight on one process, 0.95x at 8 on each of two
+(bench/README.md, "API at one and two processes"). SQLAlchemy's own asyncio layer would do the same
 through greenlets, a switch per call; the statements are already compiled (job_rows.Statement),
 so only a connection is needed, and psycopg_pool is psycopg's own pool.
 
