@@ -305,6 +305,29 @@ def test_postgres_loop_reads_run_in_autocommit_and_outlive_a_server_closing_thei
         svc.store.db.dispose()
 
 
+def test_loop_reads_fail_after_their_wait_when_the_server_is_down():
+    """No server where the URL points: the read fails with the pool's timeout once its wait is
+    over; it neither hangs nor fails the pool's start (nothing listens on the discard port)."""
+    from psycopg_pool import PoolTimeout
+
+    from service.store.job_rows import JobRows
+
+    url = "postgresql+psycopg://u@127.0.0.1:9/x"
+    rows, reads = JobRows(Database(url)), AsyncReads(url, wait_s=0.5)
+
+    async def scenario() -> float:
+        await reads.open()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(PoolTimeout):
+                await reads.run(rows.get("20990101-000000-deadbeef"))
+            return time.monotonic() - t0
+        finally:
+            await reads.close()
+
+    assert 0.4 < asyncio.run(scenario()) < 5
+
+
 def test_on_postgres_the_api_reads_jobs_and_metrics_on_the_loop(postgres_url, tmp_path):
     """On PostgreSQL, GET /v1/jobs/{id}, the job list and a metric page read on the event loop
     through the app's async pool, opened and closed by its lifespan: they answer with the request
