@@ -27,9 +27,10 @@ from service.store.job_rows import Read, Statement, T
 # and the thread path's 2 (the SSE streams' event reads), an API process stays within 40 of
 # PostgreSQL's connections (README.md, "Several API replicas").
 MAX_CONNECTIONS = 8
-# How long a read waits for a connection: under load, its turn; when the server is down, the
-# pool's reconnection. Past it the request fails (500) instead of hanging.
-WAIT_S = 10.0
+# How long a read waits for a connection: under load, its turn (reads hold one for a round trip,
+# so the queue moves in milliseconds); when the server is down, the pool's reconnection. Past it
+# the request fails (500) instead of hanging. The thread path fails at once when nothing listens.
+WAIT_S = 3.0
 
 
 def conninfo(url: str) -> str:
@@ -72,7 +73,8 @@ class AsyncReads:
         # No check before use (a round trip per read): a read that finds its connection closed
         # (a server restart, an idle timeout) runs again on the next, as job_rows.Statement.rows
         # does; the pool drops a broken connection when it comes back and connects a new one in
-        # the background. A server that is down fails the read after WAIT_S.
+        # the background. A server that is down fails the read after WAIT_S; once it is back,
+        # the next reads connect anew (tests/integration/test_job_reads.py restarts one).
         # getconn/putconn, not `pool.connection()`: that also enters the connection's own context,
         # whose exit commits (nothing, in autocommit) on every read.
         tries = self.pool.max_size + 2

@@ -328,6 +328,48 @@ def test_loop_reads_fail_after_their_wait_when_the_server_is_down():
     assert 0.4 < asyncio.run(scenario()) < 5
 
 
+def test_loop_reads_fail_while_postgresql_is_down_and_recover_once_it_is_back(tmp_path, fake_ray):
+    """A server of its own, stopped at once as a crash would and started again: while it is
+    down a loop read fails with the pool's timeout after its wait, not later; once it is back,
+    reads answer again within seconds, through connections the pool makes anew."""
+    from psycopg_pool import PoolTimeout
+
+    from tests.plugins.postgres import start_postgres
+
+    server = start_postgres()
+    try:
+        url = server.new_database()
+        svc = make_service(url, tmp_path, fake_ray)
+        job_id = submit(svc)
+        reads = AsyncReads(url, wait_s=1.0)
+
+        async def scenario() -> tuple[float, float]:
+            await reads.open()
+            try:
+                await asyncio.gather(*(reads.run(svc.job_row("t", job_id)) for _ in range(4)))
+                await asyncio.to_thread(server.halt)
+                t0 = time.monotonic()
+                with pytest.raises(PoolTimeout):
+                    await reads.run(svc.job_row("t", job_id))
+                failed_in = time.monotonic() - t0
+                await asyncio.to_thread(server.start)
+                up, deadline = time.monotonic(), time.monotonic() + 30
+                while True:
+                    try:
+                        assert (await reads.run(svc.job_row("t", job_id))).id == job_id
+                        return failed_in, time.monotonic() - up
+                    except PoolTimeout:
+                        assert time.monotonic() < deadline, "no read answered 30 s after the restart"
+            finally:
+                await reads.close()
+
+        failed_in, recovered_in = asyncio.run(scenario())
+        assert failed_in < 5 and recovered_in < 30
+        svc.store.db.dispose()
+    finally:
+        server.stop()
+
+
 def test_on_postgres_the_api_reads_jobs_and_metrics_on_the_loop(postgres_url, tmp_path):
     """On PostgreSQL, GET /v1/jobs/{id}, the job list and a metric page read on the event loop
     through the app's async pool, opened and closed by its lifespan: they answer with the request

@@ -68,9 +68,31 @@ class PostgresServer:
         self.psql(f"CREATE DATABASE {name}")
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
+    def start(self) -> None:
+        """Start the server on its data directory and port; returns once it answers."""
+        sockdir = self.datadir.parent / "sock"
+        opts = (
+            f"-p {self.port} -k {sockdir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        )
+        log = str(self.datadir.parent / "log")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.datadir), "-o", opts, "-l", log, "-w", "start")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.psql("SELECT 1")
+                return
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def halt(self) -> None:
+        """Stop the server at once, as a crash would (its data stays: `start` brings it back)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop")
+
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
-            self._run(str(self.bin / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop")
+            self.halt()
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
 
@@ -97,20 +119,12 @@ def start_postgres() -> PostgresServer:
         "--no-sync",
         "--locale=C",
     )
-    opts = f"-p {server.port} -k {sockdir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    server._run(
-        str(bin_dir / "pg_ctl"), "-D", str(datadir), "-o", opts, "-l", str(root / "log"), "-w", "start"
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            server.psql("SELECT 1")
-            return server
-        except subprocess.CalledProcessError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise
-            time.sleep(0.2)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 @pytest.fixture(scope="session")
