@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -15,6 +18,7 @@ from service.auth import AuthError
 from service.errors import ArtifactCorrupt, ArtifactKeyError, ArtifactNotFound, SlimtrainError, SpecError
 from service.jobs import IdempotencyConflict, InvalidTransition, JobNotFound, LimitExceeded
 from service.ray_jobs import ClusterUnavailable
+from service.store.db import unavailable
 from service.store.repo import BadCursor
 from service.sweeps.service import SweepNotFound
 from service.tenant_files import UploadNotFound, UploadRefused, UploadTooLarge
@@ -81,8 +85,10 @@ _MEANING = {
     415: "The body's Content-Type is not one this route reads; the message names those it does.",
     422: "Invalid parameters: `fields` names each one and what is allowed.",
     502: "The stored artifact fails its manifest checksum or cannot be parsed; it is not served.",
-    503: "The Ray cluster cannot be reached; try again later.",
+    503: "The Ray cluster or the database cannot be reached; try again later.",
 }
+_MEANING_DB = "The database cannot be reached; try again later."
+DATABASE_RETRY_AFTER_S = 2  # a restart or failover of PostgreSQL takes seconds
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorBody"}
 
 
@@ -171,8 +177,24 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error; the server log has the details")
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A database that cannot serve now (service.store.db.unavailable: down, restarting, locked)
+    is a 503 the client may retry, as an unreachable Ray cluster is; any other database error is
+    a fault of ours (500, logged with its traceback)."""
+    if not unavailable(exc):
+        return await _unexpected(request, exc)
+    log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+    return error_response(
+        503, "database_unavailable", _MEANING_DB, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)}
+    )
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(SlimtrainError, _slimtrain_error)
+    # Their own handlers, not `_unexpected`'s: Starlette re-raises what reaches that one, and
+    # the server logs a traceback for an outage that the warning above already names.
+    for db_error in (DBAPIError, psycopg.Error, PoolTimeout):
+        app.add_exception_handler(db_error, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -6,15 +6,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from psycopg_pool import PoolTimeout
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -22,6 +26,22 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 _PG_MIGRATION_LOCK = 0x51_1A_7A_11  # pg_advisory_lock key: one schema upgrade at a time
 _WRITE = "slimtrain_write"
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot serve now and may later, rather than that the
+    request or the code is wrong: PostgreSQL's operational errors (a server down, restarting or
+    shutting connections: refused, AdminShutdown, a connection lost), no connection free within
+    the loop reads' wait (service/store/async_reads.py), a SQLite database locked past its busy
+    timeout. sqlite3 raises OperationalError for bad SQL too, so only "locked" counts there."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(orig, psycopg.OperationalError):
+        return True
+    return isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig)
 
 
 def make_engine(url: str) -> Engine:

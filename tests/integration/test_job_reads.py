@@ -370,6 +370,34 @@ def test_loop_reads_fail_while_postgresql_is_down_and_recover_once_it_is_back(tm
         server.stop()
 
 
+def test_the_api_answers_503_while_postgresql_is_down_and_recovers_once_it_is_back(tmp_path):
+    """A crashed database is an outage the client may wait out, not a fault of the request:
+    while the server is down, reads (on the loop) and a submission (on the write engine) answer
+    503 `database_unavailable` with a Retry-After, within the loop reads' wait; once the server
+    is back the same requests answer as before, without restarting the API."""
+    from service.store.async_reads import WAIT_S
+    from tests.plugins.postgres import start_postgres
+
+    server = start_postgres()
+    try:
+        with api_with_a_job(server.new_database(), tmp_path) as (_app, c, job_id):
+            server.halt()
+            for method, path in [("GET", f"/v1/jobs/{job_id}"), ("GET", "/v1/jobs"), ("POST", "/v1/jobs")]:
+                t0 = time.monotonic()
+                r = c.request(method, path, json=SPEC if method == "POST" else None)
+                assert r.status_code == 503, (method, path, r.text)
+                assert r.json()["error"]["code"] == "database_unavailable" and r.headers["Retry-After"]
+                assert time.monotonic() - t0 < WAIT_S + 5, (method, path)
+            server.start()
+            deadline = time.monotonic() + 30
+            while (r := c.get(f"/v1/jobs/{job_id}")).status_code != 200:
+                assert r.status_code == 503 and time.monotonic() < deadline, r.text
+                time.sleep(0.2)
+            assert c.post("/v1/jobs", json=SPEC).status_code == 201
+    finally:
+        server.stop()
+
+
 def test_on_postgres_the_api_reads_jobs_and_metrics_on_the_loop(postgres_url, tmp_path):
     """On PostgreSQL, GET /v1/jobs/{id}, the job list and a metric page read on the event loop
     through the app's async pool, opened and closed by its lifespan: they answer with the request
