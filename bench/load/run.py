@@ -3,8 +3,10 @@
     .venv/bin/python -m bench.load --seconds 30               # smoke
     .venv/bin/python -m bench.load                            # 200 users for 120 s
     .venv/bin/python -m bench.load --soak-minutes 10          # the same load for 10 min, RSS sampled
+    .venv/bin/python -m bench.load --db postgres              # on a throwaway PostgreSQL server
 
-Starts `slimtrain serve` (embedded Ray head with token auth, SQLite, a temporary data dir, one
+Starts `slimtrain serve` (embedded Ray head with token auth, SQLite or `--db postgres` (a server
+of its own on loopback, as the tests start one), a temporary data dir, one
 API token) and keeps `--live-jobs` small digits jobs queued or training (submitting a new one when
 one ends). Meanwhile `--clients` simulated dashboard users each follow one job's SSE stream from
 its first event to its last (then another job's) and poll the job's status about every
@@ -15,7 +17,8 @@ stuck. The API process's RSS, threads and fds are sampled every `--sample-second
 
 Exits 1 on any 5xx, connection error or timeout, SSE problem, failed job, or (soak of 5 min or
 more) an RSS slope above report.MAX_SLOPE_MIB_PER_MIN after warm-up. Writes table.md,
-results.json and a plot to bench/out/load/ (bench/out/load_soak/ with --soak-minutes).
+results.json and a plot to bench/out/load/ (bench/out/load_soak/ with --soak-minutes; a
+`_postgres` suffix on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -166,6 +169,7 @@ def summarise(args, res: dict, soak: bool, out: Path) -> int:
     cpus = [x["cpu_percent"] for x in samples[1:]]  # the first sample has no previous one
     cpu_med, cpu_max = (report.pct(cpus, 50), max(cpus)) if cpus else (float("nan"), float("nan"))
     summary_rows = [
+        ["database", args.db],
         ["users (each: 1 SSE stream + polls)", args.clients],
         ["poll interval (s, jittered 0.5-1.5x)", args.poll_interval],
         ["duration (s)", round(seconds, 1)],
@@ -310,13 +314,21 @@ def main() -> int:
         help="Seconds a user's client keeps an idle connection (httpx default 5); several values are "
         "dealt round-robin to the users, to compare them side by side.",
     )
+    ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite", help="The API's database.")
     args = ap.parse_args()
     soak = args.soak_minutes is not None
     seconds = 60 * args.soak_minutes if soak else args.seconds
-    out = results_dir("load_soak" if soak else "load")
+    out = results_dir(("load_soak" if soak else "load") + ("_postgres" if args.db == "postgres" else ""))
     token = secrets.token_urlsafe(24)
-    with tempfile.TemporaryDirectory(prefix="slimtrain-load-") as tmp:
-        with serve(Path(tmp), token) as server:
+    with tempfile.TemporaryDirectory(prefix="slimtrain-load-") as tmp, contextlib.ExitStack() as stack:
+        database_url = None
+        if args.db == "postgres":
+            from tests.plugins.postgres import start_postgres
+
+            pg = start_postgres()
+            stack.callback(pg.stop)
+            database_url = pg.new_database()
+        with serve(Path(tmp), token, database_url=database_url) as server:
             print(
                 f"API {server.url} (pid {server.pid}), {args.clients} users for {seconds:.0f} s", flush=True
             )

@@ -42,7 +42,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(data_dir: Path, token: str, ready_timeout: float = 180) -> Iterator[Server]:
+def serve(
+    data_dir: Path, token: str, ready_timeout: float = 180, database_url: str | None = None
+) -> Iterator[Server]:
+    """`database_url`: the API's database (default: SQLite in `data_dir`)."""
     port = free_port()
     gc_path = data_dir / "gc_pauses.txt"
     env = {
@@ -54,6 +57,7 @@ def serve(data_dir: Path, token: str, ready_timeout: float = 180) -> Iterator[Se
         # The default 8265 may be taken by another Ray on this machine (the test suites).
         "SLIMTRAIN_RAY_DASHBOARD_PORT": str(free_port()),
         gc_pauses.ENV: str(gc_path),
+        **({"SLIMTRAIN_DATABASE_URL": database_url} if database_url else {}),
         "PYTHONPATH": os.pathsep.join(
             p for p in (str(gc_pauses.HOOK_DIR), str(ROOT), os.environ.get("PYTHONPATH")) if p
         ),
