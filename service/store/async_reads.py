@@ -23,13 +23,14 @@ from sqlalchemy.engine import make_url
 from service.store.job_rows import Read, Statement, T
 
 # At most this many reads in flight; a read that finds them all lent waits in the pool's queue,
-# which costs CPU of its own (a waiter, a timer). With the write engine's 30
-# and the thread path's 2 (the SSE streams' event reads), an API process stays within 40 of
-# PostgreSQL's connections (README.md, "Several API replicas").
+# which costs CPU of its own (a waiter, a timer). With the write engine's 30 and the thread
+# path's 2 (the SSE streams' event reads), an API process stays within 40 of PostgreSQL's
+# connections (README.md, "Several API replicas").
 MAX_CONNECTIONS = 8
 # How long a read waits for a connection: under load, its turn (reads hold one for a round trip,
 # so the queue moves in milliseconds); when the server is down, the pool's reconnection. Past it
-# the request fails (500) instead of hanging. The thread path fails at once when nothing listens.
+# the request fails (503, api/errors.py) instead of hanging. The thread path fails at once when
+# nothing listens.
 WAIT_S = 3.0
 
 
