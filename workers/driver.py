@@ -31,6 +31,7 @@ from workers import export, init_weights, onnx_export
 from workers.checkpoint import CHECKPOINTS
 from workers.compression.pruning import layer_scales, prunable_weights
 from workers.data import load_for_job, streaming
+from workers.initial_eval import InitialEval
 from workers.metrics_log import MetricsLog
 from workers.models import build_model
 from workers.models.stages import require_stages
@@ -88,7 +89,8 @@ def _worker_entry(config: dict) -> None:
     spec = _Spec.model_validate(config["spec"])
     session = RaySession(config["store"], config["job_id"], config["relay"])
     data = ray.get(config["data"])
-    train(spec, data, session, Faults.from_dict(config.get("faults")))
+    faults = Faults.from_dict(config.get("faults"))
+    train(spec, data, session, faults, step0_evaluated=config.get("step0_evaluated", False))
 
 
 def write_at_once(records: list[dict], awaited: bool, first_train: bool) -> tuple[bool, bool]:
@@ -297,6 +299,8 @@ def _run_job(
     check_store_shared(store)
     data, _spe, total = preflight(spec, store)
     enter(Phase.WAITING_FOR_WORKERS, total_steps=total)
+    # The first metric, scored here while Ray starts the workers (workers.initial_eval).
+    step0 = InitialEval(spec, data, store, metrics.lines)
     if faults is None and os.environ.get("SLIMTRAIN_FAULTS"):
         faults = json.loads(os.environ["SLIMTRAIN_FAULTS"])
 
@@ -337,6 +341,7 @@ def _run_job(
             "relay": relay,
             "data": ray.put(data),
             "faults": faults,
+            "step0_evaluated": step0.evaluated,
         },
         scaling_config=ScalingConfig(
             num_workers=p.workers, use_gpu=spec.uses_gpu, resources_per_worker=resources
@@ -353,12 +358,16 @@ def _run_job(
         ),
     )
     outcome: dict = {}
+    wake = threading.Event()  # the pump's: fit ended, or the step-0 record is ready
+    step0.on_ready(wake.set)
 
     def fit():
         try:
             outcome["result"] = trainer.fit()
         except BaseException as e:  # fit raises TrainingFailedError in Ray Train v2
             outcome["error"] = e
+        finally:
+            wake.set()
 
     attempts = Attempts.of_lines(metrics.lines)
     first_here = len(attempts.items)
@@ -368,10 +377,21 @@ def _run_job(
     warm: list[threading.Thread] = []  # the exporter's warm-up, started once training runs
     first_train = True  # the next train record is a worker group's first
 
+    def add_step0(wait: bool) -> bool:
+        rec = step0.take(wait)
+        if rec is not None:
+            metrics.add(rec)
+            if on_record:
+                on_record(rec)
+        return rec is not None
+
     def pump():
         nonlocal drained, first_train
         records, awaited = ray.get(relay.drain.remote())
         now, first_train = write_at_once(records, awaited, first_train)
+        # Before the workers' first records, waiting for it if need be; written at once: it is a
+        # client's first metric.
+        now = add_step0(wait=bool(records)) or now
         for rec in records:
             attempts.observe(rec)
             if rec.get("event") == "done":
@@ -395,16 +415,20 @@ def _run_job(
     thread.start()
     try:
         while thread.is_alive():
-            thread.join(poll_seconds)
+            wake.wait(poll_seconds)
+            wake.clear()
             pump()
         pump()
     finally:  # never leave an export running beside whatever this process does next
         for t in warm:
             t.join()
+    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
+    if error is None:
+        add_step0(wait=True)  # a run whose workers sent nothing (never in practice)
     metrics.flush(force=True)
     ray.kill(relay)
-    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
     if error is not None:
+        # The step-0 record, if scored, is dropped with the attempt: the next one scores again.
         raise training_failure(error, len(attempts.items) - first_here)
 
     run_info = {

@@ -128,6 +128,32 @@ def loss_fn_for(kind: str):
 
 
 def build(spec: JobSpec, data: Dataset, d: Dist, init_state: dict | None = None) -> Run:
+    ctx, methods, spe = lay_out(spec, data, d, init_state)
+    optimizer = build_optimizer(ctx.module, spec.train)
+    precision = Precision(spec.precision, d.device)
+    if precision.scaler is not None:
+        precision.scaler = ctx.strategy.grad_scaler()
+    return Run(
+        spec,
+        data,
+        d,
+        ctx.strategy,
+        ctx.model,
+        optimizer,
+        precision,
+        methods,
+        spe,
+        ctx.total_steps,
+    )
+
+
+def lay_out(
+    spec: JobSpec, data: Dataset, d: Dist, init_state: dict | None = None
+) -> tuple[Context, list[Method], int]:
+    """The model as the loop starts from it, laid out by the strategy, with the compression
+    methods converted and attached; and the steps per epoch. Everything of `build` but the
+    optimizer: its first construction imports torch._dynamo, a slow import (bench/README, "Submit
+    -> first metric") that the driver's step-0 evaluation does not need."""
     spe, total = total_steps(spec, data.info.n_train)
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model.name, spec.model.args, data.info, seed=spec.train.seed)
@@ -145,22 +171,7 @@ def build(spec: JobSpec, data: Dataset, d: Dist, init_state: dict | None = None)
     ctx = Context(spec, d, strategy, wrapped, total, calibration_inputs(spec, data, strategy, d.device, spe))
     for m in methods:
         m.attach(ctx)
-    optimizer = build_optimizer(strategy.unwrap(wrapped), spec.train)
-    precision = Precision(spec.precision, d.device)
-    if precision.scaler is not None:
-        precision.scaler = strategy.grad_scaler()
-    return Run(
-        spec,
-        data,
-        d,
-        strategy,
-        wrapped,
-        optimizer,
-        precision,
-        methods,
-        spe,
-        total,
-    )
+    return ctx, methods, spe
 
 
 def calibration_inputs(spec: JobSpec, data: Dataset, strategy, device: torch.device, spe: int):
@@ -266,13 +277,17 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Loss and accuracy on the validation split, each rank scoring its share, summed."""
-    data, d = run.data, run.dist
-    if run.feed is not None:
+    return score(run.data, run.dist, run.strategy, run.model, run.feed)
+
+
+def score(data: Dataset, d: Dist, strategy: Strategy, wrapped: nn.Module, feed=None) -> dict:
+    """`evaluate` of a model as `strategy` laid it out (`feed`: streamed data's, else None)."""
+    if feed is not None:
         # Streamed: a chunk per batch of the validation stream on every rank, maybe empty
         # (FSDP gathers the weights in each forward, so every rank runs as many).
-        chunks = ((xx.to(d.device), yy.to(d.device)) for xx, yy in run.feed.val_chunks())
+        chunks = ((xx.to(d.device), yy.to(d.device)) for xx, yy in feed.val_chunks())
     else:
-        shard, shards = run.strategy.data_shard()
+        shard, shards = strategy.data_shard()
         sl = sh.eval_slice(len(data.x_val), shard, shards)
         x, y = data.x_val[sl].to(d.device), data.y_val[sl].to(d.device)
         # As many chunks on every rank, some maybe empty: FSDP gathers weights in each forward
@@ -280,12 +295,12 @@ def evaluate(run: Run) -> dict:
         per_rank = -(-len(data.x_val) // shards)
         n_chunks = max(1, -(-per_rank // 512))
         chunks = zip(x.tensor_split(n_chunks), y.tensor_split(n_chunks), strict=True)
-    model = run.module
+    model = strategy.unwrap(wrapped)
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for xx, yy in chunks:
-        logits = run.strategy.infer(run.model, xx)
+        logits = strategy.infer(wrapped, xx)
         if logits is None:  # a pipeline stage before the last
             continue
         logits = logits.float()
@@ -401,11 +416,31 @@ def _eval_due(run: Run) -> bool:
     return run.step % every == 0 if every else run.step % run.steps_per_epoch == 0
 
 
-def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None = None) -> dict:
+def evaluate_initial(spec: JobSpec, data: Dataset, init_state: dict | None) -> dict:
+    """The step-0 evaluation in this one process, on its CPU: the model every rank starts from
+    (the same seed, initial weights and compression conversion, by `build`), scored by `evaluate`
+    over the whole validation split. The strategy is DDP's, which at one process is the plain
+    model: FSDP's shards and pipeline stages compute the same function, and `infer` runs no
+    autocast under any strategy. Data held in memory only (a streamed split is the workers')."""
+    one = spec.model_copy(update={"parallel": spec.parallel.model_copy(update={"strategy": "ddp"})})
+    ctx, _methods, _spe = lay_out(one, data, Dist(), init_state)
+    return score(data, ctx.dist, ctx.strategy, ctx.model)
+
+
+def train(
+    spec: JobSpec,
+    data: Dataset,
+    session: Session,
+    faults: Faults | None = None,
+    step0_evaluated: bool = False,
+) -> dict:
     """Train to the last step, resuming from the session's newest checkpoint if there is one.
     Returns a summary on every rank: step; samples (global: every rank's); wall_seconds (the
     loop's wall clock: data, steps, evaluation, checkpoints); samples_per_second (samples over
-    wall_seconds); train_seconds (rank 0's time inside `train_step` only)."""
+    wall_seconds); train_seconds (rank 0's time inside `train_step` only).
+    `step0_evaluated`: the caller has scored the initial weights (the driver does, with
+    `evaluate_initial`, while the workers start), so the loop does not evaluate before its first
+    step."""
     faults = faults or Faults()
     ckpt = session.restore()
     # A resumed run takes its weights from the checkpoint: the initial ones are not read again.
@@ -428,7 +463,7 @@ def train(spec: JobSpec, data: Dataset, session: Session, faults: Faults | None 
         for m in run.methods:
             start.update(m.start_part())
         session.emit(start)
-    if init_state is not None:
+    if init_state is not None and not step0_evaluated:
         # The report's baseline: the initial weights, by the same evaluation, before any step.
         ev = evaluate(run)
         if rank0:

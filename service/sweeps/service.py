@@ -37,7 +37,7 @@ from service.sweeps.plan import (
     planned_params,
     trial_spec,
 )
-from service.sweeps.stopping import median_stop
+from service.sweeps.stopping import median_stop, trained
 
 if TYPE_CHECKING:
     from service.job_service import JobService
@@ -413,7 +413,7 @@ class SweepService:
         for t in candidates:
             curve = self._curve(t.job_id)
             if median_stop(curve, finished, es.min_trials, es.grace_steps):
-                best = max(v for _, v in curve)
+                best = max(v for _, v in trained(curve))  # as median_stop judged it
                 why = (
                     f"pruned: best val_accuracy {best:.4f} by step {curve[-1][0]} is below the "
                     "median of the finished trials'"

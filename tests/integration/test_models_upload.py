@@ -160,7 +160,9 @@ RAY_PARENT = {
 
 def test_a_pruning_job_from_a_dense_parent_through_the_driver(ray_cluster, tmp_path):
     """run_job as the service's entrypoint runs it: the parent's exported accuracy is the child's
-    step-0 accuracy (within one validation sample) and its report's baseline."""
+    step-0 accuracy (within one validation sample) and its report's baseline. Step 0 is scored
+    by the driver (workers.initial_eval), once, before the worker group's first record, for a
+    job without init too (no baseline then)."""
     from service.errors import ConfigError
     from service.spec import parse_spec
     from service.uploads import model_key, resolve_init
@@ -168,6 +170,11 @@ def test_a_pruning_job_from_a_dense_parent_through_the_driver(ray_cluster, tmp_p
 
     store = LocalArtifactStore(tmp_path / "artifacts")
     parent = run_job(parse_spec(RAY_PARENT), "parent", store)
+    records = [json.loads(x) for x in store.get_bytes("parent/metrics.jsonl").decode().splitlines()]
+    step0 = [i for i, r in enumerate(records) if r.get("kind") == "eval" and r.get("step") == 0]
+    start = next(i for i, r in enumerate(records) if r.get("event") == "start")
+    assert len(step0) == 1 and step0[0] < start and "baseline" not in records[step0[0]]
+    assert records[step0[0]]["val_accuracy"] < 0.3 and "baseline" not in parent
     child_spec = {
         **RAY_PARENT,
         "name": "child",

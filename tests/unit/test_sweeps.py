@@ -318,3 +318,19 @@ def test_best_so_far():
 )
 def test_median_stopping(curve, min_trials, grace, stop):
     assert median_stop(curve, DONE, min_trials, grace) is stop
+
+
+# Every trial's step 0: the initial weights' score, which differs by seed or width alone.
+DONE_FROM_0 = [[(0, 0.30), *c] for c in DONE]
+
+
+@pytest.mark.parametrize(
+    ("curve", "stop"),
+    [
+        ([(0, 0.10)], False),  # below the others at step 0, before any training: kept
+        ([(0, 0.95), (10, 0.69)], True),  # a high start does not hide the trained score
+        ([(0, 0.10), (10, 0.70)], False),
+    ],
+)
+def test_median_stopping_ignores_step_0(curve, stop):
+    assert median_stop(curve, DONE_FROM_0, 3, 0) is stop
