@@ -21,6 +21,9 @@ Every milestone is a wall-clock time on this machine, in seconds from just befor
   visible           this client saw it in `GET /v1/jobs/ID/metrics` (polled every 0.1 s)
   first_record      the first record of any kind seen there (a phase record, when the driver
                     writes one as it starts)
+  first_metric      the first metric seen there: a `train` or `eval` record (the driver's step-0
+                    evaluation, workers.initial_eval, when it scores one); `first_metric_kind`
+                    says which
 
 Beside each run, after it ends, a fresh process times `import ray.train.torch` (and another
 `import torch`): the machine's price of one fresh torch process at that moment.
@@ -185,6 +188,10 @@ def breakdown(run: dict, data: Path) -> dict:
         first = min(records)
         at["first_record"] = run["seen_at"][first]
         at["first_record_kind"] = records[first].get("phase") or records[first].get("kind")
+    metric = [s for s in sorted(records) if records[s].get("kind") in ("train", "eval")]
+    if metric:
+        at["first_metric"] = run["seen_at"][metric[0]]
+        at["first_metric_kind"] = records[metric[0]]["kind"]
     train = [s for s in sorted(records) if records[s].get("kind") == "train"]
     if train:
         seq = train[0]
@@ -244,6 +251,7 @@ def summary(variant: dict) -> dict:
     keys = [
         *MILESTONES,
         "first_record",
+        "first_metric",
         "import_ray_train_torch_s",
         "import_torch_s",
         "load_1min",
@@ -264,6 +272,7 @@ def plot(variants: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 1.8 + 0.5 * len(variants)), layout="constrained")
     colors = plt.get_cmap("tab20").colors
+    starred = False  # one legend entry for the stars
     for y, v in enumerate(variants):
         s = v["summary"]
         prev = 0.0
@@ -275,10 +284,13 @@ def plot(variants: list[dict], path: Path) -> None:
             prev = max(prev, t)
         if "first_record" in s:
             ax.plot([s["first_record"]["median"]], [y], "k^", label="first record" if y == 0 else None)
+        if "first_metric" in s:
+            ax.plot([s["first_metric"]["median"]], [y], "r*", ms=9, label=None if starred else "first metric")
+            starred = True
     ax.set_yticks(range(len(variants)), [v["label"] for v in variants])
     ax.axvline(5, color="grey", ls="--", lw=1)
     ax.set_xlabel("seconds after POST (median of the runs)")
-    ax.set_title("POST -> first train metric visible through the API")
+    ax.set_title("POST -> first train metric visible through the API (bars), first metric (star)")
     # below the axes at a fixed distance, however many variants there are
     fig.legend(fontsize=7, ncol=6, loc="outside lower center")
     fig.savefig(path, dpi=120)
@@ -312,6 +324,7 @@ def combine(labels: list[str], described: dict[str, str] | None = None) -> None:
     cols = [
         *MILESTONES,
         "first_record",
+        "first_metric",
         "import_ray_train_torch_s",
         "import_torch_s",
         "load_1min",
