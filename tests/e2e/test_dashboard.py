@@ -153,8 +153,11 @@ def test_submit_the_digits_example_and_watch_it_succeed(page, server):
         chart = page.locator(f"#chart-{name}")
         expect(chart.locator("canvas")).to_have_count(1)
         assert int(chart.get_attribute("data-points")) >= 10, name
-    # The loss chart draws exactly the train records the API holds.
-    assert int(page.get_attribute("#chart-loss", "data-points")) == len(metrics)
+    # The loss chart draws exactly the records the API holds: its longer series, train loss or
+    # validation loss (which starts at step 0, the driver's score of the initial model).
+    evals = server.api.get(f"/v1/jobs/{job_id}/metrics", params={"kind": "eval"}).json()["items"]
+    assert evals[0]["step"] == 0
+    assert int(page.get_attribute("#chart-loss", "data-points")) == max(len(metrics), len(evals))
     # The target is the whole schedule from the start record, ending at the final sparsity.
     expect(page.locator("#chart-sparsity")).to_have_attribute(
         "aria-label", re.compile(r"target \(schedule\) 0\.9\b")
