@@ -1,7 +1,7 @@
 """A job's first metric: the driver scores the initial model on the validation split (step 0)
 while Ray starts the worker group.
 
-Why in the driver: the worker group is up 6-15 s after the data is loaded, each of its processes
+Why in the driver: the worker group is up 5.5-12 s after the data is loaded, each of its processes
 importing torch and Ray Train (bench/README, "Submit -> first metric"). The driver already holds
 torch, the data and the spec, so its step-0 `eval` record is the first metric a client sees,
 seconds before the first train record. With `model.init` the record is the report's baseline
