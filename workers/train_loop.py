@@ -274,12 +274,12 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
     run.loss_count += 1
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Loss and accuracy on the validation split, each rank scoring its share, summed."""
     return score(run.data, run.dist, run.strategy, run.model, run.feed)
 
 
+@torch.no_grad()  # here, not on evaluate: evaluate_initial calls this directly
 def score(data: Dataset, d: Dist, strategy: Strategy, wrapped: nn.Module, feed=None) -> dict:
     """`evaluate` of a model as `strategy` laid it out (`feed`: streamed data's, else None)."""
     if feed is not None:
@@ -418,7 +418,7 @@ def _eval_due(run: Run) -> bool:
 
 def evaluate_initial(spec: JobSpec, data: Dataset, init_state: dict | None) -> dict:
     """The step-0 evaluation in this one process, on its CPU: the model every rank starts from
-    (the same seed, initial weights and compression conversion, by `build`), scored by `evaluate`
+    (the same seed, initial weights and compression conversion, by `lay_out`), scored by `score`
     over the whole validation split. The strategy is DDP's, which at one process is the plain
     model: FSDP's shards and pipeline stages compute the same function, and `infer` runs no
     autocast under any strategy. Data held in memory only (a streamed split is the workers')."""
