@@ -30,9 +30,9 @@ from service.spec import JobSpec
 from workers import export, init_weights, onnx_export
 from workers.checkpoint import CHECKPOINTS
 from workers.compression.pruning import layer_scales, prunable_weights
-from workers.data import load_for_job, streaming
+from workers.data import Dataset, load_for_job, streaming
 from workers.initial_eval import InitialEval
-from workers.metrics_log import MetricsLog
+from workers.metrics_log import MetricsLog, decoded
 from workers.models import build_model
 from workers.models.stages import require_stages
 from workers.relay import MetricsRelay
@@ -56,13 +56,8 @@ class Attempts:
     @classmethod
     def of_lines(cls, lines: list[str]) -> Attempts:
         seen = cls()
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("event") == "start":
-                seen.observe(rec)
+        for rec in decoded(lines):
+            seen.observe(rec)  # only `start` events count
         return seen
 
     def observe(self, record: dict) -> None:
@@ -144,15 +139,29 @@ def attempt_trainer() -> type:
     return AttemptTrainer
 
 
-def preflight(spec: JobSpec, store: ArtifactStore):
+@dataclass
+class Prepared:
+    """What the preflight loaded and the driver goes on with."""
+
+    data: Dataset
+    steps_per_epoch: int
+    total_steps: int
+    # The model.init weights as read (None without init), for the step-0 evaluation: a large
+    # checkpoint on S3 is read once per attempt, not twice. Not to be held past it.
+    init_state: dict | None
+
+
+def preflight(spec: JobSpec, store: ArtifactStore) -> Prepared:
     """Everything that can be known to fail before a worker starts: a ConfigError here fails the
     job once, without retries (retrying cannot fix it)."""
     data = load_for_job(spec.data, spec.parallel.strategy, store)
     spe, total = total_steps(spec, data.info.n_train)
     model = build_model(spec.model.name, spec.model.args, data.info)
+    init_state = None
     if spec.model.init is not None:
         # Unreadable or ill-fitting weights fail here, once, before any worker starts.
-        init_weights.apply(model, init_weights.load_init_state(spec, store))
+        init_state = init_weights.load_init_state(spec, store)
+        init_weights.apply(model, init_state)
     if spec.parallel.strategy == "pipeline":
         require_stages(model, spec.parallel.workers)
     pr = spec.compression.pruning
@@ -167,7 +176,7 @@ def preflight(spec: JobSpec, store: ArtifactStore):
             raise ConfigError(
                 f"parallel.gpus_per_worker: the job needs {need:g} GPUs; the Ray cluster has {have:g}"
             )
-    return data, spe, total
+    return Prepared(data, spe, total, init_state)
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -297,10 +306,13 @@ def _run_job(
     relay = MetricsRelay.remote()
     # a local folder that another node's workers would not see fails here, not at resume
     check_store_shared(store)
-    data, _spe, total = preflight(spec, store)
+    prepared = preflight(spec, store)
+    data, spe, total = prepared.data, prepared.steps_per_epoch, prepared.total_steps
     enter(Phase.WAITING_FOR_WORKERS, total_steps=total)
-    # The first metric, scored here while Ray starts the workers (workers.initial_eval).
-    step0 = InitialEval(spec, data, store, metrics.lines)
+    # The first metric, scored here while Ray starts the workers (workers.initial_eval). Only
+    # its thread keeps the init weights: the driver lets go of them here.
+    step0 = InitialEval(spec, data, prepared.init_state, metrics.lines)
+    del prepared
     if faults is None and os.environ.get("SLIMTRAIN_FAULTS"):
         faults = json.loads(os.environ["SLIMTRAIN_FAULTS"])
 
@@ -321,7 +333,7 @@ def _run_job(
         ray_data = {
             # From the newest checkpoint's epoch to the last, in one Ray Data execution.
             "datasets": data.ray_datasets(
-                spec.train.seed, spec.train.batch_size, _spe, total, streaming.resume_step(arts)
+                spec.train.seed, spec.train.batch_size, spe, total, streaming.resume_step(arts)
             ),
             # "val" unsplit: every rank reads it and scores its rows (workers.data.streaming.Feed);
             # "train" too for pipeline stages, which read whole batches (streaming.reads).

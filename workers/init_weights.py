@@ -22,6 +22,7 @@ from torch import nn
 from service.errors import ArtifactKeyError, ArtifactNotFound, ConfigError
 from service.spec import JobSpec
 from service.uploads import NotSafetensors, safetensors_header
+from workers.metrics_log import decoded
 
 INDEX = "model.safetensors.index.json"
 SHOWN = 5  # keys named in an error before "and N more"
@@ -157,13 +158,8 @@ BASELINE_SOURCE = "the initial weights (model.init) evaluated at step 0 on the v
 def baseline_of(records, kind: str) -> dict | None:
     """The report's `baseline` from the step-0 evaluation record (decoded dicts or JSON lines),
     None when there is none (no model.init)."""
-    for rec in records:
-        if isinstance(rec, str):
-            try:
-                rec = json.loads(rec)
-            except ValueError:
-                continue
-        if isinstance(rec, dict) and rec.get("kind") == "eval" and rec.get("baseline"):
+    for rec in decoded(records):
+        if rec.get("kind") == "eval" and rec.get("baseline"):
             out = {
                 "accuracy": rec["val_accuracy"],
                 "loss": rec["val_loss"],

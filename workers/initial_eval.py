@@ -15,27 +15,18 @@ a sample), so a streamed job's step 0 stays theirs.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from service.artifacts import ArtifactStore
 from service.spec import JobSpec
-from workers import init_weights
 from workers.data import Dataset
+from workers.metrics_log import decoded
 
 
 def has_step0(lines: list[str]) -> bool:
     """Whether an earlier attempt of the job already wrote a step-0 evaluation."""
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("kind") == "eval" and rec.get("step") == 0:
-            return True
-    return False
+    return any(rec.get("kind") == "eval" and rec.get("step") == 0 for rec in decoded(lines))
 
 
 def step0_record(spec: JobSpec, scores: dict) -> dict:
@@ -45,12 +36,12 @@ def step0_record(spec: JobSpec, scores: dict) -> dict:
     return rec
 
 
-def evaluate_into(future: Future, spec: JobSpec, data: Dataset, store: ArtifactStore) -> None:
+def evaluate_into(future: Future, spec: JobSpec, data: Dataset, init_state: dict | None) -> None:
     """The step-0 record into `future`, or the error that stopped it."""
     from workers.train_loop import evaluate_initial
 
     try:
-        scores = evaluate_initial(spec, data, init_weights.load_init_state(spec, store))
+        scores = evaluate_initial(spec, data, init_state)
         future.set_result(step0_record(spec, scores))
     except BaseException as e:  # raised in the driver's thread by InitialEval.take
         future.set_exception(e)
@@ -65,7 +56,8 @@ class InitialEval:
     dashboard's curves drop every point at or after a step seen again). An error in the
     evaluation is raised there, as the driver's own."""
 
-    def __init__(self, spec: JobSpec, data: Dataset, store: ArtifactStore, lines: list[str]):
+    def __init__(self, spec: JobSpec, data: Dataset, init_state: dict | None, lines: list[str]):
+        """`init_state`: the model.init weights the preflight read (None without init)."""
         streamed = getattr(data, "streamed", False)
         self.evaluated = not streamed
         self._future: Future | None = None
@@ -74,7 +66,7 @@ class InitialEval:
         # The thread holds its own reference: take() lets go of the attribute as it waits.
         self._future = Future()
         threading.Thread(
-            target=evaluate_into, args=(self._future, spec, data, store), name="step0-eval", daemon=True
+            target=evaluate_into, args=(self._future, spec, data, init_state), name="step0-eval", daemon=True
         ).start()
 
     def on_ready(self, fn: Callable[[], None]) -> None:

@@ -18,12 +18,27 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 
 from service.artifacts import JobArtifacts
 from service.errors import ArtifactNotFound
 from service.records import METRICS, list_parts, part_name
 
 log = logging.getLogger(__name__)
+
+
+def decoded(records: Iterable[str | dict]) -> Iterator[dict]:
+    """The records among JSON lines (or records already decoded), skipping a line that is not a
+    JSON object: a torn last line of a driver that crashed mid-write, or one the API has
+    already reported as an `invalid_record` event (service/ingest.py)."""
+    for rec in records:
+        if isinstance(rec, str):
+            try:
+                rec = json.loads(rec)
+            except ValueError:
+                continue
+        if isinstance(rec, dict):
+            yield rec
 
 
 def load_series(arts: JobArtifacts) -> tuple[list[str], bool]:

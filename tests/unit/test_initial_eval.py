@@ -8,6 +8,7 @@ import threading
 from concurrent.futures import Future
 
 import pytest
+import torch
 from safetensors.torch import save as st_save
 
 from service.artifacts import LocalArtifactStore
@@ -95,14 +96,14 @@ def test_without_init_the_record_is_the_fresh_model_not_a_baseline(store, digits
 
 
 @pytest.mark.timeout(60)  # take(wait=True) waits unbounded, as the driver does
-def test_the_record_is_handed_over_once_and_only_when_asked_to_wait_or_ready(store, digits):
+def test_the_record_is_handed_over_once_and_only_when_asked_to_wait_or_ready(digits):
     spec = parse_spec(BASE)
     gate = threading.Event()
-    ev = InitialEval(spec, Streamed(), store, [])  # no thread of its own: the test's, held back
+    ev = InitialEval(spec, Streamed(), None, [])  # no thread of its own: the test's, held back
 
     def held(future):
         gate.wait(10)
-        evaluate_into(future, spec, digits, store)
+        evaluate_into(future, spec, digits, None)
 
     ev.evaluated, ev._future = True, Future()
     ready = threading.Event()
@@ -115,19 +116,17 @@ def test_the_record_is_handed_over_once_and_only_when_asked_to_wait_or_ready(sto
     assert ev.take(wait=True) is None  # once
 
 
-def test_an_error_in_the_evaluation_is_raised_to_the_driver(store, digits):
-    bad = parse_spec(
-        {**BASE, "model": {**BASE["model"], "init": {"uri": "store://models/parent"}}}
-    )  # not resolved
-    ev = InitialEval(bad, digits, store, [])
+def test_an_error_in_the_evaluation_is_raised_to_the_driver(digits):
+    spec = parse_spec({**BASE, "model": {**BASE["model"], "init": {"uri": "store://models/parent"}}})
+    ev = InitialEval(spec, digits, {"fc.weight": torch.zeros(1)}, [])  # weights that do not fit
     assert ev.evaluated
-    with pytest.raises(ConfigError, match="model.init: not resolved"):
+    with pytest.raises(ConfigError, match="model.init"):
         ev.take(wait=True)
 
 
-def test_streamed_data_and_an_earlier_attempts_step0_start_no_evaluation(store, digits):
+def test_streamed_data_and_an_earlier_attempts_step0_start_no_evaluation(digits):
     spec = parse_spec(BASE)
-    streamed = InitialEval(spec, Streamed(), store, [])
+    streamed = InitialEval(spec, Streamed(), None, [])
     assert not streamed.evaluated and streamed.take(wait=True) is None  # the workers score it
     lines = [
         json.dumps({"kind": "phase", "phase": "preparing"}),
@@ -135,5 +134,30 @@ def test_streamed_data_and_an_earlier_attempts_step0_start_no_evaluation(store, 
         json.dumps({"kind": "eval", "step": 0}),
     ]
     assert has_step0(lines) and not has_step0(lines[:2])
-    again = InitialEval(spec, digits, store, lines)
+    again = InitialEval(spec, digits, None, lines)
     assert again.evaluated and again.take(wait=True) is None  # written by an earlier attempt
+
+
+def test_the_driver_reads_the_init_weights_once_and_scores_them(store, digits):
+    """The preflight's read of model.init is the one the step-0 evaluation scores: a large
+    checkpoint on S3 is fetched once per attempt."""
+    from workers.driver import preflight
+
+    reads: list[str] = []
+
+    class Counting(LocalArtifactStore):
+        def get_bytes(self, key):
+            reads.append(key)
+            return super().get_bytes(key)
+
+    counting = Counting(store.root)
+    spec = resolve_init(parse_spec(COMPRESSED, submitted=True), "default", counting)
+    reads.clear()
+    prepared = preflight(spec, counting)
+    ev = InitialEval(spec, prepared.data, prepared.init_state, [])
+    rec = ev.take(wait=True)
+    assert reads.count(model_key("default", "parent")) == 1
+    assert rec["baseline"] is True
+    assert {k: rec[k] for k in ("val_loss", "val_accuracy")} == evaluate_initial(
+        spec, digits, init_weights.load_init_state(spec, store)
+    )

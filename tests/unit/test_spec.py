@@ -236,8 +236,8 @@ def test_every_example_passes_the_drivers_preflight(path, tmp_path):
     from workers.driver import preflight
 
     spec = load_spec_file(path)
-    _, steps_per_epoch, total = preflight(spec, LocalArtifactStore(tmp_path))
-    assert steps_per_epoch > 0 and total >= steps_per_epoch
+    prepared = preflight(spec, LocalArtifactStore(tmp_path))
+    assert prepared.steps_per_epoch > 0 and prepared.total_steps >= prepared.steps_per_epoch
 
 
 # --- unknown fields: the nearest known name, or the allowed ones -------------------------------
