@@ -323,12 +323,17 @@ def serve(
     # Idle keep-alive connections must be closed by the client (httpx: 5 s; load balancers:
     # 60 s), never by the server first: uvicorn's default of 5 s made a request sent just as the
     # server closed its connection get no answer at all (bench/load/keepalive_race.py).
+    # uvloop and httptools by name, not uvicorn's "auto": a missing C stack fails the start rather
+    # than fall back silently to asyncio + h11, which served 0.72-0.76x the GET job req/s
+    # (bench/README.md, "API at one and two processes").
     uvicorn.run(
         create_app(settings, auth=auth, freeze_gc=True),
         host=settings.host,
         port=settings.port,
         log_level="info",
         timeout_keep_alive=75,
+        loop="uvloop",
+        http="httptools",
     )
 
 

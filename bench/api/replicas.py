@@ -21,6 +21,9 @@ whatever else they share); 2 / that ratio is the throughput two processes give w
 its own core: an estimate from CPU time, not a measured throughput, and named so.
 With `--baseline REV`, that git revision's API (`git archive`) is measured too, on databases of
 its own, its processes up beside this tree's, every round measuring both codes.
+Every API process runs on uvicorn's uvloop + httptools, as `slimtrain serve` does (api/cli.py);
+`--stacks uvloop-httptools,asyncio-h11` also measures this tree on uvicorn's pure-Python stack
+(`--loop asyncio --http h11`), what `serve` ran before, side by side in the same way.
 
 Writes bench/results/api_replicas/{results.json,table.md,replicas.png}."""
 
@@ -32,6 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from api.client import Client
@@ -40,6 +44,20 @@ from bench.common import conditions, machine, markdown_table, results_dir, save_
 
 VARIANTS = ("1 process", "2 processes")
 ROUTES = ("get_job", "healthz")
+# uvicorn's event loop and HTTP implementation, by --stacks name; the first is `slimtrain serve`'s
+STACKS = {
+    "uvloop-httptools": ("--loop", "uvloop", "--http", "httptools"),
+    "asyncio-h11": ("--loop", "asyncio", "--http", "h11"),
+}
+THIS = "this tree"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One API under test: its source tree (None: this one) and uvicorn's stack."""
+
+    code: Path | None
+    stack: str
 
 
 def generate(targets: list[str], path: str, seconds: float, connections: int, servers: list[int]) -> dict:
@@ -74,21 +92,22 @@ def summarize(runs: list[dict]) -> dict:
     return {k: v for k, v in merge(runs).items() if k != "latencies_ms"}
 
 
-def bench_db(work: Path, db_urls: dict[str, str | None], codes: dict[str, Path | None], a) -> dict:
-    """{code label: {route: {variant: figures}}} on one kind of database; each code its own
-    database (`db_urls`, by code label; None: SQLite in its data folder), both codes' processes
-    up for the whole measurement, each round measuring every code and variant."""
+def bench_db(work: Path, db_urls: dict[str, str | None], setups: dict[str, Setup], a) -> dict:
+    """{setup label: {route: {variant: figures}}} on one kind of database; each setup its own
+    database (`db_urls`, by label; None: SQLite in its data folder), every setup's processes
+    up for the whole measurement, each round measuring every setup and variant."""
     servers: dict[str, list] = {}
     try:
         plans, paths = {}, {}
-        for label, code in codes.items():
+        for label, setup in setups.items():
             data = work / label.replace(" ", "-")
             data.mkdir()
             extra = {"SLIMTRAIN_RUN_SCHEDULER": "false"}
             if db_urls[label]:
                 extra["SLIMTRAIN_DATABASE_URL"] = db_urls[label]
             # one after the other: the first migrates the database
-            servers[label] = [start_api(data, extra, code=code) for _ in range(2)]
+            args = STACKS[setup.stack]
+            servers[label] = [start_api(data, extra, uvicorn_args=args, code=setup.code) for _ in range(2)]
             (pa, url_a), (pb, url_b) = servers[label]
             job = Client(url_a, TOKEN).submit(SPEC)["id"]
             paths[label] = {"get_job": f"/v1/jobs/{job}", "healthz": "/healthz"}
@@ -97,8 +116,8 @@ def bench_db(work: Path, db_urls: dict[str, str | None], codes: dict[str, Path |
                 "2 processes": ([url_a, url_b], [pa.pid, pb.pid]),
             }
             generate([url_a, url_b], paths[label]["get_job"], 2, a.connections, [pa.pid, pb.pid])  # warm-up
-        runs = {label: {r: {v: [] for v in VARIANTS} for r in ROUTES} for label in codes}
-        cases = [(label, v) for label in codes for v in VARIANTS]
+        runs = {label: {r: {v: [] for v in VARIANTS} for r in ROUTES} for label in setups}
+        cases = [(label, v) for label in setups for v in VARIANTS]
         for i in range(a.rounds):
             for route in ROUTES:
                 for label, variant in cases if i % 2 == 0 else reversed(cases):
@@ -196,6 +215,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=8, help="Per load generator.")
     ap.add_argument("--baseline", help="A git revision whose API is measured too, side by side.")
+    ap.add_argument(
+        "--stacks",
+        default="uvloop-httptools",
+        help=f"Comma-separated uvicorn stacks to run this tree on: {', '.join(STACKS)}; the first is "
+        "the baseline's.",
+    )
     ap.add_argument("--plot-only", action="store_true", help="Redraw the plot from results.json.")
     a = ap.parse_args()
     if a.plot_only:
@@ -205,29 +230,35 @@ def main() -> None:
     dbs = [d.strip() for d in a.dbs.split(",") if d.strip()]
     if unknown := set(dbs) - {"postgres", "sqlite"}:
         ap.error(f"--dbs: unknown {sorted(unknown)}; allowed: postgres, sqlite")
+    stacks = [x.strip() for x in a.stacks.split(",") if x.strip()]
+    unknown = set(stacks) - set(STACKS)
+    if unknown or not stacks:
+        ap.error(f"--stacks: {sorted(unknown) if stacks else 'none'}; allowed: {', '.join(STACKS)}")
     out = results_dir("api_replicas")
-    codes: dict[str, Path | None] = {}
+    setups: dict[str, Setup] = {}
     results: dict[str, dict] = {}
     pg = None
     with tempfile.TemporaryDirectory(prefix="slimtrain-replicas-") as tmp:
         base_commit = None
         if a.baseline:
             tree, base_commit = checkout(a.baseline, Path(tmp) / "baseline-code")
-            codes[f"baseline {base_commit[:10]}"] = tree
-        codes["this tree"] = None
+            setups[f"baseline {base_commit[:10]}"] = Setup(tree, stacks[0])
+        setups[THIS] = Setup(None, stacks[0])
+        for stack in stacks[1:]:
+            setups[f"this tree on {stack}"] = Setup(None, stack)
         try:
             for db in dbs:
-                urls: dict[str, str | None] = dict.fromkeys(codes)
+                urls: dict[str, str | None] = dict.fromkeys(setups)
                 if db == "postgres":
                     from tests.plugins.postgres import start_postgres
 
                     pg = pg or start_postgres()
-                    urls = {label: pg.new_database() for label in codes}
+                    urls = {label: pg.new_database() for label in setups}
                 work = Path(tmp) / db
                 work.mkdir()
-                by_code = bench_db(work, urls, codes, a)
-                for label, routes in by_code.items():
-                    results[db if label == "this tree" else f"{db}, {label}"] = routes
+                by_setup = bench_db(work, urls, setups, a)
+                for label, routes in by_setup.items():
+                    results[db if label == THIS else f"{db}, {label}"] = routes
         finally:
             if pg is not None:
                 pg.stop()
@@ -252,12 +283,15 @@ def main() -> None:
     text = (
         f"{conditions(m)}\n{cores} cores for 2 API processes and 2 load generators; "
         f"{a.seconds:g} s per route, variant and round, {a.rounds} rounds, "
-        f"{a.connections} connections per generator; baseline: {base_commit or '(none)'}.\n\n"
+        f"{a.connections} connections per generator; baseline: {base_commit or '(none)'}; "
+        f"uvicorn stacks: {', '.join(stacks)} (the first is the baseline's).\n\n"
         f"{markdown_table(headers, rows(results))}\n"
     )
-    if base_commit:
+    for label in setups:
+        if label == THIS:
+            continue
         text += (
-            "\nThis tree against the baseline, same run:\n"
+            f"\nThis tree ({stacks[0]}) against {label} ({setups[label].stack}), same run:\n"
             + "\n".join(
                 f"- {db}, {route}, {v}: {t['req_per_s'] / b['req_per_s']:.2f}x the req/s, API CPU "
                 f"{b['server_cpu_ms_per_request']:.3f} -> {t['server_cpu_ms_per_request']:.3f} ms/request, "
@@ -265,7 +299,7 @@ def main() -> None:
                 for db in dbs
                 for route in ROUTES
                 for v in VARIANTS
-                for b, t in [(results[f"{db}, baseline {base_commit[:10]}"][route][v], results[db][route][v])]
+                for b, t in [(results[f"{db}, {label}"][route][v], results[db][route][v])]
             )
             + "\n"
         )
@@ -281,6 +315,7 @@ def main() -> None:
                 "connections_per_generator": a.connections,
                 "baseline": a.baseline,
                 "baseline_commit": base_commit,
+                "stacks": {label: setup.stack for label, setup in setups.items()},
             },
             "results": results,
             "ratios": {db: {r: ratios(by) for r, by in routes.items()} for db, routes in results.items()},
