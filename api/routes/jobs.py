@@ -17,7 +17,7 @@ from api.deps import CurrentTenant, ServiceDep, read_db, run_db
 from api.errors import BadRequest, BodyTooLarge, UnsupportedMediaType, documented
 from api.job_bodies import metric_page
 from api.openapi import EVENT_STREAM, JOB_LINKS
-from api.params import ArtifactName, JobId, MetricKind
+from api.params import ArtifactName, JobId, JobIdPath, MetricKind, known_job_id
 from api.routes.schemas import (
     ArtifactOut,
     ArtifactPage,
@@ -33,6 +33,7 @@ from api.routes.schemas import (
 from api.sse import encoded, job_events
 from service.artifacts import NAME_MAX_CHARS, check_name, iter_file_chunks
 from service.errors import SpecError
+from service.job_service import JobService
 from service.jobs import JobState
 from service.logtext import AnsiStripper, strip_ansi
 from service.spec import decode_spec_text
@@ -209,7 +210,11 @@ async def list_jobs(
     operation_id="get_job",
     responses=documented(401, 404),
 )
-async def get_job(job_id: JobId, request: Request, service: ServiceDep, tenant: CurrentTenant) -> Response:
+async def get_job(job_id: JobIdPath, request: Request, tenant: CurrentTenant) -> Response:
+    # Flat, as api.params.JobId says why: the id checked here, after the tenant; the service
+    # from the app's state, not a dependency.
+    service: JobService = request.app.state.service
+    job_id = known_job_id(job_id)
     return request.app.state.job_bodies.job(await read_db(request, service.job_row, tenant, job_id))
 
 
@@ -247,9 +252,8 @@ async def job_attempts(
     responses=documented(400, 401, 404, 422),
 )
 async def job_metrics(
-    job_id: JobId,
+    job_id: JobIdPath,
     request: Request,
-    service: ServiceDep,
     tenant: CurrentTenant,
     kind: Annotated[
         list[MetricKind] | None, Query(description="Only these kinds: train, eval, event.")
@@ -259,6 +263,8 @@ async def job_metrics(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="Records per page.")] = 1000,
 ) -> Response:
+    job_id = known_job_id(job_id)  # flat, as get_job
+    service: JobService = request.app.state.service
     after = -1 if (seq := params.sequence(cursor, "cursor")) is None else seq
     # On SQLite, a page of up to `limit` records is read off the event loop.
     page = await read_db(request, service.metric_page, tenant, job_id, after, kind, limit, on_loop=False)
