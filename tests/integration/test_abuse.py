@@ -118,6 +118,19 @@ BAD_CREDENTIALS = [
 ]
 
 
+def test_a_job_id_no_job_can_have_is_401_without_a_token_and_404_with_one(local):
+    """Every job route checks the token before the id, whether it takes the checked `JobId`
+    dependency or checks the id itself (the routes dashboards poll: api/params.py)."""
+    anon, alice = local.api.client(None), local.api.client(ALICE)
+    job_paths = [(m, p) for m, p, _ in _operations(local.doc) if "{job_id}" in p]
+    assert len(job_paths) >= 8
+    for method, path in job_paths:
+        url = _url(path, "no~such~job")  # outside the id alphabet: never looked up
+        assert anon.request(method, url).status_code == 401, (method, path)
+        r = alice.request(method, url)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", (method, path, r.text)
+
+
 def test_every_v1_route_refuses_a_missing_or_wrong_token(local):
     queued = _queued_job(local)
     anon = local.api.client(None)
