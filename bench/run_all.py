@@ -70,6 +70,15 @@ BENCHES = [
         _o("api"),
         quick_env={"BENCH_SECONDS": "2", "BENCH_JOBS": "1"},
     ),
+    # Full: the stack comparison bench/README quotes ("API at one and two processes").
+    Bench(
+        "api_replicas",
+        "bench.api.replicas",
+        ["--dbs", "sqlite", "--seconds", "2", "--rounds", "1"],
+        ["--stacks", "uvloop-httptools,asyncio-h11"],
+        _q("api_replicas"),
+        _o("api_replicas"),
+    ),
     Bench(
         "ddp_parity",
         "bench.ddp_parity",
