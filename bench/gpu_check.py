@@ -9,7 +9,7 @@
 
     .venv/bin/python -m bench.gpu_check [--steps 30] [--min-speedup 1.5]
 
-Prints a table, writes bench/out/gpu_check/{table.md,results.json}, exits 1 when a check fails.
+Prints a table, writes bench/results/gpu_check/{table.md,results.json}, exits 1 when a check fails.
 Without CUDA the GPU checks are NOT RUN, and the script says so: its status (the last line,
 `bench status: not run: no GPU`, which bench.run_all reports as the bench's status, and
 `status` in results.json) is "not run: no GPU", never "ok". It then runs check 1 on CPU over

@@ -182,3 +182,19 @@ def test_sharded_ranks_keep_the_search_across_ranks():
     out = run_on_two_ranks(work)
     whole = kth_smallest_local([x.abs() for x in w.values()], 3000)
     assert out == [whole, whole]
+
+
+def test_the_bisection_counts_on_the_scores_device():
+    """NCCL reduces only GPU tensors, so the per-probe count must live where the scores do. No GPU
+    here: scores on the meta device stand in for CUDA ones (what the check sees is the device of
+    every tensor handed to the reduction). On an H200 a CPU count failed FSDP pruning at its first
+    update (bench.gpu_check)."""
+    seen = []
+
+    def reduce_sum(t):
+        seen.append(t.device)
+        return torch.zeros((), dtype=torch.float64)  # meta holds no values: every probe counts 0
+
+    scores = [torch.rand(10, device="meta"), torch.rand(5, device="meta")]
+    assert kth_smallest_bisect(scores, 3, reduce_sum=reduce_sum) == math.inf
+    assert seen and set(seen) == {torch.device("meta")}

@@ -207,8 +207,12 @@ def kth_smallest_bisect(
     bits = [s.detach().float().contiguous().view(torch.int32) for s in scores]
     w = [None] * len(bits) if weights is None else [x.double() for x in weights]
 
+    # The count lives where the scores do: NCCL reduces only GPU tensors, and adding a GPU sum
+    # into a CPU tensor in place is a device error (found by bench.gpu_check on an H200).
+    device = bits[0].device if bits else torch.device("cpu")
+
     def count(tau_bits: int) -> float:
-        c = torch.zeros((), dtype=torch.float64)
+        c = torch.zeros((), dtype=torch.float64, device=device)
         for b, wt in zip(bits, w, strict=True):
             sel = b <= tau_bits
             c += sel.sum() if wt is None else wt[sel].sum()
