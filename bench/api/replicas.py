@@ -3,15 +3,17 @@
 
 Two API processes (uvicorn, one worker each, `SLIMTRAIN_RUN_SCHEDULER=false`: request handling
 only, as in bench/api/run.py) on one database and one artifact folder, as replicas behind a load
-balancer run. Two load generators (bench/api/loadgen.py, closed loop, `--connections` each) run
-at once:
-- "1 process": both send to process A (B stays up, idle);
-- "2 processes": one sends to A, the other to B (what a round-robin balancer does).
+balancer run. 2 x `--generators` load generators (bench/api/loadgen.py, closed loop, one process
+and `--connections` connections each) run at once:
+- "1 process": all send to process A (B stays up, idle);
+- "2 processes": half send to A, half to B (what a round-robin balancer does).
+One generator is one Python process: where cores are many, `--generators 2` or more keeps the
+generators from being what limits the two processes.
 Same generators, same connections, same route in both: only the number of processes serving
 them differs. Each round measures both variants, in an order that alternates between rounds.
 Routes: GET /v1/jobs/{id} (the route the issue's target names) and GET /healthz (the anchor).
 
-Figures per database, route and variant: total req/s (both generators' requests over the wall
+Figures per database, route and variant: total req/s (all generators' requests over the wall
 time), p50 and p99, and the API's CPU per request (psutil, user + system, all serving API
 processes together; PostgreSQL's own CPU is not in it). Throughput at 2 over 1 is the issue's
 figure (target >= 1.8x); it needs a free core per API process besides the generators', so the
@@ -112,8 +114,8 @@ def bench_db(work: Path, db_urls: dict[str, str | None], setups: dict[str, Setup
             job = Client(url_a, TOKEN).submit(SPEC)["id"]
             paths[label] = {"get_job": f"/v1/jobs/{job}", "healthz": "/healthz"}
             plans[label] = {
-                "1 process": ([url_a, url_a], [pa.pid]),
-                "2 processes": ([url_a, url_b], [pa.pid, pb.pid]),
+                "1 process": ([url_a, url_a] * a.generators, [pa.pid]),
+                "2 processes": ([url_a, url_b] * a.generators, [pa.pid, pb.pid]),
             }
             generate([url_a, url_b], paths[label]["get_job"], 2, a.connections, [pa.pid, pb.pid])  # warm-up
         runs = {label: {r: {v: [] for v in VARIANTS} for r in ROUTES} for label in setups}
@@ -173,7 +175,7 @@ def rows(results: dict) -> list[list]:
     return out
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, cores: int, generators: int) -> None:
     """One panel per route; per setup (database, code) the two variants side by side, the
     measured ratio and the CPU-bound estimate above them."""
     import matplotlib
@@ -202,9 +204,9 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylim(0, top * 1.4)
         ax.set_xticks(range(len(setups)), [s.replace(", ", "\n") for s in setups], fontsize=7)
         ax.set_title(f"{route}: req/s, 2 processes / 1 measured (CPU-bound estimate)", fontsize=9)
-        ax.set_ylabel("req/s (both generators)")
+        ax.set_ylabel("req/s (all generators)")
         ax.legend(fontsize=7, loc="upper center", ncols=2)
-    fig.suptitle(f"API at 1 and 2 processes, {os.cpu_count()} CPUs, 2 load generators", fontsize=10)
+    fig.suptitle(f"API at 1 and 2 processes, {cores} cores, {generators} load generators", fontsize=10)
     fig.savefig(path, dpi=120)
 
 
@@ -214,6 +216,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10, help="Per route, variant and round.")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=8, help="Per load generator.")
+    ap.add_argument("--generators", type=int, default=1, help="Load generators per API process.")
     ap.add_argument("--baseline", help="A git revision whose API is measured too, side by side.")
     ap.add_argument(
         "--stacks",
@@ -225,9 +228,14 @@ def main() -> None:
     a = ap.parse_args()
     if a.plot_only:
         out = results_dir("api_replicas")
-        plot(json.loads((out / "results.json").read_text())["results"], out / "replicas.png")
+        saved = json.loads((out / "results.json").read_text())
+        # runs before --generators had two
+        generators = saved["settings"].get("generators", 2)
+        plot(saved["results"], out / "replicas.png", saved["cores"], generators)
         return
     dbs = [d.strip() for d in a.dbs.split(",") if d.strip()]
+    if a.generators < 1:
+        ap.error(f"--generators: {a.generators}; allowed: 1 or more")
     if unknown := set(dbs) - {"postgres", "sqlite"}:
         ap.error(f"--dbs: unknown {sorted(unknown)}; allowed: postgres, sqlite")
     stacks = [x.strip() for x in a.stacks.split(",") if x.strip()]
@@ -281,7 +289,7 @@ def main() -> None:
         "CPU-bound estimate 2 / 1",
     ]
     text = (
-        f"{conditions(m)}\n{cores} cores for 2 API processes and 2 load generators; "
+        f"{conditions(m)}\n{cores} cores for 2 API processes and {2 * a.generators} load generators; "
         f"{a.seconds:g} s per route, variant and round, {a.rounds} rounds, "
         f"{a.connections} connections per generator; baseline: {base_commit or '(none)'}; "
         f"uvicorn stacks: {', '.join(stacks)} (the first is the baseline's).\n\n"
@@ -313,6 +321,7 @@ def main() -> None:
                 "seconds": a.seconds,
                 "rounds": a.rounds,
                 "connections_per_generator": a.connections,
+                "generators": 2 * a.generators,
                 "baseline": a.baseline,
                 "baseline_commit": base_commit,
                 "stacks": {label: setup.stack for label, setup in setups.items()},
@@ -321,7 +330,7 @@ def main() -> None:
             "ratios": {db: {r: ratios(by) for r, by in routes.items()} for db, routes in results.items()},
         },
     )
-    plot(results, out / "replicas.png")
+    plot(results, out / "replicas.png", cores, 2 * a.generators)
     print(text)
 
 
