@@ -43,6 +43,16 @@ STATUS_PREFIX = "bench status: "
 EXIT_NOT_RUN = 3
 
 
+def first_gpu() -> tuple[bool, torch.device]:
+    """(CUDA is here, cuda:0 made current) or (False, cpu); a GPU is named in the output."""
+    if not torch.cuda.is_available():
+        return False, torch.device("cpu")
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    return True, device
+
+
 def init_one_rank(backend: str) -> None:
     """A one-process group: FSDP needs one to shard over, even when there is nothing to split."""
     with socket.socket() as s:
@@ -176,12 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-    if gpu:
-        torch.cuda.set_device(device)
-        print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
-    else:
+    gpu, device = first_gpu()
+    if not gpu:
         print(f"gpu_check: {NOT_RUN}. The GPU checks (FSDP on a GPU, AMP speed-up) DID NOT RUN.", flush=True)
         if args.require_gpu:
             _save(False, [], [], [], NOT_RUN, f"gpu_check: {NOT_RUN} (--require-gpu: nothing ran)")

@@ -132,6 +132,15 @@ BENCHES = [
         takes_require_gpu=True,
     ),
     Bench(
+        "gpu_jobs",
+        "bench.gpu_jobs",
+        [],  # without a GPU: the dense digits job on the CPU; with one: every job, ~2 min on an H200
+        [],
+        _q("gpu_jobs"),
+        _o("gpu_jobs"),
+        takes_require_gpu=True,
+    ),
+    Bench(
         "data",
         "bench.data",
         ["--rows", "2000", "6325", "--steps", "60"],

@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import ray
-
 from service.artifacts import ArtifactStore, JobArtifacts
 from workers.checkpoint import CHECKPOINTS, Loaded, dir_name, load_latest, write_checkpoint
 from workers.data.streaming import memory_now
@@ -76,6 +74,8 @@ class RaySession:
         lost attempt resumes; were its records still in flight when the driver died (the Ray
         head lost, say), the series would have a gap that no later attempt fills, and the
         attempt itself would be missing from the count kept in the records."""
+        import ray  # here, as every Ray import of this module: LocalSession runs without Ray
+
         want = ray.get(self.relay.mark.remote())
         deadline = time.monotonic() + DURABLE_TIMEOUT_S
         while ray.get(self.relay.durable_count.remote()) < want:

@@ -9,7 +9,7 @@ C=.device-carry
 mkdir -p $C/whl
 pins=$(for p in pydantic pydantic-core annotated-types typing-inspection zstandard fastapi starlette \
   sse-starlette sqlalchemy greenlet alembic mako optuna colorlog pydantic-settings python-dotenv uvicorn \
-  httptools psycopg psycopg-binary psycopg-pool typing-extensions opentelemetry-api; do
+  httptools psycopg psycopg-binary psycopg-pool typing-extensions opentelemetry-api torch-pruning; do
   grep -i -m1 "^$p==" requirements.lock | cut -d' ' -f1; done)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
