@@ -445,6 +445,17 @@ class ParallelSpec(Strict):
 
     @model_validator(mode="after")
     def _rules(self) -> ParallelSpec:
+        g = self.gpus_per_worker
+        if g > 1 and g != int(g):
+            raise ValueError(f"gpus_per_worker: {g:g}; above 1 only whole GPUs (2, 3, ...): Ray's rule")
+        if 0 < g < 1 and self.workers > 1:
+            # Seen on an H200 (bench/README.md, "Jobs through Ray on the GPU"): Ray packed both
+            # halves onto one GPU and NCCL refused ("Duplicate GPU detected"), on every retry.
+            raise ValueError(
+                f"gpus_per_worker: {g:g} with {self.workers} workers; a fraction of a GPU lets Ray put "
+                "two workers on one GPU, where NCCL cannot run two ranks of a job: give each worker "
+                "1 or more GPUs, or run one worker"
+            )
         if self.strategy == "pipeline" and self.workers < 2:
             raise ValueError("workers: strategy `pipeline` needs at least 2 workers (one per stage)")
         one_f_one_b = self.strategy == "pipeline" and self.pipeline_schedule == "1f1b"

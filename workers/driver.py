@@ -452,6 +452,7 @@ def _run_job(
         "step_seconds": summary.get("train_seconds"),
         "samples_per_second": summary.get("samples_per_second"),
         "skipped_steps": summary.get("skipped_steps", 0),
+        "devices": summary.get("devices"),
         "attempts": attempts.items,
     }
     enter(Phase.EXPORTING)

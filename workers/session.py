@@ -36,7 +36,11 @@ class RaySession:
         import torch
 
         if torch.cuda.is_available():
-            device = torch.device("cuda", ctx.get_local_rank())
+            # Ray's answer, not cuda:<local rank>: two workers holding halves of one GPU both see
+            # it as cuda:0, and local rank 1 has no cuda:1.
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")

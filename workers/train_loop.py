@@ -377,6 +377,13 @@ def save(run: Run, session: Session) -> None:
         session.emit({"kind": "event", "event": "checkpoint", "step": run.step})
 
 
+def device_name(device: torch.device) -> str:
+    """`cpu`, or `cuda:0 (NVIDIA H200)`: the index this process sees and the GPU's model."""
+    if device.type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
 def loop_seconds(run: Run) -> float:
     """Wall clock of the training loop so far: this attempt's, plus what the checkpoint it resumed
     from had kept (work lost to a failure after that checkpoint is redone, and counted once)."""
@@ -511,6 +518,8 @@ def train(
         "samples": samples,
         "samples_per_second": samples / wall if wall > 0 else None,
         "skipped_steps": run.skipped_steps,
+        # Where each rank trained, by rank: the report says it, not the spec that asked for it.
+        "devices": session.dist.all_gather_object(device_name(session.dist.device)),
         # Each rank's resident memory (bytes: rss, anon, shmem): when its session started
         # (before it fetched any data), after this attempt's first step and first evaluation,
         # and the peaks over the loop (rss_hwm: the process's lifetime peak). What

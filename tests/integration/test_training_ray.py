@@ -106,6 +106,7 @@ def test_gmp90_reaches_target_sparsity_and_accuracy(gmp90):
     keys = {"accuracy", "sparsity", "params", "size", "steps", "wall_seconds", "samples_per_second"}
     assert keys <= set(gmp90)
     assert gmp90["params"]["nonzero"] < gmp90["params"]["total"]
+    assert gmp90["devices"] == ["cpu", "cpu"]  # both Ray Train workers, by rank
     assert gmp90["size"]["compressed_bytes"] < gmp90["size"]["dense_bytes"] / 5
 
 

@@ -329,3 +329,4 @@ def test_throughput_is_global_samples_over_the_loops_wall_clock(store, digits, m
     assert summary["samples"] == summary["step"] * 64
     assert summary["wall_seconds"] >= summary["train_seconds"] + 2 * 0.5  # two epoch-end evaluations
     assert summary["samples_per_second"] == summary["samples"] / summary["wall_seconds"]
+    assert summary["devices"] == ["cpu"]  # one rank, on the CPU: where it trained, by rank

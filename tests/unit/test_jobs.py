@@ -143,7 +143,8 @@ def _spec(**over):
 
 def test_demand_is_one_cpu_per_worker_plus_their_gpus():
     assert demand(_spec(parallel={"workers": 2})) == Resources(2, 0)
-    assert demand(_spec(parallel={"workers": 4, "gpus_per_worker": 0.5})) == Resources(4, 2)
+    assert demand(_spec(parallel={"workers": 4, "gpus_per_worker": 2})) == Resources(4, 8)
+    assert demand(_spec(parallel={"workers": 1, "gpus_per_worker": 0.5})) == Resources(1, 0.5)
 
 
 def test_estimated_steps_matches_the_engine_for_the_example():

@@ -86,6 +86,12 @@ priority: 0
         ({"train": {"lr_schedule": "poly"}}, "train.lr_schedule", "'constant', 'cosine' or 'step'"),
         ({"precision": "fp8"}, "precision", "'fp32', 'fp16' or 'bf16'"),
         ({"parallel": {"strategy": "pipeline", "workers": 1}}, "parallel.workers", "at least 2 workers"),
+        (
+            {"parallel": {"workers": 2, "gpus_per_worker": 0.5}},
+            "parallel.gpus_per_worker",
+            "NCCL cannot run two ranks of a job",
+        ),
+        ({"parallel": {"gpus_per_worker": 1.5}}, "parallel.gpus_per_worker", "only whole GPUs"),
         ({"parallel": {"workers": 3}}, "train.batch_size", "not divisible by parallel.workers (3)"),
         ({"parallel": {"strategy": "tp"}}, "parallel.strategy", "'ddp', 'fsdp' or 'pipeline'"),
         (
