@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from rich.table import Table
 
 from service.errors import SpecError
@@ -51,6 +53,15 @@ def _latency_rows(lat: dict, same_artifact: bool) -> list[tuple[str, str]]:
     return rows
 
 
+def devices_text(devices: list[str] | None) -> str | None:
+    """The report's `devices` (one per rank) as people read it: `2 x cpu`, `cuda:0 (NVIDIA H200)`.
+    None for reports written before the key existed."""
+    if not devices:
+        return None
+    counts = Counter(devices)
+    return ", ".join(d if n == 1 else f"{n} x {d}" for d, n in counts.items())
+
+
 def report_table(rep: dict) -> Table:
     t = Table(title=f"Report: {rep.get('name', '')} ({rep.get('job_id', '')})", show_header=False)
     t.add_column("key", style="bold")
@@ -98,6 +109,7 @@ def report_table(rep: dict) -> Table:
     setup = rep.get("latency_setup") or {}
     rows += [
         ("latency measured with", f"{setup['runtime']}, {setup['statistic']}" if setup else None),
+        ("trained on", devices_text(rep.get("devices"))),
         ("steps", rep.get("steps")),
         ("samples / s", rep.get("samples_per_second")),
         ("wall seconds", rep.get("wall_seconds")),

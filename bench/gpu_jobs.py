@@ -93,7 +93,7 @@ def run_job(name: str, raw: dict, device: torch.device, work: Path) -> dict:
             torch.cuda.synchronize(device)
             # Evidence that the loop trained on the GPU, not beside it on the CPU.
             row["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        row["steps"] = summary["step"]
+        row["steps"], row["devices"] = summary["step"], summary["devices"]
         t0 = time.perf_counter()
         if hasattr(data, "for_export"):  # streamed data: export scores the validation split (driver)
             data = data.for_export(export.CALIBRATION_SAMPLES)

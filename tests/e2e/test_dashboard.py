@@ -177,6 +177,10 @@ def test_submit_the_digits_example_and_watch_it_succeed(page, server):
         )
     steps = page.locator("#report .facts div", has=page.locator("dt", has_text="Steps")).locator("dd")
     expect(steps).to_have_text(str(report["steps"]))
+    # where each rank trained, summed up as the CLI does it (two workers on the CPU here)
+    assert report["devices"] == ["cpu", "cpu"]
+    trained = page.locator("#report .facts div", has=page.locator("dt", has_text="Trained on")).locator("dd")
+    expect(trained).to_have_text("2 x cpu")
     expect(page.locator("#layer-sparsity li")).to_have_count(len(report["sparsity"]["layers"]))
     expect(page.locator("#log")).to_contain_text("=== attempt 1")
     expect(page.locator("#history tbody tr")).to_have_count(1)

@@ -312,3 +312,21 @@ def test_the_cli_runs_as_a_module_with_every_command_group():
             [sys.executable, "-m", "api.cli", group, "--help"], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr
+
+
+def test_report_says_where_it_trained_by_rank_and_older_reports_say_nothing():
+    from rich.console import Console
+
+    from api.render import devices_text, report_table
+
+    assert devices_text(["cpu", "cpu"]) == "2 x cpu"
+    assert devices_text(["cuda:0 (NVIDIA H200)"]) == "cuda:0 (NVIDIA H200)"
+    assert devices_text(["cuda:0 (A)", "cuda:0 (A)", "cuda:1 (A)"]) == "2 x cuda:0 (A), cuda:1 (A)"
+    assert devices_text(None) is None and devices_text([]) is None
+    console = Console(width=200, record=True)
+    console.print(report_table({"devices": ["cpu", "cpu"]}))
+    text = console.export_text()
+    assert "trained on" in text and "2 x cpu" in text
+    console = Console(width=200, record=True)
+    console.print(report_table({}))
+    assert "trained on" not in console.export_text()

@@ -95,6 +95,7 @@ function reportView(report) {
     ["Quantization", report.quantization?.mode],
     ["Latency measured", report.latency_setup ? `${report.latency_setup.statistic}, ${report.latency_setup.runtime}` : null],
     ["Input", report.input ? `${JSON.stringify(report.input.shape)} ${report.input.dtype}` : null],
+    ["Trained on", devicesText(report.devices)],
     ["Steps", opt(report.steps, num)],
     ["Wall time", opt(report.wall_seconds, duration)],
     ["Throughput", report.samples_per_second != null ? `${num(report.samples_per_second)} samples/s` : null],
@@ -103,6 +104,15 @@ function reportView(report) {
     ? h("ul", { class: "warnings" }, report.warnings.map((w) => h("li", {}, typeof w === "string" ? w : JSON.stringify(w))))
     : null;
   return [headline, details, warnings];
+}
+
+// The report's `devices` (one per rank) as the CLI shows them (api/render.py: devices_text):
+// "2 x cpu", "cuda:0 (NVIDIA H200)"; null for reports written before the key existed.
+function devicesText(devices) {
+  if (!devices || !devices.length) return null;
+  const counts = new Map();
+  for (const d of devices) counts.set(d, (counts.get(d) || 0) + 1);
+  return [...counts].map(([d, n]) => (n === 1 ? d : `${n} x ${d}`)).join(", ");
 }
 
 function card(label, value, note) {
