@@ -15,6 +15,7 @@ import datetime
 import json
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,8 @@ def _entry(rank, world, fn, args, errors):
     except BaseException:
         Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
         raise
-    dist.barrier()
+    dist.barrier()  # every rank's work is done and written
+    Path(errors, f"rank{rank}.finished").touch()
     dist.destroy_process_group()
 
 
@@ -169,9 +171,25 @@ def spawn(fn, *args, world: int = 2, tmp: Path) -> None:
     errors = Path(tempfile.mkdtemp(prefix="spawn-", dir=tmp))
     try:
         mp.spawn(_entry, args=(world, fn, args, str(errors)), nprocs=world)
+    except mp.ProcessExitedException as e:
+        # Once a rank can be killed in gloo's C++ teardown (seen once in a full run: SIGABRT,
+        # "terminate called without an active exception", after the work was done; pytorch#179291
+        # names such crashes at exit). What the tests check was written before the barrier:
+        # teardown is not theirs to judge. A rank that died before it finished fails the test.
+        if e.signal_name and len(list(errors.glob("rank*.finished"))) == world:
+            warnings.warn(
+                f"a rank died in process-group teardown after finishing its work: {e}", stacklevel=2
+            )
+            return
+        raise AssertionError(_failure(errors, e)) from None
     except Exception as e:
-        found = sorted(errors.iterdir())
-        raise AssertionError(found[0].read_text() if found else str(e)) from None
+        raise AssertionError(_failure(errors, e)) from None
+
+
+def _failure(errors: Path, e: Exception) -> str:
+    """The first rank's traceback, or the spawn error (a rank killed by a signal writes none)."""
+    found = sorted(errors.glob("rank*.txt"))  # not the rendezvous file beside them
+    return found[0].read_text() if found else str(e)
 
 
 def _train(rank, world, spec: dict, root: str, job: str, faults: dict | None):
