@@ -95,7 +95,7 @@ def run_job(name: str, raw: dict, device: torch.device, work: Path) -> dict:
             row["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         row["steps"], row["devices"] = summary["step"], summary["devices"]
         t0 = time.perf_counter()
-        if hasattr(data, "for_export"):  # streamed data: export scores the validation split (driver)
+        if getattr(data, "streamed", False):  # as the driver: export scores the validation split
             data = data.for_export(export.CALIBRATION_SAMPLES)
         rep = export.export(spec, data, store, name, summary["step"], {})
         row["export_s"] = time.perf_counter() - t0

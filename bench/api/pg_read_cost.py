@@ -13,35 +13,17 @@ calls in flight; PostgreSQL's own CPU is not in it. Writes bench/results/api/pg_
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import tempfile
-import time
 from pathlib import Path
 
 import uvloop
 
-from bench.api.profile_get import SPEC, TOKEN, call
+from bench.api.profile_get import SPEC, TOKEN, acpu_us, call
 from bench.common import conditions, machine, markdown_table, results_dir, save_json
 
 CONCURRENCY = (1, 16)
-
-
-async def cpu_us(fn, n: int, concurrency: int) -> float:
-    """Best of 5 of the process CPU per `await fn()`, `concurrency` callers at a time."""
-
-    async def caller(k: int) -> None:
-        for _ in range(k):
-            await fn()
-
-    await caller(min(n, 300))
-    best = float("inf")
-    for _ in range(5):
-        c0 = time.process_time()
-        await asyncio.gather(*(caller(n // concurrency) for _ in range(concurrency)))
-        best = min(best, (time.process_time() - c0) / n * 1e6)
-    return best
 
 
 async def measure(url: str, n: int) -> list[list]:
@@ -98,7 +80,13 @@ async def measure(url: str, n: int) -> list[list]:
             held_conn = "held connection" in label
             # one connection serves one query at a time: the held cases run at 1 only
             rows.append(
-                [label, *[None if held_conn and c > 1 else await cpu_us(fn, n, c) for c in CONCURRENCY]]
+                [
+                    label,
+                    *[
+                        None if held_conn and c > 1 else await acpu_us(fn, n, concurrency=c)
+                        for c in CONCURRENCY
+                    ],
+                ]
             )
         await reads.pool.putconn(held)
         if apg is not None:
