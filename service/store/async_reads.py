@@ -11,6 +11,9 @@ the GET job req/s at 16 requests in flight on one process, 0.95x at 8 on each of
 through greenlets, a switch per call; the statements are already compiled (job_rows.Statement),
 so only a connection is needed, and psycopg_pool is psycopg's own pool.
 
+Reads of a job by id that wait at the same time go out as one query (service/store/read_batches.py):
+under load the round trip, not the row, was most of a GET's CPU.
+
 The connections are in autocommit, like the thread path's (db._pg_read_engine): one SELECT
 reads one committed state, with no BEGIN and ROLLBACK around it."""
 
@@ -21,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
 
 from service.store.job_rows import Read, Statement, T
+from service.store.read_batches import ReadBatches
 
 # At most this many reads in flight; a read that finds them all lent waits in the pool's queue,
 # which costs CPU of its own (a waiter, a timer). With the write engine's 30 and the thread
@@ -53,6 +57,7 @@ class AsyncReads:
             open=False,
             name="slimtrain-reads",
         )
+        self._batches: dict[Statement, ReadBatches] = {}  # per batchable statement (a few per process)
 
     async def open(self) -> None:
         await self.pool.open(wait=False)  # a server that is down fails the reads, not the start
@@ -70,6 +75,16 @@ class AsyncReads:
             return done.value
 
     async def rows(self, stmt: Statement, params: dict) -> list[tuple]:
+        """The rows of `stmt`; through one query shared with the reads of it waiting at the same
+        time where the statement allows (service/store/read_batches.py)."""
+        if stmt.batch is None:
+            return await self.query(stmt, params)
+        batches = self._batches.get(stmt)
+        if batches is None:
+            batches = self._batches[stmt] = ReadBatches(self.query, stmt)
+        return await batches.rows(params[stmt.batch.key])
+
+    async def query(self, stmt: Statement, params: dict) -> list[tuple]:
         args = stmt.args(params)
         # No check before use (a round trip per read): a read that finds its connection closed
         # (a server restart, an idle timeout) runs again on the next, as job_rows.Statement.rows

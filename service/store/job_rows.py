@@ -23,7 +23,8 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Select, Text, and_, bindparam, cast, or_, select
+from sqlalchemy import JSON, Select, String, Text, and_, any_, bindparam, cast, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.pool import QueuePool
 
 from service.store.db import Database
@@ -82,11 +83,24 @@ class JobRow:
         return Job(**kw)
 
 
-class Statement:
-    """A SELECT compiled once for the engine's dialect, run on a raw pooled DBAPI connection."""
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """How reads of one statement that run at the same time can share one query: `many` takes
+    the list of their `key` parameters as its `keys` parameter and returns the rows of them all;
+    a row answers the read whose key is in its column `column`. Used where a round trip costs
+    more than the rows (PostgreSQL on the event loop: service/store/read_batches.py)."""
 
-    def __init__(self, db: Database, stmt: Select):
-        self.db = db
+    many: Statement
+    key: str
+    column: int
+
+
+class Statement:
+    """A SELECT compiled once for the engine's dialect, run on a raw pooled DBAPI connection.
+    `batch`: how concurrent runs of it may be answered by one query, where that pays."""
+
+    def __init__(self, db: Database, stmt: Select, batch: Batch | None = None):
+        self.db, self.batch = db, batch
         compiled = stmt.compile(dialect=db.engine.dialect, compile_kwargs={"render_postcompile": True})
         self.compiled, self.sql = compiled, str(compiled)
         self.positional = tuple(compiled.positiontup) if compiled.positional else None
@@ -130,7 +144,11 @@ class JobRows:
 
     def __init__(self, db: Database):
         self.db = db
-        self._by_id = Statement(db, select(*_COLUMNS).where(_T.c.id == bindparam("id")))
+        batch = None
+        if not db.is_sqlite:  # `= ANY(array)`: PostgreSQL's; SQLite's reads cost no round trip
+            keys = bindparam("keys", type_=ARRAY(String))
+            batch = Batch(Statement(db, select(*_COLUMNS).where(_T.c.id == any_(keys))), "id", _INDEX["id"])
+        self._by_id = Statement(db, select(*_COLUMNS).where(_T.c.id == bindparam("id")), batch)
         self._pages: dict[tuple[int, bool], Statement] = {}
 
     def get(self, job_id: str) -> Read[JobRow | None]:

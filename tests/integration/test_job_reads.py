@@ -305,6 +305,57 @@ def test_postgres_loop_reads_run_in_autocommit_and_outlive_a_server_closing_thei
         svc.store.db.dispose()
 
 
+def test_postgres_loop_reads_at_the_same_time_share_queries_and_each_gets_its_own_job(
+    postgres_url, tmp_path, fake_ray
+):
+    """Reads of jobs waiting on the loop together go out as one query (service/store/read_batches.py):
+    each still gets its job's row as a read of its own would, another tenant's job and an unknown
+    id are still not found, and a write committed between two rounds shows in the second."""
+    svc = make_service(postgres_url, tmp_path, fake_ray)
+    ids = [submit(svc, name=f"j{i}") for i in range(6)]
+    theirs = submit(svc, tenant="other")
+    reads = AsyncReads(postgres_url)
+    sent: list[dict] = []
+    query = reads.query
+
+    async def counted(stmt, params):
+        sent.append(params)
+        return await query(stmt, params)
+
+    reads.query = counted  # type: ignore[method-assign]
+    want = ids * 5
+
+    async def scenario():
+        await reads.open()
+        try:
+            first = await asyncio.gather(*(reads.run(svc.job_row("t", j)) for j in want))
+            svc.store.set_reason(ids[0], "changed between the rounds")
+            again = await asyncio.gather(*(reads.run(svc.job_row("t", j)) for j in want))
+            misses = await asyncio.gather(
+                reads.run(svc.job_row("t", theirs)),
+                reads.run(svc.job_row("t", "20990101-000000-deadbeef")),
+                reads.run(svc.job_row("other", theirs)),
+                return_exceptions=True,
+            )
+            return first, again, misses
+        finally:
+            await reads.close()
+
+    try:
+        first, again, misses = asyncio.run(scenario())
+        alone = {j: run(svc.job_row("t", j)).values for j in ids}  # the thread path, one by one
+        assert [r.values for r in again] == [alone[j] for j in want]
+        assert [r.id for r in first] == want and first[1:6] == again[1:6]
+        assert first[0].values != again[0].values
+        assert again[0].job().reason == "changed between the rounds"
+        assert [type(m) for m in misses[:2]] == [JobNotFound, JobNotFound] and misses[2].id == theirs
+        batched = [p["keys"] for p in sent if "keys" in p]
+        assert batched and max(len(k) for k in batched) == 6  # each job once per query
+        assert len(sent) <= 2 * 4 + 3  # per round: one alone, then batches; not one query per read
+    finally:
+        svc.store.db.dispose()
+
+
 def test_loop_reads_fail_after_their_wait_when_the_server_is_down():
     """No server where the URL points: the read fails with the pool's timeout once its wait is
     over; it neither hangs nor fails the pool's start (nothing listens on the discard port)."""
