@@ -1,8 +1,9 @@
 """Where a PostgreSQL GET /v1/jobs/{id} spends the API's CPU, in one process on uvloop, without a
 load generator (not part of the test suite): `python -m bench.api.pg_read_cost [--reads 3000]`.
 
-GET job costs the API process about twice the CPU on PostgreSQL that it does on SQLite (bench
-README, "API at one and two processes"). This splits a read: the whole request through the app;
+GET job cost the API process about twice the CPU on PostgreSQL that it did on SQLite, until reads
+waiting together shared a query (service/store/read_batches.py; bench README, "API at one and
+two processes"). This splits a read: the whole request through the app;
 the read alone (`AsyncReads.run` of `JobService.job_row`, what the route awaits); the same SELECT
 on a connection held outside the pool; `SELECT 1` on it (the round trip's floor with psycopg);
 and, where asyncpg is installed (it is not a dependency), the SELECT and `SELECT 1` through it.
