@@ -52,6 +52,15 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def one_query_out(db: FakeDb, key: str) -> tuple[ReadBatches, asyncio.Future]:
+    """Batches with room for one query out at a time, and a lone read of `key` out on it: the
+    reads made next wait for the query after it."""
+    batches = ReadBatches(db.fetch, ONE, max_in_flight=1)  # type: ignore[arg-type]
+    first = asyncio.ensure_future(batches.rows(key))
+    await settle()
+    return batches, first
+
+
 def test_a_lone_read_goes_out_at_once_as_the_single_statement():
     async def scenario():
         db = FakeDb({"a": 1}, gated=False)
@@ -66,9 +75,7 @@ def test_a_lone_read_goes_out_at_once_as_the_single_statement():
 def test_reads_waiting_together_share_one_query_and_each_gets_its_own_rows():
     async def scenario():
         db = FakeDb({f"k{i}": i for i in range(5)})
-        batches = ReadBatches(db.fetch, ONE, max_in_flight=1)  # type: ignore[arg-type]
-        first = asyncio.ensure_future(batches.rows("k0"))  # alone: out at once
-        await settle()
+        batches, first = await one_query_out(db, "k0")
         keys = [f"k{i % 5}" for i in range(20)] + ["missing"]
         rest = [asyncio.ensure_future(batches.rows(k)) for k in keys]
         await settle()
@@ -89,9 +96,7 @@ def test_a_read_never_gets_an_answer_sent_before_it_began():
 
     async def scenario():
         db = FakeDb({"a": 1})
-        batches = ReadBatches(db.fetch, ONE, max_in_flight=1)  # type: ignore[arg-type]
-        early = asyncio.ensure_future(batches.rows("a"))
-        await settle()
+        batches, early = await one_query_out(db, "a")
         db.table["a"] = 2  # committed while the first query is out
         late = asyncio.ensure_future(batches.rows("a"))
         await settle()
@@ -128,9 +133,7 @@ def test_at_most_max_in_flight_queries_and_max_keys_per_query():
 def test_a_failed_query_fails_its_reads_and_the_next_reads_go_on():
     async def scenario():
         db = FakeDb({"a": 1, "b": 2})
-        batches = ReadBatches(db.fetch, ONE, max_in_flight=1)  # type: ignore[arg-type]
-        first = asyncio.ensure_future(batches.rows("a"))
-        await settle()
+        batches, first = await one_query_out(db, "a")
         waiting = [asyncio.ensure_future(batches.rows(k)) for k in ("a", "b")]
         await settle()
         db.fail = ConnectionError("server gone")
@@ -160,9 +163,7 @@ def test_a_failed_query_fails_its_reads_and_the_next_reads_go_on():
 def test_a_read_cancelled_while_it_waits_leaves_the_others_their_answers():
     async def scenario():
         db = FakeDb({"a": 1, "b": 2})
-        batches = ReadBatches(db.fetch, ONE, max_in_flight=1)  # type: ignore[arg-type]
-        first = asyncio.ensure_future(batches.rows("a"))
-        await settle()
+        batches, first = await one_query_out(db, "a")
         gone, stays = asyncio.ensure_future(batches.rows("a")), asyncio.ensure_future(batches.rows("b"))
         await settle()
         gone.cancel()  # a client that disconnected
@@ -178,9 +179,7 @@ def test_a_read_cancelled_while_it_waits_leaves_the_others_their_answers():
 def test_reads_waiting_when_the_loop_closes_are_cancelled_not_left_hanging():
     async def scenario():
         db = FakeDb({"a": 1, "b": 2})
-        batches = ReadBatches(db.fetch, ONE, max_in_flight=1)  # type: ignore[arg-type]
-        first = asyncio.ensure_future(batches.rows("a"))
-        await settle()
+        batches, first = await one_query_out(db, "a")
         waiting = asyncio.ensure_future(batches.rows("b"))
         await settle()
         db.release(0)
