@@ -1,11 +1,12 @@
 """Reads of one row by key that wait at the same time, sent to the database as one query.
 
-Why: on PostgreSQL a `GET /v1/jobs/{id}` spent most of its CPU in the API process on its read's
-round trip (psycopg sending, waking on the answer, decoding), not on the row: ~165 of ~400 us,
-where a `SELECT 1` alone costs ~100 (bench/results/api/pg_read_cost.md). Under load, many GETs
-wait on the loop at once; one `WHERE id = ANY(...)` for all of them pays that fixed cost once.
-At low load nothing waits: a lone read goes out at once, as its own query on its own task (a
-batch of one costs ~40 us more: a task, a future, the array).
+Why: on PostgreSQL a `GET /v1/jobs/{id}` spent much of its CPU in the API process on its read's
+round trip (psycopg sending, waking on the answer, decoding), not on the row: 165 of 401 us,
+where a `SELECT 1` alone cost 102 (`git show 8c426a1:bench/results/api/pg_read_cost.md`). Under
+load, many GETs wait on the loop at once; one `WHERE id = ANY(...)` for all of them pays that
+fixed cost once (27 us a read at 16 in flight: bench/results/api/pg_read_cost.md). At low load
+nothing waits: a lone read goes out at once, as its own query on its own task, without the
+task, future and array a batch of one would add.
 
 What a read sees is unchanged: its query is sent after the read began (a read that arrives
 while a query is in flight waits for the next), so it shows every change committed before the
